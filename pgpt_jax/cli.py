@@ -1,0 +1,77 @@
+"""`pgpt-jax serve | generate | convert | bench`: argument parsing only; each command lives in its module."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="orbax dir, HF dir, HF hub id, or embedded model name (default: the embedded model)")
+    p.add_argument("--dtype", default=None, help="compute/param dtype: float32 (CPU default) or bfloat16")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pgpt-jax", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("convert", help="convert an HF GPT-2 checkpoint (dir or hub id) to an orbax checkpoint")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--dtype", default=None)
+
+    p = sub.add_parser("serve", help="serve the OpenAI-compatible API")
+    _add_model_args(p)
+    p.add_argument("--served-model-name", default=None)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="also read from PGPT_API_KEY")
+    p.add_argument("--slots", type=int, default=32)
+    p.add_argument("--decode-steps", type=int, default=4)
+    p.add_argument("--max-queue", type=int, default=256)
+    p.add_argument("--max-logprobs", type=int, default=5)
+    p.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024)
+
+    p = sub.add_parser("generate", help="complete a prompt from the command line")
+    _add_model_args(p)
+    p.add_argument("prompt")
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--n", type=int, default=1)
+    p.add_argument("--seed", type=int, default=None)
+
+    p = sub.add_parser("bench", help="compile, prefill and decode benchmarks (JSON lines + table)")
+    p.add_argument("--preset", default="gpt2")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--slots", default="1,8,32,64")
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--decode-steps", type=int, default=8)
+    p.add_argument("--compare", default=None, help="hf: also run HF transformers on the same weights")
+    p.add_argument("--json", default=None, help="append JSON lines to this file")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "convert":
+        from pgpt_jax.checkpoint import convert
+
+        convert(args.src, args.dst, dtype=args.dtype)
+    elif args.command == "serve":
+        from server.app import serve
+
+        serve(args)
+    elif args.command == "generate":
+        from pgpt_jax.generate import cli_generate
+
+        cli_generate(args)
+    elif args.command == "bench":
+        from pgpt_jax.bench import main as bench_main
+
+        bench_main(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

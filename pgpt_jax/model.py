@@ -1,0 +1,142 @@
+"""The GPT-2 model in Flax NNX, with the KV cache passed in and returned.
+
+Parameter names follow HF GPT-2 (`wte`, `wpe`, `h.N.ln_1`, `attn.c_attn`, `attn.c_proj`,
+`ln_2`, `mlp.c_fc`, `mlp.c_proj`, `ln_f`) so importing weights is a one-to-one copy;
+HF's Conv1D weights are already `(in, out)`, the layout of an NNX kernel.
+
+Letters used in shapes and einsums:
+  B batch (slots)   T query length   S cache length (or window)   D n_embd
+  N heads           H head_dim       F 4*D (MLP hidden)           V padded vocab
+
+The cache is a tuple with one `(k, v)` pair per layer, each `[B, N, S, H]`. A tuple of
+per-layer arrays (rather than one stacked `[layers, ...]` array) lets XLA update each
+layer in place when the cache is donated; see DESIGN.md for the measured difference.
+Each row writes its keys and values at its own `positions`, and a query at position p
+attends to cache entries 0..p of its own row: whatever sits past p is never read.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from pgpt_jax.config import GPTConfig
+
+KVCache = tuple[tuple[jax.Array, jax.Array], ...]
+
+
+def _dtype(name: str):
+    return jnp.dtype(name)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs):
+        kw = dict(dtype=_dtype(cfg.dtype), param_dtype=_dtype(cfg.param_dtype), rngs=rngs)
+        self.n_head, self.head_dim = cfg.n_head, cfg.head_dim
+        self.c_attn = nnx.Linear(cfg.n_embd, 3 * cfg.n_embd, **kw)
+        self.c_proj = nnx.Linear(cfg.n_embd, cfg.n_embd, **kw)
+
+    def __call__(self, x, positions, kv, window: int):
+        """x [B, T, D], positions i32[B, T], kv ([B, N, S, H], [B, N, S, H]) -> (y [B, T, D], kv)."""
+        B, T, D = x.shape
+        N, H = self.n_head, self.head_dim
+        q, k, v = jnp.split(self.c_attn(x), 3, axis=-1)  # 3 x [B, T, D]
+        q, k, v = (a.reshape(B, T, N, H) for a in (q, k, v))
+        k_cache, v_cache = kv
+        rows = jnp.arange(B)[:, None]  # [B, 1] broadcasts against positions [B, T]
+        # Advanced indices split by a slice put the index dims first: [B, T, N, H], as k is.
+        k_cache = k_cache.at[rows, :, positions].set(k.astype(k_cache.dtype), mode="drop")
+        v_cache = v_cache.at[rows, :, positions].set(v.astype(v_cache.dtype), mode="drop")
+        keys, values = k_cache[:, :, :window], v_cache[:, :, :window]  # [B, N, W, H]
+        scores = jnp.einsum("BTNH,BNSH->BNTS", q, keys.astype(q.dtype)).astype(jnp.float32)
+        scores = scores * (H**-0.5)
+        visible = jnp.arange(window)[None, None, None, :] <= positions[:, None, :, None]
+        scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+        y = jnp.einsum("BNTS,BNSH->BTNH", probs, values.astype(q.dtype)).reshape(B, T, D)
+        return self.c_proj(y), (k_cache, v_cache)
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs):
+        kw = dict(dtype=_dtype(cfg.dtype), param_dtype=_dtype(cfg.param_dtype), rngs=rngs)
+        self.c_fc = nnx.Linear(cfg.n_embd, 4 * cfg.n_embd, **kw)
+        self.c_proj = nnx.Linear(4 * cfg.n_embd, cfg.n_embd, **kw)
+
+    def __call__(self, x):
+        return self.c_proj(jax.nn.gelu(self.c_fc(x), approximate=True))
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs):
+        kw = dict(epsilon=cfg.layer_norm_epsilon, dtype=_dtype(cfg.dtype),
+                  param_dtype=_dtype(cfg.param_dtype), rngs=rngs)
+        self.ln_1 = nnx.LayerNorm(cfg.n_embd, **kw)
+        self.attn = Attention(cfg, rngs=rngs)
+        self.ln_2 = nnx.LayerNorm(cfg.n_embd, **kw)
+        self.mlp = MLP(cfg, rngs=rngs)
+
+    def __call__(self, x, positions, kv, window: int):
+        a, kv = self.attn(self.ln_1(x), positions, kv, window)
+        x = x + a
+        return x + self.mlp(self.ln_2(x)), kv
+
+
+class GPT(nnx.Module):
+    def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs):
+        self.config = cfg
+        kw = dict(dtype=_dtype(cfg.dtype), param_dtype=_dtype(cfg.param_dtype), rngs=rngs)
+        init = nnx.initializers.normal(0.02)
+        self.wte = nnx.Embed(cfg.padded_vocab, cfg.n_embd, embedding_init=init, **kw)
+        self.wpe = nnx.Embed(cfg.n_positions, cfg.n_embd, embedding_init=init, **kw)
+        self.h = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layer)])
+        self.ln_f = nnx.LayerNorm(cfg.n_embd, epsilon=cfg.layer_norm_epsilon,
+                                  dtype=kw["dtype"], param_dtype=kw["param_dtype"], rngs=rngs)
+
+    def __call__(self, tokens, positions, cache: KVCache, window: int | None = None):
+        """tokens, positions i32[B, T] -> (hidden [B, T, D] after ln_f, cache).
+
+        `window` (static) is how much of the cache attention reads: decode passes a
+        length that covers the longest active row, so it does not pay for all of S.
+        """
+        window = window or cache[0][0].shape[2]
+        x = self.wte(tokens) + self.wpe(positions)
+        new_cache = []
+        for block, kv in zip(self.h, cache):
+            x, kv = block(x, positions, kv, window)
+            new_cache.append(kv)
+        return self.ln_f(x), tuple(new_cache)
+
+    def logits(self, hidden):
+        """hidden [..., D] -> f32 logits [..., V] (tied embedding); padded entries are -inf."""
+        logits = self.wte.attend(hidden).astype(jnp.float32)
+        real = jnp.arange(logits.shape[-1]) < self.config.vocab_size
+        return jnp.where(real, logits, -jnp.inf)
+
+
+def init_cache(cfg: GPTConfig, batch: int, length: int | None = None, dtype=None) -> KVCache:
+    """Zeros: one (k, v) pair per layer, each [batch, N, length, H]."""
+    length = length or cfg.n_positions
+    shape = (batch, cfg.n_head, length, cfg.head_dim)
+    dt = dtype or _dtype(cfg.dtype)
+    return tuple((jnp.zeros(shape, dt), jnp.zeros(shape, dt)) for _ in range(cfg.n_layer))
+
+
+def forward(model: GPT, tokens, positions, cache: KVCache, window: int | None = None):
+    """tokens, positions i32[B, T] -> (logits f32[B, T, V], cache). Prefill and decode alike."""
+    hidden, cache = model(tokens, positions, cache, window)
+    return model.logits(hidden), cache
+
+
+def init_model(preset_or_config: str | GPTConfig = "gpt2", *, seed: int = 0,
+               dtype: str | None = None, param_dtype: str | None = None) -> GPT:
+    """Random weights of a preset's (or a config's) shape, for tests and benchmarks."""
+    cfg = preset_or_config
+    if isinstance(cfg, str):
+        cfg = GPTConfig.preset(cfg)
+    if dtype is not None:
+        cfg = cfg.replace(dtype=dtype, param_dtype=param_dtype or dtype)
+    elif param_dtype is not None:
+        cfg = cfg.replace(param_dtype=param_dtype)
+    return GPT(cfg, rngs=nnx.Rngs(seed))
