@@ -1,0 +1,546 @@
+"""OpenAI's wire format: validate JSON bodies into engine `Request`s, and build the JSON that goes back.
+
+No HTTP here (app.py does that) and no model logic (the engine does that): this module
+knows what each OpenAI field means (DESIGN.md, "API semantics") and how OpenAI shapes its
+answers, errors included. Everything a client can get wrong surfaces as an `APIError`
+whose `param` names the field, so app.py turns it into a 4xx and never a 500.
+
+Validation runs in two steps: pydantic checks types and ranges (strict: "1" is not a
+number, 1 is not a boolean, unknown fields are rejected as OpenAI does), then the
+functions below check what needs the model (vocabulary, FIM, logprobs cap) and build
+the engine requests. The engine's own `check()` (context length) runs in app.py.
+
+The chat template is plain text, one paragraph per message, closed by an open
+assistant turn, with stop strings that end the reply where the model would start
+writing the user's next turn:
+
+    System: You are terse.
+
+    User: Say this is a test!
+
+    Assistant:
+
+("developer" messages render as "System"; the reply's leading whitespace is dropped.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import time
+import uuid
+from typing import Annotated, Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from pgpt_jax.config import FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX
+from pgpt_jax.request import Delta, Logprobs, Request, Result
+
+DEFAULT_PROMPT = "<|endoftext|>"
+MAX_STOPS = 4
+MAX_N = 128
+MAX_BEST_OF = 20
+CHAT_STOPS = ("\nUser:", "\nSystem:")  # the template's next turn: the reply is over
+ENGINE_MAX_STOPS = 4  # what Engine.check accepts; chat's own stops give way to the client's
+CHAT_ROLES = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant"}
+
+Temperature = Annotated[float, Field(ge=0, le=2)]
+TopP = Annotated[float, Field(ge=0, le=1)]
+Penalty = Annotated[float, Field(ge=-2, le=2)]
+NonNegInt = Annotated[int, Field(ge=0)]
+N = Annotated[int, Field(ge=1, le=MAX_N)]
+BestOf = Annotated[int, Field(ge=1, le=MAX_BEST_OF)]
+Seed = Annotated[int, Field(ge=-(2**63), le=2**64 - 1)]  # OpenAI takes 64-bit seeds
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+class APIError(Exception):
+    """An OpenAI error object with its HTTP status."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
+                 param: Optional[str] = None, code: Optional[str] = None,
+                 headers: Optional[dict[str, str]] = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def invalid(message: str, param: Optional[str] = None, code: Optional[str] = None) -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+_UNION_TAG = re.compile(r"^(str|int|float|bool|list\[.*\]|dict\[.*\])$")
+
+
+def _param_name(loc: tuple) -> tuple[str, list[str]]:
+    """pydantic's ('messages', 0, 'content', 'str') -> ('messages[0].content', ['str']).
+
+    pydantic puts the branch of a union it tried into `loc`; those labels are not fields.
+    """
+    name, tags = "", []
+    for part in loc:
+        if isinstance(part, int):
+            name += f"[{part}]"
+        elif _UNION_TAG.match(str(part)):
+            tags.append(str(part))
+        else:
+            name += ("." if name else "") + str(part)
+    return name, tags
+
+
+def from_validation_error(err: ValidationError) -> APIError:
+    """The first problem, worded for a client, with `param` naming the field."""
+    errors = err.errors(include_url=False)
+    e = errors[0]
+    loc = tuple(e["loc"])
+    name, tags = _param_name(loc)
+    if e["type"] == "extra_forbidden":
+        return invalid(f"Unrecognized request argument supplied: {name}", param=name)
+    # logit_bias values are errors on ('logit_bias', '<token>'): name the field, quote the key.
+    if loc and loc[0] == "logit_bias" and len(loc) > 1:
+        return invalid(f"Invalid value for 'logit_bias' at token {loc[1]!r}: {e['msg']}.", param="logit_bias")
+    if e["type"] == "missing":
+        return invalid(f"Missing required parameter: '{name}'.", param=name)
+    shown = e.get("input")
+    shown = repr(shown)[:80] if not isinstance(shown, (dict, list)) else f"a {type(shown).__name__}"
+    if tags:
+        # A union: say every form the field takes, not just the first branch's complaint.
+        forms = sorted({t for x in errors for t in _param_name(tuple(x["loc"]))[1]
+                        if _param_name(tuple(x["loc"]))[0].startswith(name)})
+        return invalid(f"Invalid type for '{name}': expected {' or '.join(forms)} (got {shown}).", param=name)
+    return invalid(f"Invalid value for '{name}': {e['msg']} (got {shown}).", param=name)
+
+
+# ----------------------------------------------------------------------------- request bodies
+
+
+class _Body(BaseModel):
+    # Strict: a string is not a number and 1 is not true; unknown fields are a 400 (OpenAI's behaviour,
+    # and a typo such as "max_token" is reported rather than silently ignored).
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+class StreamOptions(_Body):
+    include_usage: Optional[bool] = None
+
+
+class _SamplingFields(_Body):
+    """Fields both endpoints share. None everywhere means "OpenAI's default"."""
+
+    model: Optional[str] = None  # required on /v1 routes; the deployment names it on Azure routes
+    temperature: Optional[Temperature] = None
+    top_p: Optional[TopP] = None
+    n: Optional[N] = None
+    stream: Optional[bool] = None
+    stream_options: Optional[StreamOptions] = None
+    stop: Optional[Union[str, list[str]]] = None
+    presence_penalty: Optional[Penalty] = None
+    frequency_penalty: Optional[Penalty] = None
+    logit_bias: Optional[dict[str, Annotated[float, Field(ge=-100, le=100)]]] = None
+    user: Optional[str] = None
+    seed: Optional[Seed] = None
+
+
+class CompletionBody(_SamplingFields):
+    prompt: Any = None  # str | list[str] | list[int] | list[list[int]]: checked by hand for clear errors
+    suffix: Optional[str] = None
+    max_tokens: Optional[NonNegInt] = 16  # explicit null: up to the context length
+    logprobs: Optional[NonNegInt] = None
+    echo: Optional[bool] = None
+    best_of: Optional[BestOf] = None
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    # Extra keys are ignored so a client can send back an assistant message it received
+    # (with "refusal": null, "tool_calls": null, ...).
+    model_config = ConfigDict(strict=True, extra="ignore")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Optional[Union[str, list[TextPart]]] = None
+    name: Optional[str] = None
+
+
+class ChatBody(_SamplingFields):
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_tokens: Optional[NonNegInt] = None  # chat's default: up to the context length
+    max_completion_tokens: Optional[NonNegInt] = None
+    logprobs: Optional[bool] = None
+    top_logprobs: Optional[NonNegInt] = None
+
+
+# ----------------------------------------------------------------------------- what a request becomes
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInfo:
+    """What validation needs to know about the served model."""
+
+    name: str
+    vocab_size: int
+    context_length: int
+    fim: bool
+    max_logprobs: int
+    tokenizer: Any  # encode(text) -> ids, token_bytes(id)
+
+
+@dataclasses.dataclass
+class Job:
+    """One HTTP request's work: one engine Request per prompt, and how to format the answers."""
+
+    kind: Literal["completion", "chat"]
+    model: str
+    requests: list[Request]
+    n: int
+    stream: bool
+    include_usage: bool
+    top_logprobs: Optional[int] = None  # chat: entries per token in logprobs.content[].top_logprobs
+    id: str = ""
+    created: int = 0
+
+    def __post_init__(self):
+        prefix = "cmpl-" if self.kind == "completion" else "chatcmpl-"
+        self.id = self.id or prefix + uuid.uuid4().hex
+        self.created = self.created or int(time.time())
+
+
+def _check_model(body_model: Optional[str], info: ModelInfo, deployment: Optional[str]) -> str:
+    if deployment is not None:
+        # Azure routes: the deployment is the model; a body "model" is informational there.
+        if deployment != info.name:
+            raise APIError(404, f"The API deployment for this resource does not exist: '{deployment}'.",
+                           param="deployment", code="DeploymentNotFound")
+        return info.name
+    if body_model is None:
+        raise invalid("You must provide a model parameter.", param="model")
+    if body_model != info.name:
+        raise APIError(404, f"The model `{body_model}` does not exist.", param="model", code="model_not_found")
+    return info.name
+
+
+def _prompts(value: Any, info: ModelInfo) -> list[list[int]]:
+    """Any of OpenAI's four prompt forms -> token ids per prompt."""
+    if value is None or value == "":
+        value = DEFAULT_PROMPT
+    if isinstance(value, str):
+        return [info.tokenizer.encode(value)]
+    if not isinstance(value, list):
+        raise invalid("'prompt' must be a string, an array of strings, an array of token ids "
+                      f"or an array of token arrays (got {type(value).__name__}).", param="prompt")
+    if not value:
+        raise invalid("'prompt' must not be an empty array.", param="prompt")
+    if all(isinstance(p, str) for p in value):
+        return [info.tokenizer.encode(p or DEFAULT_PROMPT) for p in value]
+    if all(_is_int(t) for t in value):
+        return [_token_ids(value, info, "prompt")]
+    if all(isinstance(p, list) for p in value):
+        out = []
+        for i, p in enumerate(value):
+            if not p:
+                raise invalid(f"'prompt[{i}]' must not be an empty array.", param="prompt")
+            if not all(_is_int(t) for t in p):
+                raise invalid(f"'prompt[{i}]' must be an array of token ids (integers).", param="prompt")
+            out.append(_token_ids(p, info, "prompt"))
+        return out
+    raise invalid("'prompt' arrays must hold only strings, only token ids, or only token arrays.", param="prompt")
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)  # JSON true is not token 1
+
+
+def _token_ids(ids: list[int], info: ModelInfo, param: str) -> list[int]:
+    for t in ids:
+        if not 0 <= t < info.vocab_size:
+            raise invalid(f"Token id {t} in '{param}' is outside the vocabulary [0, {info.vocab_size}).", param=param)
+    return list(ids)
+
+
+def _stops(stop: Union[None, str, list[str]]) -> list[str]:
+    if stop is None:
+        return []
+    stops = [stop] if isinstance(stop, str) else stop
+    if len(stops) > MAX_STOPS:
+        raise invalid(f"'stop' takes at most {MAX_STOPS} sequences (got {len(stops)}).", param="stop")
+    return [s for s in stops if s]  # "" would match everywhere: it means "no stop"
+
+
+def _logit_bias(bias: Optional[dict[str, float]], info: ModelInfo) -> Optional[dict[int, float]]:
+    if not bias:
+        return None
+    out = {}
+    for key, value in bias.items():
+        try:
+            token = int(key)
+        except ValueError:
+            raise invalid(f"Invalid key {key!r} in 'logit_bias': keys are token ids.", param="logit_bias") from None
+        if not 0 <= token < info.vocab_size:
+            raise invalid(f"Token id {token} in 'logit_bias' is outside the vocabulary [0, {info.vocab_size}).",
+                          param="logit_bias")
+        out[token] = float(value)
+    return out
+
+
+def _stream_flags(body: _SamplingFields) -> tuple[bool, bool]:
+    stream = bool(body.stream)
+    if body.stream_options is not None and not stream:
+        raise invalid("The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+                      param="stream_options")
+    include_usage = bool(stream and body.stream_options and body.stream_options.include_usage)
+    return stream, include_usage
+
+
+def _validate(cls: type[BaseModel], data: Any) -> Any:
+    if not isinstance(data, dict):
+        raise invalid(f"The request body must be a JSON object (got {type(data).__name__}).")
+    try:
+        return cls.model_validate(data)
+    except ValidationError as err:
+        raise from_validation_error(err) from None
+
+
+def parse_completion(data: Any, info: ModelInfo, deployment: Optional[str] = None) -> Job:
+    """A /completions body -> a Job with one engine Request per prompt (prompt-major choices)."""
+    body: CompletionBody = _validate(CompletionBody, data)
+    model = _check_model(body.model, info, deployment)
+    n = body.n or 1
+    best_of = body.best_of if body.best_of is not None else n
+    if best_of < n:
+        raise invalid(f"'best_of' ({best_of}) must be greater than or equal to 'n' ({n}).", param="best_of")
+    stream, include_usage = _stream_flags(body)
+    if stream and best_of > n:
+        raise invalid("Cannot stream results with 'best_of' greater than 'n'.", param="best_of")
+    if body.logprobs is not None and body.logprobs > info.max_logprobs:
+        raise invalid(f"'logprobs' must be at most {info.max_logprobs} (got {body.logprobs}).", param="logprobs")
+    suffix_ids = None
+    if body.suffix:
+        if not info.fim:
+            raise invalid(f"The model `{info.name}` was not trained for insertion: 'suffix' is not supported.",
+                          param="suffix")
+        suffix_ids = info.tokenizer.encode(body.suffix)
+    common = dict(
+        max_tokens=body.max_tokens,
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        n=n, best_of=best_of, logprobs=body.logprobs, echo=bool(body.echo), stop=_stops(body.stop),
+        presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
+        logit_bias=_logit_bias(body.logit_bias, info), seed=body.seed, stream=stream,
+    )
+    requests = []
+    for ids in _prompts(body.prompt, info):
+        if suffix_ids is not None:
+            fim = [FIM_PREFIX, *ids, FIM_SUFFIX, *suffix_ids, FIM_MIDDLE]
+            requests.append(Request(prompt=fim, echo_prompt=ids, **common))
+        else:
+            requests.append(Request(prompt=ids, **common))
+    return Job("completion", model, requests, n=n, stream=stream, include_usage=include_usage)
+
+
+def chat_prompt(messages: list[ChatMessage]) -> str:
+    """The plain-text template of the module docstring."""
+    parts = []
+    for m in messages:
+        content = m.content if isinstance(m.content, str) else "".join(p.text for p in m.content or [])
+        parts.append(f"{CHAT_ROLES[m.role]}: {content.strip()}\n\n")
+    return "".join(parts) + "Assistant:"
+
+
+def _chat_stops(stop: Union[None, str, list[str]]) -> list[str]:
+    """The client's stops first; the template's turn markers fill what room the engine leaves."""
+    stops = _stops(stop)
+    return (stops + [s for s in CHAT_STOPS if s not in stops])[:max(ENGINE_MAX_STOPS, len(stops))]
+
+
+def parse_chat(data: Any, info: ModelInfo, deployment: Optional[str] = None) -> Job:
+    """A /chat/completions body -> a Job with one engine Request (the rendered conversation)."""
+    body: ChatBody = _validate(ChatBody, data)
+    model = _check_model(body.model, info, deployment)
+    stream, include_usage = _stream_flags(body)
+    if body.top_logprobs is not None:
+        if not body.logprobs:
+            raise invalid("'logprobs' must be true when 'top_logprobs' is given.", param="top_logprobs")
+        if body.top_logprobs > info.max_logprobs:
+            raise invalid(f"'top_logprobs' must be at most {info.max_logprobs} (got {body.top_logprobs}).",
+                          param="top_logprobs")
+    top = (body.top_logprobs or 0) if body.logprobs else None
+    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    n = body.n or 1
+    request = Request(
+        prompt=info.tokenizer.encode(chat_prompt(body.messages)),
+        max_tokens=max_tokens,
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        n=n, logprobs=top, stop=_chat_stops(body.stop),
+        presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
+        logit_bias=_logit_bias(body.logit_bias, info), seed=body.seed, stream=stream,
+    )
+    return Job("chat", model, [request], n=n, stream=stream, include_usage=include_usage, top_logprobs=top)
+
+
+def parse_json(raw: bytes) -> Any:
+    """JSON text -> Python; NaN and Infinity (which Python's json accepts) are not JSON."""
+    def reject(const: str):
+        raise ValueError(f"{const} is not valid JSON")
+
+    try:
+        return json.loads(raw, parse_constant=reject)
+    except (ValueError, RecursionError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise invalid(f"The request body is not valid JSON: {err}") from None
+
+
+# ----------------------------------------------------------------------------- responses
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def results_usage(results: list[Result]) -> dict:
+    return usage(sum(r.prompt_tokens for r in results), sum(r.completion_tokens for r in results))
+
+
+def _lp(logprobs: Optional[Logprobs]) -> Optional[dict]:
+    return None if logprobs is None else logprobs.to_dict()
+
+
+def _token_bytes(token: str) -> list[int]:
+    """OpenAI writes a token holding part of a UTF-8 character as 'bytes:\\xe2\\x80'."""
+    if token.startswith("bytes:"):
+        return list(bytes.fromhex(token[len("bytes:"):].replace("\\x", "")))
+    return list(token.encode("utf-8"))
+
+
+def chat_logprobs(logprobs: Optional[Logprobs], top: Optional[int]) -> Optional[dict]:
+    """Legacy per-token logprobs -> chat's {"content": [{token, logprob, bytes, top_logprobs}]}."""
+    if logprobs is None or top is None:
+        return None
+    content = []
+    for token, lp, alts in zip(logprobs.tokens, logprobs.token_logprobs, logprobs.top_logprobs):
+        ranked = sorted((alts or {}).items(), key=lambda kv: -kv[1])[:top]
+        content.append({
+            "token": token, "logprob": lp, "bytes": _token_bytes(token),
+            "top_logprobs": [{"token": t, "logprob": v, "bytes": _token_bytes(t)} for t, v in ranked],
+        })
+    return {"content": content, "refusal": None}
+
+
+def completion_response(job: Job, results: list[Result]) -> dict:
+    choices = []
+    for p, result in enumerate(results):
+        for c in sorted(result.choices, key=lambda c: c.index):
+            choices.append({"text": c.text, "index": p * job.n + c.index, "logprobs": _lp(c.logprobs),
+                            "finish_reason": c.finish_reason})
+    return {"id": job.id, "object": "text_completion", "created": job.created, "model": job.model,
+            "choices": choices, "usage": results_usage(results)}
+
+
+def chat_response(job: Job, result: Result) -> dict:
+    choices = []
+    for c in sorted(result.choices, key=lambda c: c.index):
+        choices.append({"index": c.index, "message": {"role": "assistant", "content": c.text.lstrip()},
+                        "logprobs": chat_logprobs(c.logprobs, job.top_logprobs), "finish_reason": c.finish_reason})
+    return {"id": job.id, "object": "chat.completion", "created": job.created, "model": job.model,
+            "choices": choices, "usage": results_usage([result])}
+
+
+def completion_chunk(job: Job, index: int, text: str, logprobs: Optional[Logprobs],
+                     finish_reason: Optional[str]) -> dict:
+    chunk = {"id": job.id, "object": "text_completion", "created": job.created, "model": job.model,
+             "choices": [{"text": text, "index": index, "logprobs": _lp(logprobs), "finish_reason": finish_reason}]}
+    if job.include_usage:
+        chunk["usage"] = None  # OpenAI: null on every chunk but the last when usage is asked for
+    return chunk
+
+
+def chat_chunk(job: Job, index: int, delta: dict, logprobs: Optional[Logprobs],
+               finish_reason: Optional[str]) -> dict:
+    chunk = {"id": job.id, "object": "chat.completion.chunk", "created": job.created, "model": job.model,
+             "choices": [{"index": index, "delta": delta, "logprobs": chat_logprobs(logprobs, job.top_logprobs),
+                          "finish_reason": finish_reason}]}
+    if job.include_usage:
+        chunk["usage"] = None
+    return chunk
+
+
+def usage_chunk(job: Job, results: list[Result]) -> dict:
+    obj = "text_completion" if job.kind == "completion" else "chat.completion.chunk"
+    return {"id": job.id, "object": obj, "created": job.created, "model": job.model, "choices": [],
+            "usage": results_usage(results)}
+
+
+def models_list(info: ModelInfo, created: int) -> dict:
+    return {"object": "list", "data": [model_card(info, created)]}
+
+
+def model_card(info: ModelInfo, created: int) -> dict:
+    return {"id": info.name, "object": "model", "created": created, "owned_by": "pgpt-jax",
+            "context_length": info.context_length}
+
+
+class StreamFormatter:
+    """Engine events of one streaming Job -> the chunks OpenAI would send, per kind.
+
+    Stateful per choice: chat sends the assistant role on a choice's first chunk, drops
+    the reply's leading whitespace, and puts finish_reason on a chunk of its own (as
+    OpenAI does).
+    """
+
+    def __init__(self, job: Job):
+        self.job = job
+        self._role_sent: set[int] = set()  # chat: choices whose first chunk went out
+        self._text_started: set[int] = set()  # chat: choices past their leading whitespace
+        self._finished: set[int] = set()
+
+    def delta(self, prompt_index: int, d: Delta) -> list[dict]:
+        index = prompt_index * self.job.n + d.index
+        if self.job.kind == "completion":
+            if d.finish_reason is not None:
+                self._finished.add(index)
+            return [completion_chunk(self.job, index, d.text, d.logprobs, d.finish_reason)]
+        text = d.text if index in self._text_started else d.text.lstrip()
+        if text:
+            self._text_started.add(index)
+        out = []
+        if text or (d.logprobs is not None and d.logprobs.tokens):
+            out.append(chat_chunk(self.job, index, self._chat_delta(index, text), d.logprobs, None))
+        if d.finish_reason is not None:
+            out += self._chat_finish(index, d.finish_reason)
+        return out
+
+    def result(self, prompt_index: int, result: Result) -> list[dict]:
+        """Closing chunks for choices whose last delta did not carry a finish_reason."""
+        out = []
+        for c in result.choices:
+            index = prompt_index * self.job.n + c.index
+            if index in self._finished:
+                continue
+            if self.job.kind == "completion":
+                self._finished.add(index)
+                out.append(completion_chunk(self.job, index, "", None, c.finish_reason))
+            else:
+                out += self._chat_finish(index, c.finish_reason)
+        return out
+
+    def _chat_delta(self, index: int, text: str) -> dict:
+        if index in self._role_sent:
+            return {"content": text}
+        self._role_sent.add(index)
+        return {"role": "assistant", "content": text}
+
+    def _chat_finish(self, index: int, reason: str) -> list[dict]:
+        self._finished.add(index)
+        out = []
+        if index not in self._role_sent:  # an empty reply still says who spoke
+            out.append(chat_chunk(self.job, index, self._chat_delta(index, ""), None, None))
+        return out + [chat_chunk(self.job, index, {}, None, reason)]

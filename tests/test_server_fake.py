@@ -1,0 +1,239 @@
+"""The HTTP layer's own behaviour, over the fake engine (no compiles: these run in seconds).
+
+Loading and /health, authentication, bodies that are not JSON objects, 429 on a full
+queue, an engine failure after the 200, clients that walk away, metrics, FIM arranging,
+and the chat template. The real engine's answers are tested in test_server.py.
+"""
+
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+from pgpt_jax.config import FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX
+from server import protocol
+from server.app import create_app
+from test_server_helpers import FakeEngine, ServerThread, error_of, wait_for
+
+MODEL = "fake-model"
+KEY = "sekret-key"
+
+
+@pytest.fixture(scope="module")
+def fake():
+    engine = FakeEngine(delay=0.0)
+    app = create_app(engine, served_model_name=MODEL, api_key=KEY, max_body_bytes=64 * 1024)
+    with ServerThread(app) as s:
+        s.engine = engine
+        yield s
+    assert engine.started and engine.stopped  # the lifespan started it and stopped it
+
+
+def headers(key=KEY):
+    return {"Authorization": f"Bearer {key}"}
+
+
+def post(s, path, body, **kw):
+    kw.setdefault("headers", headers())
+    return httpx.post(s.base_url + path, json=body, timeout=30, **kw)
+
+
+def test_loading_then_ready():
+    gate = threading.Event()
+    engine = FakeEngine()
+
+    def loader():
+        gate.wait(30)
+        return engine
+
+    app = create_app(served_model_name=MODEL, loader=loader)
+    with ServerThread(app) as s:
+        r = httpx.get(s.base_url + "/health")
+        assert r.status_code == 503 and r.json()["status"] == "loading"
+        r = httpx.post(s.base_url + "/v1/completions", json={"model": MODEL, "prompt": "hi"})
+        assert r.status_code == 503 and error_of(r)["code"] == "model_not_ready"
+        assert httpx.get(s.base_url + "/v1/models").json()["data"][0]["id"] == MODEL
+        gate.set()
+        assert wait_for(lambda: httpx.get(s.base_url + "/health").status_code == 200)
+        r = httpx.post(s.base_url + "/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2})
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == " the quick"
+        assert engine.started
+    assert engine.stopped
+
+
+def test_load_failure_is_reported():
+    def loader():
+        raise RuntimeError("no such checkpoint")
+
+    app = create_app(served_model_name=MODEL, loader=loader)
+    with ServerThread(app) as s:
+        assert wait_for(lambda: httpx.get(s.base_url + "/health").json()["status"] == "failed")
+        r = httpx.get(s.base_url + "/health")
+        assert r.status_code == 503 and "no such checkpoint" in r.json()["error"]
+
+
+def test_auth(fake):
+    body = {"model": MODEL, "prompt": "hi", "max_tokens": 1}
+    r = post(fake, "/v1/completions", body, headers={})
+    assert r.status_code == 401 and error_of(r)["code"] == "invalid_api_key"
+    for h in ({"Authorization": "Bearer nope"}, {"api-key": "nope"}, {"Authorization": KEY}):
+        r = post(fake, "/v1/completions", body, headers=h)
+        assert r.status_code == 401, h
+    assert post(fake, "/v1/completions", body).status_code == 200
+    assert post(fake, "/v1/completions", body, headers={"api-key": KEY}).status_code == 200
+    assert httpx.get(fake.base_url + "/v1/models").status_code == 401
+    assert httpx.get(fake.base_url + "/v1/models", headers=headers()).status_code == 200
+    assert httpx.get(fake.base_url + "/health").status_code == 200  # probes need no key
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=fake.base_url + "/v1", api_key="wrong", max_retries=0).completions.create(
+            model=MODEL, prompt="hi")
+
+
+@pytest.mark.parametrize("content, ctype, status", [
+    (b"{not json", "application/json", 400),
+    (b'{"model": "fake-model", "prompt": "a"', "application/json", 400),
+    (b"", "application/json", 400),
+    (b"[]", "application/json", 400),
+    (b'"a string"', "application/json", 400),
+    (b"null", "application/json", 400),
+    (b'{"model": "fake-model", "temperature": NaN}', "application/json", 400),
+    (b'{"model": "fake-model", "temperature": Infinity}', "application/json", 400),
+    (b"\xff\xfe\x00garbage", "application/json", 400),
+    (b'{"model": "fake-model"}', "text/plain", 415),
+    (b"model=fake-model&prompt=hi", "application/x-www-form-urlencoded", 415),
+    (b'{"model": "fake-model", "prompt": "' + b"a" * (65 * 1024) + b'"}', "application/json", 413),
+    (b"[" * 100000 + b"]" * 100000, "application/json", 413),
+    (b"[" * 20000 + b"]" * 20000, "application/json", 400),  # deep nesting: RecursionError, not a 500
+])
+def test_malformed_bodies(fake, content, ctype, status):
+    for path in ("/v1/completions", "/v1/chat/completions"):
+        r = httpx.post(fake.base_url + path, content=content, timeout=30,
+                       headers={**headers(), "Content-Type": ctype})
+        assert r.status_code == status, (path, r.text)
+        error_of(r)
+    assert post(fake, "/v1/completions", {"model": MODEL, "max_tokens": 1}).status_code == 200
+
+
+def test_unknown_routes_and_methods(fake):
+    r = httpx.get(fake.base_url + "/v1/nothing-here", headers=headers())
+    assert r.status_code == 404 and error_of(r)["code"] == "not_found"
+    r = httpx.get(fake.base_url + "/v1/completions", headers=headers())
+    assert r.status_code == 405 and error_of(r)["code"] == "method_not_allowed"
+    r = post(fake, "/openai/deployments/other/completions", {"prompt": "x"})
+    assert r.status_code == 404 and error_of(r)["code"] == "DeploymentNotFound"
+    r = httpx.get(fake.base_url + "/v1/models/other", headers=headers())
+    assert r.status_code == 404 and error_of(r)["code"] == "model_not_found"
+
+
+def test_prompt_major_indices_and_usage(fake):
+    r = post(fake, "/v1/completions", {"model": MODEL, "prompt": ["a", "b c", ""], "n": 2,
+                                       "max_tokens": 3})
+    body = r.json()
+    assert [c["index"] for c in body["choices"]] == list(range(6))
+    # Choice i of every prompt starts at word i of the fake's sentence.
+    assert [c["text"] for c in body["choices"]] == [" the quick brown", " quick brown fox"] * 3
+    assert body["usage"] == {"prompt_tokens": 1 + 2 + 1, "completion_tokens": 3 * 2 * 3, "total_tokens": 22}
+
+
+def test_streamed_indices_and_usage_chunk(fake):
+    client = openai.OpenAI(base_url=fake.base_url + "/v1", api_key=KEY, max_retries=0)
+    chunks = list(client.completions.create(model=MODEL, prompt=["a", "b"], n=2, max_tokens=2, stream=True,
+                                            stream_options={"include_usage": True}))
+    texts = {}
+    for c in chunks[:-1]:
+        assert c.usage is None and len(c.choices) == 1
+        texts[c.choices[0].index] = texts.get(c.choices[0].index, "") + c.choices[0].text
+    assert texts == {0: " the quick", 1: " quick brown", 2: " the quick", 3: " quick brown"}
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 8
+
+
+def test_queue_full_is_429():
+    engine = FakeEngine(max_queue=2, delay=0.02)
+    app = create_app(engine, served_model_name=MODEL)
+    with ServerThread(app) as s:
+        url = s.base_url + "/v1/completions"
+        with httpx.stream("POST", url, json={"model": MODEL, "prompt": "a", "max_tokens": 100, "stream": True}):
+            # One slot of the queue left: a two-prompt request gets one in, then 429 and its first aborted.
+            r = httpx.post(url, json={"model": MODEL, "prompt": ["a", "b"], "max_tokens": 100})
+            assert r.status_code == 429 and error_of(r)["code"] == "queue_full"
+            assert r.headers["retry-after"] == "1"
+            assert wait_for(lambda: engine.aborted == 1)
+            assert len(engine.submitted) == 2
+        client = openai.OpenAI(base_url=s.base_url + "/v1", api_key="x", max_retries=0)
+        assert wait_for(lambda: engine.active_slots == 0)
+        assert client.completions.create(model=MODEL, prompt="a", max_tokens=1).choices[0].text == " the"
+
+
+def test_engine_failure_after_200(fake):
+    client = openai.OpenAI(base_url=fake.base_url + "/v1", api_key=KEY, max_retries=0)
+    stream = client.completions.create(model=MODEL, prompt="a", max_tokens=5, stream=True, seed=FakeEngine.FAIL_SEED)
+    with pytest.raises(openai.APIError, match="fake engine failure"):
+        for _ in stream:
+            pass
+    r = post(fake, "/v1/completions", {"model": MODEL, "prompt": "a", "max_tokens": 5, "seed": FakeEngine.FAIL_SEED})
+    assert r.status_code == 500 and error_of(r)["type"] == "server_error"
+
+
+def test_disconnects_abort_engine_work():
+    engine = FakeEngine(delay=0.05)
+    app = create_app(engine, served_model_name=MODEL)
+    with ServerThread(app) as s:
+        url = s.base_url + "/v1/completions"
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(url, json={"model": MODEL, "prompt": "a", "max_tokens": 100}, timeout=0.3)
+        assert wait_for(lambda: engine.aborted == 1 and engine.active_slots == 0)
+        with httpx.stream("POST", url, json={"model": MODEL, "prompt": "a", "max_tokens": 100, "n": 3,
+                                             "stream": True}) as r:
+            next(r.iter_lines())
+            assert engine.active_slots == 3
+        assert wait_for(lambda: engine.aborted == 2 and engine.active_slots == 0)
+        r = httpx.post(url, json={"model": MODEL, "prompt": "a", "max_tokens": 2})
+        assert r.json()["choices"][0]["text"] == " the quick"
+
+
+def test_suffix_arranges_fim_prompt():
+    engine = FakeEngine(fim=True)
+    with ServerThread(create_app(engine, served_model_name=MODEL)) as s:
+        r = httpx.post(s.base_url + "/v1/completions", json={"model": MODEL, "prompt": "def f(", "suffix": "):",
+                                                             "max_tokens": 1, "echo": True})
+        assert r.status_code == 200
+        sent = engine.submitted[-1]
+        tok = engine.tokenizer
+        assert sent.prompt == [FIM_PREFIX, *tok.encode("def f("), FIM_SUFFIX, *tok.encode("):"), FIM_MIDDLE]
+        assert sent.echo_prompt == tok.encode("def f(")
+        assert r.json()["choices"][0]["text"] == "def f( the"
+
+
+def test_suffix_without_fim_is_400(fake):
+    r = post(fake, "/v1/completions", {"model": MODEL, "prompt": "a", "suffix": "b"})
+    assert r.status_code == 400 and error_of(r)["param"] == "suffix"
+    assert post(fake, "/v1/completions", {"model": MODEL, "prompt": "a", "suffix": "", "max_tokens": 1}).status_code == 200
+
+
+def test_chat_template_and_stops(fake):
+    client = openai.OpenAI(base_url=fake.base_url + "/v1", api_key=KEY, max_retries=0)
+    reply = client.chat.completions.create(
+        model=MODEL, max_tokens=2, messages=[{"role": "system", "content": "Be terse."},
+                                             {"role": "user", "content": [{"type": "text", "text": "Hi"}]}])
+    assert reply.choices[0].message.content == "the quick"  # leading space dropped
+    sent = fake.engine.submitted[-1]
+    assert fake.engine.tokenizer.decode(sent.prompt) == "System: Be terse.\n\nUser: Hi\n\nAssistant:"
+    assert list(sent.stop) == list(protocol.CHAT_STOPS)
+    client.chat.completions.create(model=MODEL, max_tokens=1, stop=["a", "b", "c"],
+                                   messages=[{"role": "user", "content": "x"}])
+    assert list(fake.engine.submitted[-1].stop) == ["a", "b", "c", "\nUser:"]  # the engine takes 4
+
+
+def test_metrics(fake):
+    post(fake, "/v1/completions", {"model": MODEL, "prompt": "a", "max_tokens": 2, "stream": True})
+    post(fake, "/v1/completions", {"model": MODEL, "temperature": 7})
+    text = httpx.get(fake.base_url + "/metrics").text
+    for name in ("pgpt_http_requests_total", "pgpt_prompt_tokens_total", "pgpt_generation_tokens_total",
+                 "pgpt_engine_queue_depth", "pgpt_engine_active_slots", "pgpt_engine_compile_count",
+                 "pgpt_time_to_first_token_seconds_bucket", "pgpt_time_per_output_token_seconds_bucket",
+                 "pgpt_request_latency_seconds_bucket"):
+        assert name in text, name
+    assert 'pgpt_http_requests_total{route="/v1/completions",status="400"}' in text
+    assert 'pgpt_http_requests_total{route="/v1/completions",status="200"}' in text
