@@ -86,3 +86,15 @@ class RequestError(ValueError):
 
 class QueueFull(RuntimeError):
     """The engine's waiting queue is at its limit; retry later (HTTP 429)."""
+
+
+def fim_prompt(prompt: list[int], suffix: list[int], fim: bool) -> list[int]:
+    """The prompt a FIM model sees for `prompt` + `suffix` (prefix-suffix-middle order).
+
+    Raises RequestError naming `suffix` for a model trained without FIM tokens.
+    """
+    from pgpt_jax.config import FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX
+
+    if not fim:
+        raise RequestError("suffix is not supported by this model (it has no fill-in-the-middle tokens).", "suffix")
+    return [FIM_PREFIX, *prompt, FIM_SUFFIX, *suffix, FIM_MIDDLE]

@@ -1,0 +1,728 @@
+"""The engine: continuous batching of completion requests over a fixed set of device slots.
+
+Threads and queues. One thread owns the device (the engine thread, or the caller of
+`run_until_idle()` for `generate()`): nothing else touches device state. Other threads
+talk to it through `submit()` and `Handle.abort()`, which only append to a lock-guarded
+inbox. Each iteration of the host loop (`step()`):
+
+  1. takes new requests and aborts from the inbox;
+  2. admits waiting choices into free slots: `prefill` once per request (n/best_of
+     choices share it), then per choice `insert` (its KV into the slot) and `start_row`
+     (its sampling row, and its first token);
+  3. dispatches `decode` for `decode_steps` tokens of every slot (one program);
+  4. while the device computes that, turns the outputs of the work dispatched earlier
+     into text: detokenizes, matches stop strings, and calls the request's callback with
+     `Delta`s and, at the end, one `Result`. Choices that finished free their slots for
+     the next iteration; tokens the device made past a finish are discarded.
+
+Device state is one pytree (`DecodeState`) donated to every jitted call. Shapes are
+static (slots, prompt buckets, attention windows, decode steps, top-k cap); every
+request parameter is a value in an array, so after `warmup()` nothing compiles again.
+The engine speaks token ids; the tokenizer is only used to turn outputs into text.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import random
+import threading
+import time
+from collections import deque
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from pgpt_jax import sampling
+from pgpt_jax.model import GPT, init_cache
+from pgpt_jax.request import (Choice, Delta, Logprobs, QueueFull, Request, RequestError,
+                              Result)
+from pgpt_jax.tokenizer import IncrementalDetokenizer
+
+MAX_BEST_OF = 20
+MAX_N = 128
+
+# --------------------------------------------------------------------------- compile counting
+
+_compiles = 0
+_compiles_lock = threading.Lock()
+
+
+def _on_event(name: str, *_args, **_kwargs) -> None:
+    global _compiles
+    if name == "/jax/core/compile/backend_compile_duration":
+        with _compiles_lock:
+            _compiles += 1
+
+
+jax.monitoring.register_event_duration_secs_listener(_on_event)
+
+
+def compiles_so_far() -> int:
+    """XLA compilations in this process since pgpt_jax.engine was imported."""
+    return _compiles
+
+
+# --------------------------------------------------------------------------- device state
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class DecodeState:
+    cache: tuple  # per layer (k, v), each [S, N, L, H]
+    tokens: jax.Array  # i32[S]: last sampled token, the next decode input
+    positions: jax.Array  # i32[S]: position that token will occupy in the cache
+    rows: sampling.SamplingRows  # per-slot sampling parameters and counts
+
+
+def init_state(model: GPT, slots: int) -> DecodeState:
+    cfg = model.config
+    return DecodeState(
+        cache=init_cache(cfg, slots, cfg.n_positions),
+        tokens=jnp.zeros((slots,), jnp.int32),
+        positions=jnp.zeros((slots,), jnp.int32),
+        rows=sampling.init_rows(slots, cfg.padded_vocab),
+    )
+
+
+# --------------------------------------------------------------------------- jitted programs
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "want_logprobs", "top_k"))
+def prefill(graphdef, params, tokens, true_len, *, want_logprobs: bool, top_k: int):
+    """tokens i32[1, T] (T a bucket, padded past true_len) -> one sequence's KV cache and logits.
+
+    Returns (cache: per layer ([1, N, T, H], [1, N, T, H]), last_logits f32[V],
+    prompt logprobs f32[T-1] of tokens 1..T-1, top ids i32[T-1, k], top logprobs f32[T-1, k]);
+    the prompt-logprob arrays are empty unless `want_logprobs` (computing logits for every
+    prompt position is the costly part of echo).
+    """
+    model = nnx.merge(graphdef, params)
+    T = tokens.shape[1]
+    positions = jnp.arange(T, dtype=jnp.int32)[None, :]
+    hidden, cache = model(tokens, positions, init_cache(model.config, 1, T))
+    last_logits = model.logits(hidden[0, true_len - 1])
+    if want_logprobs:
+        logits = model.logits(hidden[0, :-1])  # [T-1, V]: predicts tokens 1..T-1
+        lp, top_ids, top_lps = sampling.logprobs_of(logits, tokens[0, 1:], top_k)
+    else:
+        lp = jnp.zeros((0,), jnp.float32)
+        top_ids, top_lps = jnp.zeros((0, top_k), jnp.int32), jnp.zeros((0, top_k), jnp.float32)
+    return cache, last_logits, lp, top_ids, top_lps
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def insert(state: DecodeState, prefix_cache, slot):
+    """Copies a prefilled sequence's KV (per layer ([1, N, T, H], ...)) into `slot` of the cache.
+
+    One program per prompt bucket T, and nothing else in it: sampling the first token is
+    `start_row`'s job, compiled once for every bucket.
+    """
+    cache = tuple(
+        (jax.lax.dynamic_update_slice(k, pk.astype(k.dtype), (slot, 0, 0, 0)),
+         jax.lax.dynamic_update_slice(v, pv.astype(v.dtype), (slot, 0, 0, 0)))
+        for (k, v), (pk, pv) in zip(state.cache, prefix_cache))
+    return dataclasses.replace(state, cache=cache)
+
+
+@functools.partial(jax.jit, static_argnames=("top_k",), donate_argnums=(0,))
+def start_row(state: DecodeState, last_logits, slot, true_len, row, *, top_k: int):
+    """Sets `slot`'s sampling row and samples its first token from the prefill's last logits.
+
+    last_logits f32[V]; row: dict of temperature, top_p, presence, frequency, num_logprobs (scalars),
+    key u32[2] and bias f32[V] (see `Engine._row_arrays`). Returns (state, token i32[1],
+    logprob f32[1], top ids i32[1, k], top logprobs f32[1, k]).
+    """
+    r = state.rows
+    one = sampling.SamplingRows(
+        temperature=row["temperature"][None], top_p=row["top_p"][None],
+        presence=row["presence"][None], frequency=row["frequency"][None],
+        bias=row["bias"][None], counts=jnp.zeros((1, r.counts.shape[1]), r.counts.dtype),
+        num_logprobs=row["num_logprobs"][None], key=row["key"][None].astype(r.key.dtype))
+    tok, lp, top_ids, top_lps, one = sampling.sample(
+        last_logits[None], one, jnp.reshape(true_len, (1,)), top_k=top_k)
+    rows = jax.tree.map(lambda all_rows, new: all_rows.at[slot].set(new[0]), r, one)
+    state = dataclasses.replace(state, tokens=state.tokens.at[slot].set(tok[0]),
+                                positions=state.positions.at[slot].set(true_len), rows=rows)
+    return state, tok, lp, top_ids, top_lps
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "steps", "window", "top_k"),
+                   donate_argnums=(2,))
+def decode(graphdef, params, state: DecodeState, *, steps: int, window: int, top_k: int):
+    """Runs `steps` decode steps for every slot in one program.
+
+    Attention reads only the first `window` cache entries (the host picks a window that
+    covers every occupied slot). Returns (state, tokens i32[steps, S], logprobs f32[steps, S],
+    top ids i32[steps, S, k], top logprobs f32[steps, S, k]).
+    """
+    model = nnx.merge(graphdef, params)
+    last = model.config.n_positions - 1
+
+    def one_step(state: DecodeState, _):
+        hidden, cache = model(state.tokens[:, None], state.positions[:, None], state.cache, window)
+        logits = model.logits(hidden[:, 0])  # [S, V]
+        new_pos = jnp.minimum(state.positions + 1, last)  # free slots may run on; clamp them
+        tok, lp, top_ids, top_lps, rows = sampling.sample(logits, state.rows, new_pos, top_k=top_k)
+        return DecodeState(cache, tok, new_pos, rows), (tok, lp, top_ids, top_lps)
+
+    state, outs = jax.lax.scan(one_step, state, None, length=steps)
+    return (state, *outs)
+
+
+# --------------------------------------------------------------------------- host-side bookkeeping
+
+
+class Handle:
+    """Returned by `Engine.submit`; `abort()` is safe from any thread."""
+
+    def __init__(self, engine: "Engine", req: "_Req"):
+        self._engine, self._req = engine, req
+
+    def abort(self) -> None:
+        self._engine._abort(self._req)
+
+    @property
+    def done(self) -> bool:
+        return self._req.done
+
+
+@dataclasses.dataclass(eq=False)
+class _Choice:
+    req: "_Req"
+    index: int  # candidate index (seed derivation uses it)
+    detok: IncrementalDetokenizer
+    slot: Optional[int] = None
+    text: str = ""  # completion text so far (stop strings already cut)
+    sent: int = 0  # characters of text already streamed
+    token_ids: list = dataclasses.field(default_factory=list)
+    offsets: list = dataclasses.field(default_factory=list)  # char offset of each token in text
+    lps: list = dataclasses.field(default_factory=list)
+    tops: list = dataclasses.field(default_factory=list)
+    sent_tokens: int = 0  # logprob entries already streamed
+    generated: int = 0  # every sampled token, EOS included
+    logprob_sum: float = 0.0
+    finish: Optional[str] = None
+    echo_sent: bool = False
+    final_sent: bool = False
+
+
+@dataclasses.dataclass(eq=False)
+class _Req:
+    request: Request
+    callback: Callable
+    max_new: int
+    best_of: int
+    seed: int
+    choices: list = dataclasses.field(default_factory=list)
+    waiting: deque = dataclasses.field(default_factory=deque)  # choices not yet in a slot
+    prefix: Optional[tuple] = None  # (cache, last_logits, true_len), device arrays
+    prompt_lp: Optional[Logprobs] = None  # echo logprobs, built once
+    prompt_text: str = ""  # what echo returns before the completion
+    prompt_chars: int = 0  # characters of the prompt: completion text_offsets start here
+    done: bool = False
+    aborted: bool = False
+
+
+def _buckets(limit: int, smallest: int) -> tuple[int, ...]:
+    out, b = [], smallest
+    while b < limit:
+        out.append(b)
+        b *= 2
+    return tuple(out) + (limit,)
+
+
+class Engine:
+    """Continuous batching over `slots` device rows; see the module docstring."""
+
+    def __init__(self, model: GPT, tokenizer, *, slots: int = 32, decode_steps: int = 4,
+                 max_queue: int = 256, max_logprobs: int = 5, min_bucket: int = 16,
+                 min_window: int = 128):
+        if not 0 <= max_logprobs <= 20:
+            raise ValueError("max_logprobs must be in 0..20")
+        self.model, self.tokenizer = model, tokenizer
+        self.config = model.config
+        self.context_length = self.config.n_positions
+        self.slots, self.decode_steps = slots, decode_steps
+        self.max_queue, self.max_logprobs = max_queue, max_logprobs
+        self.top_k = max(max_logprobs, 1)
+        self.buckets = _buckets(self.context_length, min(min_bucket, self.context_length))
+        self.windows = _buckets(self.context_length, min(min_window, self.context_length))
+        self.graphdef, self.params = nnx.split(model)
+        self.state = init_state(model, slots)
+        self.vocab = self.config.vocab_size
+        self._inbox: list = []
+        self._aborts: list = []
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._queue: deque[_Req] = deque()  # admitted requests with choices still waiting
+        self._slot_choice: list[Optional[_Choice]] = [None] * slots
+        self._slot_pos = [0] * slots  # device position of each occupied slot's last token
+        self._pending: deque = deque()  # dispatched work whose outputs are not processed yet
+        self._thread: Optional[threading.Thread] = None
+        self._running = False
+        self._compiles_at_start = compiles_so_far()
+        self.prefill_calls = 0
+        self.decode_calls = 0
+        self.generated_tokens = 0
+
+    # ---------------------------------------------------------------- public API
+
+    @property
+    def compile_count(self) -> int:
+        """XLA compilations since this engine was made (warm-up included)."""
+        return compiles_so_far() - self._compiles_at_start
+
+    @property
+    def active_slots(self) -> int:
+        return sum(c is not None for c in self._slot_choice)
+
+    @property
+    def queue_depth(self) -> int:
+        with self._lock:
+            inbox = len(self._inbox)
+        return inbox + sum(len(r.waiting) for r in list(self._queue))
+
+    def check(self, request: Request) -> None:
+        """Raises RequestError for what makes `request` impossible; names the OpenAI field."""
+        P = len(request.prompt)
+        if P == 0:
+            raise RequestError("The prompt must contain at least one token.", "prompt")
+        bad = [t for t in request.prompt if not (isinstance(t, (int, np.integer)) and 0 <= t < self.vocab)]
+        if bad:
+            raise RequestError(f"Token id {bad[0]} is outside the vocabulary (0..{self.vocab - 1}).", "prompt")
+        if not 1 <= request.n <= MAX_N:
+            raise RequestError(f"n must be between 1 and {MAX_N}.", "n")
+        best_of = request.best_of if request.best_of is not None else request.n
+        if best_of < request.n:
+            raise RequestError("best_of must be greater than or equal to n.", "best_of")
+        if best_of > max(MAX_BEST_OF, request.n):
+            raise RequestError(f"best_of must be at most {MAX_BEST_OF}.", "best_of")
+        if request.stream and best_of > request.n:
+            raise RequestError("Cannot stream results when best_of is greater than n.", "stream")
+        if request.logprobs is not None and not 0 <= request.logprobs <= self.max_logprobs:
+            raise RequestError(f"logprobs must be between 0 and {self.max_logprobs}.", "logprobs")
+        if not 0 <= request.temperature <= 2:
+            raise RequestError("temperature must be between 0 and 2.", "temperature")
+        if not 0 <= request.top_p <= 1:
+            raise RequestError("top_p must be between 0 and 1.", "top_p")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(request, name) <= 2:
+                raise RequestError(f"{name} must be between -2 and 2.", name)
+        if len(request.stop) > 4 or any(not s for s in request.stop):
+            raise RequestError("stop must be at most 4 non-empty strings.", "stop")
+        for tok, val in (request.logit_bias or {}).items():
+            if not (isinstance(tok, (int, np.integer)) and 0 <= tok < self.vocab):
+                raise RequestError(f"logit_bias key {tok} is not a token id in the vocabulary.", "logit_bias")
+            if not -100 <= val <= 100:
+                raise RequestError(f"logit_bias value for token {tok} must be between -100 and 100.", "logit_bias")
+        if request.max_tokens is not None and request.max_tokens < 0:
+            raise RequestError("max_tokens must be at least 0.", "max_tokens")
+        L = self.context_length
+        wanted = P + (request.max_tokens if request.max_tokens is not None else 0)
+        if P > L or wanted > L:
+            raise RequestError(
+                f"This model's maximum context length is {L} tokens, however you requested "
+                f"{wanted} tokens ({P} in your prompt; {wanted - P} for the completion). "
+                "Please reduce your prompt; or completion length.",
+                "max_tokens" if P <= L else "prompt", "context_length_exceeded")
+
+    def submit(self, request: Request, callback: Callable) -> Handle:
+        """Queues `request`; `callback(event)` runs on the engine thread (see request.py)."""
+        self.check(request)
+        if self.queue_depth >= self.max_queue:
+            raise QueueFull("The engine's queue is full; retry later.")
+        max_new = request.max_tokens if request.max_tokens is not None else self.context_length - len(request.prompt)
+        best_of = request.best_of if request.best_of is not None else request.n
+        seed = request.seed if request.seed is not None else random.getrandbits(63)
+        req = _Req(request=request, callback=callback, max_new=max_new, best_of=best_of, seed=seed)
+        with self._lock:
+            self._inbox.append(req)
+        self._wake.set()
+        return Handle(self, req)
+
+    def start(self) -> None:
+        """Runs the host loop in a daemon thread until `stop()`."""
+        if self._thread is not None:
+            return
+        self._running = True
+        self._thread = threading.Thread(target=self._loop, name="pgpt-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._running = False
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    def run_until_idle(self) -> None:
+        """Runs the host loop in the calling thread until no work is left (generate())."""
+        while self.step():
+            pass
+
+    def warmup(self, progress: bool = False) -> float:
+        """Compiles every prefill bucket, insert and decode window; returns seconds taken."""
+        t0 = time.perf_counter()
+        jobs = [("prefill", b, w) for b in self.buckets for w in (False, True)]
+        jobs += [("insert", b, None) for b in self.buckets]
+        jobs += [("decode", w, None) for w in self.windows]
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(jobs), desc="warm-up (compiling)", unit="program")
+        row = self._row_arrays(Request(prompt=[0]), 0, 0)
+        prefixes = {}
+        for kind, size, flag in jobs:
+            if kind == "prefill":
+                out = prefill(self.graphdef, self.params, np.zeros((1, size), np.int32),
+                              np.int32(1), want_logprobs=flag, top_k=self.top_k)
+                prefixes[size] = out
+            elif kind == "insert":
+                cache, last = prefixes[size][:2]
+                self.state = insert(self.state, cache, np.int32(0))
+                if size == self.buckets[0]:
+                    self.state, *_ = start_row(self.state, last, np.int32(0), np.int32(1), row,
+                                               top_k=self.top_k)
+            else:
+                self.state, *_ = decode(self.graphdef, self.params, self.state, steps=self.decode_steps,
+                                        window=size, top_k=self.top_k)
+            jax.block_until_ready(self.state.tokens)
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        self.state = init_state(self.model, self.slots)
+        return time.perf_counter() - t0
+
+    # ---------------------------------------------------------------- the host loop
+
+    def _loop(self) -> None:
+        while self._running:
+            if not self.step():
+                self._wake.wait(timeout=0.05)
+                self._wake.clear()
+        # Tell whoever still waits that the engine is gone.
+        for req in list(self._queue) + [c.req for c in self._slot_choice if c is not None]:
+            self._fail(req, RuntimeError("the engine stopped"))
+
+    def step(self) -> bool:
+        """One iteration (see the module docstring). Returns False when there is no work."""
+        self._take_inbox()
+        self._admit()
+        if any(c is not None for c in self._slot_choice):
+            self._dispatch_decode()
+        # Process everything dispatched before the newest decode while the device runs it.
+        keep = 1 if self._pending and self._pending[-1][0] == "decode" else 0
+        while len(self._pending) > keep:
+            self._process(self._pending.popleft())
+        if not any(c is not None for c in self._slot_choice):
+            while self._pending:
+                self._process(self._pending.popleft())
+        return bool(self._pending or self._queue or any(c is not None for c in self._slot_choice)
+                    or self._inbox)
+
+    def _take_inbox(self) -> None:
+        with self._lock:
+            new, self._inbox = self._inbox, []
+            aborts, self._aborts = self._aborts, []
+        for req in new:
+            self._start_request(req)
+        for req in aborts:
+            self._release(req)
+
+    def _abort(self, req: _Req) -> None:
+        req.aborted = True
+        with self._lock:
+            self._aborts.append(req)
+        self._wake.set()
+
+    def _start_request(self, req: _Req) -> None:
+        r = req.request
+        if req.aborted:
+            return
+        echo_ids = r.echo_prompt if r.echo_prompt is not None else r.prompt
+        prompt_text = self.tokenizer.decode(echo_ids)
+        req.prompt_text = prompt_text if r.echo else ""
+        req.prompt_chars = len(prompt_text)
+        req.choices = [_Choice(req, i, IncrementalDetokenizer(self.tokenizer)) for i in range(req.best_of)]
+        need_prompt_lp = r.echo and r.logprobs is not None
+        if req.max_new == 0 and not need_prompt_lp:
+            for c in req.choices:
+                c.finish = "length"
+            self._finish_request(req)
+            return
+        self._prefill(req, need_prompt_lp)
+        if req.max_new == 0:
+            for c in req.choices:
+                c.finish = "length"
+            self._finish_request(req)
+            return
+        req.waiting.extend(req.choices)
+        self._queue.append(req)
+
+    def _prefill(self, req: _Req, want_logprobs: bool) -> None:
+        r = req.request
+        P = len(r.prompt)
+        bucket = next(b for b in self.buckets if b >= P)
+        tokens = np.zeros((1, bucket), np.int32)
+        tokens[0, :P] = r.prompt
+        cache, last, lp, top_ids, top_lps = prefill(
+            self.graphdef, self.params, tokens, np.int32(P),
+            want_logprobs=want_logprobs, top_k=self.top_k)
+        self.prefill_calls += 1
+        req.prefix = (cache, last, P)
+        if want_logprobs:
+            req.prompt_lp = self._prompt_logprobs(req, np.asarray(lp), np.asarray(top_ids), np.asarray(top_lps))
+
+    def _prompt_logprobs(self, req: _Req, lp, top_ids, top_lps) -> Logprobs:
+        """Echo logprobs of the prompt: first token null, others from the prefill."""
+        r = req.request
+        ids = r.echo_prompt if r.echo_prompt is not None else r.prompt
+        # With a FIM prompt the user's tokens start after <|fim_prefix|> (index 1).
+        first = 1 if r.echo_prompt is not None else 0
+        out, offset = Logprobs(), 0
+        for i, tok in enumerate(ids):
+            s = self.tokenizer.token_str(tok)
+            out.tokens.append(s)
+            out.text_offset.append(offset)
+            j = first + i - 1  # index into lp: logprob of prompt token first+i
+            if i == 0:
+                out.token_logprobs.append(None)
+                out.top_logprobs.append(None)
+            else:
+                out.token_logprobs.append(float(lp[j]))
+                out.top_logprobs.append(self._top_dict(tok, float(lp[j]), top_ids[j], top_lps[j], r.logprobs))
+            offset += len(self.tokenizer.decode([tok]))
+        return out
+
+    def _top_dict(self, tok, tok_lp, top_ids, top_lps, k) -> dict:
+        d = {self.tokenizer.token_str(int(t)): float(v) for t, v in zip(top_ids[:k], top_lps[:k])}
+        d.setdefault(self.tokenizer.token_str(int(tok)), tok_lp)
+        return d
+
+    def _row_arrays(self, r: Request, seed: int, index: int) -> dict:
+        bias = np.zeros((self.config.padded_vocab,), np.float32)
+        for tok, val in (r.logit_bias or {}).items():
+            bias[int(tok)] = val
+        return dict(temperature=np.float32(r.temperature), top_p=np.float32(r.top_p),
+                    presence=np.float32(r.presence_penalty), frequency=np.float32(r.frequency_penalty),
+                    num_logprobs=np.int32(r.logprobs or 0), key=sampling.row_key(seed, index),
+                    bias=bias)
+
+    def _admit(self) -> None:
+        free = [s for s, c in enumerate(self._slot_choice) if c is None]
+        while free and self._queue:
+            req = self._queue[0]
+            if req.aborted or not req.waiting:
+                self._queue.popleft()
+                continue
+            choice = req.waiting.popleft()
+            if not req.waiting:
+                self._queue.popleft()
+            slot = free.pop(0)
+            cache, last, P = req.prefix
+            row = self._row_arrays(req.request, req.seed, choice.index)
+            self.state = insert(self.state, cache, np.int32(slot))
+            self.state, tok, lp, top_ids, top_lps = start_row(
+                self.state, last, np.int32(slot), np.int32(P), row, top_k=self.top_k)
+            choice.slot = slot
+            self._slot_choice[slot] = choice
+            self._slot_pos[slot] = P
+            # Outputs of one row, one step: row 0 of this item stands for `slot`.
+            self._pending.append(("insert", {0: choice}, (tok, lp, top_ids, top_lps)))
+            if not req.waiting:
+                req.prefix = None  # the last copy is placed: drop the prefill's device buffers
+
+    def _dispatch_decode(self) -> None:
+        steps = self.decode_steps
+        longest = max(self._slot_pos[s] for s, c in enumerate(self._slot_choice) if c is not None)
+        need = min(longest + steps + 1, self.context_length)
+        window = next(w for w in self.windows if w >= need)
+        self.state, toks, lps, top_ids, top_lps = decode(
+            self.graphdef, self.params, self.state, steps=steps, window=window, top_k=self.top_k)
+        self.decode_calls += 1
+        owners = {}
+        for s, c in enumerate(self._slot_choice):
+            if c is not None:
+                owners[s] = c
+                self._slot_pos[s] = min(self._slot_pos[s] + steps, self.context_length - 1)
+        self._pending.append(("decode", owners, (toks, lps, top_ids, top_lps)))
+
+    # ---------------------------------------------------------------- turning tokens into text
+
+    def _process(self, item) -> None:
+        kind, owners, outs = item
+        toks, lps, top_ids, top_lps = (np.asarray(a) for a in outs)  # waits for that program
+        if kind == "insert":  # [1] -> [steps=1, rows=1]
+            toks, lps = toks.reshape(1, 1), lps.reshape(1, 1)
+            top_ids, top_lps = top_ids.reshape(1, 1, -1), top_lps.reshape(1, 1, -1)
+        touched = set()
+        for slot, choice in owners.items():
+            if choice.finish is not None or choice.req.aborted:
+                continue
+            for t in range(toks.shape[0]):
+                self._add_token(choice, int(toks[t, slot]), float(lps[t, slot]), top_ids[t, slot], top_lps[t, slot])
+                if choice.finish is not None:
+                    break
+            touched.add(choice.req)
+        for req in touched:
+            if req.request.stream:
+                self._stream(req)
+            if all(c.finish is not None for c in req.choices):
+                self._finish_request(req)
+
+    def _add_token(self, c: _Choice, tok: int, lp: float, top_ids, top_lps) -> None:
+        req, r = c.req, c.req.request
+        c.generated += 1
+        c.logprob_sum += lp
+        self.generated_tokens += 1
+        cut_by_stop = False
+        if tok == self.tokenizer.eos_id:
+            c.finish = "stop"  # EOS: its text is not returned
+        else:
+            c.offsets.append(len(c.text))
+            c.token_ids.append(tok)
+            if r.logprobs is not None:
+                c.lps.append(lp)
+                c.tops.append(self._top_dict(tok, lp, top_ids, top_lps, r.logprobs))
+            before = len(c.text)
+            c.text += c.detok.add([tok])
+            cut_by_stop = bool(r.stop) and self._match_stop(c, before)
+        if c.finish is None and (c.generated >= req.max_new
+                                 or len(r.prompt) + c.generated >= self.context_length):
+            c.finish = "length"
+        if c.finish is None:
+            return
+        if not cut_by_stop:
+            # Bytes of an unfinished character are all that is left: show them as U+FFFD.
+            before = len(c.text)
+            c.text += c.detok.flush()
+            if r.stop and len(c.text) > before:
+                self._match_stop(c, before)
+        self._free(c)
+
+    def _match_stop(self, c: _Choice, before: int) -> bool:
+        """Cuts the text before the first stop string that text past `before` completes."""
+        hits = []
+        for s in c.req.request.stop:
+            i = c.text.find(s, max(0, before - len(s) + 1))
+            if i >= 0:
+                hits.append(i)
+        if hits:
+            cut = min(hits)
+            c.text = c.text[:cut]
+            keep = sum(1 for o in c.offsets if o < cut)
+            del c.offsets[keep:], c.token_ids[keep:]
+            del c.lps[keep:], c.tops[keep:]
+            c.finish = "stop"
+        return bool(hits)
+
+    def _holdback(self, c: _Choice) -> int:
+        """Characters at the end of the text that could still begin a stop string."""
+        if c.finish is not None:
+            return 0
+        text, hold = c.text, 0
+        for s in c.req.request.stop:
+            for k in range(min(len(s) - 1, len(text)), hold, -1):
+                if text.endswith(s[:k]):
+                    hold = k
+                    break
+        return hold
+
+    def _free(self, c: _Choice) -> None:
+        if c.slot is not None and self._slot_choice[c.slot] is c:
+            self._slot_choice[c.slot] = None
+        c.slot = None
+
+    def _logprobs_slice(self, c: _Choice, start: int, end: int) -> Logprobs:
+        """Completion logprobs of tokens start..end-1; offsets count the prompt's characters first."""
+        return Logprobs(
+            tokens=[self.tokenizer.token_str(t) for t in c.token_ids[start:end]],
+            token_logprobs=c.lps[start:end],
+            top_logprobs=c.tops[start:end],
+            text_offset=[c.req.prompt_chars + o for o in c.offsets[start:end]])
+
+    def _stream(self, req: _Req) -> None:
+        want_lp = req.request.logprobs is not None
+        for c in req.choices:
+            text, lp = "", None
+            if req.request.echo and not c.echo_sent:
+                c.echo_sent = True
+                text = req.prompt_text
+                if want_lp:
+                    lp = Logprobs()
+                    lp.extend(req.prompt_lp or Logprobs())
+            end = len(c.text) - self._holdback(c)
+            if end > c.sent:
+                text += c.text[c.sent:end]
+                c.sent = end
+            if want_lp:
+                n_tok = sum(1 for o in c.offsets if o < end) if c.finish is None else len(c.token_ids)
+                if n_tok > c.sent_tokens:
+                    lp = lp or Logprobs()
+                    lp.extend(self._logprobs_slice(c, c.sent_tokens, n_tok))
+                    c.sent_tokens = n_tok
+            finished_now = c.finish is not None and not c.final_sent
+            if text or (lp is not None and lp.tokens) or finished_now:
+                c.final_sent = c.final_sent or finished_now
+                self._call(req, Delta(index=c.index, text=text, logprobs=lp,
+                                      finish_reason=c.finish if finished_now else None))
+
+    def _finish_request(self, req: _Req) -> None:
+        if req.done:
+            return
+        r = req.request
+        for c in req.choices:
+            self._free(c)
+        if r.stream:
+            self._stream(req)
+        ranked = req.choices
+        if req.best_of > r.n:
+            ranked = sorted(req.choices, key=lambda c: -(c.logprob_sum / max(c.generated, 1)))[: r.n]
+        choices = []
+        for i, c in enumerate(ranked):
+            lp = None
+            if r.logprobs is not None:
+                lp = Logprobs()
+                if r.echo and req.prompt_lp is not None:
+                    lp.extend(req.prompt_lp)
+                lp.extend(self._logprobs_slice(c, 0, len(c.token_ids)))
+            text = (req.prompt_text if r.echo else "") + c.text
+            choices.append(Choice(index=i, text=text, token_ids=list(c.token_ids),
+                                  finish_reason=c.finish or "length", logprobs=lp))
+        result = Result(choices=choices, prompt_tokens=len(r.prompt),
+                        completion_tokens=sum(c.generated for c in req.choices))
+        req.done = True
+        self._call(req, result)
+
+    def _release(self, req: _Req) -> None:
+        """Abort: free the request's slots and forget its waiting choices."""
+        req.aborted = True
+        req.waiting.clear()
+        req.prefix = None
+        for c in req.choices:
+            if c.finish is None:
+                c.finish = "abort"
+            self._free(c)
+        req.done = True
+
+    def _fail(self, req: _Req, exc: Exception) -> None:
+        if not req.done:
+            req.done = True
+            self._call(req, exc)
+
+    def _call(self, req: _Req, event) -> None:
+        if req.aborted and not isinstance(event, Exception):
+            return
+        try:
+            req.callback(event)
+        except Exception:  # a broken callback must not take the engine down
+            import logging
+
+            logging.getLogger(__name__).exception("request callback failed")

@@ -1,0 +1,79 @@
+"""generate(): OpenAI-style completions for research scripts, run on the Engine (one code path)."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+from pgpt_jax.engine import Engine
+from pgpt_jax.model import GPT
+from pgpt_jax.request import Choice, Request, fim_prompt
+from pgpt_jax.tokenizer import get_tokenizer
+
+Prompt = Union[str, Sequence[int]]
+
+_engines: dict = {}  # (id(model), slots) -> (model, Engine): compiled programs are reused
+
+
+def engine_for(model: GPT, slots: int = 8) -> Engine:
+    """The engine generate() uses for `model`, made once per model and slot count."""
+    key = (id(model), slots)
+    if key not in _engines or _engines[key][0] is not model:
+        _engines[key] = (model, Engine(model, get_tokenizer(fim=model.config.fim), slots=slots,
+                                       max_logprobs=20, max_queue=1 << 30))
+    return _engines[key][1]
+
+
+def _is_single(prompt) -> bool:
+    return isinstance(prompt, str) or (len(prompt) > 0 and all(isinstance(t, int) for t in prompt))
+
+
+def generate(model: GPT, prompt: Union[Prompt, Sequence[Prompt]], *, max_tokens: Optional[int] = 16,
+             temperature: float = 1.0, top_p: float = 1.0, n: int = 1, best_of: Optional[int] = None,
+             logprobs: Optional[int] = None, echo: bool = False, stop=None,
+             presence_penalty: float = 0.0, frequency_penalty: float = 0.0, logit_bias=None,
+             seed: Optional[int] = None, suffix: Optional[str] = None, slots: int = 8):
+    """Completes one prompt (a string or token ids) or a list of them, as the HTTP API would.
+
+    Returns a list of `Choice`s (text, token_ids, finish_reason, logprobs in OpenAI's shape)
+    for one prompt, or one such list per prompt. Scoring a text is
+    `generate(model, text, max_tokens=0, echo=True, logprobs=k)`.
+    """
+    single = _is_single(prompt)
+    prompts = [prompt] if single else list(prompt)
+    engine = engine_for(model, slots)
+    tok = engine.tokenizer
+    stop = [stop] if isinstance(stop, str) else list(stop or ())
+    results: list = [None] * len(prompts)
+    for i, p in enumerate(prompts):
+        ids = tok.encode(p) if isinstance(p, str) else list(p)
+        ids = ids or [tok.eos_id]
+        echo_prompt = None
+        if suffix:
+            ids, echo_prompt = fim_prompt(ids, tok.encode(suffix), model.config.fim), ids
+        request = Request(prompt=ids, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                          n=n, best_of=best_of, logprobs=logprobs, echo=echo, stop=stop,
+                          presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                          logit_bias={int(k): v for k, v in (logit_bias or {}).items()},
+                          seed=seed, echo_prompt=echo_prompt)
+
+        def done(event, i=i):
+            results[i] = event
+
+        engine.submit(request, done)
+    engine.run_until_idle()
+    for r in results:
+        if isinstance(r, Exception):
+            raise r
+    out: list[list[Choice]] = [r.choices for r in results]
+    return out[0] if single else out
+
+
+def cli_generate(args) -> None:
+    """`pgpt-jax generate PROMPT`: prints each choice."""
+    from pgpt_jax.checkpoint import load_model
+
+    model = load_model(args.model, dtype=args.dtype)
+    for c in generate(model, args.prompt, max_tokens=args.max_tokens, temperature=args.temperature,
+                      top_p=args.top_p, n=args.n, seed=args.seed):
+        print(f"--- choice {c.index} ({c.finish_reason})")
+        print(args.prompt + c.text)

@@ -1,0 +1,238 @@
+"""Engine: greedy parity with a plain argmax loop, batch invariance, n/best_of, stop strings,
+streaming, echo logprobs, abort, context checks, and no recompiles after warm-up."""
+
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pgpt_jax.engine import Engine
+from pgpt_jax.model import forward, init_cache
+from pgpt_jax.request import Delta, Request, RequestError, Result
+from pgpt_jax.tokenizer import get_tokenizer
+
+NO_EOS = {50256: -100.0}  # random weights may pick EOS; keep lengths predictable
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model):
+    eng = Engine(tiny_model, get_tokenizer(), slots=8, decode_steps=3, max_logprobs=5)
+    eng.warmup()
+    return eng
+
+
+def run(engine, *requests):
+    """Submits requests, runs the loop in this thread; returns (results, deltas per request)."""
+    results, deltas = [None] * len(requests), [[] for _ in requests]
+
+    def cb(i):
+        def f(ev):
+            if isinstance(ev, Delta):
+                deltas[i].append(ev)
+            else:
+                results[i] = ev
+        return f
+
+    for i, r in enumerate(requests):
+        engine.submit(r, cb(i))
+    engine.run_until_idle()
+    return results, deltas
+
+
+def argmax_loop(model, prompt, steps):
+    """The plainest greedy decoder: full forward over the whole sequence at every step."""
+    T = 64  # one padded length, one compile: causal attention ignores what follows
+    fwd = jax.jit(lambda toks: forward(model, toks, jnp.arange(T)[None], init_cache(model.config, 1, T))[0])
+    seq = list(prompt)
+    for _ in range(steps):
+        padded = np.zeros((1, T), np.int32)
+        padded[0, : len(seq)] = seq
+        seq.append(int(np.argmax(np.asarray(fwd(padded)[0, len(seq) - 1]))))
+    return seq[len(prompt):]
+
+
+PROMPTS = [[464, 2068, 7586], [15496, 11, 616, 1438, 318, 1757, 290], [40, 1101, 257, 1332, 13] * 5]
+
+
+def test_greedy_matches_argmax_loop(engine, tiny_model):
+    reqs = [Request(prompt=p, max_tokens=10, temperature=0.0) for p in PROMPTS]
+    results, _ = run(engine, *reqs)
+    for p, res in zip(PROMPTS, results):
+        expect = argmax_loop(tiny_model, p, 10)
+        got = res.choices[0].token_ids
+        # EOS ends a choice early; compare up to it.
+        if 50256 in expect:
+            expect = expect[: expect.index(50256)]
+        assert got == expect
+
+
+def test_batch_invariance_seeded_and_greedy(engine):
+    seeded = Request(prompt=PROMPTS[1], max_tokens=12, temperature=1.0, seed=1234, logit_bias=NO_EOS)
+    greedy = Request(prompt=PROMPTS[0], max_tokens=12, temperature=0.0, logit_bias=NO_EOS)
+    alone, _ = run(engine, seeded, greedy)
+    others = [Request(prompt=PROMPTS[i % 3], max_tokens=5 + i, temperature=0.5 + 0.1 * i, top_p=0.8,
+                      presence_penalty=1.0, frequency_penalty=-0.5, seed=i, logprobs=2)
+              for i in range(6)]
+    crowded, _ = run(engine, *others[:3], seeded, *others[3:], greedy)
+    assert crowded[3].choices[0].token_ids == alone[0].choices[0].token_ids
+    assert crowded[7].choices[0].token_ids == alone[1].choices[0].token_ids
+    assert len(alone[0].choices[0].token_ids) == 12
+
+
+def test_n_shares_one_prefill_and_best_of_picks_highest_mean_logprob(engine):
+    before = engine.prefill_calls
+    res, _ = run(engine, Request(prompt=PROMPTS[1], n=4, max_tokens=6, seed=7, logprobs=0, logit_bias=NO_EOS))
+    assert engine.prefill_calls == before + 1
+    cands = res[0].choices
+    assert len(cands) == 4 and len({tuple(c.token_ids) for c in cands}) > 1
+    means = [np.mean(c.logprobs.token_logprobs) for c in cands]
+    best_two = {tuple(cands[i].token_ids) for i in np.argsort(means)[-2:]}
+
+    before = engine.prefill_calls
+    res, _ = run(engine, Request(prompt=PROMPTS[1], n=2, best_of=4, max_tokens=6, seed=7, logit_bias=NO_EOS))
+    assert engine.prefill_calls == before + 1
+    assert {tuple(c.token_ids) for c in res[0].choices} == best_two
+    assert res[0].completion_tokens == 4 * 6  # every candidate's tokens count
+
+
+def test_stop_strings_across_and_inside_tokens_and_streaming(engine):
+    tok = engine.tokenizer
+    base, _ = run(engine, Request(prompt=PROMPTS[2], max_tokens=20, temperature=0.0, logit_bias=NO_EOS))
+    ids = base[0].choices[0].token_ids
+    text = base[0].choices[0].text
+    pieces = [tok.decode([t]) for t in ids]
+    # A stop string that spans the boundary between tokens 3 and 4.
+    a, b = pieces[3], pieces[4]
+    across = (a[-2:] if len(a) >= 2 else a) + b[:1]
+    # One that lies strictly inside a single token (at least 3 characters long).
+    k = next(i for i, p in enumerate(pieces) if len(p) >= 3 and "\ufffd" not in p)
+    inside = pieces[k][1:-1]
+    for stop in (across, inside):
+        cut = text.index(stop)
+        req = Request(prompt=PROMPTS[2], max_tokens=20, temperature=0.0, logit_bias=NO_EOS,
+                      stop=[stop, "zzzzqqqq"], stream=True, logprobs=1)
+        res, deltas = run(engine, req)
+        choice = res[0].choices[0]
+        assert choice.text == text[:cut] and choice.finish_reason == "stop"
+        streamed = "".join(d.text for d in deltas[0])
+        assert streamed == choice.text
+        assert deltas[0][-1].finish_reason == "stop"
+        assert all(stop not in d.text for d in deltas[0])
+        assert sum(len(d.logprobs.tokens) for d in deltas[0] if d.logprobs) == len(choice.token_ids)
+
+
+def test_streamed_deltas_concatenate_to_final_text(engine):
+    req = Request(prompt=PROMPTS[0], max_tokens=15, temperature=1.0, seed=3, n=2, stream=True, echo=True)
+    res, deltas = run(engine, req)
+    for c in res[0].choices:
+        got = "".join(d.text for d in deltas[0] if d.index == c.index)
+        assert got == c.text
+        assert "\ufffd" not in got or "\ufffd" in c.text
+
+
+def test_echo_logprobs_with_max_tokens_zero_match_forward(engine, tiny_model):
+    prompt = PROMPTS[1]
+    res, _ = run(engine, Request(prompt=prompt, max_tokens=0, echo=True, logprobs=3))
+    c = res[0].choices[0]
+    tok = engine.tokenizer
+    assert c.text == tok.decode(prompt) and c.finish_reason == "length"
+    assert res[0].completion_tokens == 0
+    lp = c.logprobs
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.tokens == [tok.token_str(t) for t in prompt]
+    cfg = tiny_model.config
+    logits, _ = forward(tiny_model, np.array([prompt]), np.arange(len(prompt))[None], init_cache(cfg, 1, len(prompt)))
+    ref = np.asarray(jax.nn.log_softmax(logits[0], axis=-1))
+    for i in range(1, len(prompt)):
+        assert lp.token_logprobs[i] == pytest.approx(float(ref[i - 1, prompt[i]]), abs=1e-4)
+        top = np.argsort(ref[i - 1])[::-1][:3]
+        for t in top:
+            assert lp.top_logprobs[i][tok.token_str(int(t))] == pytest.approx(float(ref[i - 1, t]), abs=1e-4)
+    assert lp.text_offset == [len(tok.decode(prompt[:i])) for i in range(len(prompt))]
+
+
+def test_completion_text_offsets_start_after_prompt(engine):
+    tok = engine.tokenizer
+    res, _ = run(engine, Request(prompt=PROMPTS[0], max_tokens=5, temperature=0.0, logprobs=2, logit_bias=NO_EOS))
+    lp = res[0].choices[0].logprobs
+    base = len(tok.decode(PROMPTS[0]))
+    assert lp.text_offset[0] == base
+    assert all(len(d) <= 3 for d in lp.top_logprobs)
+    assert "".join(lp.tokens) == res[0].choices[0].text
+
+
+def test_logit_bias_forces_and_bans(engine):
+    res, _ = run(engine, Request(prompt=PROMPTS[0], max_tokens=6, temperature=1.0, seed=0, logit_bias={262: 100.0}))
+    assert res[0].choices[0].token_ids == [262] * 6
+    greedy, _ = run(engine, Request(prompt=PROMPTS[0], max_tokens=6, temperature=0.0, logit_bias=NO_EOS))
+    first = greedy[0].choices[0].token_ids[0]
+    banned, _ = run(engine, Request(prompt=PROMPTS[0], max_tokens=6, temperature=0.0,
+                                    logit_bias={first: -100.0, **NO_EOS}))
+    assert first not in banned[0].choices[0].token_ids
+
+
+def test_context_limit_rejected_before_device(engine):
+    before = engine.prefill_calls
+    L = engine.context_length
+    with pytest.raises(RequestError) as e:
+        engine.submit(Request(prompt=[1] * (L - 3), max_tokens=10), lambda ev: None)
+    assert e.value.code == "context_length_exceeded"
+    assert f"maximum context length is {L} tokens" in e.value.message
+    assert f"{L + 7} tokens ({L - 3} in your prompt; 10 for the completion)" in e.value.message
+    assert engine.prefill_calls == before
+    # max_tokens=None runs to the context: a 'length' finish exactly at L tokens.
+    res, _ = run(engine, Request(prompt=[1] * (L - 4), max_tokens=None, temperature=0.0, logit_bias=NO_EOS))
+    assert res[0].choices[0].finish_reason == "length"
+    assert res[0].completion_tokens == 4
+
+
+def test_abort_frees_slots_in_threaded_loop(engine):
+    engine.start()
+    try:
+        got_first = threading.Event()
+        final = []
+
+        def cb(ev):
+            if isinstance(ev, Delta):
+                got_first.set()
+            else:
+                final.append(ev)
+
+        handles = [engine.submit(Request(prompt=PROMPTS[0], max_tokens=100, stream=True, n=2,
+                                         logit_bias=NO_EOS), cb) for _ in range(2)]
+        assert got_first.wait(60)
+        assert engine.active_slots > 0
+        for h in handles:
+            h.abort()
+        for _ in range(200):
+            if engine.active_slots == 0:
+                break
+            threading.Event().wait(0.05)
+        assert engine.active_slots == 0
+        done = threading.Event()
+        out = []
+        engine.submit(Request(prompt=PROMPTS[0], max_tokens=4, temperature=0.0),
+                      lambda ev: (out.append(ev), done.set()))
+        assert done.wait(60) and isinstance(out[0], Result)
+    finally:
+        engine.stop()
+
+
+def test_no_recompile_after_warmup(engine):
+    count = engine.compile_count
+    L = engine.context_length
+    mixed = [
+        Request(prompt=[5] * n_prompt, max_tokens=mt, temperature=t, top_p=p, n=n, best_of=bo, logprobs=lp,
+                echo=echo, stop=stop, presence_penalty=pp, frequency_penalty=fp, logit_bias=bias, seed=s)
+        for n_prompt, mt, t, p, n, bo, lp, echo, stop, pp, fp, bias, s in [
+            (1, 5, 0.0, 1.0, 1, None, None, False, (), 0.0, 0.0, None, None),
+            (17, 9, 0.7, 0.9, 2, 3, 2, True, ("a",), 0.5, 0.3, {11: 5.0}, 1),
+            (40, 3, 1.3, 0.5, 1, None, 5, True, (), -1.0, 2.0, None, 2),
+            (L - 20, 20, 1.0, 1.0, 3, None, 0, False, ("the", "of"), 0.0, 0.0, {50256: -100.0}, 3),
+            (70, 0, 1.0, 1.0, 1, None, 3, True, (), 0.0, 0.0, None, None),
+        ]]
+    results, _ = run(engine, *mixed)
+    assert all(isinstance(r, Result) for r in results)
+    assert engine.compile_count == count
