@@ -51,7 +51,7 @@ Penalty = Annotated[float, Field(ge=-2, le=2)]
 NonNegInt = Annotated[int, Field(ge=0)]
 N = Annotated[int, Field(ge=1, le=MAX_N)]
 BestOf = Annotated[int, Field(ge=1, le=MAX_BEST_OF)]
-Seed = Annotated[int, Field(ge=-(2**63), le=2**64 - 1)]  # OpenAI takes 64-bit seeds
+Seed = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]  # OpenAI: a signed 64-bit integer
 
 
 # ----------------------------------------------------------------------------- errors
