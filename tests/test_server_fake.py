@@ -237,3 +237,20 @@ def test_metrics(fake):
         assert name in text, name
     assert 'pgpt_http_requests_total{route="/v1/completions",status="400"}' in text
     assert 'pgpt_http_requests_total{route="/v1/completions",status="200"}' in text
+
+
+def test_serve_refuses_what_it_cannot_load(capsys):
+    from pgpt_jax.cli import build_parser
+    from server.app import serve
+
+    args = build_parser().parse_args(["serve", "--model", "random:no-such-preset", "--port", "0"])
+    with pytest.raises(SystemExit, match="unknown preset 'no-such-preset'"):
+        serve(args)
+
+
+def test_serve_names():
+    from server.app import default_model_name
+
+    assert default_model_name(None) == "pgpt-tiny"
+    assert default_model_name("/ckpt/my-model/") == "/ckpt/my-model"
+    assert default_model_name("random:gpt2") == "random:gpt2"
