@@ -1,0 +1,110 @@
+"""GPT-2 tokenizer: tiktoken's `gpt2` encoding, built offline from `assets/gpt2.tiktoken`.
+
+The engine speaks token ids; this module is used at the edges (server, generate, cli) to
+turn text into ids and back. Models trained with fill-in-the-middle get three more special
+tokens (`config.FIM_TOKENS`), which live in the padded part of the vocabulary.
+"""
+
+from __future__ import annotations
+
+import codecs
+import functools
+import hashlib
+import importlib.resources
+from base64 import b64decode
+from collections.abc import Iterable
+
+import tiktoken
+
+from pgpt_jax.config import EOS_ID, FIM_TOKENS, GPT2_VOCAB
+
+RANKS_FILE = "gpt2.tiktoken"
+RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
+# tiktoken's r50k/gpt2 pat_str, written out so that the encoding does not depend on the
+# layout of tiktoken_ext (a test checks it still equals tiktoken's own).
+GPT2_PAT_STR = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+ENDOFTEXT = "<|endoftext|>"
+
+
+def _load_ranks() -> dict[bytes, int]:
+    """The 50,256 BPE merges (`base64-token rank` per line), checked against their sha256."""
+    ref = importlib.resources.files("pgpt_jax") / "assets" / RANKS_FILE
+    data = ref.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != RANKS_SHA256:
+        raise RuntimeError(
+            f"{ref}: sha256 is {digest}, expected {RANKS_SHA256}; the GPT-2 BPE file is corrupt "
+            "or was replaced (reinstall pgpt-jax, or restore it from tiktoken's gpt2 encoding)"
+        )
+    ranks = {}
+    for line in data.splitlines():
+        if line:
+            token, rank = line.split()
+            ranks[b64decode(token)] = int(rank)
+    return ranks
+
+
+class Tokenizer:
+    """Text <-> GPT-2 token ids; `<|endoftext|>` (and the FIM tokens when `fim`) are special."""
+
+    def __init__(self, fim: bool = False):
+        self.fim = fim
+        self.eos_id = EOS_ID
+        special = {ENDOFTEXT: EOS_ID, **(FIM_TOKENS if fim else {})}
+        self.vocab_size = GPT2_VOCAB + (len(FIM_TOKENS) if fim else 0)
+        self._enc = tiktoken.Encoding(
+            name="gpt2_fim" if fim else "gpt2",
+            pat_str=GPT2_PAT_STR,
+            mergeable_ranks=_load_ranks(),
+            special_tokens=special,
+            explicit_n_vocab=self.vocab_size,
+        )
+
+    def encode(self, text: str) -> list[int]:
+        """Special tokens in the text are allowed (DESIGN.md: a prompt may contain `<|endoftext|>`)."""
+        return self._enc.encode(text, allowed_special="all")
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._enc.decode(list(ids), errors="replace")
+
+    def token_bytes(self, token_id: int) -> bytes:
+        if not 0 <= token_id < self.vocab_size:
+            raise ValueError(f"token id {token_id} is outside the vocabulary [0, {self.vocab_size})")
+        return self._enc.decode_single_token_bytes(token_id)
+
+    def token_str(self, token_id: int) -> str:
+        """The token's text for OpenAI logprobs, or, when the token holds only part of a UTF-8
+        character, OpenAI's `bytes:` form: printable ASCII as is, other bytes as `\\xNN`
+        (b" \\xf0\\x9f" -> "bytes: \\xf0\\x9f")."""
+        b = self.token_bytes(token_id)
+        try:
+            return b.decode("utf-8")
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(chr(x) if 0x20 <= x < 0x7F and x != 0x5C else f"\\x{x:02x}" for x in b)
+
+
+@functools.lru_cache(maxsize=None)
+def get_tokenizer(fim: bool = False) -> Tokenizer:
+    """One tokenizer per kind per process: building the BPE table takes ~0.1 s."""
+    return Tokenizer(fim=fim)
+
+
+class IncrementalDetokenizer:
+    """Streams text token by token without ever emitting half a UTF-8 character.
+
+    An emoji or CJK character is often split over two or three tokens; the incremental
+    decoder holds the first bytes until the character is complete.
+    """
+
+    def __init__(self, tokenizer: Tokenizer):
+        self._tok = tokenizer
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def add(self, ids: Iterable[int]) -> str:
+        """The text completed by these tokens (possibly "")."""
+        data = b"".join(self._tok.token_bytes(int(i)) for i in ids)
+        return self._decoder.decode(data)
+
+    def flush(self) -> str:
+        """Whatever is held (an unfinished character becomes U+FFFD); resets the decoder."""
+        return self._decoder.decode(b"", final=True)

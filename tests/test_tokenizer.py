@@ -1,0 +1,97 @@
+"""The offline GPT-2 tokenizer: known ids, special tokens, FIM, streaming detokenization."""
+
+import pytest
+
+from pgpt_jax import tokenizer as tokmod
+from pgpt_jax.config import EOS_ID, FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX
+from pgpt_jax.tokenizer import IncrementalDetokenizer, Tokenizer, get_tokenizer
+
+# Each of these characters is split over several GPT-2 tokens (checked below).
+MULTIBYTE = "Hi 😀🎉 你好，世界! naïve 🤖 Ελληνικά 🇯🇵 𝔘𝔫𝔦𝔠𝔬𝔡𝔢"
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return get_tokenizer()
+
+
+def test_known_ids_and_sizes(tok):
+    assert tok.encode("hello world") == [31373, 995]
+    assert tok.decode([31373, 995]) == "hello world"
+    assert (tok.eos_id, tok.vocab_size, tok.fim) == (50256, 50257, False)
+    assert get_tokenizer() is tok  # cached
+
+
+def test_pattern_is_tiktokens_gpt2():
+    openai_public = pytest.importorskip("tiktoken_ext.openai_public")
+    assert tokmod.GPT2_PAT_STR == openai_public.r50k_pat_str
+
+
+def test_endoftext_is_special(tok):
+    assert tok.encode("<|endoftext|>") == [EOS_ID]
+    assert tok.encode("a<|endoftext|>b") == [64, EOS_ID, 65]
+    assert tok.decode([64, EOS_ID, 65]) == "a<|endoftext|>b"
+    assert tok.token_str(EOS_ID) == "<|endoftext|>"
+
+
+def test_fim_tokens_only_with_fim(tok):
+    text = "<|fim_prefix|>def f(<|fim_suffix|>):<|fim_middle|>"
+    plain = tok.encode(text)
+    assert not {FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE} & set(plain)
+    assert tok.decode(plain) == text  # ordinary text without FIM
+    fim = get_tokenizer(fim=True)
+    assert (fim.fim, fim.vocab_size, fim.eos_id) == (True, 50260, EOS_ID)
+    ids = fim.encode(text)
+    assert ids[0] == FIM_PREFIX and FIM_SUFFIX in ids and ids[-1] == FIM_MIDDLE
+    assert fim.decode(ids) == text
+    assert fim.encode("hello world<|endoftext|>") == [31373, 995, EOS_ID]
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        tok.token_bytes(FIM_PREFIX)
+
+
+def test_decode_roundtrip(tok):
+    for text in ["", " leading and trailing  ", "tabs\tand\nnewlines\r\n", "I'm here, we'll see",
+                 "12345 numbers 3.14", MULTIBYTE, "<|endoftext|>twice<|endoftext|>"]:
+        assert tok.decode(tok.encode(text)) == text
+
+
+def test_incremental_detokenizer_never_splits_a_character(tok):
+    ids = tok.encode(MULTIBYTE)
+    partial = [i for i in ids if tok.token_str(i).startswith("bytes:")]
+    assert len(partial) >= 5  # the text really exercises split characters
+    detok = IncrementalDetokenizer(tok)
+    pieces = [detok.add([i]) for i in ids]
+    assert all("\ufffd" not in p for p in pieces)
+    assert "" in pieces  # some tokens completed nothing and were held
+    assert "".join(pieces) + detok.flush() == MULTIBYTE
+
+
+def test_incremental_detokenizer_chunks_and_flush(tok):
+    ids = tok.encode(MULTIBYTE)
+    detok = IncrementalDetokenizer(tok)
+    out = "".join(detok.add(ids[i:i + 3]) for i in range(0, len(ids), 3))
+    assert out + detok.flush() == MULTIBYTE
+    # A stream cut inside a character: the held bytes come out as one replacement char.
+    emoji = tok.encode("😀")
+    assert len(emoji) > 1
+    detok = IncrementalDetokenizer(tok)
+    assert detok.add(emoji[:-1]) == ""
+    assert detok.flush() == "\ufffd"
+    assert detok.add(tok.encode("ok")) == "ok"  # flush reset the decoder
+
+
+def test_token_str_of_partial_bytes(tok):
+    first, second = tok.encode("“")  # U+201C = e2 80 9c, split in two tokens
+    assert tok.token_bytes(first) + tok.token_bytes(second) == "“".encode()
+    assert tok.token_str(first) == "bytes:\\xe2\\x80"
+    assert tok.token_str(second) == "bytes:\\x9c"
+    space_emoji = tok.encode(" 😀")[0]
+    assert tok.token_bytes(space_emoji) == b" \xf0\x9f\x98"
+    assert tok.token_str(space_emoji) == "bytes: \\xf0\\x9f\\x98"
+    assert tok.token_str(tok.encode(" world")[0]) == " world"
+
+
+def test_corrupt_ranks_file_is_refused(monkeypatch):
+    monkeypatch.setattr(tokmod, "RANKS_SHA256", "0" * 64)
+    with pytest.raises(RuntimeError, match="gpt2.tiktoken: sha256 is 306cd27f.*corrupt"):
+        Tokenizer()
