@@ -4,11 +4,11 @@ from pgpt_jax.config import GPTConfig
 from pgpt_jax.model import GPT, forward, init_cache, init_model
 
 
-def load_model(source=None, *, dtype=None):
+def load_model(source=None, *, dtype=None, shardings=None):
     """Load a model: our orbax checkpoint dir, an HF dir, an HF hub id, or the embedded model's name."""
     from pgpt_jax.checkpoint import load_model as _load
 
-    return _load(source, dtype=dtype)
+    return _load(source, dtype=dtype, shardings=shardings)
 
 
 def generate(model, prompt, **kwargs):

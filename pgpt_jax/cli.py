@@ -19,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src")
     p.add_argument("dst")
     p.add_argument("--dtype", default=None)
+    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
 
     p = sub.add_parser("serve", help="serve the OpenAI-compatible API")
     _add_model_args(p)
@@ -57,7 +58,7 @@ def main(argv=None) -> int:
     if args.command == "convert":
         from pgpt_jax.checkpoint import convert
 
-        convert(args.src, args.dst, dtype=args.dtype)
+        convert(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite)
     elif args.command == "serve":
         from server.app import serve
 
