@@ -37,7 +37,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pgpt_jax import sampling
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from pgpt_jax import sampling, sharding
 from pgpt_jax.model import GPT, init_cache
 from pgpt_jax.request import (Choice, Delta, Logprobs, QueueFull, Request, RequestError,
                               Result)
@@ -79,21 +81,35 @@ class DecodeState:
     rows: sampling.SamplingRows  # per-slot sampling parameters and counts
 
 
-def init_state(model: GPT, slots: int) -> DecodeState:
-    cfg = model.config
-    return DecodeState(
-        cache=init_cache(cfg, slots, cfg.n_positions),
-        tokens=jnp.zeros((slots,), jnp.int32),
-        positions=jnp.zeros((slots,), jnp.int32),
-        rows=sampling.init_rows(slots, cfg.padded_vocab),
-    )
+def init_state(cfg, slots: int, mesh: Optional[Mesh] = None) -> DecodeState:
+    """Zeros for every slot, created directly with the mesh's shardings when there is one."""
+    def make():
+        return DecodeState(
+            cache=init_cache(cfg, slots, cfg.n_positions),
+            tokens=jnp.zeros((slots,), jnp.int32),
+            positions=jnp.zeros((slots,), jnp.int32),
+            rows=sampling.init_rows(slots, cfg.padded_vocab),
+        )
+
+    if mesh is None:
+        return make()
+    return jax.jit(make, out_shardings=sharding.state_shardings(jax.eval_shape(make), mesh))()
+
+
+def _constrain(state: DecodeState, outs: tuple, mesh: Optional[Mesh]):
+    """Keeps the state on its shardings and makes host-bound outputs readable by every process."""
+    if mesh is None:
+        return state, outs
+    state = jax.lax.with_sharding_constraint(state, sharding.state_shardings(state, mesh))
+    outs = jax.lax.with_sharding_constraint(outs, sharding.replicated(mesh))
+    return state, outs
 
 
 # --------------------------------------------------------------------------- jitted programs
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "want_logprobs", "top_k"))
-def prefill(graphdef, params, tokens, true_len, *, want_logprobs: bool, top_k: int):
+@functools.partial(jax.jit, static_argnames=("graphdef", "want_logprobs", "top_k", "mesh"))
+def prefill(graphdef, params, tokens, true_len, *, want_logprobs: bool, top_k: int, mesh=None):
     """tokens i32[1, T] (T a bucket, padded past true_len) -> one sequence's KV cache and logits.
 
     Returns (cache: per layer ([1, N, T, H], [1, N, T, H]), last_logits f32[V],
@@ -112,11 +128,16 @@ def prefill(graphdef, params, tokens, true_len, *, want_logprobs: bool, top_k: i
     else:
         lp = jnp.zeros((0,), jnp.float32)
         top_ids, top_lps = jnp.zeros((0, top_k), jnp.int32), jnp.zeros((0, top_k), jnp.float32)
+    if mesh is not None:
+        cache = jax.lax.with_sharding_constraint(
+            cache, NamedSharding(mesh, PartitionSpec(None, "model", None, None)))
+        last_logits, lp, top_ids, top_lps = jax.lax.with_sharding_constraint(
+            (last_logits, lp, top_ids, top_lps), sharding.replicated(mesh))
     return cache, last_logits, lp, top_ids, top_lps
 
 
-@functools.partial(jax.jit, donate_argnums=(0,))
-def insert(state: DecodeState, prefix_cache, slot):
+@functools.partial(jax.jit, static_argnames=("mesh",), donate_argnums=(0,))
+def insert(state: DecodeState, prefix_cache, slot, *, mesh=None):
     """Copies a prefilled sequence's KV (per layer ([1, N, T, H], ...)) into `slot` of the cache.
 
     One program per prompt bucket T, and nothing else in it: sampling the first token is
@@ -126,11 +147,11 @@ def insert(state: DecodeState, prefix_cache, slot):
         (jax.lax.dynamic_update_slice(k, pk.astype(k.dtype), (slot, 0, 0, 0)),
          jax.lax.dynamic_update_slice(v, pv.astype(v.dtype), (slot, 0, 0, 0)))
         for (k, v), (pk, pv) in zip(state.cache, prefix_cache))
-    return dataclasses.replace(state, cache=cache)
+    return _constrain(dataclasses.replace(state, cache=cache), (), mesh)[0]
 
 
-@functools.partial(jax.jit, static_argnames=("top_k",), donate_argnums=(0,))
-def start_row(state: DecodeState, last_logits, slot, true_len, row, *, top_k: int):
+@functools.partial(jax.jit, static_argnames=("top_k", "mesh"), donate_argnums=(0,))
+def start_row(state: DecodeState, last_logits, slot, true_len, row, *, top_k: int, mesh=None):
     """Sets `slot`'s sampling row and samples its first token from the prefill's last logits.
 
     last_logits f32[V]; row: dict of temperature, top_p, presence, frequency, num_logprobs (scalars),
@@ -148,12 +169,13 @@ def start_row(state: DecodeState, last_logits, slot, true_len, row, *, top_k: in
     rows = jax.tree.map(lambda all_rows, new: all_rows.at[slot].set(new[0]), r, one)
     state = dataclasses.replace(state, tokens=state.tokens.at[slot].set(tok[0]),
                                 positions=state.positions.at[slot].set(true_len), rows=rows)
-    return state, tok, lp, top_ids, top_lps
+    state, outs = _constrain(state, (tok, lp, top_ids, top_lps), mesh)
+    return (state, *outs)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "steps", "window", "top_k"),
+@functools.partial(jax.jit, static_argnames=("graphdef", "steps", "window", "top_k", "mesh"),
                    donate_argnums=(2,))
-def decode(graphdef, params, state: DecodeState, *, steps: int, window: int, top_k: int):
+def decode(graphdef, params, state: DecodeState, *, steps: int, window: int, top_k: int, mesh=None):
     """Runs `steps` decode steps for every slot in one program.
 
     Attention reads only the first `window` cache entries (the host picks a window that
@@ -171,6 +193,7 @@ def decode(graphdef, params, state: DecodeState, *, steps: int, window: int, top
         return DecodeState(cache, tok, new_pos, rows), (tok, lp, top_ids, top_lps)
 
     state, outs = jax.lax.scan(one_step, state, None, length=steps)
+    state, outs = _constrain(state, outs, mesh)
     return (state, *outs)
 
 
@@ -241,7 +264,7 @@ class Engine:
 
     def __init__(self, model: GPT, tokenizer, *, slots: int = 32, decode_steps: int = 4,
                  max_queue: int = 256, max_logprobs: int = 5, min_bucket: int = 16,
-                 min_window: int = 128):
+                 min_window: int = 128, mesh: Optional[Mesh] = None):
         if not 0 <= max_logprobs <= 20:
             raise ValueError("max_logprobs must be in 0..20")
         self.model, self.tokenizer = model, tokenizer
@@ -252,8 +275,13 @@ class Engine:
         self.top_k = max(max_logprobs, 1)
         self.buckets = _buckets(self.context_length, min(min_bucket, self.context_length))
         self.windows = _buckets(self.context_length, min(min_window, self.context_length))
+        self.mesh = mesh
         self.graphdef, self.params = nnx.split(model)
-        self.state = init_state(model, slots)
+        if mesh is not None:
+            # Params already placed by load_model/init_model(mesh=...) stay where they are.
+            sharding.check_mesh(mesh, self.config, slots)
+            self.params = jax.device_put(self.params, sharding.param_shardings(self.params, mesh))
+        self.state = init_state(self.config, slots, mesh)
         self.vocab = self.config.vocab_size
         self._inbox: list = []
         self._aborts: list = []
@@ -381,23 +409,23 @@ class Engine:
         for kind, size, flag in jobs:
             if kind == "prefill":
                 out = prefill(self.graphdef, self.params, np.zeros((1, size), np.int32),
-                              np.int32(1), want_logprobs=flag, top_k=self.top_k)
+                              np.int32(1), want_logprobs=flag, top_k=self.top_k, mesh=self.mesh)
                 prefixes[size] = out
             elif kind == "insert":
                 cache, last = prefixes[size][:2]
-                self.state = insert(self.state, cache, np.int32(0))
+                self.state = insert(self.state, cache, np.int32(0), mesh=self.mesh)
                 if size == self.buckets[0]:
                     self.state, *_ = start_row(self.state, last, np.int32(0), np.int32(1), row,
-                                               top_k=self.top_k)
+                                               top_k=self.top_k, mesh=self.mesh)
             else:
                 self.state, *_ = decode(self.graphdef, self.params, self.state, steps=self.decode_steps,
-                                        window=size, top_k=self.top_k)
+                                        window=size, top_k=self.top_k, mesh=self.mesh)
             jax.block_until_ready(self.state.tokens)
             if bar is not None:
                 bar.update(1)
         if bar is not None:
             bar.close()
-        self.state = init_state(self.model, self.slots)
+        self.state = init_state(self.config, self.slots, self.mesh)
         return time.perf_counter() - t0
 
     # ---------------------------------------------------------------- the host loop
@@ -474,7 +502,7 @@ class Engine:
         tokens[0, :P] = r.prompt
         cache, last, lp, top_ids, top_lps = prefill(
             self.graphdef, self.params, tokens, np.int32(P),
-            want_logprobs=want_logprobs, top_k=self.top_k)
+            want_logprobs=want_logprobs, top_k=self.top_k, mesh=self.mesh)
         self.prefill_calls += 1
         req.prefix = (cache, last, P)
         if want_logprobs:
@@ -528,9 +556,9 @@ class Engine:
             slot = free.pop(0)
             cache, last, P = req.prefix
             row = self._row_arrays(req.request, req.seed, choice.index)
-            self.state = insert(self.state, cache, np.int32(slot))
+            self.state = insert(self.state, cache, np.int32(slot), mesh=self.mesh)
             self.state, tok, lp, top_ids, top_lps = start_row(
-                self.state, last, np.int32(slot), np.int32(P), row, top_k=self.top_k)
+                self.state, last, np.int32(slot), np.int32(P), row, top_k=self.top_k, mesh=self.mesh)
             choice.slot = slot
             self._slot_choice[slot] = choice
             self._slot_pos[slot] = P
@@ -545,7 +573,8 @@ class Engine:
         need = min(longest + steps + 1, self.context_length)
         window = next(w for w in self.windows if w >= need)
         self.state, toks, lps, top_ids, top_lps = decode(
-            self.graphdef, self.params, self.state, steps=steps, window=window, top_k=self.top_k)
+            self.graphdef, self.params, self.state, steps=steps, window=window, top_k=self.top_k,
+            mesh=self.mesh)
         self.decode_calls += 1
         owners = {}
         for s, c in enumerate(self._slot_choice):

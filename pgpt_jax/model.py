@@ -130,8 +130,12 @@ def forward(model: GPT, tokens, positions, cache: KVCache, window: int | None = 
 
 
 def init_model(preset_or_config: str | GPTConfig = "gpt2", *, seed: int = 0,
-               dtype: str | None = None, param_dtype: str | None = None) -> GPT:
-    """Random weights of a preset's (or a config's) shape, for tests and benchmarks."""
+               dtype: str | None = None, param_dtype: str | None = None, mesh=None) -> GPT:
+    """Random weights of a preset's (or a config's) shape, for tests and benchmarks.
+
+    With a `mesh` (see pgpt_jax.sharding) each parameter is created directly on its shards,
+    never whole on one device first.
+    """
     cfg = preset_or_config
     if isinstance(cfg, str):
         cfg = GPTConfig.preset(cfg)
@@ -139,4 +143,13 @@ def init_model(preset_or_config: str | GPTConfig = "gpt2", *, seed: int = 0,
         cfg = cfg.replace(dtype=dtype, param_dtype=param_dtype or dtype)
     elif param_dtype is not None:
         cfg = cfg.replace(param_dtype=param_dtype)
-    return GPT(cfg, rngs=nnx.Rngs(seed))
+    if mesh is None:
+        return GPT(cfg, rngs=nnx.Rngs(seed))
+    from pgpt_jax import sharding
+
+    def make():
+        return nnx.split(GPT(cfg, rngs=nnx.Rngs(seed)))[1]
+
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(seed))))
+    state = jax.jit(make, out_shardings=sharding.param_shardings(abstract, mesh))()
+    return nnx.merge(graphdef, state)
