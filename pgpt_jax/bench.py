@@ -114,13 +114,16 @@ def _hf_tokens_per_s(model, slots: int, prompt_len: int, new_tokens: int, top_p:
 def main(args) -> None:
     out = open(args.json, "a") if args.json else None
     rows: list = []
-    model = init_model(args.preset, dtype=args.dtype)
+    from pgpt_jax.cli import mesh_from_args
+
+    mesh = mesh_from_args(args)
+    model = init_model(args.preset, dtype=args.dtype, mesh=mesh)
     tok = get_tokenizer()
     slot_counts = [int(s) for s in str(args.slots).split(",")]
     prompt_len = 32
 
     # Compile/warm-up time and prefill per bucket, on the smallest engine.
-    eng = Engine(model, tok, slots=slot_counts[0], decode_steps=args.decode_steps)
+    eng = Engine(model, tok, slots=slot_counts[0], decode_steps=args.decode_steps, mesh=mesh)
     t = eng.warmup(progress=True)
     _emit(rows, out, metric="warmup_s", value=round(t, 2), programs=len(eng.buckets) * 3 + len(eng.windows))
     for b in eng.buckets:
@@ -128,7 +131,8 @@ def main(args) -> None:
         times = []
         for _ in range(3):
             t0 = time.perf_counter()
-            res = prefill(eng.graphdef, eng.params, tokens, np.int32(b), want_logprobs=False, top_k=eng.top_k)
+            res = prefill(eng.graphdef, eng.params, tokens, np.int32(b), want_logprobs=False, top_k=eng.top_k,
+                          mesh=mesh)
             np.asarray(res[1])
             times.append(time.perf_counter() - t0)
         _emit(rows, out, metric="prefill_ms", bucket=b, value=round(1000 * min(times), 2))
@@ -138,7 +142,7 @@ def main(args) -> None:
     del eng
 
     for slots in slot_counts:
-        eng = Engine(model, tok, slots=slots, decode_steps=args.decode_steps)
+        eng = Engine(model, tok, slots=slots, decode_steps=args.decode_steps, mesh=mesh)
         for mode, kw in (("greedy", dict(temperature=0.0)), ("top_p=0.9", dict(temperature=1.0, top_p=0.9))):
             _run_batch(eng, slots, prompt_len, 8, **kw)  # compiles what this shape needs
             rates = [_run_batch(eng, slots, prompt_len, args.new_tokens, **kw) for _ in range(2)]

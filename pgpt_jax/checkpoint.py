@@ -63,7 +63,14 @@ def _abstract_split(cfg: GPTConfig):
 
 
 def _target_state(abstract_state, shardings=None):
-    """ShapeDtypeStructs that also say where each array goes (one device unless `shardings`)."""
+    """ShapeDtypeStructs that also say where each array goes (one device unless `shardings`).
+
+    `shardings` may also be a `jax.sharding.Mesh`: the rules of pgpt_jax.sharding place each param.
+    """
+    if isinstance(shardings, jax.sharding.Mesh):
+        from pgpt_jax import sharding
+
+        shardings = sharding.param_shardings(abstract_state, shardings)
     if shardings is None:
         one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=one), abstract_state)

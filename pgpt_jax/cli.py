@@ -9,6 +9,7 @@ import sys
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="orbax dir, HF dir, HF hub id, or embedded model name (default: the embedded model)")
     p.add_argument("--dtype", default=None, help="compute/param dtype: float32 (CPU default) or bfloat16")
+    p.add_argument("--mesh", default=None, help="data=D,model=M over all devices (default: one device)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
 
     p = sub.add_parser("bench", help="compile, prefill and decode benchmarks (JSON lines + table)")
+    p.add_argument("--mesh", default=None, help="data=D,model=M over all devices (default: one device)")
     p.add_argument("--preset", default="gpt2")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--slots", default="1,8,32,64")
@@ -51,6 +53,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", default=None, help="hf: also run HF transformers on the same weights")
     p.add_argument("--json", default=None, help="append JSON lines to this file")
     return parser
+
+
+def mesh_from_args(args):
+    """The --mesh flag -> a jax Mesh (None without the flag); a clear error when it cannot fit."""
+    if not getattr(args, "mesh", None):
+        return None
+    from pgpt_jax import sharding
+
+    try:
+        return sharding.make_mesh(**sharding.parse_mesh(args.mesh))
+    except ValueError as e:
+        raise SystemExit(f"pgpt-jax: {e}")
 
 
 def main(argv=None) -> int:

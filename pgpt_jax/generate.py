@@ -14,12 +14,12 @@ Prompt = Union[str, Sequence[int]]
 _engines: dict = {}  # (id(model), slots) -> (model, Engine): compiled programs are reused
 
 
-def engine_for(model: GPT, slots: int = 8) -> Engine:
-    """The engine generate() uses for `model`, made once per model and slot count."""
-    key = (id(model), slots)
+def engine_for(model: GPT, slots: int = 8, mesh=None) -> Engine:
+    """The engine generate() uses for `model`, made once per model, slot count and mesh."""
+    key = (id(model), slots, mesh)
     if key not in _engines or _engines[key][0] is not model:
         _engines[key] = (model, Engine(model, get_tokenizer(fim=model.config.fim), slots=slots,
-                                       max_logprobs=20, max_queue=1 << 30))
+                                       max_logprobs=20, max_queue=1 << 30, mesh=mesh))
     return _engines[key][1]
 
 
@@ -31,7 +31,7 @@ def generate(model: GPT, prompt: Union[Prompt, Sequence[Prompt]], *, max_tokens:
              temperature: float = 1.0, top_p: float = 1.0, n: int = 1, best_of: Optional[int] = None,
              logprobs: Optional[int] = None, echo: bool = False, stop=None,
              presence_penalty: float = 0.0, frequency_penalty: float = 0.0, logit_bias=None,
-             seed: Optional[int] = None, suffix: Optional[str] = None, slots: int = 8):
+             seed: Optional[int] = None, suffix: Optional[str] = None, slots: int = 8, mesh=None):
     """Completes one prompt (a string or token ids) or a list of them, as the HTTP API would.
 
     Returns a list of `Choice`s (text, token_ids, finish_reason, logprobs in OpenAI's shape)
@@ -40,7 +40,7 @@ def generate(model: GPT, prompt: Union[Prompt, Sequence[Prompt]], *, max_tokens:
     """
     single = _is_single(prompt)
     prompts = [prompt] if single else list(prompt)
-    engine = engine_for(model, slots)
+    engine = engine_for(model, slots, mesh)
     tok = engine.tokenizer
     stop = [stop] if isinstance(stop, str) else list(stop or ())
     results: list = [None] * len(prompts)
@@ -71,9 +71,12 @@ def generate(model: GPT, prompt: Union[Prompt, Sequence[Prompt]], *, max_tokens:
 def cli_generate(args) -> None:
     """`pgpt-jax generate PROMPT`: prints each choice."""
     from pgpt_jax.checkpoint import load_model
+    from pgpt_jax.cli import mesh_from_args
 
-    model = load_model(args.model, dtype=args.dtype)
+    mesh = mesh_from_args(args)
+    model = load_model(args.model, dtype=args.dtype, shardings=mesh)
+    slots = 8 if mesh is None else max(8, mesh.shape["data"])
     for c in generate(model, args.prompt, max_tokens=args.max_tokens, temperature=args.temperature,
-                      top_p=args.top_p, n=args.n, seed=args.seed):
+                      top_p=args.top_p, n=args.n, seed=args.seed, slots=slots, mesh=mesh):
         print(f"--- choice {c.index} ({c.finish_reason})")
         print(args.prompt + c.text)
