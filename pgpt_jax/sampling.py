@@ -1,0 +1,321 @@
+"""One sampling step for every slot at once: logits [S, V] -> next tokens and their raw logprobs.
+
+Every parameter is a per-row array (`SamplingRows`), so a new request never compiles a new
+program; only `top_k` (the logprobs cap) and the prefilter widths are static. Per row:
+
+    raw logits -> + logit_bias -> - penalties -> / temperature -> nucleus (top_p) -> sample
+
+Penalties follow OpenAI: `mu[j] - c[j]*frequency - (c[j] > 0)*presence`, with c the counts
+of tokens this row has *generated*. Temperature 0 is the argmax of the processed logits.
+Reported logprobs are the model's raw ones (log_softmax of the logits, before any of that).
+
+The nucleus is the shortest prefix of the tokens in descending order of processed logit,
+ties broken by lower token id (the order a stable sort gives), whose mass reaches top_p; it
+always holds at least one token. A full sort of [32, 50304] costs more than a GPT-2 forward
+pass on CPU, so the nucleus is found in three exact stages, each entered (lax.cond) only
+when some row still needs it:
+  1. `lax.top_k` prefilter, all rows at once: if the top `nucleus_k` tokens already hold
+     mass >= top_p, the nucleus lies inside them and its boundary is read off directly
+     (peaked distributions, the common case).
+  2. Rejection, row by row for the rows left: draw candidates from the untruncated
+     distribution and keep the first one inside the nucleus (membership is one masked
+     sum). Each try succeeds with probability >= top_p, so flat distributions with a
+     large top_p rarely go further.
+  3. A full stable sort of that one row, when all its candidates fell outside.
+A row's token depends only on its own logits, parameters and key, whichever stage other
+rows need, so a seeded request gives the same tokens whatever else shares the batch.
+
+Drawing from a [V] distribution uses inverse-CDF in two levels (blocks of 128 tokens, then
+a token inside the chosen block), with one uniform per level: no [S, V] cumulative sum and
+no [S, V] of random bits. Keys are derived, never stored per step: a row's step key is
+fold_in(row key, position), the row key being fold_in(key(seed), choice_index).
+
+Letters: S rows (slots), V vocabulary (padded), K prefilter width, R rejection tries.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+BLOCK = 128  # tokens per block of the two-level inverse-CDF draw (50304 = 393 * 128)
+# Prefilter width. lax.top_k over [32, 50304] on a 2-core CPU: ~5 ms at K=64, 9 at 256, 23 at
+# 1024; a wider prefilter only spares rejection to rows whose nucleus has 64..K tokens.
+NUCLEUS_K = 64
+REJECTION_TRIES = 4  # candidates per row before the sort fallback
+MIN_TEMPERATURE = 1e-6  # a smaller (but > 0) temperature is clamped, so 1/T stays finite
+MAX_LOGPROBS = 20  # the largest top-logprobs cap (`top_k`) a caller may ask for
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SamplingRows:
+    """Per-row sampling parameters and state, S rows; a pytree of arrays.
+
+    temperature, top_p, presence, frequency: f32[S]
+    bias: f32[S, V] dense logit_bias;  counts: i32[S, V] tokens generated so far by the row
+    num_logprobs: i32[S] top logprobs wanted (0..top_k);  key: u32[S, 2] raw key data
+    (`jax.random.key_data`) of fold_in(key(seed), choice_index), see `row_key`.
+    """
+
+    temperature: jax.Array
+    top_p: jax.Array
+    presence: jax.Array
+    frequency: jax.Array
+    bias: jax.Array
+    counts: jax.Array
+    num_logprobs: jax.Array
+    key: jax.Array
+
+
+def init_rows(slots: int, vocab: int) -> SamplingRows:
+    """Defaults for S=slots rows over V=vocab: temperature 1, top_p 1, no bias or penalties."""
+    key_width = jax.random.key_data(jax.random.key(0)).shape[-1]
+    return SamplingRows(
+        temperature=jnp.ones((slots,), jnp.float32),
+        top_p=jnp.ones((slots,), jnp.float32),
+        presence=jnp.zeros((slots,), jnp.float32),
+        frequency=jnp.zeros((slots,), jnp.float32),
+        bias=jnp.zeros((slots, vocab), jnp.float32),
+        counts=jnp.zeros((slots, vocab), jnp.int32),
+        num_logprobs=jnp.zeros((slots,), jnp.int32),
+        key=jnp.zeros((slots, key_width), jnp.uint32),
+    )
+
+
+def row_key(seed: int, choice_index: int) -> np.ndarray:
+    """u32[2]: key data of fold_in(key(seed), choice_index), the key of one choice of a request."""
+    key = jax.random.fold_in(jax.random.key(seed), choice_index)
+    return np.asarray(jax.random.key_data(key))
+
+
+def logprobs_of(logits, ids, k: int):
+    """Raw log-probabilities: logits f32[..., V], ids i32[...] ->
+    (logprob f32[...], top_ids i32[..., k], top_logprobs f32[..., k]), k static (may be 0)."""
+    lse = _logsumexp(logits)
+    logprob = jnp.take_along_axis(logits, ids[..., None], axis=-1)[..., 0] - lse
+    top_ids, top_logprobs = _top_logprobs(logits, lse, k)
+    return logprob, top_ids, top_logprobs
+
+
+def sample(logits, rows: SamplingRows, positions, *, top_k: int = 5,
+           nucleus_k: int = NUCLEUS_K, rejection_tries: int = REJECTION_TRIES):
+    """One step for all rows. logits f32[S, V], positions i32[S] (where the new token goes) ->
+    (tokens i32[S], logprob f32[S], top_ids i32[S, top_k], top_logprobs f32[S, top_k], rows).
+
+    logprob and top_logprobs are raw (log_softmax of `logits`); entries past a row's own
+    num_logprobs are unspecified (the host trims). The returned rows have
+    counts[s, tokens[s]] += 1. top_k, nucleus_k and rejection_tries are static; the last
+    two change speed only, never which tokens can come out or with what probability.
+    """
+    S, V = logits.shape
+    if not 0 <= top_k <= min(MAX_LOGPROBS, V):
+        raise ValueError(f"top_k={top_k} must be in 0..{min(MAX_LOGPROBS, V)}")
+    logits = logits.astype(jnp.float32)
+    lse = _logsumexp(logits)
+
+    x = processed_logits(logits, rows)  # [S, V], materialised once for every consumer
+    x_max = jnp.max(x, axis=-1, keepdims=True)  # [S, 1]
+    x_max = jnp.where(jnp.isfinite(x_max), x_max, 0.0)  # an all -inf row: no NaN below
+
+    greedy = rows.temperature <= 0
+    step_keys = jax.vmap(lambda k, p: jax.random.fold_in(jax.random.wrap_key_data(k), p))(
+        rows.key, positions)
+    tokens = lax.cond(
+        jnp.all(greedy),
+        lambda: jnp.zeros((S,), jnp.int32),  # no row samples: skip the whole sampling path
+        lambda: _sample_rows(x, x_max, rows, step_keys, nucleus_k, max(rejection_tries, 1)),
+    )
+    tokens = lax.cond(
+        jnp.any(greedy),
+        lambda: jnp.where(greedy, _first_index_of(x, x_max), tokens),
+        lambda: tokens,
+    )
+
+    logprob = jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0] - lse
+    top_ids, top_logprobs = lax.cond(
+        jnp.any(rows.num_logprobs > 0),
+        lambda: _top_logprobs(logits, lse, top_k),
+        lambda: (jnp.zeros((S, top_k), jnp.int32), jnp.zeros((S, top_k), jnp.float32)),
+    )
+    counts = rows.counts.at[jnp.arange(S), tokens].add(1)  # in place when the caller donates rows
+    return tokens, logprob, top_ids, top_logprobs, dataclasses.replace(rows, counts=counts)
+
+
+def processed_logits(logits, rows: SamplingRows):
+    """logits f32[S, V] + logit_bias - penalties (OpenAI's formula), before temperature: f32[S, V].
+
+    Every term added is finite, so a -inf logit stays -inf and nothing becomes NaN.
+    """
+    def penalized():
+        c = rows.counts
+        return (logits + rows.bias
+                - c * rows.frequency[:, None] - (c > 0) * rows.presence[:, None])
+
+    # Reading counts [S, V] costs as much as the rest of this: skip it when no row needs it.
+    # Each branch writes the whole result, so neither copies the other's output.
+    return lax.cond(jnp.any((rows.frequency != 0) | (rows.presence != 0)), penalized,
+                    lambda: logits + rows.bias)
+
+
+def _first_index_of(x, value):
+    """First index along the last axis where x == value [..., 1]: i32[...]; with the row max,
+    the argmax. XLA:CPU runs jnp.argmax's (value, index) reduction unvectorised, about 3x
+    slower than this float min; the float iota is exact for V < 2**24."""
+    iota = lax.broadcasted_iota(jnp.float32, x.shape, x.ndim - 1)
+    return jnp.min(jnp.where(x == value, iota, jnp.inf), axis=-1).astype(jnp.int32)
+
+
+def _logsumexp(logits):
+    """f32[..., V] -> f32[...]; -inf entries contribute nothing."""
+    m = jnp.max(logits, axis=-1, keepdims=True)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)  # an all -inf row gives -inf, not NaN
+    return jnp.log(jnp.sum(jnp.exp(logits - m), axis=-1)) + m[..., 0]
+
+
+def _top_logprobs(logits, lse, k: int):
+    if k == 0:
+        shape = logits.shape[:-1] + (0,)
+        return jnp.zeros(shape, jnp.int32), jnp.zeros(shape, jnp.float32)
+    values, ids = lax.top_k(logits, k)
+    return ids.astype(jnp.int32), values - lse[..., None]
+
+
+def _sample_rows(x, x_max, rows: SamplingRows, step_keys, nucleus_k: int, tries: int):
+    """Token i32[S] for the rows with temperature > 0, from processed logits x [S, V] and
+    their row max x_max [S, 1].
+
+    Weights are exp((x - x_max) / T) (`_weight`), computed from x where needed rather than
+    kept as another [S, V] array. Nucleus order is by x, ties by lower id (dividing by a
+    positive T keeps that order).
+    """
+    S, V = x.shape
+    nb = -(-V // BLOCK)
+    # Greedy rows take the argmax elsewhere; here they divide by 1 so nothing overflows.
+    inv_t = 1.0 / jnp.where(rows.temperature > 0,
+                            jnp.maximum(rows.temperature, MIN_TEMPERATURE), 1.0)[:, None]
+    if nb * BLOCK != V:  # whole blocks: padding is -inf, weight 0, never drawn
+        x = jnp.pad(x, ((0, 0), (0, nb * BLOCK - V)), constant_values=-jnp.inf)
+    x3 = x.reshape(S, nb, BLOCK)
+    block_mass = jnp.sum(_weight(x3, x_max[:, :, None], inv_t[:, :, None]), axis=-1)  # [S, nb]
+    mass = rows.top_p[:, None] * jnp.sum(block_mass, axis=-1, keepdims=True)  # [S, 1]
+    # Uniforms: pair 0 for the main draw (also rejection candidate 0), pairs 1..R-1 for
+    # the other candidates, pair R for the sort fallback; all from the row's own key.
+    u = jax.vmap(lambda k: jax.random.uniform(k, (tries + 1, 2)))(step_keys)  # [S, R+1, 2]
+    tokens = _draw(x, x_max, inv_t, block_mass, u[:, 0])  # from the whole distribution
+
+    nucleus = (rows.top_p < 1) & (rows.temperature > 0)
+
+    def prefiltered():
+        # lax.top_k orders ties by lower index: the nucleus order.
+        values, ids = lax.top_k(x, min(nucleus_k, x.shape[1]))
+        drawn, covered = _nucleus_draw(_weight(values, x_max, inv_t), ids, mass, u[:, 0, 0])
+        return jnp.where(covered, drawn, tokens), covered
+
+    tokens, settled = lax.cond(jnp.any(nucleus), prefiltered,
+                               lambda: (tokens, jnp.ones((S,), bool)))
+    settled = settled | ~nucleus
+
+    # The slow paths go row by row (lax.map), each row entering them only if it needs to:
+    # a batch with one unsettled row pays for one row, and their temporaries are [V], not
+    # [S, V]. That matters twice on CPU: XLA:CPU allocates a call's temporaries afresh each
+    # time, and above glibc's 32 MB mmap threshold they come as new pages whose faults cost
+    # more than the work (batched slow paths made the whole step 2x slower at S=32).
+    def one_row(args):
+        settled, token, x, x_max, inv_t, block_mass, mass, u = args
+        return lax.cond(settled, lambda: token, lambda: _rejection_row(
+            token, x[None], x_max[None], inv_t[None], block_mass[None], mass[None], u))
+
+    return lax.cond(
+        jnp.any(~settled),
+        lambda: lax.map(one_row, (settled, tokens, x, x_max, inv_t, block_mass, mass, u)),
+        lambda: tokens,
+    )
+
+
+def _weight(v, x_max, inv_t):
+    """Unnormalised probability exp((v - x_max) / T); -inf gives exactly 0."""
+    return jnp.exp((v - x_max) * inv_t)
+
+
+def _rejection_row(token, x, x_max, inv_t, block_mass, mass, u):
+    """A draw from one row's nucleus when the prefilter could not find it: i32[].
+
+    x [1, V], x_max, inv_t, mass [1, 1], block_mass [1, nb], u [R+1, 2]. Candidates come
+    from the whole distribution (`token` is the first); the first inside the nucleus is a
+    draw from the nucleus. Each is inside with probability >= top_p. If none is, an
+    independent draw from the sorted nucleus keeps the law exact.
+    """
+    tries = u.shape[0] - 1
+    cands = jnp.stack([token] + [_draw(x, x_max, inv_t, block_mass, u[r][None])[0]
+                                 for r in range(1, tries)])  # [R]
+    xc = x[0, cands][:, None]  # [R, 1]
+    ids = lax.broadcasted_iota(jnp.int32, x.shape, 1)  # [1, V]
+    ahead = (x > xc) | ((x == xc) & (ids < cands[:, None]))  # [R, V]: strictly before in order
+    inside = jnp.sum(jnp.where(ahead, _weight(x, x_max, inv_t), 0.0), axis=-1) < mass[0]
+    drawn = cands[jnp.argmax(inside)]
+    return lax.cond(jnp.any(inside), lambda: drawn,
+                    lambda: _sorted_draw(x, x_max, inv_t, mass, u[tries][None])[0])
+
+
+def _nucleus_draw(weights, ids, mass, u):
+    """Draw from a nucleus given its tokens in nucleus order: weights f32[S, K] (unnormalised,
+    descending), ids i32[S, K], mass f32[S, 1] = top_p * total weight, u f32[S] ->
+    (token i32[S], covered bool[S]). The nucleus ends at the first token whose cumulative
+    weight reaches `mass` (so it holds at least one); covered says it ends within these K.
+    """
+    cum = _cumsum(weights)
+    reached = cum >= mass
+    last = jnp.argmax(reached, axis=-1)  # the first index that reaches
+    inside = jnp.arange(weights.shape[-1]) <= last[:, None]
+    pick = _invert(jnp.where(inside, weights, 0.0), u)
+    token = jnp.take_along_axis(ids, pick[:, None], axis=-1)[:, 0]
+    return token.astype(jnp.int32), jnp.any(reached, axis=-1)
+
+
+def _sorted_draw(x, x_max, inv_t, mass, u):
+    """Exact nucleus by a full stable sort (the slow path), then a draw inside it: i32[S]."""
+    ids = lax.broadcasted_iota(jnp.int32, x.shape, 1)
+    neg, ids = lax.sort((-x, ids), dimension=1, is_stable=True, num_keys=1)
+    return _nucleus_draw(_weight(-neg, x_max, inv_t), ids, mass, u[:, 0])[0]
+
+
+def _draw(x, x_max, inv_t, block_mass, u):
+    """Inverse-CDF draw from the weights exp((x - x_max) / T), x [S, nb * BLOCK], with block
+    sums block_mass [S, nb]: u [S, 2] holds one uniform to pick a block in proportion to its
+    mass, one to pick a token inside it. -> i32[S]."""
+    S, nb = block_mass.shape
+    block = _invert(block_mass, u[:, 0])
+    xb = jnp.take_along_axis(x.reshape(S, nb, BLOCK), block[:, None, None], axis=1)[:, 0]
+    return block * BLOCK + _invert(_weight(xb, x_max, inv_t), u[:, 1])  # xb [S, BLOCK]
+
+
+def _invert(w, u):
+    """Index i32[S] with P(i) = w[i] / sum(w) for weights w [S, N] >= 0, u [S] in [0, 1).
+
+    Takes the first positive weight whose cumulative sum exceeds u * total. Asking for a
+    positive weight matters: a rounded cumulative sum need not be monotone, and a zero
+    weight (a -inf logit) must never be taken. Rounding that pushes u * total past the end
+    falls back to the last positive weight.
+    """
+    n = w.shape[-1]
+    cum = _cumsum(w)
+    positions = jnp.arange(n, dtype=jnp.int32)
+    beyond = (cum > (u * cum[:, -1])[:, None]) & (w > 0)
+    first = jnp.min(jnp.where(beyond, positions, n), axis=-1)
+    last_positive = jnp.max(jnp.where(w > 0, positions, 0), axis=-1)
+    return jnp.where(first < n, first, last_positive).astype(jnp.int32)
+
+
+def _cumsum(w):
+    """Inclusive cumulative sum over the last axis. Short rows use a triangular matmul: XLA
+    lowers jnp.cumsum to a scan of many slices, slower to compile and, on CPU, to run."""
+    n = w.shape[-1]
+    if n > 512:
+        return jnp.cumsum(w, axis=-1)
+    upper = jnp.triu(jnp.ones((n, n), w.dtype))  # upper[i, j] = 1 where i <= j
+    return jnp.matmul(w, upper, precision=lax.Precision.HIGHEST)
