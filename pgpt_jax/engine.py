@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
+import pickle
 import random
 import threading
 import time
@@ -249,6 +249,7 @@ class _Req:
     prompt_chars: int = 0  # characters of the prompt: completion text_offsets start here
     done: bool = False
     aborted: bool = False
+    rid: int = 0  # multi-host: the id process 0 gave it
 
 
 def _buckets(limit: int, smallest: int) -> tuple[int, ...]:
@@ -294,6 +295,11 @@ class Engine:
         self._thread: Optional[threading.Thread] = None
         self._running = False
         self._compiles_at_start = compiles_so_far()
+        self.multihost = jax.process_count() > 1
+        self.is_leader = jax.process_index() == 0
+        self._next_rid = 0
+        self._by_rid: dict = {}  # multi-host: request id -> _Req, the same on every process
+        self._stop_sent = False
         self.prefill_calls = 0
         self.decode_calls = 0
         self.generated_tokens = 0
@@ -432,9 +438,14 @@ class Engine:
 
     def _loop(self) -> None:
         while self._running:
-            if not self.step():
-                self._wake.wait(timeout=0.05)
+            busy = self.step()
+            self._forget_done()
+            if not busy:
+                # Idle. In multi-host runs the other processes wait in the next broadcast.
+                self._wake.wait(timeout=0.02 if self.multihost else 0.05)
                 self._wake.clear()
+        if self.multihost and not self._stop_sent:
+            self._take_inbox()  # carries the stop flag to the other processes
         # Tell whoever still waits that the engine is gone.
         for req in list(self._queue) + [c.req for c in self._slot_choice if c is not None]:
             self._fail(req, RuntimeError("the engine stopped"))
@@ -459,10 +470,60 @@ class Engine:
         with self._lock:
             new, self._inbox = self._inbox, []
             aborts, self._aborts = self._aborts, []
+        if self.multihost:
+            new, aborts = self._sync_inbox(new, aborts)
         for req in new:
             self._start_request(req)
         for req in aborts:
             self._release(req)
+
+    # ---------------------------------------------------------------- multi-host
+
+    def _sync_inbox(self, new: list, aborts: list):
+        """Process 0 broadcasts this iteration's admissions and aborts; every process then
+        makes the same host decisions and so runs the same jitted calls in the same order."""
+        from jax.experimental import multihost_utils
+
+        if self.is_leader:
+            for req in new:
+                self._next_rid += 1
+                req.rid = self._next_rid
+                self._by_rid[req.rid] = req
+            self._stop_sent = not self._running
+            msg = pickle.dumps(([(r.rid, r.request, r.max_new, r.best_of, r.seed) for r in new],
+                                [r.rid for r in aborts], self._stop_sent))
+        else:
+            msg = b""
+        # Two broadcasts: the length, then the bytes padded to a power of two (few shapes).
+        n = int(multihost_utils.broadcast_one_to_all(np.int32(len(msg))))
+        size = 1 << max(10, (n - 1).bit_length())
+        buf = np.zeros((size,), np.uint8)
+        buf[: len(msg)] = np.frombuffer(msg, np.uint8)
+        buf = np.asarray(multihost_utils.broadcast_one_to_all(buf))
+        if self.is_leader:
+            return new, aborts
+        items, abort_ids, stop = pickle.loads(buf[:n].tobytes())
+        new = []
+        for rid, request, max_new, best_of, seed in items:
+            req = _Req(request=request, callback=lambda ev: None, max_new=max_new, best_of=best_of, seed=seed)
+            req.rid = rid
+            self._by_rid[rid] = req
+            new.append(req)
+        aborts = [self._by_rid[i] for i in abort_ids if i in self._by_rid]
+        if stop:
+            self._running = False
+        return new, aborts
+
+    def run_follower(self) -> None:
+        """Processes other than 0: run the same loop, fed by process 0's broadcasts, until it stops."""
+        self._running = True
+        while self._running:
+            self.step()
+            self._forget_done()
+
+    def _forget_done(self) -> None:
+        for rid in [rid for rid, r in self._by_rid.items() if r.done]:
+            del self._by_rid[rid]
 
     def _abort(self, req: _Req) -> None:
         req.aborted = True

@@ -80,3 +80,37 @@ def test_mesh_validation_errors():
     assert sharding.parse_mesh("data=4,model=2") == {"data": 4, "model": 2}
     with pytest.raises(ValueError, match="--mesh expects"):
         sharding.parse_mesh("rows=2")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_form_one_mesh_and_match_single_process():
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    worker = str(ROOT / "tests/workers/multihost_engine.py")
+    single = subprocess.run([sys.executable, worker, "single"], env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert single.returncode == 0, single.stderr[-3000:]
+    port = str(_free_port())
+    procs = [subprocess.Popen([sys.executable, worker, port, str(i)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=600)
+            assert p.returncode == 0, err[-3000:]
+            outs.append(out)
+    finally:
+        for p in procs:
+            p.kill()
+    expect = json.loads(single.stdout.strip().splitlines()[-1])
+    got = json.loads(outs[0].strip().splitlines()[-1])
+    assert [[c["tokens"] for c in r] for r in got] == [[c["tokens"] for c in r] for r in expect]
+    np.testing.assert_allclose(got[0][0]["logprobs"], expect[0][0]["logprobs"], atol=1e-4)
+    # Stopping process 0's engine ended process 1's loop too.
+    assert json.loads(outs[1].strip().splitlines()[-1]) == {"follower": "stopped"}
