@@ -6,7 +6,6 @@ and the chat template. The real engine's answers are tested in test_server.py.
 """
 
 import threading
-import time
 
 import httpx
 import openai
