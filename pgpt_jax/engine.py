@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import pickle
 import random
 import threading
@@ -47,6 +48,8 @@ from pgpt_jax.tokenizer import IncrementalDetokenizer
 
 MAX_BEST_OF = 20
 MAX_N = 128
+# The API allows 4 stop strings; the chat template adds its own turn markers on top.
+MAX_STOPS = 8
 
 # --------------------------------------------------------------------------- compile counting
 
@@ -347,8 +350,10 @@ class Engine:
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2 <= getattr(request, name) <= 2:
                 raise RequestError(f"{name} must be between -2 and 2.", name)
-        if len(request.stop) > 4 or any(not s for s in request.stop):
-            raise RequestError("stop must be at most 4 non-empty strings.", "stop")
+        if len(request.stop) > MAX_STOPS or any(not isinstance(s, str) or not s for s in request.stop):
+            raise RequestError(f"stop must be at most {MAX_STOPS} non-empty strings.", "stop")
+        if request.seed is not None and not -(2**63) <= request.seed < 2**63:
+            raise RequestError("seed must be a 64-bit integer.", "seed")
         for tok, val in (request.logit_bias or {}).items():
             if not (isinstance(tok, (int, np.integer)) and 0 <= tok < self.vocab):
                 raise RequestError(f"logit_bias key {tok} is not a token id in the vocabulary.", "logit_bias")
@@ -438,7 +443,14 @@ class Engine:
 
     def _loop(self) -> None:
         while self._running:
-            busy = self.step()
+            try:
+                busy = self.step()
+            except Exception as exc:  # never leave requests hanging on a dead thread
+                logging.getLogger(__name__).exception("engine iteration failed")
+                self._fail_all(exc)
+                # A failed call may have consumed the donated state: start from a clean one.
+                self.state = init_state(self.config, self.slots, self.mesh)
+                busy = False
             self._forget_done()
             if not busy:
                 # Idle. In multi-host runs the other processes wait in the next broadcast.
@@ -446,9 +458,7 @@ class Engine:
                 self._wake.clear()
         if self.multihost and not self._stop_sent:
             self._take_inbox()  # carries the stop flag to the other processes
-        # Tell whoever still waits that the engine is gone.
-        for req in list(self._queue) + [c.req for c in self._slot_choice if c is not None]:
-            self._fail(req, RuntimeError("the engine stopped"))
+        self._fail_all(RuntimeError("the engine stopped"))
 
     def step(self) -> bool:
         """One iteration (see the module docstring). Returns False when there is no work."""
@@ -802,6 +812,17 @@ class Engine:
             self._free(c)
         req.done = True
 
+    def _fail_all(self, exc: Exception) -> None:
+        """Ends every request in flight with `exc` and frees all slots."""
+        with self._lock:
+            inbox, self._inbox = self._inbox, []
+        reqs = inbox + list(self._queue) + [c.req for c in self._slot_choice if c is not None]
+        self._queue.clear()
+        self._pending.clear()
+        self._slot_choice = [None] * self.slots
+        for req in dict.fromkeys(reqs):
+            self._fail(req, exc)
+
     def _fail(self, req: _Req, exc: Exception) -> None:
         if not req.done:
             req.done = True
@@ -813,6 +834,4 @@ class Engine:
         try:
             req.callback(event)
         except Exception:  # a broken callback must not take the engine down
-            import logging
-
             logging.getLogger(__name__).exception("request callback failed")

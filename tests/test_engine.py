@@ -236,3 +236,32 @@ def test_no_recompile_after_warmup(engine):
     results, _ = run(engine, *mixed)
     assert all(isinstance(r, Result) for r in results)
     assert engine.compile_count == count
+
+
+def test_bad_seed_rejected_and_engine_survives_a_failed_iteration(engine, monkeypatch):
+    with pytest.raises(RequestError) as e:
+        engine.submit(Request(prompt=[1, 2], seed=2**64), lambda ev: None)
+    assert e.value.param == "seed"
+
+    real = Engine._process
+    calls = {"n": 0}
+
+    def flaky(self, item):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("injected failure")
+        return real(self, item)
+
+    monkeypatch.setattr(Engine, "_process", flaky)
+    engine.start()
+    try:
+        events = []
+        first, second = threading.Event(), threading.Event()
+        engine.submit(Request(prompt=PROMPTS[0], max_tokens=4), lambda ev: (events.append(ev), first.set()))
+        assert first.wait(60) and isinstance(events[0], RuntimeError)
+        engine.submit(Request(prompt=PROMPTS[0], max_tokens=4, temperature=0.0),
+                      lambda ev: (events.append(ev), second.set()))
+        assert second.wait(60) and isinstance(events[1], Result)
+        assert engine.active_slots == 0
+    finally:
+        engine.stop()
