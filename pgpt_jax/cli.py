@@ -33,6 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=256)
     p.add_argument("--max-logprobs", type=int, default=5)
     p.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024)
+    p.add_argument("--coordinator", default=None, help="multi-host: HOST:PORT of process 0's coordinator")
+    p.add_argument("--num-processes", type=int, default=None, help="multi-host: number of processes")
+    p.add_argument("--process-id", type=int, default=None, help="multi-host: this process's index")
+    p.add_argument("--distributed", action="store_true",
+                   help="multi-host with no arguments (TPU pods: jax.distributed.initialize() finds them)")
 
     p = sub.add_parser("generate", help="complete a prompt from the command line")
     _add_model_args(p)
@@ -65,6 +70,21 @@ def mesh_from_args(args):
         return sharding.make_mesh(**sharding.parse_mesh(args.mesh))
     except ValueError as e:
         raise SystemExit(f"pgpt-jax: {e}")
+
+
+def init_distributed(args) -> None:
+    """Joins a multi-process run (before anything touches a device); a no-op without the flags."""
+    if not (args.coordinator or args.num_processes or getattr(args, "distributed", False)):
+        return
+    import jax
+
+    # CPU processes talk over gloo; GPU and TPU use their own collectives and ignore this.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if args.coordinator:
+        jax.distributed.initialize(args.coordinator, num_processes=args.num_processes,
+                                   process_id=args.process_id)
+    else:
+        jax.distributed.initialize()
 
 
 def main(argv=None) -> int:

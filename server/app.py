@@ -507,7 +507,7 @@ def create_app(engine=None, *, served_model_name: str, api_key: Optional[str] = 
 RANDOM_PREFIX = "random:"
 
 
-def load_model_for_serving(source: Optional[str], dtype: Optional[str]):
+def load_model_for_serving(source: Optional[str], dtype: Optional[str], mesh=None):
     """`--model` -> (model, a line saying what is served).
 
     `random:PRESET` serves random weights of a preset (benchmarks, smoke tests). When the
@@ -517,10 +517,10 @@ def load_model_for_serving(source: Optional[str], dtype: Optional[str]):
 
     if source and source.startswith(RANDOM_PREFIX):
         preset = source[len(RANDOM_PREFIX):]
-        model = pgpt_jax.init_model(preset, dtype=dtype)
+        model = pgpt_jax.init_model(preset, dtype=dtype, mesh=mesh)
         return model, f"RANDOM weights of the {preset!r} preset (its text is noise)"
     try:
-        model = pgpt_jax.load_model(source, dtype=dtype)
+        model = pgpt_jax.load_model(source, dtype=dtype, shardings=mesh)
     except Exception as exc:
         if source is None:
             raise RuntimeError(
@@ -535,12 +535,43 @@ def default_model_name(source: Optional[str]) -> str:
     return "pgpt-tiny" if source is None else source.rstrip("/")
 
 
-def serve(args) -> None:
-    """`pgpt-jax serve`: listen at once, load and warm up in the background, then serve."""
-    import uvicorn
-
+def _engine_from_args(args, mesh):
     from pgpt_jax.engine import Engine
     from pgpt_jax.tokenizer import get_tokenizer
+
+    model, what = load_model_for_serving(args.model, args.dtype, mesh)
+    engine = Engine(model, get_tokenizer(fim=model.config.fim), slots=args.slots,
+                    decode_steps=args.decode_steps, max_queue=args.max_queue,
+                    max_logprobs=args.max_logprobs, mesh=mesh)
+    return engine, what
+
+
+def serve(args) -> None:
+    """`pgpt-jax serve`: listen at once, load and warm up in the background, then serve.
+
+    Multi-host (--coordinator/--num-processes/--process-id, or --distributed): every process
+    loads the model onto one mesh over all processes' devices; process 0 serves HTTP and
+    broadcasts each engine iteration's admissions, the others run the engine loop only and
+    exit when process 0's engine stops.
+    """
+    import uvicorn
+
+    from pgpt_jax.cli import init_distributed, mesh_from_args
+
+    init_distributed(args)
+    import jax
+
+    mesh = mesh_from_args(args)
+    if mesh is None and jax.process_count() > 1:
+        from pgpt_jax import sharding
+
+        mesh = sharding.make_mesh(model=1)  # every device on the data axis
+    if jax.process_index() != 0:
+        engine, what = _engine_from_args(args, mesh)
+        print(f"pgpt-jax: process {jax.process_index()} follows process 0 ({what})", file=sys.stderr, flush=True)
+        engine.warmup(progress=False)
+        engine.run_follower()
+        return
 
     api_key = args.api_key or os.environ.get("PGPT_API_KEY") or None
     name = args.served_model_name or default_model_name(args.model)
@@ -548,11 +579,8 @@ def serve(args) -> None:
 
     def load():
         try:
-            model, what = load_model_for_serving(args.model, args.dtype)
+            engine, what = _engine_from_args(args, mesh)
             print(f"pgpt-jax: serving {what} as {name!r}", file=sys.stderr, flush=True)
-            engine = Engine(model, get_tokenizer(fim=model.config.fim), slots=args.slots,
-                            decode_steps=args.decode_steps, max_queue=args.max_queue,
-                            max_logprobs=args.max_logprobs)
             secs = engine.warmup(progress=True)
             print(f"pgpt-jax: ready after {secs:.1f} s of warm-up (compiled {engine.compile_count} programs); "
                   f"http://{args.host}:{args.port}/v1 {'(API key required)' if api_key else ''}",

@@ -114,3 +114,48 @@ def test_two_processes_form_one_mesh_and_match_single_process():
     np.testing.assert_allclose(got[0][0]["logprobs"], expect[0][0]["logprobs"], atol=1e-4)
     # Stopping process 0's engine ended process 1's loop too.
     assert json.loads(outs[1].strip().splitlines()[-1]) == {"follower": "stopped"}
+
+
+def test_multihost_server_answers_like_one_process_and_stops_together(tiny_model):
+    """Two `pgpt-jax serve` processes (2 CPU devices each) on one 4-device mesh: process 0
+    serves HTTP; its answer equals the single-process one; stopping it ends both."""
+    import signal
+    import time
+
+    import httpx
+
+    from pgpt_jax.generate import generate
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    coord, port = _free_port(), _free_port()
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "pgpt_jax.cli", "serve", "--model", "random:tiny", "--slots", "4",
+         "--decode-steps", "2", "--port", str(port), "--coordinator", f"127.0.0.1:{coord}",
+         "--num-processes", "2", "--process-id", str(i)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 500
+        while time.time() < deadline:
+            assert all(p.poll() is None for p in procs), procs[0].stdout.read()[-3000:] if procs[0].poll() else ""
+            try:
+                if httpx.get(url + "/health", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        body = {"model": "random:tiny", "prompt": [464, 2068, 7586], "max_tokens": 8, "temperature": 0,
+                "logit_bias": {"50256": -100}}
+        got = httpx.post(url + "/v1/completions", json=body, timeout=120).json()
+        expect = generate(tiny_model, [464, 2068, 7586], max_tokens=8, temperature=0.0, logit_bias={50256: -100})
+        assert got["choices"][0]["text"] == expect[0].text
+        procs[0].send_signal(signal.SIGINT)
+        for p in procs:
+            p.wait(timeout=120)
+        # uvicorn re-raises SIGINT after its graceful shutdown; process 1 leaves on its own.
+        assert procs[0].returncode in (0, -signal.SIGINT)
+        assert procs[1].returncode == 0
+    finally:
+        for p in procs:
+            p.kill()
