@@ -1,0 +1,73 @@
+"""Model: cached decoding equals a full forward pass; config presets; padded vocabulary masked."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pgpt_jax.config import GPTConfig
+from pgpt_jax.model import forward, init_cache
+
+
+def test_cached_decoding_equals_full_forward_for_rows_of_different_lengths(tiny_model):
+    cfg = tiny_model.config
+    rng = np.random.default_rng(0)
+    T = 20
+    tokens = rng.integers(0, cfg.vocab_size, (3, T)).astype(np.int32)
+    full, _ = forward(tiny_model, tokens, np.broadcast_to(np.arange(T), (3, T)), init_cache(cfg, 3, T))
+
+    # Rows prefill different prompt lengths (5, 9, 13), then decode one token at a time;
+    # each row reads back its own positions while the others run ahead or behind.
+    lengths = np.array([5, 9, 13])
+    fwd = jax.jit(lambda toks, pos, cache, w: forward(tiny_model, toks, pos, cache, w), static_argnums=3)
+    cache = init_cache(cfg, 3, 32)
+    got = np.zeros_like(np.asarray(full))
+    P = int(lengths.max())
+    pos = np.minimum(np.arange(P)[None, :], lengths[:, None] - 1)  # pad by repeating the last position
+    toks = np.take_along_axis(tokens, pos, axis=1)
+    logits, cache = fwd(toks, pos, cache, 32)
+    for r, n in enumerate(lengths):
+        got[r, :n] = np.asarray(logits[r, :n])
+    for step in range(T - lengths.min()):
+        p = np.minimum(lengths + step, T - 1)
+        logits, cache = fwd(tokens[np.arange(3), p][:, None], p[:, None], cache, 32)
+        for r in range(3):
+            if lengths[r] + step < T:
+                got[r, p[r]] = np.asarray(logits[r, 0])
+    real = slice(0, cfg.vocab_size)
+    np.testing.assert_allclose(got[..., real], np.asarray(full)[..., real], atol=1e-5, rtol=0)
+
+
+def test_window_reads_only_the_prefix_it_needs(tiny_model):
+    cfg = tiny_model.config
+    tokens = np.arange(1, 11, dtype=np.int32)[None]
+    pos = np.arange(10)[None]
+    a, _ = forward(tiny_model, tokens, pos, init_cache(cfg, 1, 128))
+    b, _ = forward(tiny_model, tokens, pos, init_cache(cfg, 1, 128), window=16)
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
+def test_padded_vocabulary_is_masked(tiny_model):
+    cfg = tiny_model.config
+    assert cfg.padded_vocab == 50304 and cfg.padded_vocab % 64 == 0
+    logits, _ = forward(tiny_model, np.array([[1, 2]]), np.array([[0, 1]]), init_cache(cfg, 1, 4))
+    assert np.all(np.isneginf(np.asarray(logits[..., cfg.vocab_size:])))
+    assert np.all(np.isfinite(np.asarray(logits[..., : cfg.vocab_size])))
+    probs = jax.nn.softmax(logits, axis=-1)
+    assert float(jnp.sum(probs[..., cfg.vocab_size:])) == 0.0
+
+
+def test_presets_and_config_errors():
+    assert (GPTConfig.preset("gpt2").n_layer, GPTConfig.preset("gpt2").n_embd) == (12, 768)
+    assert (GPTConfig.preset("gpt2-medium").n_layer, GPTConfig.preset("gpt2-medium").n_head) == (24, 16)
+    assert GPTConfig.preset("gpt2-large").n_embd == 1280
+    assert GPTConfig.preset("gpt2-xl").n_head == 25
+    assert all(GPTConfig.preset(p).n_positions == 1024 for p in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"))
+    with pytest.raises(ValueError, match="unknown preset"):
+        GPTConfig.preset("gpt5")
+    with pytest.raises(ValueError, match="not divisible"):
+        GPTConfig(n_embd=100, n_head=3)
+    with pytest.raises(ValueError, match="unknown GPTConfig fields"):
+        GPTConfig.from_dict({"n_layer": 2, "rotary": True})
+    cfg = GPTConfig.preset("tiny")
+    assert GPTConfig.from_dict(cfg.to_dict()) == cfg
