@@ -83,10 +83,10 @@ def _hf_tokens_per_s(model, slots: int, prompt_len: int, new_tokens: int, top_p:
     from flax import nnx
 
     state = nnx.state(model)
-    sd = {"transformer.wte.weight": np.asarray(state["wte"]["embedding"].value)[: cfg.vocab_size],
-          "transformer.wpe.weight": np.asarray(state["wpe"]["embedding"].value),
-          "transformer.ln_f.weight": np.asarray(state["ln_f"]["scale"].value),
-          "transformer.ln_f.bias": np.asarray(state["ln_f"]["bias"].value)}
+    sd = {"transformer.wte.weight": np.asarray(state["wte"]["embedding"][...])[: cfg.vocab_size],
+          "transformer.wpe.weight": np.asarray(state["wpe"]["embedding"][...]),
+          "transformer.ln_f.weight": np.asarray(state["ln_f"]["scale"][...]),
+          "transformer.ln_f.bias": np.asarray(state["ln_f"]["bias"][...])}
     for i in range(cfg.n_layer):
         b = state["h"][i]
         for hf_name, (mod, sub, leaf) in {
@@ -98,7 +98,7 @@ def _hf_tokens_per_s(model, slots: int, prompt_len: int, new_tokens: int, top_p:
             "mlp.c_proj.weight": ("mlp", "c_proj", "kernel"), "mlp.c_proj.bias": ("mlp", "c_proj", "bias"),
         }.items():
             node = b[mod] if sub is None else b[mod][sub]
-            sd[f"transformer.h.{i}.{hf_name}"] = np.asarray(node[leaf].value)
+            sd[f"transformer.h.{i}.{hf_name}"] = np.asarray(node[leaf][...])
     hf.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in sd.items()}, strict=False)
     hf.eval()
     ids = torch.randint(0, 50000, (slots, prompt_len))
