@@ -349,24 +349,24 @@ async def _run_job(request: HTTPRequest, st: ServerState, engine, job: Job) -> R
 # ----------------------------------------------------------------------------- handlers
 
 
-async def completions(request: HTTPRequest) -> Response:
-    """POST /v1/completions and /openai/deployments/{deployment}/completions."""
+async def _generation(request: HTTPRequest, parse) -> Response:
+    """Authorize, read and validate the body with `parse`, then run it on the engine."""
     st = _state(request)
     _authorize(request, st)
     engine = st.ready_engine()
     body = await _read_json(request, st.max_body_bytes)
-    job = protocol.parse_completion(body, st.info, request.path_params.get("deployment"))
+    job = parse(body, st.info, request.path_params.get("deployment"))
     return await _run_job(request, st, engine, job)
+
+
+async def completions(request: HTTPRequest) -> Response:
+    """POST /v1/completions and /openai/deployments/{deployment}/completions."""
+    return await _generation(request, protocol.parse_completion)
 
 
 async def chat_completions(request: HTTPRequest) -> Response:
     """POST /v1/chat/completions and /openai/deployments/{deployment}/chat/completions."""
-    st = _state(request)
-    _authorize(request, st)
-    engine = st.ready_engine()
-    body = await _read_json(request, st.max_body_bytes)
-    job = protocol.parse_chat(body, st.info, request.path_params.get("deployment"))
-    return await _run_job(request, st, engine, job)
+    return await _generation(request, protocol.parse_chat)
 
 
 async def list_models(request: HTTPRequest) -> Response:
