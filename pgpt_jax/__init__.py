@@ -26,11 +26,9 @@ def load_model(source=None, *, dtype=None, shardings=None):
     return _load(source, dtype=dtype, shardings=shardings)
 
 
-def generate(model, prompt, **kwargs):
-    """OpenAI-style completions for research scripts; see pgpt_jax.generate.generate."""
-    from pgpt_jax.generate import generate as _generate
-
-    return _generate(model, prompt, **kwargs)
+# Imported eagerly: a lazy wrapper named like its submodule would be replaced by the module
+# object the first time `pgpt_jax.generate` (the module) is imported.
+from pgpt_jax.generate import generate  # noqa: E402
 
 
 __all__ = ["GPT", "GPTConfig", "forward", "generate", "init_cache", "init_model", "load_model"]

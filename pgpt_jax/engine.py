@@ -41,6 +41,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from pgpt_jax import sampling, sharding
+from pgpt_jax.config import FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX
 from pgpt_jax.model import GPT, init_cache
 from pgpt_jax.request import (Choice, Delta, Logprobs, QueueFull, Request, RequestError,
                               Result)
@@ -609,6 +610,9 @@ class Engine:
         bias = np.zeros((self.config.padded_vocab,), np.float32)
         for tok, val in (r.logit_bias or {}).items():
             bias[int(tok)] = val
+        if self.config.fim:
+            # FIM control tokens only arrange prompts; a completion never produces them.
+            bias[[FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE]] = -np.inf
         return dict(temperature=np.float32(r.temperature), top_p=np.float32(r.top_p),
                     presence=np.float32(r.presence_penalty), frequency=np.float32(r.frequency_penalty),
                     num_logprobs=np.int32(r.logprobs or 0), key=sampling.row_key(seed, index),

@@ -108,3 +108,17 @@ def test_stored_unigram_baseline_matches_the_corpus(heldout):
     assert out.returncode == 0, out.stderr[-2000:]
     # Other Python versions document their stdlib a little differently: allow a small drift.
     assert float(out.stdout.strip().splitlines()[-1]) == pytest.approx(heldout["unigram_loss"], abs=0.05)
+
+
+def test_generate_with_suffix_never_returns_fim_tokens(tiny):
+    import pgpt_jax
+
+    kwargs = dict(suffix=" removed.\n", max_tokens=12, temperature=1.0, n=4, seed=0)
+    first = pgpt_jax.generate(tiny, "Return a copy of the string with", **kwargs)
+    again = pgpt_jax.generate(tiny, "Return a copy of the string with", **kwargs)  # callable twice
+    assert [c.token_ids for c in first] == [c.token_ids for c in again]
+    for c in first:
+        assert not {FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE} & set(c.token_ids)
+        assert "<|fim" not in c.text
+    echoed = pgpt_jax.generate(tiny, "Return a copy", suffix=" removed.", max_tokens=3, echo=True, seed=1)
+    assert echoed[0].text.startswith("Return a copy") and "<|fim" not in echoed[0].text
