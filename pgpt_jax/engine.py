@@ -23,6 +23,7 @@ The engine speaks token ids; the tokenizer is only used to turn outputs into tex
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import functools
 import logging
@@ -721,7 +722,7 @@ class Engine:
         if hits:
             cut = min(hits)
             c.text = c.text[:cut]
-            keep = sum(1 for o in c.offsets if o < cut)
+            keep = bisect.bisect_left(c.offsets, cut)
             del c.offsets[keep:], c.token_ids[keep:]
             del c.lps[keep:], c.tops[keep:]
             c.finish = "stop"
@@ -767,7 +768,8 @@ class Engine:
                 text += c.text[c.sent:end]
                 c.sent = end
             if want_lp:
-                n_tok = sum(1 for o in c.offsets if o < end) if c.finish is None else len(c.token_ids)
+                # offsets ascend: bisect keeps a long stream's per-step work constant.
+                n_tok = bisect.bisect_left(c.offsets, end) if c.finish is None else len(c.token_ids)
                 if n_tok > c.sent_tokens:
                     lp = lp or Logprobs()
                     lp.extend(self._logprobs_slice(c, c.sent_tokens, n_tok))
