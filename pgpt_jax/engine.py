@@ -43,7 +43,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from pgpt_jax import sampling, sharding
 from pgpt_jax.config import FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX
-from pgpt_jax.model import GPT, init_cache
+from pgpt_jax.model import GPT, init_cache, lm_head
 from pgpt_jax.request import (Choice, Delta, Logprobs, QueueFull, Request, RequestError,
                               Result)
 from pgpt_jax.tokenizer import IncrementalDetokenizer
@@ -114,7 +114,7 @@ def _constrain(state: DecodeState, outs: tuple, mesh: Optional[Mesh]):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "want_logprobs", "top_k", "mesh"))
-def prefill(graphdef, params, tokens, true_len, *, want_logprobs: bool, top_k: int, mesh=None):
+def prefill(graphdef, params, head, tokens, true_len, *, want_logprobs: bool, top_k: int, mesh=None):
     """tokens i32[1, T] (T a bucket, padded past true_len) -> one sequence's KV cache and logits.
 
     Returns (cache: per layer ([1, N, T, H], [1, N, T, H]), last_logits f32[V],
@@ -126,9 +126,9 @@ def prefill(graphdef, params, tokens, true_len, *, want_logprobs: bool, top_k: i
     T = tokens.shape[1]
     positions = jnp.arange(T, dtype=jnp.int32)[None, :]
     hidden, cache = model(tokens, positions, init_cache(model.config, 1, T))
-    last_logits = model.logits(hidden[0, true_len - 1])
+    last_logits = model.logits(hidden[0, true_len - 1], head)
     if want_logprobs:
-        logits = model.logits(hidden[0, :-1])  # [T-1, V]: predicts tokens 1..T-1
+        logits = model.logits(hidden[0, :-1], head)  # [T-1, V]: predicts tokens 1..T-1
         lp, top_ids, top_lps = sampling.logprobs_of(logits, tokens[0, 1:], top_k)
     else:
         lp = jnp.zeros((0,), jnp.float32)
@@ -178,26 +178,36 @@ def start_row(state: DecodeState, last_logits, slot, true_len, row, *, top_k: in
     return (state, *outs)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "steps", "window", "top_k", "mesh"),
-                   donate_argnums=(2,))
-def decode(graphdef, params, state: DecodeState, *, steps: int, window: int, top_k: int, mesh=None):
-    """Runs `steps` decode steps for every slot in one program.
+@functools.partial(jax.jit, static_argnames=("graphdef", "steps", "window", "rows", "top_k", "mesh"),
+                   donate_argnums=(3,))
+def decode(graphdef, params, head, state: DecodeState, *, steps: int, window: int, rows: int,
+           top_k: int, mesh=None):
+    """Runs `steps` decode steps for the first `rows` slots in one program.
 
-    Attention reads only the first `window` cache entries (the host picks a window that
-    covers every occupied slot). Returns (state, tokens i32[steps, S], logprobs f32[steps, S],
-    top ids i32[steps, S, k], top logprobs f32[steps, S, k]).
+    Attention reads only the first `window` cache entries and only the first `rows` slots
+    run (the host picks buckets that cover every occupied slot; free slots past `rows` cost
+    nothing). Returns (state, tokens i32[steps, rows], logprobs f32[steps, rows],
+    top ids i32[steps, rows, k], top logprobs f32[steps, rows, k]).
     """
     model = nnx.merge(graphdef, params)
     last = model.config.n_positions - 1
+    head_rows = lambda a: a[:rows]  # noqa: E731
 
-    def one_step(state: DecodeState, _):
-        hidden, cache = model(state.tokens[:, None], state.positions[:, None], state.cache, window)
-        logits = model.logits(hidden[:, 0])  # [S, V]
-        new_pos = jnp.minimum(state.positions + 1, last)  # free slots may run on; clamp them
-        tok, lp, top_ids, top_lps, rows = sampling.sample(logits, state.rows, new_pos, top_k=top_k)
-        return DecodeState(cache, tok, new_pos, rows), (tok, lp, top_ids, top_lps)
+    def one_step(carry, _):
+        cache, tokens, positions, sampling_rows = carry
+        hidden, cache = model(tokens[:, None], positions[:, None], cache, window)
+        logits = model.logits(hidden[:, 0], head)  # [rows, V]
+        new_pos = jnp.minimum(positions + 1, last)  # free slots may run on; clamp them
+        tok, lp, top_ids, top_lps, sampling_rows = sampling.sample(
+            logits, sampling_rows, new_pos, top_k=top_k)
+        return (cache, tok, new_pos, sampling_rows), (tok, lp, top_ids, top_lps)
 
-    state, outs = jax.lax.scan(one_step, state, None, length=steps)
+    carry = (state.cache, head_rows(state.tokens), head_rows(state.positions),
+             jax.tree.map(head_rows, state.rows))
+    (cache, tokens, positions, sampling_rows), outs = jax.lax.scan(one_step, carry, None, length=steps)
+    put = lambda full, part: jax.lax.dynamic_update_slice_in_dim(full, part, 0, axis=0)  # noqa: E731
+    state = DecodeState(cache, put(state.tokens, tokens), put(state.positions, positions),
+                        jax.tree.map(put, state.rows, sampling_rows))
     state, outs = _constrain(state, outs, mesh)
     return (state, *outs)
 
@@ -281,12 +291,27 @@ class Engine:
         self.top_k = max(max_logprobs, 1)
         self.buckets = _buckets(self.context_length, min(min_bucket, self.context_length))
         self.windows = _buckets(self.context_length, min(min_window, self.context_length))
+        # Decode runs the occupied prefix of the slots, in buckets of 1, 4, 16, ... rows
+        # (free slots are taken lowest first). A data axis splits slots over devices: there
+        # every program runs all of them rather than reshard a prefix.
+        self.row_buckets = (slots,)
+        if mesh is None or mesh.shape["data"] == 1:
+            self.row_buckets = tuple(4**i for i in range(8) if 4**i < slots) + (slots,)
         self.mesh = mesh
         self.graphdef, self.params = nnx.split(model)
+        if jax.default_backend() == "cpu":
+            # XLA:CPU has no native bf16 matmul: it would convert stored bf16 weights on every
+            # call (the embedded model ships bf16). Upcast them once to the compute dtype.
+            compute = jnp.dtype(self.config.dtype)
+            self.params = jax.tree.map(
+                lambda a: a.astype(compute) if a.dtype.itemsize < compute.itemsize else a, self.params)
         if mesh is not None:
             # Params already placed by load_model/init_model(mesh=...) stay where they are.
             sharding.check_mesh(mesh, self.config, slots)
             self.params = jax.device_put(self.params, sharding.param_shardings(self.params, mesh))
+        head_sharding = None if mesh is None else NamedSharding(mesh, sharding.spec(("embed", "vocab")))
+        self.head = jax.jit(lambda p: lm_head(nnx.merge(self.graphdef, p)),
+                            out_shardings=head_sharding)(self.params)
         self.state = init_state(self.config, slots, mesh)
         self.vocab = self.config.vocab_size
         self._inbox: list = []
@@ -411,7 +436,7 @@ class Engine:
         t0 = time.perf_counter()
         jobs = [("prefill", b, w) for b in self.buckets for w in (False, True)]
         jobs += [("insert", b, None) for b in self.buckets]
-        jobs += [("decode", w, None) for w in self.windows]
+        jobs += [("decode", w, r) for w in self.windows for r in self.row_buckets]
         bar = None
         if progress:
             from tqdm import tqdm
@@ -421,7 +446,7 @@ class Engine:
         prefixes = {}
         for kind, size, flag in jobs:
             if kind == "prefill":
-                out = prefill(self.graphdef, self.params, np.zeros((1, size), np.int32),
+                out = prefill(self.graphdef, self.params, self.head, np.zeros((1, size), np.int32),
                               np.int32(1), want_logprobs=flag, top_k=self.top_k, mesh=self.mesh)
                 prefixes[size] = out
             elif kind == "insert":
@@ -431,8 +456,9 @@ class Engine:
                     self.state, *_ = start_row(self.state, last, np.int32(0), np.int32(1), row,
                                                top_k=self.top_k, mesh=self.mesh)
             else:
-                self.state, *_ = decode(self.graphdef, self.params, self.state, steps=self.decode_steps,
-                                        window=size, top_k=self.top_k, mesh=self.mesh)
+                self.state, *_ = decode(self.graphdef, self.params, self.head, self.state,
+                                        steps=self.decode_steps, window=size, rows=flag,
+                                        top_k=self.top_k, mesh=self.mesh)
             jax.block_until_ready(self.state.tokens)
             if bar is not None:
                 bar.update(1)
@@ -574,7 +600,7 @@ class Engine:
         tokens = np.zeros((1, bucket), np.int32)
         tokens[0, :P] = r.prompt
         cache, last, lp, top_ids, top_lps = prefill(
-            self.graphdef, self.params, tokens, np.int32(P),
+            self.graphdef, self.params, self.head, tokens, np.int32(P),
             want_logprobs=want_logprobs, top_k=self.top_k, mesh=self.mesh)
         self.prefill_calls += 1
         req.prefix = (cache, last, P)
@@ -645,12 +671,13 @@ class Engine:
 
     def _dispatch_decode(self) -> None:
         steps = self.decode_steps
-        longest = max(self._slot_pos[s] for s, c in enumerate(self._slot_choice) if c is not None)
-        need = min(longest + steps + 1, self.context_length)
+        occupied = [s for s, c in enumerate(self._slot_choice) if c is not None]
+        need = min(max(self._slot_pos[s] for s in occupied) + steps + 1, self.context_length)
         window = next(w for w in self.windows if w >= need)
+        rows = next(r for r in self.row_buckets if r > occupied[-1])
         self.state, toks, lps, top_ids, top_lps = decode(
-            self.graphdef, self.params, self.state, steps=steps, window=window, top_k=self.top_k,
-            mesh=self.mesh)
+            self.graphdef, self.params, self.head, self.state, steps=steps, window=window,
+            rows=rows, top_k=self.top_k, mesh=self.mesh)
         self.decode_calls += 1
         owners = {}
         for s, c in enumerate(self._slot_choice):

@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pgpt_jax.engine import Engine
-from pgpt_jax.model import forward, init_cache
+from pgpt_jax.engine import Engine, decode, init_state
+from pgpt_jax.model import forward, init_cache, init_model
 from pgpt_jax.request import Delta, Request, RequestError, Result
 from pgpt_jax.tokenizer import get_tokenizer
 
@@ -66,6 +66,37 @@ def test_greedy_matches_argmax_loop(engine, tiny_model):
         if 50256 in expect:
             expect = expect[: expect.index(50256)]
         assert got == expect
+
+
+def test_decode_runs_only_the_occupied_prefix_of_slots(engine):
+    # rows=1 on a 4-slot state: slot 0 advances exactly as in an all-slots program, and the
+    # other slots' tokens, positions and cache are left as they were.
+    state = init_state(engine.config, 4)
+    state.tokens = jnp.array([11, 22, 33, 44], jnp.int32)
+    state.positions = jnp.array([3, 5, 7, 9], jnp.int32)
+    copy = jax.tree.map(jnp.copy, state)
+    kw = dict(steps=2, window=engine.windows[0], top_k=engine.top_k)
+    full, toks_full = decode(engine.graphdef, engine.params, engine.head, copy, rows=4, **kw)[:2]
+    part, toks_part = decode(engine.graphdef, engine.params, engine.head, state, rows=1, **kw)[:2]
+    assert toks_part.shape == (2, 1) and toks_full.shape == (2, 4)
+    np.testing.assert_array_equal(np.asarray(toks_part[:, 0]), np.asarray(toks_full[:, 0]))
+    assert np.asarray(part.tokens).tolist()[1:] == [22, 33, 44]
+    assert np.asarray(part.positions).tolist() == [5, 5, 7, 9]
+    k, _ = part.cache[0]
+    assert float(jnp.abs(k[1:]).max()) == 0.0 and float(jnp.abs(k[0]).max()) > 0.0
+    assert engine.row_buckets == (1, 4, 8)
+
+
+def test_bf16_params_are_upcast_once_on_cpu():
+    # The embedded model ships bf16 params: the engine keeps float32 copies (XLA:CPU would
+    # convert every matmul's weights each call) and decodes exactly like the bf16 model.
+    model = init_model("tiny", seed=1, param_dtype="bfloat16")
+    eng = Engine(model, get_tokenizer(), slots=2, decode_steps=2)
+    assert {a.dtype for a in jax.tree.leaves(eng.params)} == {jnp.dtype(jnp.float32)}
+    res, _ = run(eng, Request(prompt=PROMPTS[1], max_tokens=6, temperature=0.0))
+    expect = argmax_loop(model, PROMPTS[1], 6)
+    expect = expect[: expect.index(50256)] if 50256 in expect else expect
+    assert expect and res[0].choices[0].token_ids == expect
 
 
 def test_batch_invariance_seeded_and_greedy(engine):

@@ -1,4 +1,5 @@
-"""Model: cached decoding equals a full forward pass; config presets; padded vocabulary masked."""
+"""Model: cached decoding equals a full forward pass (also when the cache has more rows than the
+input); the transposed LM head; config presets; padded vocabulary masked."""
 
 import jax
 import jax.numpy as jnp
@@ -6,7 +7,7 @@ import numpy as np
 import pytest
 
 from pgpt_jax.config import GPTConfig
-from pgpt_jax.model import forward, init_cache
+from pgpt_jax.model import forward, init_cache, lm_head
 
 
 def test_cached_decoding_equals_full_forward_for_rows_of_different_lengths(tiny_model):
@@ -45,6 +46,32 @@ def test_window_reads_only_the_prefix_it_needs(tiny_model):
     a, _ = forward(tiny_model, tokens, pos, init_cache(cfg, 1, 128))
     b, _ = forward(tiny_model, tokens, pos, init_cache(cfg, 1, 128), window=16)
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
+def test_decode_with_fewer_rows_than_the_cache_uses_its_first_rows(tiny_model):
+    # The engine decodes the occupied prefix of its slots against the whole cache: 2 input rows
+    # on a 4-row cache must equal the same 2 rows on a 2-row cache, and leave rows 2-3 untouched.
+    cfg = tiny_model.config
+    prompt = np.array([[3, 1, 4, 1, 5], [9, 2, 6, 5, 3]], np.int32)
+    pos = np.arange(5)[None].repeat(2, 0)
+    _, small = forward(tiny_model, prompt, pos, init_cache(cfg, 2, 32))
+    big = tuple((jnp.concatenate([k, k + 7.0]), jnp.concatenate([v, v - 7.0])) for k, v in small)
+    step_tok, step_pos = np.array([[7], [8]], np.int32), np.array([[5], [5]], np.int32)
+    want, small = forward(tiny_model, step_tok, step_pos, small, 16)
+    got, big_after = forward(tiny_model, step_tok, step_pos, big, 16)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+    for (k, v), (k2, v2), (bk, bv) in zip(small, big_after, big):
+        np.testing.assert_allclose(np.asarray(k2[:2]), np.asarray(k), atol=1e-6)
+        np.testing.assert_array_equal(np.asarray(k2[2:]), np.asarray(bk[2:]))
+        np.testing.assert_array_equal(np.asarray(v2[2:]), np.asarray(bv[2:]))
+
+
+def test_transposed_lm_head_gives_the_tied_embedding_logits(tiny_model):
+    hidden = jax.random.normal(jax.random.key(0), (3, tiny_model.config.n_embd))
+    head = lm_head(tiny_model)
+    assert head.shape == (tiny_model.config.n_embd, tiny_model.config.padded_vocab)
+    np.testing.assert_allclose(np.asarray(tiny_model.logits(hidden, head)),
+                               np.asarray(tiny_model.logits(hidden)), atol=1e-5)
 
 
 def test_padded_vocabulary_is_masked(tiny_model):
