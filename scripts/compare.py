@@ -273,9 +273,13 @@ class PgptRunner:
 
     def run(self, prompts, new_tokens, mode, seed):
         import pgpt_jax
+        from pgpt_jax.generate import engine_for
 
+        engine = engine_for(self.model, len(prompts))  # the engine generate() uses for this many slots
+        compiled = engine.compile_count
         choices = pgpt_jax.generate(self.model, prompts, max_tokens=new_tokens, logit_bias={EOS: -100.0},
                                     seed=seed, slots=len(prompts), **MODES[mode])
+        self.compiles = engine.compile_count - compiled
         return sum(len(c[0].token_ids) for c in choices)
 
 
@@ -427,7 +431,8 @@ def worker_main(a) -> None:
             t0 = time.perf_counter()
             tokens = runner.run(cmd["prompts"], cmd["new_tokens"], cmd["mode"], cmd["seed"])
             dt = time.perf_counter() - t0
-            say(ok=True, tokens=tokens, seconds=round(dt, 4), tok_s=round(tokens / dt, 2))
+            extra = {"compiles": runner.compiles} if hasattr(runner, "compiles") else {}
+            say(ok=True, tokens=tokens, seconds=round(dt, 4), tok_s=round(tokens / dt, 2), **extra)
         except Exception as e:  # noqa: BLE001
             say(ok=False, error=f"{type(e).__name__}: {e}", trace=traceback.format_exc()[-2000:])
 
@@ -543,7 +548,7 @@ class Results:
         self.path = path
         self.rows: list[dict] = []
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.f = open(path, "a")
+        self.f = open(path, "w")  # one run per file: medians never mix two runs
 
     def add(self, **row) -> dict:
         # The 1-minute load average says when another process shared the cores during a figure.
@@ -558,12 +563,42 @@ class Results:
         self.add(kind="skip", what=what, why=why)
 
 
-def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
+def cpu_flags() -> list[str]:
+    """The SIMD/matrix features that decide CPU matmul speed (Linux; empty elsewhere)."""
     try:
         for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
+            if line.startswith("flags"):
+                return sorted(f for f in line.split(":", 1)[1].split()
+                              if f.startswith(("avx", "amx")) or f in ("fma", "f16c"))
+    except OSError:
+        pass
+    return []
+
+
+def simd(flags) -> str:
+    """The widest vector/matrix unit, in words: "AMX", "AVX-512 BF16", "AVX-512", "AVX2", ..."""
+    flags = set(flags or ())
+    for flag, name in (("amx_bf16", "AMX"), ("avx512_bf16", "AVX-512 BF16"), ("avx512f", "AVX-512"),
+                       ("avx2", "AVX2"), ("avx", "AVX")):
+        if flag in flags:
+            return name
+    return "flags unknown"
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    family = model = None
+    try:
+        for line in open("/proc/cpuinfo"):
+            key, _, val = line.partition(":")
+            key, val = key.strip(), val.strip()
+            if key == "model name" and cpu == (platform.processor() or platform.machine()):
+                cpu = val
+            elif key == "cpu family" and family is None:
+                family = val
+            elif key == "model" and model is None:
+                model = val
+            if family and model and key == "flags":
                 break
     except OSError:
         pass
@@ -580,7 +615,8 @@ def machine() -> dict:
             versions[pkg] = version(pkg)
         except PackageNotFoundError:
             versions[pkg] = None
-    return {"cpu": cpu, "cores": os.cpu_count(), "mem_gib": mem, "platform": platform.platform(),
+    return {"cpu": cpu, "cpu_family_model": f"{family}/{model}", "cpu_flags": cpu_flags(),
+            "cores": os.cpu_count(), "mem_gib": mem, "platform": platform.platform(),
             "python": platform.python_version(), "versions": versions}
 
 
@@ -616,6 +652,13 @@ def run(a) -> Path:
     have_torch = has("torch") and has("transformers")
     have_llama = has("llama_cpp")
     systems = [s for s in a.systems if s in ENGINE_SYSTEMS]
+    flags = cpu_flags()
+    if a.systems_default and "hf-bfloat16" in systems and flags and not {"avx512_bf16", "amx_bf16"} & set(flags):
+        # Without native bf16, torch emulates it: 1.7 tok/s at batch 1 on a Zen 3 (AVX2), 10x below
+        # its float32, and the full grid would take over an hour.
+        R.skip("hf-bfloat16", "this CPU has no native bf16 (avx512_bf16/amx_bf16), torch emulates it at a "
+               "fraction of its float32 speed; name it in --systems to run it anyway")
+        systems.remove("hf-bfloat16")
     if not have_torch:
         for s in [s for s in systems if s.startswith("hf-")]:
             R.skip(s, "torch/transformers not installed (pip install -e '.[compare]')")
@@ -711,17 +754,17 @@ def engine_phase(a, R: Results, systems: list[str], weights: Path, gguf: dict, l
             continue
         workers[s] = w
     try:
-        # Warm-up: one untimed run per system and batch. pgpt-jax's has the timed run's lengths, so
-        # that it compiles every decode window they reach; the peers compile nothing, a short run
-        # allocates their buffers.
+        # Warm-up, untimed, per system and batch. pgpt-jax: a run of the timed lengths (it compiles
+        # the decode windows they reach), then a short one (a request into a used slot compiles one
+        # more program). The peers compile nothing; a short run allocates their buffers.
         for b in sorted({b for s in workers for b in plan[s]}):
             ids, _ = word_prompts(b, a.prompt_tokens, seed=10_000 + b)
             for s, w in workers.items():
                 if b in plan[s]:
                     log(f"engine: warm-up {LABELS[s]} batch {b} ...")
-                    n = a.new_tokens if s == "pgpt" else min(8, a.new_tokens)
-                    ans = w.ask(prompts=ids, new_tokens=n, mode="greedy", seed=0)
-                    R.add(kind="engine_warmup", system=s, batch=b, **{k: v for k, v in ans.items() if k != "ok"})
+                    for n in ([a.new_tokens] if s == "pgpt" else []) + [min(8, a.new_tokens)]:
+                        ans = w.ask(prompts=ids, new_tokens=n, mode="greedy", seed=0)
+                        R.add(kind="engine_warmup", system=s, batch=b, **{k: v for k, v in ans.items() if k != "ok"})
         for rnd in range(a.rounds):
             for b in a.batches:
                 ids, _ = word_prompts(b, a.prompt_tokens, seed=rnd * 1000 + b)
@@ -732,11 +775,11 @@ def engine_phase(a, R: Results, systems: list[str], weights: Path, gguf: dict, l
                     for s in order:
                         ans = workers[s].ask(prompts=ids, new_tokens=a.new_tokens, mode=mode, seed=rnd)
                         if ans.get("ok"):
-                            R.add(kind="engine", system=s, batch=b, mode=mode, round=rnd, tok_s=ans["tok_s"],
-                                  tokens=ans["tokens"], seconds=ans["seconds"], new_tokens=a.new_tokens,
-                                  prompt_tokens=a.prompt_tokens)
+                            R.add(kind="engine", system=s, batch=b, mode=mode, round=rnd, new_tokens=a.new_tokens,
+                                  prompt_tokens=a.prompt_tokens, **{k: v for k, v in ans.items() if k != "ok"})
                             log(f"engine r{rnd} batch {b:>3} {mode:<6} {LABELS[s]:<22} {ans['tok_s']:>8.1f} tok/s"
-                                + ("" if ans["tokens"] == b * a.new_tokens else f"  ({ans['tokens']} tokens!)"))
+                                + ("" if ans["tokens"] == b * a.new_tokens else f"  ({ans['tokens']} tokens!)")
+                                + (f"  (compiled {ans['compiles']} programs while timed!)" if ans.get("compiles") else ""))
                         else:
                             R.add(kind="error", phase="engine", system=s, batch=b, mode=mode, round=rnd,
                                   error=ans.get("error"), trace=ans.get("trace"))
@@ -845,6 +888,7 @@ def summarize(rows: list[dict]) -> dict:
     meta = next((r for r in rows if r.get("kind") == "meta"), {})
     return {"engine": {k: _median(v) for k, v in eng.items()}, "engine_n": {k: len(v) for k, v in eng.items()},
             "serving": serving, "roofline": roof, "meta": meta,
+            "weights": next((r for r in rows if r.get("kind") == "weights"), None),
             "measurements": [r for r in rows if r.get("kind") in ("engine", "serving")],
             "skips": [r for r in rows if r.get("kind") == "skip"],
             "errors": [r for r in rows if r.get("kind") == "error"]}
@@ -861,7 +905,8 @@ def _x(r: float | None) -> str:
 def print_summary(S: dict) -> list[str]:
     lines = []
     meta, roof = S["meta"], S["roofline"]
-    lines.append(f"# {meta.get('date', '?')}  {meta.get('cpu', '?')}, {meta.get('cores', '?')} cores, "
+    lines.append(f"# {meta.get('date', '?')}  {meta.get('cpu', '?')} (family/model {meta.get('cpu_family_model')}, "
+                 f"{simd(meta.get('cpu_flags'))}), {meta.get('cores', '?')} cores, "
                  f"{meta.get('mem_gib', '?')} GiB; preset {meta.get('preset')}, float32 unless named; "
                  f"medians of {meta.get('rounds')} round(s); load average at start {meta.get('load1')}")
     loads = [r["load1"] for r in S["measurements"] if r.get("load1") is not None]
@@ -951,6 +996,7 @@ def plot(S: dict, out_dir: Path) -> list[Path]:
     from matplotlib.ticker import FuncFormatter, NullFormatter
 
     plain = FuncFormatter(lambda v, _: f"{v:g}")
+    sparse = FuncFormatter(lambda v, _: f"{v:g}" if f"{v:g}"[0] in "25" else "")  # minor ticks: 2s and 5s
 
     def log_axes(ax, xs) -> None:
         ax.set_xscale("log", base=2)
@@ -958,17 +1004,20 @@ def plot(S: dict, out_dir: Path) -> list[Path]:
         ax.set_xticks(xs, [str(x) for x in xs])
         ax.xaxis.set_minor_formatter(NullFormatter())
         ax.yaxis.set_major_formatter(plain)
-        ax.yaxis.set_minor_formatter(plain)
+        ax.yaxis.set_minor_formatter(sparse)
         ax.tick_params(axis="y", which="minor", labelsize=7)
         ax.grid(True, which="both", alpha=0.3)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     meta, roof, eng, srv = S["meta"], S["roofline"], S["engine"], S["serving"]
-    where = (f"{meta.get('cpu', '?')}, {meta.get('cores', '?')} cores, {str(meta.get('date', '?'))[:10]}"
+    where = (f"{meta.get('cpu', '?')} ({simd(meta.get('cpu_flags'))}), {meta.get('cores', '?')} cores, "
+             f"{str(meta.get('date', '?'))[:10]}"
              + (" (--quick smoke run)" if meta.get("quick") else ""))
+    params = (S.get("weights") or {}).get("params")
+    model = f"GPT-2 (preset {meta.get('preset')}" + (f", {params / 1e6:.0f}M params)" if params else ")")
     paths = []
     if eng or roof:
-        fig, ax = plt.subplots(figsize=(8, 5.5))
+        fig, ax = plt.subplots(figsize=(11, 5.5))
         batches = sorted({k[1] for k in eng} | set(meta.get("batches") or []))
         for s in ENGINE_SYSTEMS:
             for mode, style in (("greedy", "-"), ("top_p", "--")):
@@ -987,9 +1036,9 @@ def plot(S: dict, out_dir: Path) -> list[Path]:
         log_axes(ax, batches)
         ax.set_xlabel("batch size (sequences decoded together)")
         ax.set_ylabel("generated tokens/s (prefill included)")
-        ax.set_title(f"GPT-2 {meta.get('preset')} decode: {meta.get('prompt_tokens')}-token prompt, "
+        ax.set_title(f"{model} decode: {meta.get('prompt_tokens')}-token prompt, "
                      f"{meta.get('new_tokens')} new tokens, EOS banned\n{where}", fontsize=10)
-        ax.legend(fontsize=7.5, loc="upper left")
+        ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
         fig.tight_layout()
         p = out_dir / "compare_decode.png"
         fig.savefig(p, dpi=120)
@@ -1016,7 +1065,7 @@ def plot(S: dict, out_dir: Path) -> list[Path]:
             ax.set_ylabel(ylabel)
         axes[0].legend(fontsize=8)
         axes[2].legend(fontsize=6.5)
-        fig.suptitle(f"GPT-2 {meta.get('preset')} serving (OpenAI Completions, streaming, closed loop): "
+        fig.suptitle(f"{model} serving (OpenAI Completions, streaming, closed loop): "
                      f"{meta.get('prompt_tokens')}-token prompts, {meta.get('serving_output_tokens')} output "
                      f"tokens a request\n{where}", fontsize=10)
         fig.tight_layout()
@@ -1057,7 +1106,7 @@ def _names(allowed):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work-dir", default="~/.cache/pgpt-jax-compare", help="cache of weights, GGUF files, logs")
-    p.add_argument("--out", default=None, help="JSON lines of every measurement (default: WORK_DIR/results-<time>.jsonl)")
+    p.add_argument("--out", default=None, help="JSON lines of every measurement, overwritten (default: WORK_DIR/results-<time>.jsonl)")
     p.add_argument("--plots-dir", default=None, help="where the PNGs go (default: docs/, or WORK_DIR with --quick)")
     p.add_argument("--plot-only", metavar="RESULTS", default=None, help="summarize and plot a finished run's JSON lines")
     p.add_argument("--quick", action="store_true",
@@ -1072,7 +1121,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-tokens", type=int, default=None, help="serving: output tokens a request; default 64 (--quick: 16)")
     p.add_argument("--requests-per-stream", type=int, default=1,
                    help="serving: requests per concurrent stream (at least 2 requests a point)")
-    p.add_argument("--systems", type=_names(ENGINE_SYSTEMS), default=list(ENGINE_SYSTEMS))
+    p.add_argument("--systems", type=_names(ENGINE_SYSTEMS), default=None,
+                   help=f"default: {','.join(ENGINE_SYSTEMS)} (hf-bfloat16 only where the CPU has native bf16)")
     p.add_argument("--phases", type=_names(("roofline", "engine", "serving")), default=["roofline", "engine", "serving"])
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for torch and llama.cpp")
     p.add_argument("--port", type=int, default=8790, help="first of the servers' ports")
@@ -1096,6 +1146,8 @@ def main(argv: list[str] | None = None) -> None:
     if a.plot_only:
         report_and_plot(Path(a.plot_only), Path(a.plots_dir or REPO / "docs"))
         return
+    a.systems_default = a.systems is None
+    a.systems = a.systems or list(ENGINE_SYSTEMS)
     for k, v in (QUICK if a.quick else FULL).items():
         if getattr(a, k) is None:  # flags given explicitly win over --quick
             setattr(a, k, v)
