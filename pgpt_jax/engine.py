@@ -113,6 +113,16 @@ def _constrain(state: DecodeState, outs: tuple, mesh: Optional[Mesh]):
 # --------------------------------------------------------------------------- jitted programs
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef", "mesh"))
+def transposed_head(graphdef, params, *, mesh=None):
+    """The LM head as its own [D, V] array (`model.lm_head`), vocabulary over `model`."""
+    head = lm_head(nnx.merge(graphdef, params))
+    if mesh is not None:
+        head = jax.lax.with_sharding_constraint(
+            head, NamedSharding(mesh, sharding.spec(("embed", "vocab"))))
+    return head
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "want_logprobs", "top_k", "mesh"))
 def prefill(graphdef, params, head, tokens, true_len, *, want_logprobs: bool, top_k: int, mesh=None):
     """tokens i32[1, T] (T a bucket, padded past true_len) -> one sequence's KV cache and logits.
@@ -309,9 +319,7 @@ class Engine:
             # Params already placed by load_model/init_model(mesh=...) stay where they are.
             sharding.check_mesh(mesh, self.config, slots)
             self.params = jax.device_put(self.params, sharding.param_shardings(self.params, mesh))
-        head_sharding = None if mesh is None else NamedSharding(mesh, sharding.spec(("embed", "vocab")))
-        self.head = jax.jit(lambda p: lm_head(nnx.merge(self.graphdef, p)),
-                            out_shardings=head_sharding)(self.params)
+        self.head = transposed_head(self.graphdef, self.params, mesh=mesh)
         self.state = init_state(self.config, slots, mesh)
         self.vocab = self.config.vocab_size
         self._inbox: list = []
