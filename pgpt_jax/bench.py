@@ -125,13 +125,13 @@ def main(args) -> None:
     # Compile/warm-up time and prefill per bucket, on the smallest engine.
     eng = Engine(model, tok, slots=slot_counts[0], decode_steps=args.decode_steps, mesh=mesh)
     t = eng.warmup(progress=True)
-    _emit(rows, out, metric="warmup_s", value=round(t, 2), programs=len(eng.buckets) * 3 + len(eng.windows) * len(eng.row_buckets))
+    _emit(rows, out, metric="warmup_s", value=round(t, 2), compiles=eng.compile_count)
     for b in eng.buckets:
         tokens = np.zeros((1, b), np.int32)
         times = []
         for _ in range(3):
             t0 = time.perf_counter()
-            res = prefill(eng.graphdef, eng.params, eng.head, tokens, np.int32(b), want_logprobs=False, top_k=eng.top_k,
+            res = prefill(eng.graphdef, eng.params, eng.head, tokens, np.array([b], np.int32), want_logprobs=False, top_k=eng.top_k,
                           mesh=mesh)
             np.asarray(res[1])
             times.append(time.perf_counter() - t0)

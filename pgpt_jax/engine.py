@@ -125,18 +125,20 @@ def transposed_head(graphdef, params, *, mesh=None):
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "want_logprobs", "top_k", "mesh"))
 def prefill(graphdef, params, head, tokens, true_len, *, want_logprobs: bool, top_k: int, mesh=None):
-    """tokens i32[1, T] (T a bucket, padded past true_len) -> one sequence's KV cache and logits.
+    """tokens i32[P, T] (P prompts padded to a bucket T), true_len i32[P] -> their KV caches and logits.
 
-    Returns (cache: per layer ([1, N, T, H], [1, N, T, H]), last_logits f32[V],
-    prompt logprobs f32[T-1] of tokens 1..T-1, top ids i32[T-1, k], top logprobs f32[T-1, k]);
-    the prompt-logprob arrays are empty unless `want_logprobs` (computing logits for every
-    prompt position is the costly part of echo).
+    Returns (cache: per layer ([P, N, T, H], [P, N, T, H]), last_logits f32[P, V],
+    prompt logprobs f32[T-1] of row 0's tokens 1..T-1, top ids i32[T-1, k], top logprobs
+    f32[T-1, k]); the prompt-logprob arrays are empty unless `want_logprobs` (then P is 1:
+    logits for every prompt position are the costly part of echo). Prompts that arrive
+    together share one call: P rows of T tokens make one [P*T, D] matmul per weight.
     """
     model = nnx.merge(graphdef, params)
-    T = tokens.shape[1]
-    positions = jnp.arange(T, dtype=jnp.int32)[None, :]
-    hidden, cache = model(tokens, positions, init_cache(model.config, 1, T))
-    last_logits = model.logits(hidden[0, true_len - 1], head)
+    P, T = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (P, T))
+    hidden, cache = model(tokens, positions, init_cache(model.config, P, T))
+    last_hidden = jnp.take_along_axis(hidden, (true_len - 1)[:, None, None], axis=1)[:, 0]  # [P, D]
+    last_logits = model.logits(last_hidden, head)
     if want_logprobs:
         logits = model.logits(hidden[0, :-1], head)  # [T-1, V]: predicts tokens 1..T-1
         lp, top_ids, top_lps = sampling.logprobs_of(logits, tokens[0, 1:], top_k)
@@ -152,24 +154,25 @@ def prefill(graphdef, params, head, tokens, true_len, *, want_logprobs: bool, to
 
 
 @functools.partial(jax.jit, static_argnames=("mesh",), donate_argnums=(0,))
-def insert(state: DecodeState, prefix_cache, slot, *, mesh=None):
-    """Copies a prefilled sequence's KV (per layer ([1, N, T, H], ...)) into `slot` of the cache.
+def insert(state: DecodeState, prefix_cache, prow, slot, *, mesh=None):
+    """Copies row `prow` of a prefill's KV (per layer ([P, N, T, H], ...)) into `slot` of the cache.
 
-    One program per prompt bucket T, and nothing else in it: sampling the first token is
-    `start_row`'s job, compiled once for every bucket.
+    One program per prefill shape (P, T), and nothing else in it: sampling the first token
+    is `start_row`'s job, compiled once for every P.
     """
-    cache = tuple(
-        (jax.lax.dynamic_update_slice(k, pk.astype(k.dtype), (slot, 0, 0, 0)),
-         jax.lax.dynamic_update_slice(v, pv.astype(v.dtype), (slot, 0, 0, 0)))
-        for (k, v), (pk, pv) in zip(state.cache, prefix_cache))
+    def put(full, prefix):
+        one = jax.lax.dynamic_slice_in_dim(prefix, prow, 1, axis=0)
+        return jax.lax.dynamic_update_slice(full, one.astype(full.dtype), (slot, 0, 0, 0))
+
+    cache = tuple((put(k, pk), put(v, pv)) for (k, v), (pk, pv) in zip(state.cache, prefix_cache))
     return _constrain(dataclasses.replace(state, cache=cache), (), mesh)[0]
 
 
 @functools.partial(jax.jit, static_argnames=("top_k", "mesh"), donate_argnums=(0,))
-def start_row(state: DecodeState, last_logits, slot, true_len, row, *, top_k: int, mesh=None):
+def start_row(state: DecodeState, last_logits, prow, slot, true_len, row, *, top_k: int, mesh=None):
     """Sets `slot`'s sampling row and samples its first token from the prefill's last logits.
 
-    last_logits f32[V]; row: dict of temperature, top_p, presence, frequency, num_logprobs (scalars),
+    last_logits f32[P, V] (row `prow` is this sequence's); row: dict of temperature, top_p, presence, frequency, num_logprobs (scalars),
     key u32[2] and bias f32[V] (see `Engine._row_arrays`). Returns (state, token i32[1],
     logprob f32[1], top ids i32[1, k], top logprobs f32[1, k]).
     """
@@ -179,8 +182,8 @@ def start_row(state: DecodeState, last_logits, slot, true_len, row, *, top_k: in
         presence=row["presence"][None], frequency=row["frequency"][None],
         bias=row["bias"][None], counts=jnp.zeros((1, r.counts.shape[1]), r.counts.dtype),
         num_logprobs=row["num_logprobs"][None], key=row["key"][None].astype(r.key.dtype))
-    tok, lp, top_ids, top_lps, one = sampling.sample(
-        last_logits[None], one, jnp.reshape(true_len, (1,)), top_k=top_k)
+    last = jax.lax.dynamic_slice_in_dim(last_logits, prow, 1, axis=0)  # [1, V]
+    tok, lp, top_ids, top_lps, one = sampling.sample(last, one, jnp.reshape(true_len, (1,)), top_k=top_k)
     rows = jax.tree.map(lambda all_rows, new: all_rows.at[slot].set(new[0]), r, one)
     state = dataclasses.replace(state, tokens=state.tokens.at[slot].set(tok[0]),
                                 positions=state.positions.at[slot].set(true_len), rows=rows)
@@ -268,7 +271,7 @@ class _Req:
     seed: int
     choices: list = dataclasses.field(default_factory=list)
     waiting: deque = dataclasses.field(default_factory=deque)  # choices not yet in a slot
-    prefix: Optional[tuple] = None  # (cache, last_logits, true_len), device arrays
+    prefix: Optional[tuple] = None  # (cache, last_logits, row in them, true_len): a prefill's output
     prompt_lp: Optional[Logprobs] = None  # echo logprobs, built once
     prompt_text: str = ""  # what echo returns before the completion
     prompt_chars: int = 0  # characters of the prompt: completion text_offsets start here
@@ -290,7 +293,7 @@ class Engine:
 
     def __init__(self, model: GPT, tokenizer, *, slots: int = 32, decode_steps: int = 4,
                  max_queue: int = 256, max_logprobs: int = 5, min_bucket: int = 16,
-                 min_window: int = 128, mesh: Optional[Mesh] = None):
+                 min_window: int = 128, max_prefill_tokens: int = 1024, mesh: Optional[Mesh] = None):
         if not 0 <= max_logprobs <= 20:
             raise ValueError("max_logprobs must be in 0..20")
         self.model, self.tokenizer = model, tokenizer
@@ -301,6 +304,12 @@ class Engine:
         self.top_k = max(max_logprobs, 1)
         self.buckets = _buckets(self.context_length, min(min_bucket, self.context_length))
         self.windows = _buckets(self.context_length, min(min_window, self.context_length))
+        # Prompts of one bucket that arrive together are prefilled in one call of 1, 4 or 16
+        # rows, as long as rows x bucket stays within max_prefill_tokens (past that the
+        # matmuls are large enough alone, and every extra shape is one more compile).
+        self.prefill_rows = {b: tuple(p for p in (1, 4, 16) if p == 1 or (p * b <= max_prefill_tokens
+                                                                         and p <= slots))
+                             for b in self.buckets}
         # Decode runs the occupied prefix of the slots, in buckets of 1, 4, 16, ... rows
         # (free slots are taken lowest first). A data axis splits slots over devices: there
         # every program runs all of them rather than reshard a prefix.
@@ -442,8 +451,8 @@ class Engine:
     def warmup(self, progress: bool = False) -> float:
         """Compiles every prefill bucket, insert and decode window; returns seconds taken."""
         t0 = time.perf_counter()
-        jobs = [("prefill", b, w) for b in self.buckets for w in (False, True)]
-        jobs += [("insert", b, None) for b in self.buckets]
+        jobs = [("prefill", (b, 1), True) for b in self.buckets]
+        jobs += [("prefill", (b, p), False) for b in self.buckets for p in self.prefill_rows[b]]
         jobs += [("decode", w, r) for w in self.windows for r in self.row_buckets]
         bar = None
         if progress:
@@ -451,18 +460,19 @@ class Engine:
 
             bar = tqdm(total=len(jobs), desc="warm-up (compiling)", unit="program")
         row = self._row_arrays(Request(prompt=[0]), 0, 0)
-        prefixes = {}
+        started = set()  # start_row compiles once per prefill row count
         for kind, size, flag in jobs:
             if kind == "prefill":
-                out = prefill(self.graphdef, self.params, self.head, np.zeros((1, size), np.int32),
-                              np.int32(1), want_logprobs=flag, top_k=self.top_k, mesh=self.mesh)
-                prefixes[size] = out
-            elif kind == "insert":
-                cache, last = prefixes[size][:2]
-                self.state = insert(self.state, cache, np.int32(0), mesh=self.mesh)
-                if size == self.buckets[0]:
-                    self.state, *_ = start_row(self.state, last, np.int32(0), np.int32(1), row,
-                                               top_k=self.top_k, mesh=self.mesh)
+                (bucket, rows) = size
+                cache, last, *_ = prefill(
+                    self.graphdef, self.params, self.head, np.zeros((rows, bucket), np.int32),
+                    np.ones((rows,), np.int32), want_logprobs=flag, top_k=self.top_k, mesh=self.mesh)
+                if not flag:  # the echo variant's cache has the same shape as the plain one's
+                    self.state = insert(self.state, cache, np.int32(0), np.int32(0), mesh=self.mesh)
+                    if rows not in started:
+                        started.add(rows)
+                        self.state, *_ = start_row(self.state, last, np.int32(0), np.int32(0), np.int32(1),
+                                                   row, top_k=self.top_k, mesh=self.mesh)
             else:
                 self.state, *_ = decode(self.graphdef, self.params, self.head, self.state,
                                         steps=self.decode_steps, window=size, rows=flag,
@@ -518,8 +528,11 @@ class Engine:
             aborts, self._aborts = self._aborts, []
         if self.multihost:
             new, aborts = self._sync_inbox(new, aborts)
-        for req in new:
-            self._start_request(req)
+        together = [req for req in new if self._start_request(req)]
+        self._prefill(together, want_logprobs=False)
+        for req in together:
+            req.waiting.extend(req.choices)
+            self._queue.append(req)
         for req in aborts:
             self._release(req)
 
@@ -577,10 +590,12 @@ class Engine:
             self._aborts.append(req)
         self._wake.set()
 
-    def _start_request(self, req: _Req) -> None:
+    def _start_request(self, req: _Req) -> bool:
+        """Sets up a new request. True: it still needs its prefill (the caller batches those
+        of one iteration); echo with logprobs is prefilled and queued here, alone."""
         r = req.request
         if req.aborted:
-            return
+            return False
         echo_ids = r.echo_prompt if r.echo_prompt is not None else r.prompt
         prompt_text = self.tokenizer.decode(echo_ids)
         req.prompt_text = prompt_text if r.echo else ""
@@ -591,29 +606,45 @@ class Engine:
             for c in req.choices:
                 c.finish = "length"
             self._finish_request(req)
-            return
-        self._prefill(req, need_prompt_lp)
+            return False
+        if not need_prompt_lp:
+            return True
+        self._prefill([req], want_logprobs=True)
         if req.max_new == 0:
             for c in req.choices:
                 c.finish = "length"
             self._finish_request(req)
-            return
+            return False
         req.waiting.extend(req.choices)
         self._queue.append(req)
+        return False
 
-    def _prefill(self, req: _Req, want_logprobs: bool) -> None:
-        r = req.request
-        P = len(r.prompt)
-        bucket = next(b for b in self.buckets if b >= P)
-        tokens = np.zeros((1, bucket), np.int32)
-        tokens[0, :P] = r.prompt
-        cache, last, lp, top_ids, top_lps = prefill(
-            self.graphdef, self.params, self.head, tokens, np.int32(P),
-            want_logprobs=want_logprobs, top_k=self.top_k, mesh=self.mesh)
-        self.prefill_calls += 1
-        req.prefix = (cache, last, P)
-        if want_logprobs:
-            req.prompt_lp = self._prompt_logprobs(req, np.asarray(lp), np.asarray(top_ids), np.asarray(top_lps))
+    def _prefill(self, reqs: list, want_logprobs: bool) -> None:
+        """Prefills `reqs`: one call per group of same-bucket prompts (see `prefill_rows`)."""
+        by_bucket: dict = {}
+        for req in reqs:
+            bucket = next(b for b in self.buckets if b >= len(req.request.prompt))
+            by_bucket.setdefault(bucket, []).append(req)
+        for bucket, group in by_bucket.items():
+            most = 1 if want_logprobs else self.prefill_rows[bucket][-1]
+            for i in range(0, len(group), most):
+                chunk = group[i:i + most]
+                rows = next(p for p in self.prefill_rows[bucket] if p >= len(chunk))
+                tokens = np.zeros((rows, bucket), np.int32)
+                lengths = np.ones((rows,), np.int32)  # padding rows: one token, never read
+                for j, req in enumerate(chunk):
+                    tokens[j, : len(req.request.prompt)] = req.request.prompt
+                    lengths[j] = len(req.request.prompt)
+                cache, last, lp, top_ids, top_lps = prefill(
+                    self.graphdef, self.params, self.head, tokens, lengths,
+                    want_logprobs=want_logprobs, top_k=self.top_k, mesh=self.mesh)
+                self.prefill_calls += 1
+                for j, req in enumerate(chunk):
+                    req.prefix = (cache, last, j, int(lengths[j]))
+                if want_logprobs:
+                    req = chunk[0]
+                    req.prompt_lp = self._prompt_logprobs(req, np.asarray(lp), np.asarray(top_ids),
+                                                          np.asarray(top_lps))
 
     def _prompt_logprobs(self, req: _Req, lp, top_ids, top_lps) -> Logprobs:
         """Echo logprobs of the prompt: first token null, others from the prefill."""
@@ -664,11 +695,12 @@ class Engine:
             if not req.waiting:
                 self._queue.popleft()
             slot = free.pop(0)
-            cache, last, P = req.prefix
+            cache, last, prow, P = req.prefix
             row = self._row_arrays(req.request, req.seed, choice.index)
-            self.state = insert(self.state, cache, np.int32(slot), mesh=self.mesh)
+            self.state = insert(self.state, cache, np.int32(prow), np.int32(slot), mesh=self.mesh)
             self.state, tok, lp, top_ids, top_lps = start_row(
-                self.state, last, np.int32(slot), np.int32(P), row, top_k=self.top_k, mesh=self.mesh)
+                self.state, last, np.int32(prow), np.int32(slot), np.int32(P), row, top_k=self.top_k,
+                mesh=self.mesh)
             choice.slot = slot
             self._slot_choice[slot] = choice
             self._slot_pos[slot] = P

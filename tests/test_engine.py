@@ -87,6 +87,19 @@ def test_decode_runs_only_the_occupied_prefix_of_slots(engine):
     assert engine.row_buckets == (1, 4, 8)
 
 
+def test_prompts_arriving_together_share_prefill_calls(engine):
+    # Six prompts of one bucket in one iteration: 2 prefill calls (rows of 4: bucket 16 x 16
+    # rows would exceed the 8 slots), each prompt's tokens as when it runs alone.
+    assert engine.prefill_rows[16] == (1, 4)
+    prompts = [[100 + i] * (3 + i) for i in range(6)]
+    reqs = [Request(prompt=p, max_tokens=5, temperature=0.0, logit_bias=NO_EOS) for p in prompts]
+    alone = [run(engine, r)[0][0].choices[0].token_ids for r in reqs]
+    before = engine.prefill_calls
+    together, _ = run(engine, *reqs)
+    assert engine.prefill_calls - before == 2
+    assert [r.choices[0].token_ids for r in together] == alone
+
+
 def test_bf16_params_are_upcast_once_on_cpu():
     # The embedded model ships bf16 params: the engine keeps float32 copies (XLA:CPU would
     # convert every matmul's weights each call) and decodes exactly like the bf16 model.
