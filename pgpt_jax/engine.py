@@ -7,16 +7,19 @@ inbox. Each iteration of the host loop (`step()`):
 
   1. takes new requests and aborts from the inbox;
   2. admits waiting choices into free slots: `prefill` once per request (n/best_of
-     choices share it), then per choice `insert` (its KV into the slot) and `start_row`
-     (its sampling row, and its first token);
-  3. dispatches `decode` for `decode_steps` tokens of every slot (one program);
+     choices share it; prompts of one bucket that arrive together share one call), then
+     per choice `insert` (its KV into the slot) and `start_row` (its sampling row, and its
+     first token); free slots are taken lowest first;
+  3. dispatches `decode` for `decode_steps` tokens of the occupied prefix of the slots
+     (one program; row buckets 1, 4, 16, ..., slots, so one stream pays for one row);
   4. while the device computes that, turns the outputs of the work dispatched earlier
      into text: detokenizes, matches stop strings, and calls the request's callback with
      `Delta`s and, at the end, one `Result`. Choices that finished free their slots for
      the next iteration; tokens the device made past a finish are discarded.
 
 Device state is one pytree (`DecodeState`) donated to every jitted call. Shapes are
-static (slots, prompt buckets, attention windows, decode steps, top-k cap); every
+static (slots, prompt buckets, prefill rows, decode rows, attention windows, decode
+steps, top-k cap); every
 request parameter is a value in an array, so after `warmup()` nothing compiles again.
 The engine speaks token ids; the tokenizer is only used to turn outputs into text.
 """

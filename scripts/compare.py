@@ -968,8 +968,8 @@ def print_summary(S: dict) -> list[str]:
                 ll = srv.get(("llama-f32", c))
                 lines.append("| " + " | ".join([
                     str(c), LABELS[s], f"{v['output_tokens_per_s']:.1f}",
-                    " / ".join(str(v["ttft_ms"][p]) for p in ("p50", "p90", "p99")),
-                    " / ".join(str(v["tpot_ms"][p]) for p in ("p50", "p90", "p99")),
+                    " / ".join(f"{v['ttft_ms'][p]:.0f}" for p in ("p50", "p90", "p99")),
+                    " / ".join(f"{v['tpot_ms'][p]:.1f}" for p in ("p50", "p90", "p99")),
                     _x(_ratio(v["output_tokens_per_s"], ll and ll["output_tokens_per_s"]))]) + " |")
     # The targets, from this run's ratios.
     lines.append("")
@@ -990,7 +990,7 @@ def print_summary(S: dict) -> list[str]:
     tp = _ratio(p32 and p32["tpot_ms"]["p50"], p1 and p1["tpot_ms"]["p50"])
     lines.append("  pgpt-jax p50 TPOT at 32 streams / at 1: "
                  + ("n/a (not measured)" if tp is None else
-                    f"{p32['tpot_ms']['p50']} / {p1['tpot_ms']['p50']} ms = {tp:.2f}x (target <= 2.00x)"
+                    f"{p32['tpot_ms']['p50']:.1f} / {p1['tpot_ms']['p50']:.1f} ms = {tp:.2f}x (target <= 2.00x)"
                     + (" MET" if tp <= 2 else " MISSED")))
     for r in S["skips"]:
         lines.append(f"skipped {r['what']}: {r['why']}")

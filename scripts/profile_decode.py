@@ -9,9 +9,11 @@ three ablations of it, each compiled separately and timed in the same process:
   matmuls     only the model's matmuls: 12 x (c_attn, c_proj, c_fc, mlp c_proj) + LM head
 
 and reports ms per step, tokens/s, and the matmuls' achieved bandwidth (weight bytes read
-per step / time) and FLOP/s, so the gap to the machine's roofline can be read off:
+per step / time) and FLOP/s, so the gap to the machine's roofline can be read off. With
+--trace it also splits the full step by XLA op kind (dot, fusions, scatter) from a
+jax.profiler trace:
 
-    python scripts/profile_decode.py --preset gpt2 --slots 1,8,32
+    python scripts/profile_decode.py --preset gpt2 --slots 1,8,32 --trace
 
 Every variant is compiled first, then all are timed in --rounds interleaved rounds and each
 keeps its fastest call (a shared machine's noise only ever adds time).
@@ -101,10 +103,43 @@ def matmul_program(model, slots: int, steps: int):
     return (lambda _: chain(x)), None, 4.0 * weights, 2.0 * weights * slots
 
 
+def op_breakdown(call, state, steps: int, calls: int = 3) -> dict:
+    """ms a step per XLA op kind (dot, fusion kinds, scatter, ...) from a jax.profiler trace.
+
+    XLA:CPU reports each thunk it runs as an event on its worker threads; events are summed
+    over threads, so two ops running at once both count.
+    """
+    import collections
+    import glob
+    import re
+    import tempfile
+
+    from jax._src.lib import _profile_data
+
+    with tempfile.TemporaryDirectory() as tmp:
+        jax.profiler.start_trace(tmp)
+        for _ in range(calls):
+            state = call(state)
+            jax.block_until_ready(state)
+        jax.profiler.stop_trace()
+        path = sorted(glob.glob(f"{tmp}/**/*.xplane.pb", recursive=True))[-1]
+        data = _profile_data.ProfileData.from_file(path)
+        total: collections.Counter = collections.Counter()
+        for plane in data.planes:
+            for line in plane.lines:
+                if not line.name.startswith("tf_XLA"):
+                    continue
+                for ev in line.events:
+                    if "Execute" in ev.name or ev.name.startswith(("while", "end:")):
+                        continue
+                    total[re.sub(r"[.\d]+$", "", ev.name)] += ev.duration_ns
+    return {k: round(v / 1e6 / (calls * steps), 2) for k, v in total.most_common(8)}
+
+
 VARIANTS = ("full", "no-sampler", "no-attn", "matmuls")
 
 
-def profile(model, slots: int, steps: int, window: int, rounds: int) -> dict:
+def profile(model, slots: int, steps: int, window: int, rounds: int, trace: bool) -> dict:
     """ms a step per variant: every variant compiled first, then timed in interleaved rounds."""
     programs = {v: decode_program(model, slots, steps, window, v) for v in VARIANTS[:3]}
     call, state, nbytes, flops = matmul_program(model, slots, steps)
@@ -117,6 +152,9 @@ def profile(model, slots: int, steps: int, window: int, rounds: int) -> dict:
             programs[v] = (call, state)
             best[v] = min(best[v], seconds)
     row = {"slots": slots, **{v: round(1000 * best[v] / steps, 2) for v in VARIANTS}}
+    if trace:
+        call, state = programs["full"]
+        row["ops_ms"] = op_breakdown(call, state, steps)
     mm = row["matmuls"]
     row.update(tok_s=round(1000 * slots / row["full"], 1), matmul_GB_s=round(nbytes / mm / 1e6, 1),
                matmul_GFLOP_s=round(flops / mm / 1e6, 1),
@@ -132,10 +170,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--window", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--trace", action="store_true",
+                    help="also break the full step down by XLA op kind (jax.profiler trace)")
     args = ap.parse_args()
     model = init_model(args.preset, dtype="float32")
     for slots in (int(s) for s in args.slots.split(",")):
-        print(json.dumps(profile(model, slots, args.steps, args.window, args.rounds)), flush=True)
+        print(json.dumps(profile(model, slots, args.steps, args.window, args.rounds, args.trace)),
+              flush=True)
 
 if __name__ == "__main__":
     main()
