@@ -78,7 +78,7 @@ def decode_program(model, slots: int, steps: int, window: int, variant: str):
     finally:
         if saved is not None:
             setattr(*saved)
-    return (lambda st: compiled(graphdef, params, head, st)[0]), state
+    return (lambda st: compiled(params, head, st)[0]), state
 
 
 def matmul_program(model, slots: int, steps: int):
