@@ -19,8 +19,8 @@ inbox. Each iteration of the host loop (`step()`):
 
 Device state is one pytree (`DecodeState`) donated to every jitted call. Shapes are
 static (slots, prompt buckets, prefill rows, decode rows, attention windows, decode
-steps, top-k cap); every
-request parameter is a value in an array, so after `warmup()` nothing compiles again.
+steps, top-k cap); every request parameter is a value in an array, so after `warmup()`
+nothing compiles again.
 The engine speaks token ids; the tokenizer is only used to turn outputs into text.
 """
 
@@ -175,8 +175,9 @@ def insert(state: DecodeState, prefix_cache, prow, slot, *, mesh=None):
 def start_row(state: DecodeState, last_logits, prow, slot, true_len, row, *, top_k: int, mesh=None):
     """Sets `slot`'s sampling row and samples its first token from the prefill's last logits.
 
-    last_logits f32[P, V] (row `prow` is this sequence's); row: dict of temperature, top_p, presence, frequency, num_logprobs (scalars),
-    key u32[2] and bias f32[V] (see `Engine._row_arrays`). Returns (state, token i32[1],
+    last_logits f32[P, V] (row `prow` is this sequence's); row: dict of temperature, top_p,
+    presence, frequency, num_logprobs (scalars), key u32[2] and bias f32[V] (see
+    `Engine._row_arrays`). Returns (state, token i32[1],
     logprob f32[1], top ids i32[1, k], top logprobs f32[1, k]).
     """
     r = state.rows
@@ -310,9 +311,9 @@ class Engine:
         # Prompts of one bucket that arrive together are prefilled in one call of 1, 4 or 16
         # rows, as long as rows x bucket stays within max_prefill_tokens (past that the
         # matmuls are large enough alone, and every extra shape is one more compile).
-        self.prefill_rows = {b: tuple(p for p in (1, 4, 16) if p == 1 or (p * b <= max_prefill_tokens
-                                                                         and p <= slots))
-                             for b in self.buckets}
+        self.prefill_rows = {
+            b: tuple(p for p in (1, 4, 16) if p == 1 or (p * b <= max_prefill_tokens and p <= slots))
+            for b in self.buckets}
         # Decode runs the occupied prefix of the slots, in buckets of 1, 4, 16, ... rows
         # (free slots are taken lowest first). A data axis splits slots over devices: there
         # every program runs all of them rather than reshard a prefix.
@@ -605,22 +606,24 @@ class Engine:
         req.prompt_chars = len(prompt_text)
         req.choices = [_Choice(req, i, IncrementalDetokenizer(self.tokenizer)) for i in range(req.best_of)]
         need_prompt_lp = r.echo and r.logprobs is not None
-        if req.max_new == 0 and not need_prompt_lp:
-            for c in req.choices:
-                c.finish = "length"
-            self._finish_request(req)
-            return False
         if not need_prompt_lp:
+            if req.max_new == 0:
+                self._finish_empty(req)
+                return False
             return True
         self._prefill([req], want_logprobs=True)
-        if req.max_new == 0:
-            for c in req.choices:
-                c.finish = "length"
-            self._finish_request(req)
+        if req.max_new == 0:  # scoring a text: the prompt's logprobs are the whole answer
+            self._finish_empty(req)
             return False
         req.waiting.extend(req.choices)
         self._queue.append(req)
         return False
+
+    def _finish_empty(self, req: _Req) -> None:
+        """max_tokens 0: every choice ends at once with "length"."""
+        for c in req.choices:
+            c.finish = "length"
+        self._finish_request(req)
 
     def _prefill(self, reqs: list, want_logprobs: bool) -> None:
         """Prefills `reqs`: one call per group of same-bucket prompts (see `prefill_rows`)."""

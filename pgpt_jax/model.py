@@ -135,10 +135,9 @@ class GPT(nnx.Module):
         return jnp.where(real, logits, -jnp.inf)
 
 
-def lm_head(model: GPT, dtype=None):
+def lm_head(model: GPT):
     """The tied embedding as a [D, V] array of its own (for `GPT.logits(hidden, head)`)."""
-    table = model.wte.embedding[...]
-    return jnp.asarray(table.T, dtype or table.dtype)
+    return jnp.asarray(model.wte.embedding[...].T)
 
 
 def init_cache(cfg: GPTConfig, batch: int, length: int | None = None, dtype=None) -> KVCache:
