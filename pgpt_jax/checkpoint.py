@@ -3,6 +3,7 @@
 `load_model(source)` understands four kinds of source:
   - our orbax dir: `config.json` (GPTConfig fields) + `params/` (written by `save_checkpoint`);
   - an HF GPT-2 dir: `config.json` + `model.safetensors` (any of the four sizes);
+    (`save_hf` / `hf_state_dict` write the same names back, for comparisons with HF and llama.cpp)
   - an HF hub id such as "openai-community/gpt2", fetched (or found in the local cache)
     with huggingface_hub;
   - the embedded model's name, "pgpt-tiny", or None: `assets/pgpt-tiny/`, an orbax dir.
@@ -27,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pgpt_jax.config import GPTConfig
+from pgpt_jax.config import EOS_ID, GPTConfig
 from pgpt_jax.model import GPT
 
 EMBEDDED_NAME = "pgpt-tiny"
@@ -228,6 +229,44 @@ def load_hf(directory, *, dtype=None, name: str | None = None, shardings=None, p
 
     leaves = [(path, var.replace(placed[path])) for path, var in flat]
     return nnx.merge(graphdef, nnx.from_flat_state(leaves))
+
+
+def hf_state_dict(model: GPT) -> dict[str, np.ndarray]:
+    """GPT -> HF GPT-2 tensors (bare names, as openai-community/gpt2 stores them), through the
+    same name mapping `load_hf` reads with; wte is cut back to the real vocabulary."""
+    cfg = model.config
+    out = {}
+    for path, var in nnx.to_flat_state(nnx.state(model)):
+        arr = np.asarray(jax.device_get(var.get_value()))
+        if path == ("wte", "embedding"):
+            arr = arr[: cfg.vocab_size]
+        out[_hf_key(path)] = arr
+    return out
+
+
+def hf_config(cfg: GPTConfig) -> dict:
+    """The config.json transformers writes for a GPT2LMHeadModel of `cfg`'s shape (plus `n_ctx`,
+    which llama.cpp's GPT-2 converter reads and transformers 5 no longer writes)."""
+    return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "activation_function": "gelu_new",
+            "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_embd": cfg.n_embd,
+            "n_positions": cfg.n_positions, "n_ctx": cfg.n_positions, "vocab_size": cfg.vocab_size,
+            "layer_norm_epsilon": cfg.layer_norm_epsilon, "bos_token_id": EOS_ID, "eos_token_id": EOS_ID,
+            "tie_word_embeddings": True}
+
+
+def save_hf(model: GPT, directory) -> Path:
+    """Write `model` as an HF GPT-2 dir (config.json + model.safetensors) that `load_hf` and
+    transformers' `from_pretrained` both read. bfloat16 params are written as float32: numpy's
+    safetensors writer has no bfloat16."""
+    from safetensors.numpy import save_file
+
+    d = Path(directory).expanduser()
+    d.mkdir(parents=True, exist_ok=True)
+    tensors = {k: np.ascontiguousarray(v if v.dtype.itemsize >= 4 else v.astype(np.float32))
+               for k, v in hf_state_dict(model).items()}
+    save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
+    (d / "config.json").write_text(json.dumps(hf_config(model.config), indent=2) + "\n")
+    return d
 
 
 def _describe(cfg: GPTConfig) -> str:

@@ -110,6 +110,22 @@ def test_hf_bare_keys_buffers_and_tied_lm_head(tmp_path, hf_model, hf_tensors):
         np.testing.assert_array_equal(ours[path], expected[path], err_msg=str(path))
 
 
+def test_hf_export_writes_the_names_import_reads(tmp_path, hf_model, hf_tensors):
+    # save_hf is load_hf run backwards: the fixture's own tensors come back under its names
+    # (bare, wte cut to the real vocabulary), and importing the export gives the same model.
+    exported = checkpoint.hf_state_dict(hf_model)
+    assert set(exported) == {k.removeprefix("transformer.") for k in hf_tensors if not k.endswith(".attn.bias")
+                             and not k.endswith(".attn.masked_bias")}
+    for key, value in hf_tensors.items():
+        name = key.removeprefix("transformer.")
+        if name in exported:
+            np.testing.assert_array_equal(exported[name], value, err_msg=name)
+    back = load_model(checkpoint.save_hf(hf_model, tmp_path / "export"))
+    assert back.config.replace(name="hf_tiny") == hf_model.config
+    for path, value in flat_params(hf_model).items():
+        np.testing.assert_array_equal(flat_params(back)[path], value)
+
+
 def test_hf_untied_lm_head_is_refused(tmp_path, hf_tensors):
     tensors = dict(hf_tensors, **{"lm_head.weight": hf_tensors["transformer.wte.weight"] + 1})
     with pytest.raises(ValueError, match="lm_head.weight differs from wte.weight"):
