@@ -32,7 +32,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Optional
+from typing import Iterable, Optional
 
 EOS = 50256
 
@@ -122,6 +122,22 @@ async def _one_http(client, url: str, body: dict, headers: dict) -> Record:
     return rec
 
 
+async def closed_loop(client, url: str, bodies: Iterable[dict], concurrency: int,
+                      headers: Optional[dict] = None) -> tuple[list[Record], float]:
+    """Closed loop: each of `concurrency` workers sends the next body as soon as its last request
+    ends. Returns every request's Record and the wall time of the whole loop in seconds."""
+    records: list[Record] = []
+    todo = iter(bodies)  # shared: each body goes to whichever worker is free first
+
+    async def worker() -> None:
+        for body in todo:
+            records.append(await _one_http(client, url, body, headers or {}))
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return records, time.perf_counter() - t0
+
+
 async def run_load(args) -> dict:
     import httpx
 
@@ -144,10 +160,10 @@ async def run_load(args) -> dict:
     async with httpx.AsyncClient(timeout=httpx.Timeout(None, connect=30), limits=limits) as client:
         for i in range(args.warmup):
             await _one_http(client, url, {**body(i), "max_tokens": 4}, headers)
-        records: list[Record] = []
-        t0 = time.perf_counter()
         if args.request_rate:
             # Open loop: Poisson arrivals, optionally capped by --concurrency.
+            records: list[Record] = []
+            t0 = time.perf_counter()
             rng = random.Random(args.seed)
             cap = asyncio.Semaphore(args.concurrency) if args.concurrency else None
 
@@ -163,15 +179,10 @@ async def run_load(args) -> dict:
                 tasks.append(asyncio.create_task(arrive(i)))
                 await asyncio.sleep(rng.expovariate(args.request_rate))
             await asyncio.gather(*tasks)
+            duration = time.perf_counter() - t0
         else:
-            next_i = iter(range(args.num_requests))
-
-            async def worker() -> None:
-                for i in next_i:
-                    records.append(await _one_http(client, url, body(i), headers))
-
-            await asyncio.gather(*(worker() for _ in range(args.concurrency)))
-        duration = time.perf_counter() - t0
+            bodies = (body(i) for i in range(args.num_requests))
+            records, duration = await closed_loop(client, url, bodies, args.concurrency, headers)
     return report(records, duration, mode="server", base_url=args.base_url, model=args.model,
                   concurrency=args.concurrency, request_rate=args.request_rate, num_requests=args.num_requests,
                   prompt_tokens=args.prompt_tokens, output_tokens_per_request=args.output_tokens)
