@@ -1,22 +1,11 @@
-"""pgpt-jax: GPT-2-family inference in JAX/Flax NNX with an OpenAI-compatible server."""
+"""pgpt-jax: GPT-2-family inference in JAX/Flax NNX with an OpenAI-compatible server.
 
-import os
+Importing the package changes nothing outside it (no environment variable, no device):
+XLA settings are passed per program (`pgpt_jax.programs`), and devices start on first use.
+"""
 
-
-def _tune_xla_cpu() -> None:
-    """XLA:CPU's YNNPACK dot fusion runs the small-batch matmuls of decoding 2-2.5x slower
-    than its default path (measured: [32, 768] x [768, 3072], see docs/benchmarks.md), so it
-    is turned off unless the user's XLA_FLAGS say otherwise. Read when the backend starts, so
-    it only applies when pgpt_jax is imported before the first computation; GPU/TPU ignore it."""
-    flags = os.environ.get("XLA_FLAGS", "")
-    if "xla_cpu_experimental_ynn_fusion_type" not in flags:
-        os.environ["XLA_FLAGS"] = (flags + " --xla_cpu_experimental_ynn_fusion_type=").strip()
-
-
-_tune_xla_cpu()
-
-from pgpt_jax.config import GPTConfig  # noqa: E402
-from pgpt_jax.model import GPT, forward, init_cache, init_model  # noqa: E402
+from pgpt_jax.config import GPTConfig
+from pgpt_jax.model import GPT, forward, init_cache, init_model
 
 
 def load_model(source=None, *, dtype=None, shardings=None):

@@ -15,7 +15,8 @@ import time
 
 import numpy as np
 
-from pgpt_jax.engine import Engine, prefill
+from pgpt_jax.engine import Engine
+from pgpt_jax.programs import prefill
 from pgpt_jax.model import init_model
 from pgpt_jax.request import Delta, Request
 from pgpt_jax.tokenizer import get_tokenizer
@@ -77,29 +78,13 @@ def _hf_tokens_per_s(model, slots: int, prompt_len: int, new_tokens: int, top_p:
         from transformers import GPT2Config, GPT2LMHeadModel
     except ImportError:
         return None
+    from pgpt_jax.checkpoint import hf_state_dict
+
     cfg = model.config
     hf = GPT2LMHeadModel(GPT2Config(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
                                     n_positions=cfg.n_positions, vocab_size=cfg.vocab_size))
-    from flax import nnx
-
-    state = nnx.state(model)
-    sd = {"transformer.wte.weight": np.asarray(state["wte"]["embedding"][...])[: cfg.vocab_size],
-          "transformer.wpe.weight": np.asarray(state["wpe"]["embedding"][...]),
-          "transformer.ln_f.weight": np.asarray(state["ln_f"]["scale"][...]),
-          "transformer.ln_f.bias": np.asarray(state["ln_f"]["bias"][...])}
-    for i in range(cfg.n_layer):
-        b = state["h"][i]
-        for hf_name, (mod, sub, leaf) in {
-            "ln_1.weight": ("ln_1", None, "scale"), "ln_1.bias": ("ln_1", None, "bias"),
-            "ln_2.weight": ("ln_2", None, "scale"), "ln_2.bias": ("ln_2", None, "bias"),
-            "attn.c_attn.weight": ("attn", "c_attn", "kernel"), "attn.c_attn.bias": ("attn", "c_attn", "bias"),
-            "attn.c_proj.weight": ("attn", "c_proj", "kernel"), "attn.c_proj.bias": ("attn", "c_proj", "bias"),
-            "mlp.c_fc.weight": ("mlp", "c_fc", "kernel"), "mlp.c_fc.bias": ("mlp", "c_fc", "bias"),
-            "mlp.c_proj.weight": ("mlp", "c_proj", "kernel"), "mlp.c_proj.bias": ("mlp", "c_proj", "bias"),
-        }.items():
-            node = b[mod] if sub is None else b[mod][sub]
-            sd[f"transformer.h.{i}.{hf_name}"] = np.asarray(node[leaf][...])
-    hf.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in sd.items()}, strict=False)
+    weights = {"transformer." + k: torch.from_numpy(np.array(v, np.float32)) for k, v in hf_state_dict(model).items()}
+    hf.load_state_dict(weights, strict=False)  # lm_head.weight is tied to wte
     hf.eval()
     ids = torch.randint(0, 50000, (slots, prompt_len))
     kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0,
@@ -111,12 +96,10 @@ def _hf_tokens_per_s(model, slots: int, prompt_len: int, new_tokens: int, top_p:
         return slots * new_tokens / (time.perf_counter() - t0)
 
 
-def main(args) -> None:
+def main(args, mesh=None) -> None:
+    """`pgpt-jax bench` with parsed `args` on `mesh` (None: one device)."""
     out = open(args.json, "a") if args.json else None
     rows: list = []
-    from pgpt_jax.cli import mesh_from_args
-
-    mesh = mesh_from_args(args)
     model = init_model(args.preset, dtype=args.dtype, mesh=mesh)
     tok = get_tokenizer()
     slot_counts = [int(s) for s in str(args.slots).split(",")]
@@ -126,7 +109,7 @@ def main(args) -> None:
     eng = Engine(model, tok, slots=slot_counts[0], decode_steps=args.decode_steps, mesh=mesh)
     t = eng.warmup(progress=True)
     _emit(rows, out, metric="warmup_s", value=round(t, 2), compiles=eng.compile_count)
-    for b in eng.buckets:
+    for b in eng.scheduler.buckets:
         tokens = np.zeros((1, b), np.int32)
         times = []
         for _ in range(3):

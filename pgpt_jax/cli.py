@@ -1,9 +1,17 @@
-"""`pgpt-jax serve | generate | convert | bench`: argument parsing only; each command lives in its module."""
+"""`pgpt-jax serve | generate | convert | bench`: argument parsing, and the top of the import graph.
+
+Each command lives in its own module; this file only maps flags onto them. Nothing imports
+this module, so it may import anything (the server included).
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+
+from pgpt_jax.request import Limits
+
+LIMITS = Limits()
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -13,7 +21,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pgpt-jax", description=__doc__)
+    parser = argparse.ArgumentParser(prog="pgpt-jax", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("convert", help="convert an HF GPT-2 checkpoint (dir or hub id) to an orbax checkpoint")
@@ -30,8 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=None, help="also read from PGPT_API_KEY")
     p.add_argument("--slots", type=int, default=32)
     p.add_argument("--decode-steps", type=int, default=4)
-    p.add_argument("--max-queue", type=int, default=256)
-    p.add_argument("--max-logprobs", type=int, default=5)
+    p.add_argument("--max-queue", type=int, default=LIMITS.max_queue)
+    p.add_argument("--max-logprobs", type=int, default=LIMITS.max_logprobs)
     p.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024)
     p.add_argument("--coordinator", default=None, help="multi-host: HOST:PORT of process 0's coordinator")
     p.add_argument("--num-processes", type=int, default=None, help="multi-host: number of processes")
@@ -60,31 +68,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def limits_from_args(args) -> Limits:
+    """The Limits table with the flags that set its fields."""
+    return Limits(max_queue=args.max_queue, max_logprobs=args.max_logprobs)
+
+
 def mesh_from_args(args):
-    """The --mesh flag -> a jax Mesh (None without the flag); a clear error when it cannot fit."""
-    if not getattr(args, "mesh", None):
-        return None
+    """The --mesh flag -> a jax Mesh (None without the flag); a clear exit when it cannot fit."""
     from pgpt_jax import sharding
 
     try:
-        return sharding.make_mesh(**sharding.parse_mesh(args.mesh))
+        return sharding.mesh_from_flag(getattr(args, "mesh", None))
     except ValueError as e:
         raise SystemExit(f"pgpt-jax: {e}")
 
 
-def init_distributed(args) -> None:
-    """Joins a multi-process run (before anything touches a device); a no-op without the flags."""
-    if not (args.coordinator or args.num_processes or getattr(args, "distributed", False)):
-        return
-    import jax
+def _generate(args) -> None:
+    """`pgpt-jax generate PROMPT`: prints each choice."""
+    from pgpt_jax.checkpoint import load_model
+    from pgpt_jax.generate import generate
 
-    # CPU processes talk over gloo; GPU and TPU use their own collectives and ignore this.
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    if args.coordinator:
-        jax.distributed.initialize(args.coordinator, num_processes=args.num_processes,
-                                   process_id=args.process_id)
-    else:
-        jax.distributed.initialize()
+    mesh = mesh_from_args(args)
+    model = load_model(args.model, dtype=args.dtype, shardings=mesh)
+    slots = 8 if mesh is None else max(8, mesh.shape["data"])
+    for c in generate(model, args.prompt, max_tokens=args.max_tokens, temperature=args.temperature,
+                      top_p=args.top_p, n=args.n, seed=args.seed, slots=slots, mesh=mesh):
+        print(f"--- choice {c.index} ({c.finish_reason})")
+        print(args.prompt + c.text)
 
 
 def main(argv=None) -> int:
@@ -94,17 +104,18 @@ def main(argv=None) -> int:
 
         convert(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite)
     elif args.command == "serve":
-        from server.app import serve
+        from pgpt_jax import sharding
+        from server.serve import serve
 
-        serve(args)
+        # Before anything touches a device: a multi-host run must join the others first.
+        sharding.init_distributed(args.coordinator, args.num_processes, args.process_id, args.distributed)
+        serve(args, mesh=mesh_from_args(args), limits=limits_from_args(args))
     elif args.command == "generate":
-        from pgpt_jax.generate import cli_generate
-
-        cli_generate(args)
+        _generate(args)
     elif args.command == "bench":
         from pgpt_jax.bench import main as bench_main
 
-        bench_main(args)
+        bench_main(args, mesh=mesh_from_args(args))
     return 0
 
 

@@ -2,25 +2,35 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Optional, Sequence, Union
 
 from pgpt_jax.engine import Engine
 from pgpt_jax.model import GPT
-from pgpt_jax.request import Choice, Request, fim_prompt
+from pgpt_jax.request import Choice, Limits, Request, fim_prompt
 from pgpt_jax.tokenizer import get_tokenizer
 
 Prompt = Union[str, Sequence[int]]
 
-_engines: dict = {}  # (id(model), slots) -> (model, Engine): compiled programs are reused
+# Engines generate() made, most recently used last. Each holds its model's params, a
+# transposed LM head and a decode state on the device, so only a few are kept: a sweep over
+# slot counts or models evicts the oldest (its compiled programs stay in jit's cache).
+MAX_ENGINES = 2
+_engines: "OrderedDict[tuple, tuple[GPT, Engine]]" = OrderedDict()
 
 
 def engine_for(model: GPT, slots: int = 8, mesh=None) -> Engine:
-    """The engine generate() uses for `model`, made once per model, slot count and mesh."""
+    """The engine generate() uses for `model`, slot count and mesh (made once, kept while recent)."""
     key = (id(model), slots, mesh)
-    if key not in _engines or _engines[key][0] is not model:
-        _engines[key] = (model, Engine(model, get_tokenizer(fim=model.config.fim), slots=slots,
-                                       max_logprobs=20, max_queue=1 << 30, mesh=mesh))
-    return _engines[key][1]
+    if key in _engines and _engines[key][0] is model:
+        _engines.move_to_end(key)
+        return _engines[key][1]
+    engine = Engine(model, get_tokenizer(fim=model.config.fim), slots=slots, mesh=mesh,
+                    limits=Limits(max_logprobs=20, max_queue=1 << 30))
+    _engines[key] = (model, engine)
+    while len(_engines) > MAX_ENGINES:
+        _engines.popitem(last=False)
+    return engine
 
 
 def _is_single(prompt) -> bool:
@@ -66,17 +76,3 @@ def generate(model: GPT, prompt: Union[Prompt, Sequence[Prompt]], *, max_tokens:
             raise r
     out: list[list[Choice]] = [r.choices for r in results]
     return out[0] if single else out
-
-
-def cli_generate(args) -> None:
-    """`pgpt-jax generate PROMPT`: prints each choice."""
-    from pgpt_jax.checkpoint import load_model
-    from pgpt_jax.cli import mesh_from_args
-
-    mesh = mesh_from_args(args)
-    model = load_model(args.model, dtype=args.dtype, shardings=mesh)
-    slots = 8 if mesh is None else max(8, mesh.shape["data"])
-    for c in generate(model, args.prompt, max_tokens=args.max_tokens, temperature=args.temperature,
-                      top_p=args.top_p, n=args.n, seed=args.seed, slots=slots, mesh=mesh):
-        print(f"--- choice {c.index} ({c.finish_reason})")
-        print(args.prompt + c.text)

@@ -4,11 +4,11 @@ Parameter names follow HF GPT-2 (`wte`, `wpe`, `h.N.ln_1`, `attn.c_attn`, `attn.
 `ln_2`, `mlp.c_fc`, `mlp.c_proj`, `ln_f`) so importing weights is a one-to-one copy;
 HF's Conv1D weights are already `(in, out)`, the layout of an NNX kernel.
 
-Letters used in shapes and einsums:
-  B batch (slots)   T query length   S cache length (or window)   D n_embd
-  N heads           H head_dim       F 4*D (MLP hidden)           V padded vocab
+Shape letters are the package's (pgpt_jax/programs.py): B rows of this call, T tokens per
+row, S rows of the cache (slots; S >= B), L cache length, W attention window, D n_embd,
+N heads, H head_dim, F the MLP hidden (4 D), V padded vocabulary.
 
-The cache is a tuple with one `(k, v)` pair per layer, each `[B, N, S, H]`. A tuple of
+The cache is a tuple with one `(k, v)` pair per layer, each `[S, N, L, H]`. A tuple of
 per-layer arrays (rather than one stacked `[layers, ...]` array) lets XLA update each
 layer in place when the cache is donated; see DESIGN.md for the measured difference.
 Each row writes its keys and values at its own `positions`, and a query at position p
@@ -38,7 +38,7 @@ class Attention(nnx.Module):
         self.c_proj = nnx.Linear(cfg.n_embd, cfg.n_embd, **kw)
 
     def __call__(self, x, positions, kv, window: int):
-        """x [B, T, D], positions i32[B, T], kv ([B, N, S, H], [B, N, S, H]) -> (y [B, T, D], kv)."""
+        """x [B, T, D], positions i32[B, T], kv ([S, N, L, H], [S, N, L, H]) -> (y [B, T, D], kv)."""
         B, T, D = x.shape
         N, H = self.n_head, self.head_dim
         q, k, v = jnp.split(self.c_attn(x), 3, axis=-1)  # 3 x [B, T, D]
@@ -58,14 +58,14 @@ class Attention(nnx.Module):
             # slower on CPU at 32 rows, docs/benchmarks.md).
             scores = jnp.sum(q[:, 0, :, None, :] * keys.astype(q.dtype), axis=-1)[:, :, None]
         else:
-            scores = jnp.einsum("BTNH,BNSH->BNTS", q, keys.astype(q.dtype))
+            scores = jnp.einsum("BTNH,BNWH->BNTW", q, keys.astype(q.dtype))
         scores = scores.astype(jnp.float32) * (H**-0.5)
         scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)  # [B, N, T, W]
         if T == 1:
             y = jnp.sum(probs[:, :, 0, :, None] * values.astype(q.dtype), axis=2)[:, None]
         else:
-            y = jnp.einsum("BNTS,BNSH->BTNH", probs, values.astype(q.dtype))
+            y = jnp.einsum("BNTW,BNWH->BTNH", probs, values.astype(q.dtype))
         y = y.reshape(B, T, D)
         return self.c_proj(y), (k_cache, v_cache)
 
@@ -109,8 +109,8 @@ class GPT(nnx.Module):
     def __call__(self, tokens, positions, cache: KVCache, window: int | None = None):
         """tokens, positions i32[B, T] -> (hidden [B, T, D] after ln_f, cache).
 
-        `window` (static) is how much of the cache attention reads: decode passes a
-        length that covers the longest active row, so it does not pay for all of S.
+        `window` (static, W) is how much of the cache attention reads: decode passes a
+        length that covers the longest active row, so it does not pay for all of L.
         """
         window = window or cache[0][0].shape[2]
         x = self.wte(tokens) + self.wpe(positions)
@@ -141,7 +141,7 @@ def lm_head(model: GPT):
 
 
 def init_cache(cfg: GPTConfig, batch: int, length: int | None = None, dtype=None) -> KVCache:
-    """Zeros: one (k, v) pair per layer, each [batch, N, length, H]."""
+    """Zeros: one (k, v) pair per layer, each [batch, N, length, H] ([S, N, L, H] for the engine)."""
     length = length or cfg.n_positions
     shape = (batch, cfg.n_head, length, cfg.head_dim)
     dt = dtype or _dtype(cfg.dtype)

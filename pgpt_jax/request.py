@@ -1,15 +1,45 @@
-"""What goes into the engine and what comes out: plain host-side dataclasses.
+"""What goes into the engine and what comes out: plain host-side dataclasses, and the limits on them.
 
 The engine speaks token ids plus sampling parameters (`Request`); it answers through a
-callback with `Delta`s while a request streams and one `Result` (or `RequestError`) at
-the end. The server and `generate()` both build on these, so an OpenAI field means the
-same thing in both. Logprobs are already in OpenAI's legacy shape.
+callback with `Delta`s while a request streams and one `Result` (or an exception) at the
+end. The server and `generate()` both build on these, so an OpenAI field means the same
+thing in both. Logprobs are already in OpenAI's legacy shape.
+
+`Limits` is the one table of what a request may ask for: the engine (`validate`), the
+protocol layer (its 400s) and the CLI (its flags) all read it, so no limit is written twice.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from typing import Mapping, Optional, Sequence
+
+import numpy as np
+
+from pgpt_jax.config import FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX
+
+SEED_RANGE = (-(2**63), 2**63 - 1)  # OpenAI: a signed 64-bit integer
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """Every per-request limit, in one place. CLI flags map onto fields one to one."""
+
+    max_stops: int = 4  # stop strings a client may send (OpenAI's limit)
+    max_template_stops: int = 4  # more a prompt template may add on top (chat's turn markers)
+    max_n: int = 128
+    max_best_of: int = 20
+    max_logprobs: int = 5  # top logprobs per token (--max-logprobs); at most 20
+    max_queue: int = 256  # requests admitted and waiting for a slot (--max-queue)
+
+    def __post_init__(self):
+        if not 0 <= self.max_logprobs <= 20:
+            raise ValueError("max_logprobs must be in 0..20")
+
+    @property
+    def max_engine_stops(self) -> int:
+        """Stop strings the engine matches per request: the client's plus a template's."""
+        return self.max_stops + self.max_template_stops
 
 
 @dataclasses.dataclass
@@ -29,6 +59,17 @@ class Request:
     seed: Optional[int] = None  # None: a random seed
     stream: bool = False  # deltas are delivered as they are produced
     echo_prompt: Optional[list[int]] = None  # tokens echo returns, when not `prompt` (suffix)
+
+    @property
+    def candidates(self) -> int:
+        """Sequences generated: best_of (which defaults to n)."""
+        return self.best_of if self.best_of is not None else self.n
+
+    def max_new(self, context_length: int) -> int:
+        """Tokens this request may generate per choice."""
+        if self.max_tokens is not None:
+            return self.max_tokens
+        return context_length - len(self.prompt)
 
 
 @dataclasses.dataclass
@@ -93,8 +134,64 @@ def fim_prompt(prompt: list[int], suffix: list[int], fim: bool) -> list[int]:
 
     Raises RequestError naming `suffix` for a model trained without FIM tokens.
     """
-    from pgpt_jax.config import FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX
-
     if not fim:
         raise RequestError("suffix is not supported by this model (it has no fill-in-the-middle tokens).", "suffix")
     return [FIM_PREFIX, *prompt, FIM_SUFFIX, *suffix, FIM_MIDDLE]
+
+
+def context_error(context_length: int, prompt_tokens: int, max_tokens: int) -> Optional[RequestError]:
+    """OpenAI's context_length_exceeded error, or None when prompt + max_tokens fits."""
+    L, P, wanted = context_length, prompt_tokens, prompt_tokens + max_tokens
+    if P <= L and wanted <= L:
+        return None
+    return RequestError(
+        f"This model's maximum context length is {L} tokens, however you requested "
+        f"{wanted} tokens ({P} in your prompt; {wanted - P} for the completion). "
+        "Please reduce your prompt; or completion length.",
+        "max_tokens" if P <= L else "prompt", "context_length_exceeded")
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)  # JSON true is not token 1
+
+
+def validate(request: Request, limits: Limits, vocab_size: int, context_length: int) -> None:
+    """Raises RequestError for what makes `request` impossible; the error names the OpenAI field."""
+    r = request
+    if not r.prompt:
+        raise RequestError("The prompt must contain at least one token.", "prompt")
+    bad = [t for t in r.prompt if not (_is_int(t) and 0 <= t < vocab_size)]
+    if bad:
+        raise RequestError(f"Token id {bad[0]} is outside the vocabulary (0..{vocab_size - 1}).", "prompt")
+    if not 1 <= r.n <= limits.max_n:
+        raise RequestError(f"n must be between 1 and {limits.max_n}.", "n")
+    if r.candidates < r.n:
+        raise RequestError("best_of must be greater than or equal to n.", "best_of")
+    if r.candidates > max(limits.max_best_of, r.n):
+        raise RequestError(f"best_of must be at most {limits.max_best_of}.", "best_of")
+    if r.stream and r.candidates > r.n:
+        raise RequestError("Cannot stream results when best_of is greater than n.", "stream")
+    if r.logprobs is not None and not 0 <= r.logprobs <= limits.max_logprobs:
+        raise RequestError(f"logprobs must be between 0 and {limits.max_logprobs}.", "logprobs")
+    if not 0 <= r.temperature <= 2:
+        raise RequestError("temperature must be between 0 and 2.", "temperature")
+    if not 0 <= r.top_p <= 1:
+        raise RequestError("top_p must be between 0 and 1.", "top_p")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if not -2 <= getattr(r, name) <= 2:
+            raise RequestError(f"{name} must be between -2 and 2.", name)
+    most = limits.max_engine_stops
+    if len(r.stop) > most or any(not isinstance(s, str) or not s for s in r.stop):
+        raise RequestError(f"stop must be at most {most} non-empty strings.", "stop")
+    if r.seed is not None and not SEED_RANGE[0] <= r.seed <= SEED_RANGE[1]:
+        raise RequestError("seed must be a 64-bit integer.", "seed")
+    for tok, val in (r.logit_bias or {}).items():
+        if not (_is_int(tok) and 0 <= tok < vocab_size):
+            raise RequestError(f"logit_bias key {tok} is not a token id in the vocabulary.", "logit_bias")
+        if not -100 <= val <= 100:
+            raise RequestError(f"logit_bias value for token {tok} must be between -100 and 100.", "logit_bias")
+    if r.max_tokens is not None and r.max_tokens < 0:
+        raise RequestError("max_tokens must be at least 0.", "max_tokens")
+    err = context_error(context_length, len(r.prompt), r.max_tokens or 0)
+    if err is not None:
+        raise err

@@ -1,4 +1,4 @@
-"""One sampling step for every slot at once: logits [S, V] -> next tokens and their raw logprobs.
+"""One sampling step for every row at once: logits [B, V] -> next tokens and their raw logprobs.
 
 Every parameter is a per-row array (`SamplingRows`), so a new request never compiles a new
 program; only `top_k` (the logprobs cap) and the prefilter widths are static. Per row:
@@ -26,16 +26,18 @@ A row's token depends only on its own logits, parameters and key, whichever stag
 rows need, so a seeded request gives the same tokens whatever else shares the batch.
 
 Drawing from a [V] distribution uses inverse-CDF in two levels (blocks of 128 tokens, then
-a token inside the chosen block), with one uniform per level: no [S, V] cumulative sum and
-no [S, V] of random bits. Keys are derived, never stored per step: a row's step key is
+a token inside the chosen block), with one uniform per level: no [B, V] cumulative sum and
+no [B, V] of random bits. Keys are derived, never stored per step: a row's step key is
 fold_in(row key, position), the row key being fold_in(key(seed), choice_index).
 
-Letters: S rows (slots), V vocabulary (padded), K prefilter width, R rejection tries.
+Shape letters as in pgpt_jax/programs.py: B rows of the call (the slots a decode step runs),
+V vocabulary (padded), K a top-k width (logprobs, or the nucleus prefilter); R rejection tries.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -54,11 +56,11 @@ MAX_LOGPROBS = 20  # the largest top-logprobs cap (`top_k`) a caller may ask for
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class SamplingRows:
-    """Per-row sampling parameters and state, S rows; a pytree of arrays.
+    """Per-row sampling parameters and state, B rows; a pytree of arrays.
 
-    temperature, top_p, presence, frequency: f32[S]
-    bias: f32[S, V] dense logit_bias;  counts: i32[S, V] tokens generated so far by the row
-    num_logprobs: i32[S] top logprobs wanted (0..top_k);  key: u32[S, 2] raw key data
+    temperature, top_p, presence, frequency: f32[B]
+    bias: f32[B, V] dense logit_bias;  counts: i32[B, V] tokens generated so far by the row
+    num_logprobs: i32[B] top logprobs wanted (0..top_k);  key: u32[B, 2] raw key data
     (`jax.random.key_data`) of fold_in(key(seed), choice_index), see `row_key`.
     """
 
@@ -88,9 +90,36 @@ def init_rows(slots: int, vocab: int) -> SamplingRows:
 
 
 def row_key(seed: int, choice_index: int) -> np.ndarray:
-    """u32[2]: key data of fold_in(key(seed), choice_index), the key of one choice of a request."""
-    key = jax.random.fold_in(jax.random.key(seed), choice_index)
+    """u32[2]: key data of fold_in(key(seed), choice_index), the key of one choice of a request.
+
+    Every bit of the signed 64-bit seed counts: threefry's key data is the seed's high and low
+    32-bit words, which `jax.random.key(seed)` would cut to the low word without 64-bit mode
+    (seeds 5 and 5 + 2**32 would sample alike). Seeds in [0, 2**32) keep their old keys.
+    """
+    u = seed % 2**64
+    key = jax.random.wrap_key_data(np.array([u >> 32, u & 0xFFFFFFFF], np.uint32))
+    key = jax.random.fold_in(key, choice_index)
     return np.asarray(jax.random.key_data(key))
+
+
+def request_row(*, temperature: float, top_p: float, presence: float, frequency: float,
+                logit_bias: Optional[Mapping[int, float]], banned: Sequence[int], num_logprobs: int,
+                seed: int, choice_index: int, vocab: int) -> SamplingRows:
+    """One row (host numpy arrays of leading size 1) for one choice of a request: what
+    `programs.start_row` writes into a slot. `banned` tokens get a -inf bias (tokens the model
+    must never produce); counts is None (a new row has generated nothing)."""
+    bias = np.zeros((1, vocab), np.float32)
+    for tok, val in (logit_bias or {}).items():
+        bias[0, int(tok)] = val
+    bias[0, list(banned)] = -np.inf
+
+    def one(value, dtype):
+        return np.full((1,), value, dtype)
+
+    return SamplingRows(temperature=one(temperature, np.float32), top_p=one(top_p, np.float32),
+                        presence=one(presence, np.float32), frequency=one(frequency, np.float32),
+                        bias=bias, counts=None, num_logprobs=one(num_logprobs, np.int32),
+                        key=row_key(seed, choice_index)[None])
 
 
 def logprobs_of(logits, ids, k: int):
@@ -104,22 +133,22 @@ def logprobs_of(logits, ids, k: int):
 
 def sample(logits, rows: SamplingRows, positions, *, top_k: int = 5,
            nucleus_k: int = NUCLEUS_K, rejection_tries: int = REJECTION_TRIES):
-    """One step for all rows. logits f32[S, V], positions i32[S] (where the new token goes) ->
-    (tokens i32[S], logprob f32[S], top_ids i32[S, top_k], top_logprobs f32[S, top_k], rows).
+    """One step for all rows. logits f32[B, V], positions i32[B] (where the new token goes) ->
+    (tokens i32[B], logprob f32[B], top_ids i32[B, top_k], top_logprobs f32[B, top_k], rows).
 
     logprob and top_logprobs are raw (log_softmax of `logits`); entries past a row's own
     num_logprobs are unspecified (the host trims). The returned rows have
     counts[s, tokens[s]] += 1. top_k, nucleus_k and rejection_tries are static; the last
     two change speed only, never which tokens can come out or with what probability.
     """
-    S, V = logits.shape
+    B, V = logits.shape
     if not 0 <= top_k <= min(MAX_LOGPROBS, V):
         raise ValueError(f"top_k={top_k} must be in 0..{min(MAX_LOGPROBS, V)}")
     logits = logits.astype(jnp.float32)
     lse = _logsumexp(logits)
 
-    x = processed_logits(logits, rows)  # [S, V], materialised once for every consumer
-    x_max = jnp.max(x, axis=-1, keepdims=True)  # [S, 1]
+    x = processed_logits(logits, rows)  # [B, V], materialised once for every consumer
+    x_max = jnp.max(x, axis=-1, keepdims=True)  # [B, 1]
     x_max = jnp.where(jnp.isfinite(x_max), x_max, 0.0)  # an all -inf row: no NaN below
 
     greedy = rows.temperature <= 0
@@ -127,7 +156,7 @@ def sample(logits, rows: SamplingRows, positions, *, top_k: int = 5,
         rows.key, positions)
     tokens = lax.cond(
         jnp.all(greedy),
-        lambda: jnp.zeros((S,), jnp.int32),  # no row samples: skip the whole sampling path
+        lambda: jnp.zeros((B,), jnp.int32),  # no row samples: skip the whole sampling path
         lambda: _sample_rows(x, x_max, rows, step_keys, nucleus_k, max(rejection_tries, 1)),
     )
     tokens = lax.cond(
@@ -140,14 +169,14 @@ def sample(logits, rows: SamplingRows, positions, *, top_k: int = 5,
     top_ids, top_logprobs = lax.cond(
         jnp.any(rows.num_logprobs > 0),
         lambda: _top_logprobs(logits, lse, top_k),
-        lambda: (jnp.zeros((S, top_k), jnp.int32), jnp.zeros((S, top_k), jnp.float32)),
+        lambda: (jnp.zeros((B, top_k), jnp.int32), jnp.zeros((B, top_k), jnp.float32)),
     )
-    counts = rows.counts.at[jnp.arange(S), tokens].add(1)  # in place when the caller donates rows
+    counts = rows.counts.at[jnp.arange(B), tokens].add(1)  # in place when the caller donates rows
     return tokens, logprob, top_ids, top_logprobs, dataclasses.replace(rows, counts=counts)
 
 
 def processed_logits(logits, rows: SamplingRows):
-    """logits f32[S, V] + logit_bias - penalties (OpenAI's formula), before temperature: f32[S, V].
+    """logits f32[B, V] + logit_bias - penalties (OpenAI's formula), before temperature: f32[B, V].
 
     Every term added is finite, so a -inf logit stays -inf and nothing becomes NaN.
     """
@@ -156,7 +185,7 @@ def processed_logits(logits, rows: SamplingRows):
         return (logits + rows.bias
                 - c * rows.frequency[:, None] - (c > 0) * rows.presence[:, None])
 
-    # Reading counts [S, V] costs as much as the rest of this: skip it when no row needs it.
+    # Reading counts [B, V] costs as much as the rest of this: skip it when no row needs it.
     # Each branch writes the whole result, so neither copies the other's output.
     return lax.cond(jnp.any((rows.frequency != 0) | (rows.presence != 0)), penalized,
                     lambda: logits + rows.bias)
@@ -186,26 +215,26 @@ def _top_logprobs(logits, lse, k: int):
 
 
 def _sample_rows(x, x_max, rows: SamplingRows, step_keys, nucleus_k: int, tries: int):
-    """Token i32[S] for the rows with temperature > 0, from processed logits x [S, V] and
-    their row max x_max [S, 1].
+    """Token i32[B] for the rows with temperature > 0, from processed logits x [B, V] and
+    their row max x_max [B, 1].
 
     Weights are exp((x - x_max) / T) (`_weight`), computed from x where needed rather than
-    kept as another [S, V] array. Nucleus order is by x, ties by lower id (dividing by a
+    kept as another [B, V] array. Nucleus order is by x, ties by lower id (dividing by a
     positive T keeps that order).
     """
-    S, V = x.shape
+    B, V = x.shape
     nb = -(-V // BLOCK)
     # Greedy rows take the argmax elsewhere; here they divide by 1 so nothing overflows.
     inv_t = 1.0 / jnp.where(rows.temperature > 0,
                             jnp.maximum(rows.temperature, MIN_TEMPERATURE), 1.0)[:, None]
     if nb * BLOCK != V:  # whole blocks: padding is -inf, weight 0, never drawn
         x = jnp.pad(x, ((0, 0), (0, nb * BLOCK - V)), constant_values=-jnp.inf)
-    x3 = x.reshape(S, nb, BLOCK)
-    block_mass = jnp.sum(_weight(x3, x_max[:, :, None], inv_t[:, :, None]), axis=-1)  # [S, nb]
-    mass = rows.top_p[:, None] * jnp.sum(block_mass, axis=-1, keepdims=True)  # [S, 1]
+    x3 = x.reshape(B, nb, BLOCK)
+    block_mass = jnp.sum(_weight(x3, x_max[:, :, None], inv_t[:, :, None]), axis=-1)  # [B, nb]
+    mass = rows.top_p[:, None] * jnp.sum(block_mass, axis=-1, keepdims=True)  # [B, 1]
     # Uniforms: pair 0 for the main draw (also rejection candidate 0), pairs 1..R-1 for
     # the other candidates, pair R for the sort fallback; all from the row's own key.
-    u = jax.vmap(lambda k: jax.random.uniform(k, (tries + 1, 2)))(step_keys)  # [S, R+1, 2]
+    u = jax.vmap(lambda k: jax.random.uniform(k, (tries + 1, 2)))(step_keys)  # [B, R+1, 2]
     tokens = _draw(x, x_max, inv_t, block_mass, u[:, 0])  # from the whole distribution
 
     nucleus = (rows.top_p < 1) & (rows.temperature > 0)
@@ -217,14 +246,14 @@ def _sample_rows(x, x_max, rows: SamplingRows, step_keys, nucleus_k: int, tries:
         return jnp.where(covered, drawn, tokens), covered
 
     tokens, settled = lax.cond(jnp.any(nucleus), prefiltered,
-                               lambda: (tokens, jnp.ones((S,), bool)))
+                               lambda: (tokens, jnp.ones((B,), bool)))
     settled = settled | ~nucleus
 
     # The slow paths go row by row (lax.map), each row entering them only if it needs to:
     # a batch with one unsettled row pays for one row, and their temporaries are [V], not
-    # [S, V]. That matters twice on CPU: XLA:CPU allocates a call's temporaries afresh each
+    # [B, V]. That matters twice on CPU: XLA:CPU allocates a call's temporaries afresh each
     # time, and above glibc's 32 MB mmap threshold they come as new pages whose faults cost
-    # more than the work (batched slow paths made the whole step 2x slower at S=32).
+    # more than the work (batched slow paths made the whole step 2x slower at 32 rows).
     def one_row(args):
         settled, token, x, x_max, inv_t, block_mass, mass, u = args
         return lax.cond(settled, lambda: token, lambda: _rejection_row(
@@ -263,9 +292,9 @@ def _rejection_row(token, x, x_max, inv_t, block_mass, mass, u):
 
 
 def _nucleus_draw(weights, ids, mass, u):
-    """Draw from a nucleus given its tokens in nucleus order: weights f32[S, K] (unnormalised,
-    descending), ids i32[S, K], mass f32[S, 1] = top_p * total weight, u f32[S] ->
-    (token i32[S], covered bool[S]). The nucleus ends at the first token whose cumulative
+    """Draw from a nucleus given its tokens in nucleus order: weights f32[B, K] (unnormalised,
+    descending), ids i32[B, K], mass f32[B, 1] = top_p * total weight, u f32[B] ->
+    (token i32[B], covered bool[B]). The nucleus ends at the first token whose cumulative
     weight reaches `mass` (so it holds at least one); covered says it ends within these K.
     """
     cum = _cumsum(weights)
@@ -278,24 +307,24 @@ def _nucleus_draw(weights, ids, mass, u):
 
 
 def _sorted_draw(x, x_max, inv_t, mass, u):
-    """Exact nucleus by a full stable sort (the slow path), then a draw inside it: i32[S]."""
+    """Exact nucleus by a full stable sort (the slow path), then a draw inside it: i32[B]."""
     ids = lax.broadcasted_iota(jnp.int32, x.shape, 1)
     neg, ids = lax.sort((-x, ids), dimension=1, is_stable=True, num_keys=1)
     return _nucleus_draw(_weight(-neg, x_max, inv_t), ids, mass, u[:, 0])[0]
 
 
 def _draw(x, x_max, inv_t, block_mass, u):
-    """Inverse-CDF draw from the weights exp((x - x_max) / T), x [S, nb * BLOCK], with block
-    sums block_mass [S, nb]: u [S, 2] holds one uniform to pick a block in proportion to its
-    mass, one to pick a token inside it. -> i32[S]."""
-    S, nb = block_mass.shape
+    """Inverse-CDF draw from the weights exp((x - x_max) / T), x [B, nb * BLOCK], with block
+    sums block_mass [B, nb]: u [B, 2] holds one uniform to pick a block in proportion to its
+    mass, one to pick a token inside it. -> i32[B]."""
+    B, nb = block_mass.shape
     block = _invert(block_mass, u[:, 0])
-    xb = jnp.take_along_axis(x.reshape(S, nb, BLOCK), block[:, None, None], axis=1)[:, 0]
-    return block * BLOCK + _invert(_weight(xb, x_max, inv_t), u[:, 1])  # xb [S, BLOCK]
+    xb = jnp.take_along_axis(x.reshape(B, nb, BLOCK), block[:, None, None], axis=1)[:, 0]
+    return block * BLOCK + _invert(_weight(xb, x_max, inv_t), u[:, 1])  # xb [B, BLOCK]
 
 
 def _invert(w, u):
-    """Index i32[S] with P(i) = w[i] / sum(w) for weights w [S, N] >= 0, u [S] in [0, 1).
+    """Index i32[B] with P(i) = w[i] / sum(w) for weights w [B, M] >= 0, u [B] in [0, 1).
 
     Takes the first positive weight whose cumulative sum exceeds u * total. Asking for a
     positive weight matters: a rounded cumulative sum need not be monotone, and a zero

@@ -1,4 +1,5 @@
-"""Where arrays live: one `(data, model)` mesh and one table of rules for params, KV cache and rows.
+"""Where arrays live: one `(data, model)` mesh and one table of rules for params, KV cache and rows;
+and how a process joins the others (`init_distributed`) and builds the mesh from `--mesh`.
 
 Every array is described by logical axis names; `LOGICAL_RULES` maps them onto mesh axes:
 slots go over `data`; attention heads, the MLP hidden and the padded vocabulary over
@@ -77,6 +78,30 @@ def parse_mesh(text: str) -> dict:
             raise ValueError(f"--mesh expects data=D,model=M; got {text!r}")
         out[name] = int(value)
     return out
+
+
+def mesh_from_flag(text: Optional[str]) -> Optional[Mesh]:
+    """The --mesh flag ('data=4,model=2') -> a Mesh over every process's devices; None without
+    it. A mesh the devices cannot form raises ValueError with the reason."""
+    if not text:
+        return None
+    return make_mesh(**parse_mesh(text))
+
+
+def init_distributed(coordinator: Optional[str] = None, num_processes: Optional[int] = None,
+                     process_id: Optional[int] = None, auto: bool = False) -> bool:
+    """Joins a multi-process run before anything touches a device. With a coordinator
+    (HOST:PORT of process 0) the process count and id are given; with `auto` (TPU pods)
+    jax.distributed finds them. Returns False (and does nothing) when neither is asked for."""
+    if not (coordinator or num_processes or auto):
+        return False
+    # CPU processes talk over gloo; GPU and TPU use their own collectives and ignore this.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if coordinator:
+        jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id)
+    else:
+        jax.distributed.initialize()
+    return True
 
 
 def check_mesh(mesh: Mesh, cfg, slots: int) -> None:

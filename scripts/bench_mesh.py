@@ -18,7 +18,6 @@ import time
 
 
 def child(args) -> None:
-    import pgpt_jax  # noqa: F401  (sets XLA:CPU flags before jax starts)
     from pgpt_jax import sharding
     from pgpt_jax.bench import _run_batch
     from pgpt_jax.engine import Engine

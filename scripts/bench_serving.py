@@ -241,6 +241,7 @@ def run_compare(args) -> list[dict]:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
     from pgpt_jax.engine import Engine
+    from pgpt_jax.request import Limits
     from pgpt_jax.model import init_model
     from pgpt_jax.tokenizer import get_tokenizer
     from server.app import create_app
@@ -249,7 +250,7 @@ def run_compare(args) -> list[dict]:
 
     model = init_model(args.preset, dtype=args.dtype)
     engine = Engine(model, get_tokenizer(), slots=args.slots, decode_steps=args.decode_steps,
-                    max_queue=1024)
+                    limits=Limits(max_queue=1024))
     print(f"warm-up of {args.preset} with {args.slots} slots ({args.warmup}) ...", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     if args.warmup == "full":

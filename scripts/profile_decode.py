@@ -22,6 +22,7 @@ keeps its fastest call (a shared machine's noise only ever adds time).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 
@@ -29,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from pgpt_jax import engine, model as model_lib, sampling
+from pgpt_jax import model as model_lib, programs, sampling
 from pgpt_jax.model import init_model, lm_head
 
 
@@ -57,7 +58,7 @@ def _argmax_sampler(logits, rows, positions, top_k):
 
 
 def decode_program(model, slots: int, steps: int, window: int, variant: str):
-    """engine.decode compiled with `variant` patched in; returns (call(state) -> state, state)."""
+    """programs.decode compiled with `variant` patched in; returns (call(state) -> state, state)."""
     graphdef, params = nnx.split(model)
     head = lm_head(model)
     patches = {"no-attn": (model_lib.Attention, "__call__", _no_attention),
@@ -69,10 +70,10 @@ def decode_program(model, slots: int, steps: int, window: int, variant: str):
         setattr(owner, name, new)
     try:
         # A fresh jit per variant, compiled while the patch is in place.
-        fn = jax.jit(engine.decode.__wrapped__,
+        fn = jax.jit(programs.decode.__wrapped__, compiler_options=programs.compiler_options(),
                      static_argnames=("graphdef", "steps", "window", "rows", "top_k", "mesh"),
                      donate_argnums=(3,))
-        state = engine.init_state(model.config, slots)
+        state = programs.init_state(model.config, slots)
         compiled = fn.lower(graphdef, params, head, state, steps=steps, window=window, rows=slots,
                             top_k=5).compile()
     finally:
@@ -88,7 +89,7 @@ def matmul_program(model, slots: int, steps: int):
                b.mlp.c_proj.kernel[...]) for b in model.h]
     head = lm_head(model)
 
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=programs.compiler_options())
     def chain(x):
         for _ in range(steps):
             for wa, wp, wf, wo in blocks:

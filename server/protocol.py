@@ -1,14 +1,16 @@
-"""OpenAI's wire format: validate JSON bodies into engine `Request`s, and build the JSON that goes back.
+"""OpenAI's request side: validate JSON bodies into engine `Request`s, and OpenAI's error objects.
 
-No HTTP here (app.py does that) and no model logic (the engine does that): this module
-knows what each OpenAI field means (DESIGN.md, "API semantics") and how OpenAI shapes its
-answers, errors included. Everything a client can get wrong surfaces as an `APIError`
-whose `param` names the field, so app.py turns it into a 4xx and never a 500.
+No HTTP here (app.py does that), no model logic (the engine does that) and no response
+shapes (responses.py): this module knows what each OpenAI field means (docs/api.md) and
+how a client can get it wrong. Everything wrong surfaces as an `APIError` whose `param`
+names the field, so app.py turns it into a 4xx and never a 500. Limits (n, best_of, stop
+strings, logprobs) come from the engine's one `Limits` table.
 
 Validation runs in two steps: pydantic checks types and ranges (strict: "1" is not a
 number, 1 is not a boolean, unknown fields are rejected as OpenAI does), then the
-functions below check what needs the model (vocabulary, FIM, logprobs cap) and build
-the engine requests. The engine's own `check()` (context length) runs in app.py.
+functions below check what needs the model or the limits (vocabulary, FIM, n, best_of,
+stop strings, logprobs) and build the engine requests. The engine's own `check()`
+(context length) runs when the bridge submits them.
 
 The chat template is plain text, one paragraph per message, closed by an open
 assistant turn, with stop strings that end the reply where the model would start
@@ -34,24 +36,18 @@ from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from pgpt_jax.config import FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX
-from pgpt_jax.request import Delta, Logprobs, Request, Result
+from pgpt_jax.request import SEED_RANGE, Limits, Request, fim_prompt
 
 DEFAULT_PROMPT = "<|endoftext|>"
-MAX_STOPS = 4
-MAX_N = 128
-MAX_BEST_OF = 20
 CHAT_STOPS = ("\nUser:", "\nSystem:")  # the template's next turn: the reply is over
-ENGINE_MAX_STOPS = 4  # what Engine.check accepts; chat's own stops give way to the client's
 CHAT_ROLES = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant"}
 
 Temperature = Annotated[float, Field(ge=0, le=2)]
 TopP = Annotated[float, Field(ge=0, le=1)]
 Penalty = Annotated[float, Field(ge=-2, le=2)]
 NonNegInt = Annotated[int, Field(ge=0)]
-N = Annotated[int, Field(ge=1, le=MAX_N)]
-BestOf = Annotated[int, Field(ge=1, le=MAX_BEST_OF)]
-Seed = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]  # OpenAI: a signed 64-bit integer
+PositiveInt = Annotated[int, Field(ge=1)]  # n, best_of: their caps are in Limits
+Seed = Annotated[int, Field(ge=SEED_RANGE[0], le=SEED_RANGE[1])]  # OpenAI: a signed 64-bit integer
 
 
 # ----------------------------------------------------------------------------- errors
@@ -136,7 +132,7 @@ class _SamplingFields(_Body):
     model: Optional[str] = None  # required on /v1 routes; the deployment names it on Azure routes
     temperature: Optional[Temperature] = None
     top_p: Optional[TopP] = None
-    n: Optional[N] = None
+    n: Optional[PositiveInt] = None
     stream: Optional[bool] = None
     stream_options: Optional[StreamOptions] = None
     stop: Optional[Union[str, list[str]]] = None
@@ -153,7 +149,7 @@ class CompletionBody(_SamplingFields):
     max_tokens: Optional[NonNegInt] = 16  # explicit null: up to the context length
     logprobs: Optional[NonNegInt] = None
     echo: Optional[bool] = None
-    best_of: Optional[BestOf] = None
+    best_of: Optional[PositiveInt] = None
 
 
 class TextPart(BaseModel):
@@ -190,7 +186,7 @@ class ModelInfo:
     vocab_size: int
     context_length: int
     fim: bool
-    max_logprobs: int
+    limits: Limits
     tokenizer: Any  # encode(text) -> ids, token_bytes(id)
 
 
@@ -266,13 +262,20 @@ def _token_ids(ids: list[int], info: ModelInfo, param: str) -> list[int]:
     return list(ids)
 
 
-def _stops(stop: Union[None, str, list[str]]) -> list[str]:
+def _stops(stop: Union[None, str, list[str]], limits: Limits) -> list[str]:
     if stop is None:
         return []
     stops = [stop] if isinstance(stop, str) else stop
-    if len(stops) > MAX_STOPS:
-        raise invalid(f"'stop' takes at most {MAX_STOPS} sequences (got {len(stops)}).", param="stop")
+    if len(stops) > limits.max_stops:
+        raise invalid(f"'stop' takes at most {limits.max_stops} sequences (got {len(stops)}).", param="stop")
     return [s for s in stops if s]  # "" would match everywhere: it means "no stop"
+
+
+def _n(n: Optional[int], limits: Limits) -> int:
+    n = n or 1
+    if n > limits.max_n:
+        raise invalid(f"Invalid value for 'n': at most {limits.max_n} (got {n}).", param="n")
+    return n
 
 
 def _logit_bias(bias: Optional[dict[str, float]], info: ModelInfo) -> Optional[dict[int, float]]:
@@ -313,15 +316,19 @@ def parse_completion(data: Any, info: ModelInfo, deployment: Optional[str] = Non
     """A /completions body -> a Job with one engine Request per prompt (prompt-major choices)."""
     body: CompletionBody = _validate(CompletionBody, data)
     model = _check_model(body.model, info, deployment)
-    n = body.n or 1
-    best_of = body.best_of if body.best_of is not None else n
+    n = _n(body.n, info.limits)
+    if body.best_of is not None and body.best_of > info.limits.max_best_of:
+        raise invalid(f"Invalid value for 'best_of': at most {info.limits.max_best_of} (got {body.best_of}).",
+                      param="best_of")
+    best_of = body.best_of if body.best_of is not None else n  # no best_of: n candidates, none dropped
     if best_of < n:
         raise invalid(f"'best_of' ({best_of}) must be greater than or equal to 'n' ({n}).", param="best_of")
     stream, include_usage = _stream_flags(body)
     if stream and best_of > n:
         raise invalid("Cannot stream results with 'best_of' greater than 'n'.", param="best_of")
-    if body.logprobs is not None and body.logprobs > info.max_logprobs:
-        raise invalid(f"'logprobs' must be at most {info.max_logprobs} (got {body.logprobs}).", param="logprobs")
+    if body.logprobs is not None and body.logprobs > info.limits.max_logprobs:
+        raise invalid(f"'logprobs' must be at most {info.limits.max_logprobs} (got {body.logprobs}).",
+                      param="logprobs")
     suffix_ids = None
     if body.suffix:
         if not info.fim:
@@ -332,15 +339,14 @@ def parse_completion(data: Any, info: ModelInfo, deployment: Optional[str] = Non
         max_tokens=body.max_tokens,
         temperature=1.0 if body.temperature is None else body.temperature,
         top_p=1.0 if body.top_p is None else body.top_p,
-        n=n, best_of=best_of, logprobs=body.logprobs, echo=bool(body.echo), stop=_stops(body.stop),
+        n=n, best_of=best_of, logprobs=body.logprobs, echo=bool(body.echo), stop=_stops(body.stop, info.limits),
         presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
         logit_bias=_logit_bias(body.logit_bias, info), seed=body.seed, stream=stream,
     )
     requests = []
     for ids in _prompts(body.prompt, info):
         if suffix_ids is not None:
-            fim = [FIM_PREFIX, *ids, FIM_SUFFIX, *suffix_ids, FIM_MIDDLE]
-            requests.append(Request(prompt=fim, echo_prompt=ids, **common))
+            requests.append(Request(prompt=fim_prompt(ids, suffix_ids, info.fim), echo_prompt=ids, **common))
         else:
             requests.append(Request(prompt=ids, **common))
     return Job("completion", model, requests, n=n, stream=stream, include_usage=include_usage)
@@ -355,10 +361,10 @@ def chat_prompt(messages: list[ChatMessage]) -> str:
     return "".join(parts) + "Assistant:"
 
 
-def _chat_stops(stop: Union[None, str, list[str]]) -> list[str]:
-    """The client's stops first; the template's turn markers fill what room the engine leaves."""
-    stops = _stops(stop)
-    return (stops + [s for s in CHAT_STOPS if s not in stops])[:max(ENGINE_MAX_STOPS, len(stops))]
+def _chat_stops(stop: Union[None, str, list[str]], limits: Limits) -> list[str]:
+    """The client's stops, then the template's turn markers (Limits.max_template_stops of room)."""
+    stops = _stops(stop, limits)
+    return stops + [s for s in CHAT_STOPS if s not in stops]
 
 
 def parse_chat(data: Any, info: ModelInfo, deployment: Optional[str] = None) -> Job:
@@ -369,18 +375,18 @@ def parse_chat(data: Any, info: ModelInfo, deployment: Optional[str] = None) -> 
     if body.top_logprobs is not None:
         if not body.logprobs:
             raise invalid("'logprobs' must be true when 'top_logprobs' is given.", param="top_logprobs")
-        if body.top_logprobs > info.max_logprobs:
-            raise invalid(f"'top_logprobs' must be at most {info.max_logprobs} (got {body.top_logprobs}).",
+        if body.top_logprobs > info.limits.max_logprobs:
+            raise invalid(f"'top_logprobs' must be at most {info.limits.max_logprobs} (got {body.top_logprobs}).",
                           param="top_logprobs")
     top = (body.top_logprobs or 0) if body.logprobs else None
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    n = body.n or 1
+    n = _n(body.n, info.limits)
     request = Request(
         prompt=info.tokenizer.encode(chat_prompt(body.messages)),
         max_tokens=max_tokens,
         temperature=1.0 if body.temperature is None else body.temperature,
         top_p=1.0 if body.top_p is None else body.top_p,
-        n=n, logprobs=top, stop=_chat_stops(body.stop),
+        n=n, logprobs=top, stop=_chat_stops(body.stop, info.limits),
         presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
         logit_bias=_logit_bias(body.logit_bias, info), seed=body.seed, stream=stream,
     )
@@ -396,151 +402,3 @@ def parse_json(raw: bytes) -> Any:
         return json.loads(raw, parse_constant=reject)
     except (ValueError, RecursionError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise invalid(f"The request body is not valid JSON: {err}") from None
-
-
-# ----------------------------------------------------------------------------- responses
-
-
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
-
-
-def results_usage(results: list[Result]) -> dict:
-    return usage(sum(r.prompt_tokens for r in results), sum(r.completion_tokens for r in results))
-
-
-def _lp(logprobs: Optional[Logprobs]) -> Optional[dict]:
-    return None if logprobs is None else logprobs.to_dict()
-
-
-def _token_bytes(token: str) -> list[int]:
-    """OpenAI writes a token holding part of a UTF-8 character as 'bytes:\\xe2\\x80'."""
-    if token.startswith("bytes:"):
-        return list(bytes.fromhex(token[len("bytes:"):].replace("\\x", "")))
-    return list(token.encode("utf-8"))
-
-
-def chat_logprobs(logprobs: Optional[Logprobs], top: Optional[int]) -> Optional[dict]:
-    """Legacy per-token logprobs -> chat's {"content": [{token, logprob, bytes, top_logprobs}]}."""
-    if logprobs is None or top is None:
-        return None
-    content = []
-    for token, lp, alts in zip(logprobs.tokens, logprobs.token_logprobs, logprobs.top_logprobs):
-        ranked = sorted((alts or {}).items(), key=lambda kv: -kv[1])[:top]
-        content.append({
-            "token": token, "logprob": lp, "bytes": _token_bytes(token),
-            "top_logprobs": [{"token": t, "logprob": v, "bytes": _token_bytes(t)} for t, v in ranked],
-        })
-    return {"content": content, "refusal": None}
-
-
-def completion_response(job: Job, results: list[Result]) -> dict:
-    choices = []
-    for p, result in enumerate(results):
-        for c in sorted(result.choices, key=lambda c: c.index):
-            choices.append({"text": c.text, "index": p * job.n + c.index, "logprobs": _lp(c.logprobs),
-                            "finish_reason": c.finish_reason})
-    return {"id": job.id, "object": "text_completion", "created": job.created, "model": job.model,
-            "choices": choices, "usage": results_usage(results)}
-
-
-def chat_response(job: Job, result: Result) -> dict:
-    choices = []
-    for c in sorted(result.choices, key=lambda c: c.index):
-        choices.append({"index": c.index, "message": {"role": "assistant", "content": c.text.lstrip()},
-                        "logprobs": chat_logprobs(c.logprobs, job.top_logprobs), "finish_reason": c.finish_reason})
-    return {"id": job.id, "object": "chat.completion", "created": job.created, "model": job.model,
-            "choices": choices, "usage": results_usage([result])}
-
-
-def completion_chunk(job: Job, index: int, text: str, logprobs: Optional[Logprobs],
-                     finish_reason: Optional[str]) -> dict:
-    chunk = {"id": job.id, "object": "text_completion", "created": job.created, "model": job.model,
-             "choices": [{"text": text, "index": index, "logprobs": _lp(logprobs), "finish_reason": finish_reason}]}
-    if job.include_usage:
-        chunk["usage"] = None  # OpenAI: null on every chunk but the last when usage is asked for
-    return chunk
-
-
-def chat_chunk(job: Job, index: int, delta: dict, logprobs: Optional[Logprobs],
-               finish_reason: Optional[str]) -> dict:
-    chunk = {"id": job.id, "object": "chat.completion.chunk", "created": job.created, "model": job.model,
-             "choices": [{"index": index, "delta": delta, "logprobs": chat_logprobs(logprobs, job.top_logprobs),
-                          "finish_reason": finish_reason}]}
-    if job.include_usage:
-        chunk["usage"] = None
-    return chunk
-
-
-def usage_chunk(job: Job, results: list[Result]) -> dict:
-    obj = "text_completion" if job.kind == "completion" else "chat.completion.chunk"
-    return {"id": job.id, "object": obj, "created": job.created, "model": job.model, "choices": [],
-            "usage": results_usage(results)}
-
-
-def models_list(info: ModelInfo, created: int) -> dict:
-    return {"object": "list", "data": [model_card(info, created)]}
-
-
-def model_card(info: ModelInfo, created: int) -> dict:
-    return {"id": info.name, "object": "model", "created": created, "owned_by": "pgpt-jax",
-            "context_length": info.context_length}
-
-
-class StreamFormatter:
-    """Engine events of one streaming Job -> the chunks OpenAI would send, per kind.
-
-    Stateful per choice: chat sends the assistant role on a choice's first chunk, drops
-    the reply's leading whitespace, and puts finish_reason on a chunk of its own (as
-    OpenAI does).
-    """
-
-    def __init__(self, job: Job):
-        self.job = job
-        self._role_sent: set[int] = set()  # chat: choices whose first chunk went out
-        self._text_started: set[int] = set()  # chat: choices past their leading whitespace
-        self._finished: set[int] = set()
-
-    def delta(self, prompt_index: int, d: Delta) -> list[dict]:
-        index = prompt_index * self.job.n + d.index
-        if self.job.kind == "completion":
-            if d.finish_reason is not None:
-                self._finished.add(index)
-            return [completion_chunk(self.job, index, d.text, d.logprobs, d.finish_reason)]
-        text = d.text if index in self._text_started else d.text.lstrip()
-        if text:
-            self._text_started.add(index)
-        out = []
-        if text or (d.logprobs is not None and d.logprobs.tokens):
-            out.append(chat_chunk(self.job, index, self._chat_delta(index, text), d.logprobs, None))
-        if d.finish_reason is not None:
-            out += self._chat_finish(index, d.finish_reason)
-        return out
-
-    def result(self, prompt_index: int, result: Result) -> list[dict]:
-        """Closing chunks for choices whose last delta did not carry a finish_reason."""
-        out = []
-        for c in result.choices:
-            index = prompt_index * self.job.n + c.index
-            if index in self._finished:
-                continue
-            if self.job.kind == "completion":
-                self._finished.add(index)
-                out.append(completion_chunk(self.job, index, "", None, c.finish_reason))
-            else:
-                out += self._chat_finish(index, c.finish_reason)
-        return out
-
-    def _chat_delta(self, index: int, text: str) -> dict:
-        if index in self._role_sent:
-            return {"content": text}
-        self._role_sent.add(index)
-        return {"role": "assistant", "content": text}
-
-    def _chat_finish(self, index: int, reason: str) -> list[dict]:
-        self._finished.add(index)
-        out = []
-        if index not in self._role_sent:  # an empty reply still says who spoke
-            out.append(chat_chunk(self.job, index, self._chat_delta(index, ""), None, None))
-        return out + [chat_chunk(self.job, index, {}, None, reason)]

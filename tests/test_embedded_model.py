@@ -1,21 +1,25 @@
 """The embedded model pgpt-tiny: it is what load_model() gives, it decodes deterministically,
 it fits the package-data budget, and it beats a unigram model on held-out text.
 
-`assets/pgpt-tiny/heldout.json` (written by scripts/train_tiny.py) holds 8 rows of 129 tokens
+`assets/pgpt-tiny/heldout.json` (written by training/train_tiny.py) holds 8 rows of 129 tokens
 from the validation split, the add-one unigram baseline of the training split on their
 targets, and the loss the saved weights had on them when they were trained.
 """
 
 import json
 import os
+import pathlib
 import subprocess
 import sys
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
+import pgpt_jax
 from pgpt_jax import load_model as package_load_model
 from pgpt_jax.checkpoint import EMBEDDED_DIR, load_model
 from pgpt_jax.config import EOS_ID, FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX
@@ -25,6 +29,12 @@ from pgpt_jax.tokenizer import get_tokenizer
 # Measured when the checkpoint was trained: the model's loss on the slice is 2.12 nats/token
 # below the unigram baseline (docs/model_card.md). The test asks for a bit less.
 MIN_MARGIN_NATS = 1.8
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]  # holds training/, which is not installed
+FIM_IDS = [FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE]
+# The FIM sample of docs/model_card.md: str.strip's docstring with a hole in it. Greedy decoding
+# fills it with "s.\n", and there the raw model's most likely next token is <|fim_middle|>.
+STRIP_PREFIX = "str.strip([chars])\nReturn a copy of the string with "
+STRIP_SUFFIX, STRIP_MIDDLE = " removed.\n", "s.\n"
 
 
 @pytest.fixture(scope="module")
@@ -51,36 +61,56 @@ def test_checkpoint_fits_the_package_data_budget():
     assert sum(f.stat().st_size for f in files) <= 16_000_000
 
 
-def _greedy(model, prompt: list[int], n: int, length: int = 64) -> list[int]:
-    """Argmax decoding by full forward passes over a fixed-length, right-padded row."""
-    step = jax.jit(lambda tokens, cache: forward(model, tokens, jnp.arange(length)[None], cache)[0])
+_forward = nnx.jit(forward)  # the model is an argument: one compile per shape, shared by the tests
+
+
+def _next_token_probs(model, ids: list[int], length: int = 64) -> np.ndarray:
+    """The raw model's next-token probabilities f32[V] after `ids`, from one full forward pass
+    over a fixed-length, right-padded row (no cache reuse, no bias, no sampling)."""
+    row = jnp.asarray([ids + [EOS_ID] * (length - len(ids))], jnp.int32)
+    logits, _ = _forward(model, row, jnp.arange(length)[None], init_cache(model.config, 1, length))
+    return np.array(jax.nn.softmax(logits[0, len(ids) - 1]))
+
+
+def _greedy(model, prompt: list[int], n: int, banned: Sequence[int] = ()) -> list[int]:
+    """Argmax decoding by full forward passes, never choosing a `banned` id; stops at <|endoftext|>."""
     ids = list(prompt)
     for _ in range(n):
-        row = jnp.asarray([ids + [EOS_ID] * (length - len(ids))], jnp.int32)
-        nxt = int(jnp.argmax(step(row, init_cache(model.config, 1, length))[0, len(ids) - 1]))
+        probs = _next_token_probs(model, ids)
+        probs[list(banned)] = -1.0
+        nxt = int(np.argmax(probs))
         if nxt == EOS_ID:
             break
         ids.append(nxt)
     return ids[len(prompt):]
 
 
+def _fim_ids(tok, prefix: str, suffix: str) -> list[int]:
+    return [FIM_PREFIX] + tok.encode(prefix) + [FIM_SUFFIX] + tok.encode(suffix) + [FIM_MIDDLE]
+
+
 def test_greedy_output_is_deterministic_text(tiny):
+    """The engine's cached greedy decoding gives the argmax of full forward passes, twice over."""
     tok = get_tokenizer(fim=True)
-    prompt = tok.encode("The json module")
-    first, second = _greedy(tiny, prompt, 12), _greedy(tiny, prompt, 12)
-    assert first == second
-    assert first and max(first) < 50257  # text, not a special token
-    assert any(c.isalpha() for c in tok.decode(first))
+    prompt = "The json module"
+    expected = _greedy(tiny, tok.encode(prompt), 12)
+    assert len(expected) == 12 and max(expected) < EOS_ID  # text, not a special token
+    assert any(c.isalpha() for c in tok.decode(expected))
+    for _ in range(2):
+        (choice,) = pgpt_jax.generate(tiny, prompt, max_tokens=12, temperature=0.0)
+        assert choice.token_ids == expected and choice.finish_reason == "length"
 
 
 def test_fim_prompt_is_answered_with_text(tiny):
+    """A prompt with a suffix is answered with text: the engine's greedy middle is the argmax of
+    full forward passes over the text tokens, the FIM control tokens left out."""
     tok = get_tokenizer(fim=True)
-    ids = ([FIM_PREFIX] + tok.encode("str.strip([chars])\nReturn a copy of the string with ")
-           + [FIM_SUFFIX] + tok.encode(" removed.\n") + [FIM_MIDDLE])
-    middle = _greedy(tiny, ids, 8)
-    assert middle == _greedy(tiny, ids, 8)
-    # A model this small fills in poorly, but it has learnt that text comes after <|fim_middle|>.
-    assert middle and middle[0] < 50257 and any(c.isalpha() for c in tok.decode(middle[:2]))
+    expected = _greedy(tiny, _fim_ids(tok, STRIP_PREFIX, STRIP_SUFFIX), 8, banned=FIM_IDS)
+    assert len(expected) == 8 and max(expected) < EOS_ID
+    assert tok.decode(expected).startswith(STRIP_MIDDLE)  # docs/model_card.md's sample
+    (choice,) = pgpt_jax.generate(tiny, STRIP_PREFIX, suffix=STRIP_SUFFIX, max_tokens=8, temperature=0.0)
+    assert choice.token_ids == expected and choice.finish_reason == "length"
+    assert choice.text == tok.decode(expected) and "<|fim" not in choice.text
 
 
 def test_validation_loss_beats_unigram_baseline(tiny, heldout):
@@ -95,30 +125,57 @@ def test_validation_loss_beats_unigram_baseline(tiny, heldout):
 
 
 def test_stored_unigram_baseline_matches_the_corpus(heldout):
-    """The baseline is recomputed from this Python's stdlib; a subprocess keeps its ~400 imports out of pytest."""
+    """The baseline is recomputed from this Python's stdlib; a subprocess keeps its ~400 imports out of pytest.
+
+    The corpus code is `training/data.py`, which is not installed: the subprocess runs in the checkout."""
     code = (
-        "import json, numpy as np; from pgpt_jax import data; from pgpt_jax.tokenizer import get_tokenizer\n"
+        "import json, numpy as np; from training import data; from pgpt_jax.tokenizer import get_tokenizer\n"
         "train, _ = data.split_pieces(data.stdlib_documents())\n"
         "counts = data.token_stream(get_tokenizer(fim=True).encode, train)\n"
         f"rows = np.asarray(json.load(open({str(EMBEDDED_DIR / 'heldout.json')!r}))['rows'])\n"
         "print(data.unigram_cross_entropy(counts, rows[:, 1:].ravel(), 50260))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "JAX_PLATFORMS": "cpu"}, cwd=str(EMBEDDED_DIR.parents[2]))
+                         env={**os.environ, "JAX_PLATFORMS": "cpu"}, cwd=str(REPO_ROOT))
     assert out.returncode == 0, out.stderr[-2000:]
     # Other Python versions document their stdlib a little differently: allow a small drift.
     assert float(out.stdout.strip().splitlines()[-1]) == pytest.approx(heldout["unigram_loss"], abs=0.05)
 
 
 def test_generate_with_suffix_never_returns_fim_tokens(tiny):
-    import pgpt_jax
+    """The engine bans the FIM control tokens, to which the raw model gives real probability.
 
-    kwargs = dict(suffix=" removed.\n", max_tokens=12, temperature=1.0, n=4, seed=0)
-    first = pgpt_jax.generate(tiny, "Return a copy of the string with", **kwargs)
-    again = pgpt_jax.generate(tiny, "Return a copy of the string with", **kwargs)  # callable twice
+    After the middle "s.\n" (and after other short lines) the raw model puts ~10% on the three
+    FIM ids, <|fim_middle|> first: it ends training suffixes with a newline and <|fim_middle|>.
+    Greedy decoding would emit it there, and so would about a third of these samples."""
+    tok = get_tokenizer(fim=True)
+    prompt_ids = _fim_ids(tok, STRIP_PREFIX, STRIP_SUFFIX)
+    probs = _next_token_probs(tiny, prompt_ids + tok.encode(STRIP_MIDDLE))
+    assert probs[FIM_IDS].sum() > 0.05  # measured 0.099
+    assert int(np.argmax(probs)) == FIM_MIDDLE  # above the best text token, " " (0.087)
+
+    n, max_tokens, temperature = 16, 16, 0.3  # at temperature 1 the tokens are rarer: see below
+    kwargs = dict(suffix=STRIP_SUFFIX, max_tokens=max_tokens, temperature=temperature, n=n, seed=0)
+    first = pgpt_jax.generate(tiny, STRIP_PREFIX, **kwargs)
+    again = pgpt_jax.generate(tiny, STRIP_PREFIX, **kwargs)  # callable twice
     assert [c.token_ids for c in first] == [c.token_ids for c in again]
     for c in first:
-        assert not {FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE} & set(c.token_ids)
+        assert not set(FIM_IDS) & set(c.token_ids)
         assert "<|fim" not in c.text
+
+    # The samples went where the mass is. Without the ban, the chance that a sampler at this
+    # temperature passes every position these 16 choices passed without drawing a FIM token:
+    # measured 1e-4 (6.7 draws expected). At temperature 1 it was about 0.1, at 1.5 about 0.5.
+    L = len(prompt_ids) + max_tokens
+    rows = np.full((n, L), EOS_ID, np.int32)
+    for i, c in enumerate(first):
+        rows[i, : len(prompt_ids) + len(c.token_ids)] = prompt_ids + c.token_ids
+    logits, _ = _forward(tiny, jnp.asarray(rows), jnp.broadcast_to(jnp.arange(L), (n, L)),
+                         init_cache(tiny.config, n, L))
+    fim_prob = np.asarray(jax.nn.softmax(logits / temperature)[..., jnp.asarray(FIM_IDS)].sum(-1))  # [n, L]
+    start = len(prompt_ids) - 1  # the logits that chose the first completion token
+    log_miss = sum(np.log1p(-fim_prob[i, start:start + len(c.token_ids)]).sum() for i, c in enumerate(first))
+    assert log_miss < np.log(0.01)
+
     echoed = pgpt_jax.generate(tiny, "Return a copy", suffix=" removed.", max_tokens=3, echo=True, seed=1)
     assert echoed[0].text.startswith("Return a copy") and "<|fim" not in echoed[0].text

@@ -8,9 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pgpt_jax.engine import Engine, decode, init_state
+from pgpt_jax import programs
+from pgpt_jax.engine import Engine
 from pgpt_jax.model import forward, init_cache, init_model
-from pgpt_jax.request import Delta, Request, RequestError, Result
+from pgpt_jax.programs import decode, init_state
+from pgpt_jax.request import Delta, Limits, Request, RequestError, Result
 from pgpt_jax.tokenizer import get_tokenizer
 
 NO_EOS = {50256: -100.0}  # random weights may pick EOS; keep lengths predictable
@@ -18,7 +20,7 @@ NO_EOS = {50256: -100.0}  # random weights may pick EOS; keep lengths predictabl
 
 @pytest.fixture(scope="module")
 def engine(tiny_model):
-    eng = Engine(tiny_model, get_tokenizer(), slots=8, decode_steps=3, max_logprobs=5)
+    eng = Engine(tiny_model, get_tokenizer(), slots=8, decode_steps=3, limits=Limits(max_logprobs=5))
     eng.warmup()
     return eng
 
@@ -75,7 +77,7 @@ def test_decode_runs_only_the_occupied_prefix_of_slots(engine):
     state.tokens = jnp.array([11, 22, 33, 44], jnp.int32)
     state.positions = jnp.array([3, 5, 7, 9], jnp.int32)
     copy = jax.tree.map(jnp.copy, state)
-    kw = dict(steps=2, window=engine.windows[0], top_k=engine.top_k)
+    kw = dict(steps=2, window=engine.scheduler.windows[0], top_k=engine.top_k)
     full, toks_full = decode(engine.graphdef, engine.params, engine.head, copy, rows=4, **kw)[:2]
     part, toks_part = decode(engine.graphdef, engine.params, engine.head, state, rows=1, **kw)[:2]
     assert toks_part.shape == (2, 1) and toks_full.shape == (2, 4)
@@ -84,13 +86,13 @@ def test_decode_runs_only_the_occupied_prefix_of_slots(engine):
     assert np.asarray(part.positions).tolist() == [5, 5, 7, 9]
     k, _ = part.cache[0]
     assert float(jnp.abs(k[1:]).max()) == 0.0 and float(jnp.abs(k[0]).max()) > 0.0
-    assert engine.row_buckets == (1, 4, 8)
+    assert engine.scheduler.row_buckets == (1, 4, 8)
 
 
 def test_prompts_arriving_together_share_prefill_calls(engine):
     # Six prompts of one bucket in one iteration: 2 prefill calls (rows of 4: bucket 16 x 16
     # rows would exceed the 8 slots), each prompt's tokens as when it runs alone.
-    assert engine.prefill_rows[16] == (1, 4)
+    assert engine.scheduler.prefill_rows[16] == (1, 4)
     prompts = [[100 + i] * (3 + i) for i in range(6)]
     reqs = [Request(prompt=p, max_tokens=5, temperature=0.0, logit_bias=NO_EOS) for p in prompts]
     alone = [run(engine, r)[0][0].choices[0].token_ids for r in reqs]
@@ -170,10 +172,13 @@ def test_stop_strings_across_and_inside_tokens_and_streaming(engine):
 def test_streamed_deltas_concatenate_to_final_text(engine):
     req = Request(prompt=PROMPTS[0], max_tokens=15, temperature=1.0, seed=3, n=2, stream=True, echo=True)
     res, deltas = run(engine, req)
+    prompt_text = engine.tokenizer.decode(PROMPTS[0])
     for c in res[0].choices:
-        got = "".join(d.text for d in deltas[0] if d.index == c.index)
-        assert got == c.text
-        assert "\ufffd" not in got or "\ufffd" in c.text
+        mine = [d for d in deltas[0] if d.index == c.index]
+        assert "".join(d.text for d in mine) == c.text
+        assert mine[0].text.startswith(prompt_text)  # echo goes out first, once
+        assert [d.finish_reason for d in mine].count(c.finish_reason) == 1 and mine[-1].finish_reason
+        assert len(mine) > 2  # streamed as it was made, not in one piece
 
 
 def test_echo_logprobs_with_max_tokens_zero_match_forward(engine, tiny_model):
@@ -282,30 +287,45 @@ def test_no_recompile_after_warmup(engine):
     assert engine.compile_count == count
 
 
-def test_bad_seed_rejected_and_engine_survives_a_failed_iteration(engine, monkeypatch):
+def test_seeds_use_all_64_bits(engine):
+    kw = dict(prompt=PROMPTS[1], max_tokens=8, temperature=1.0, logit_bias=NO_EOS)
+    tokens = {}
+    for seed in (5, 5 + 2**32, 2**32, 0, -5, 2**63 - 1, -(2**63)):
+        res, _ = run(engine, Request(seed=seed, **kw))
+        tokens[seed] = res[0].choices[0].token_ids
+    assert tokens[5] != tokens[5 + 2**32] and tokens[0] != tokens[2**32]
+    assert len({tuple(t) for t in tokens.values()}) == len(tokens)
+    again, _ = run(engine, Request(seed=5 + 2**32, **kw))
+    assert again[0].choices[0].token_ids == tokens[5 + 2**32]
     with pytest.raises(RequestError) as e:
-        engine.submit(Request(prompt=[1, 2], seed=2**64), lambda ev: None)
+        engine.submit(Request(prompt=[1, 2], seed=2**63), lambda ev: None)
     assert e.value.param == "seed"
 
-    real = Engine._process
-    calls = {"n": 0}
 
-    def flaky(self, item):
+def test_engine_survives_a_device_call_that_fails_after_consuming_its_state(engine, monkeypatch):
+    # The failing call really runs (so the donated state is consumed), then raises: the
+    # requests it touched get the exception, and the engine serves the next request on a
+    # fresh state rather than on deleted buffers.
+    real, calls = programs.decode, {"n": 0}
+
+    def failing_once(*args, **kwargs):
+        out = real(*args, **kwargs)
         calls["n"] += 1
         if calls["n"] == 1:
-            raise RuntimeError("injected failure")
-        return real(self, item)
+            raise RuntimeError("injected device failure")
+        return out
 
-    monkeypatch.setattr(Engine, "_process", flaky)
+    monkeypatch.setattr(programs, "decode", failing_once)
     engine.start()
     try:
         events = []
         first, second = threading.Event(), threading.Event()
-        engine.submit(Request(prompt=PROMPTS[0], max_tokens=4), lambda ev: (events.append(ev), first.set()))
+        engine.submit(Request(prompt=PROMPTS[0], max_tokens=8), lambda ev: (events.append(ev), first.set()))
         assert first.wait(60) and isinstance(events[0], RuntimeError)
-        engine.submit(Request(prompt=PROMPTS[0], max_tokens=4, temperature=0.0),
+        engine.submit(Request(prompt=PROMPTS[0], max_tokens=6, temperature=0.0, logit_bias=NO_EOS),
                       lambda ev: (events.append(ev), second.set()))
         assert second.wait(60) and isinstance(events[1], Result)
-        assert engine.active_slots == 0
+        assert events[1].choices[0].token_ids == argmax_loop(engine.model, PROMPTS[0], 6)
+        assert engine.active_slots == 0 and calls["n"] >= 2
     finally:
         engine.stop()

@@ -18,6 +18,7 @@ from openai.types import Completion
 from openai.types.chat import ChatCompletion
 
 from pgpt_jax.engine import Engine
+from pgpt_jax.request import Limits
 from pgpt_jax.tokenizer import get_tokenizer
 from server.app import create_app
 from test_server_helpers import ServerThread, error_of, wait_for
@@ -33,7 +34,7 @@ NO_EOS = {str(EOS): -100}  # random weights rarely pick EOS; this makes "rarely"
 
 @pytest.fixture(scope="module")
 def srv(tiny_model):
-    engine = Engine(tiny_model, get_tokenizer(), **ENGINE_SHAPES, max_queue=256, max_logprobs=5)
+    engine = Engine(tiny_model, get_tokenizer(), **ENGINE_SHAPES, limits=Limits(max_queue=256, max_logprobs=5))
     engine.warmup()
     compiled = engine.compile_count
     app = create_app(engine, served_model_name=MODEL, api_key=KEY, max_body_bytes=256 * 1024)
@@ -129,10 +130,15 @@ def test_n_and_prompts_are_prompt_major(srv, tok):
 
 
 def test_best_of(srv):
-    r = complete(srv, prompt="x", n=2, best_of=5, max_tokens=4, seed=3, logprobs=0, logit_bias=NO_EOS)
+    kw = dict(prompt="x", max_tokens=4, seed=3, logprobs=0, logit_bias=NO_EOS)
+    # The 5 candidates of best_of=5 are the 5 choices of n=5 (same seed, same choice indices).
+    every = complete(srv, n=5, **kw).choices
+    means = {c.text: sum(c.logprobs.token_logprobs) / 4 for c in every}
+    assert len(means) == 5  # distinct candidates, so the ranking is not vacuous
+    r = complete(srv, n=2, best_of=5, **kw)
     assert len(r.choices) == 2 and r.usage.completion_tokens == 5 * 4
-    means = [sum(c.logprobs.token_logprobs) / 4 for c in r.choices]
-    assert means[0] >= means[1]  # ranked by mean sampled-token logprob
+    assert [c.text for c in r.choices] == sorted(means, key=means.get, reverse=True)[:2]
+    assert [c.index for c in r.choices] == [0, 1]
 
 
 def test_echo_logprobs_scoring(srv, tok):
@@ -177,8 +183,11 @@ def test_seed_reproducible_and_distinct(srv):
     kw = dict(prompt="seed", max_tokens=8, temperature=1.0, logit_bias=NO_EOS)
     assert complete(srv, seed=1, **kw).choices[0].text == complete(srv, seed=1, **kw).choices[0].text
     assert complete(srv, seed=1, **kw).choices[0].text != complete(srv, seed=2, **kw).choices[0].text
-    complete(srv, seed=2**63 - 1, **kw)
-    complete(srv, seed=-(2**63), **kw)
+    # Every bit of the 64-bit seed counts.
+    assert complete(srv, seed=5, **kw).choices[0].text != complete(srv, seed=5 + 2**32, **kw).choices[0].text
+    top, bottom = complete(srv, seed=2**63 - 1, **kw), complete(srv, seed=-(2**63), **kw)
+    assert top.choices[0].text == complete(srv, seed=2**63 - 1, **kw).choices[0].text
+    assert top.choices[0].text != bottom.choices[0].text
 
 
 def test_context_length_error(srv):
@@ -451,7 +460,7 @@ def test_disconnect_while_waiting_for_a_non_streaming_answer(srv):
 
 def test_queue_full_is_429(srv, tiny_model):
     # Same shapes as the module's engine: jit's cache already holds its programs.
-    engine = Engine(tiny_model, get_tokenizer(), **ENGINE_SHAPES, max_queue=1)
+    engine = Engine(tiny_model, get_tokenizer(), **ENGINE_SHAPES, limits=Limits(max_queue=1))
     with ServerThread(create_app(engine, served_model_name=MODEL)) as s:
         http = httpx.Client(base_url=s.base_url, timeout=60)
         # n=16 on 8 slots: 8 choices generate, 8 wait, so the queue (limit 1) is over-full until

@@ -136,6 +136,16 @@ def test_prompt_major_indices_and_usage(fake):
     assert body["usage"] == {"prompt_tokens": 1 + 2 + 1, "completion_tokens": 3 * 2 * 3, "total_tokens": 22}
 
 
+def test_n_above_best_of_cap_without_best_of(fake):
+    # best_of is capped at 20, n at 128: n=30 alone asks for 30 choices, none ranked away.
+    r = post(fake, "/v1/completions", {"model": MODEL, "prompt": "a", "n": 30, "max_tokens": 1})
+    assert r.status_code == 200 and len(r.json()["choices"]) == 30
+    r = post(fake, "/v1/completions", {"model": MODEL, "prompt": "a", "n": 30, "best_of": 30, "max_tokens": 1})
+    assert r.status_code == 400 and error_of(r)["param"] == "best_of"
+    r = post(fake, "/v1/completions", {"model": MODEL, "prompt": "a", "n": 129, "max_tokens": 1})
+    assert r.status_code == 400 and error_of(r)["param"] == "n"
+
+
 def test_streamed_indices_and_usage_chunk(fake):
     client = openai.OpenAI(base_url=fake.base_url + "/v1", api_key=KEY, max_retries=0)
     chunks = list(client.completions.create(model=MODEL, prompt=["a", "b"], n=2, max_tokens=2, stream=True,
@@ -220,9 +230,10 @@ def test_chat_template_and_stops(fake):
     sent = fake.engine.submitted[-1]
     assert fake.engine.tokenizer.decode(sent.prompt) == "System: Be terse.\n\nUser: Hi\n\nAssistant:"
     assert list(sent.stop) == list(protocol.CHAT_STOPS)
-    client.chat.completions.create(model=MODEL, max_tokens=1, stop=["a", "b", "c"],
+    # The client's 4 stops and the template's turn markers all apply (Limits.max_template_stops).
+    client.chat.completions.create(model=MODEL, max_tokens=1, stop=["a", "b", "c", "d"],
                                    messages=[{"role": "user", "content": "x"}])
-    assert list(fake.engine.submitted[-1].stop) == ["a", "b", "c", "\nUser:"]  # the engine takes 4
+    assert list(fake.engine.submitted[-1].stop) == ["a", "b", "c", "d", *protocol.CHAT_STOPS]
 
 
 def test_metrics(fake):
@@ -240,7 +251,7 @@ def test_metrics(fake):
 
 def test_serve_refuses_what_it_cannot_load(capsys):
     from pgpt_jax.cli import build_parser
-    from server.app import serve
+    from server.serve import serve
 
     args = build_parser().parse_args(["serve", "--model", "random:no-such-preset", "--port", "0"])
     with pytest.raises(SystemExit, match="unknown preset 'no-such-preset'"):
@@ -248,7 +259,7 @@ def test_serve_refuses_what_it_cannot_load(capsys):
 
 
 def test_serve_names():
-    from server.app import default_model_name
+    from server.serve import default_model_name
 
     assert default_model_name(None) == "pgpt-tiny"
     assert default_model_name("/ckpt/my-model/") == "/ckpt/my-model"

@@ -16,7 +16,7 @@ from typing import Optional
 import uvicorn
 
 from pgpt_jax.config import GPTConfig
-from pgpt_jax.request import Choice, Delta, Logprobs, QueueFull, Request, RequestError, Result
+from pgpt_jax.request import Choice, Delta, Limits, Logprobs, QueueFull, Request, Result, context_error
 from pgpt_jax.tokenizer import get_tokenizer
 
 
@@ -75,8 +75,8 @@ class FakeEngine:
                  max_logprobs: int = 5, fim: bool = False):
         self.config = GPTConfig.preset("tiny", fim=fim, vocab_size=50260 if fim else 50257)
         self.tokenizer = get_tokenizer(fim=fim)
-        self.context_length, self.max_logprobs = context_length, max_logprobs
-        self.max_queue, self.delay = max_queue, delay
+        self.context_length, self.delay = context_length, delay
+        self.limits = Limits(max_logprobs=max_logprobs, max_queue=max_queue)
         self.compile_count = 0
         self.submitted: list[Request] = []
         self.aborted = 0
@@ -104,18 +104,14 @@ class FakeEngine:
         return 0.0
 
     def check(self, r: Request) -> None:
-        P = len(r.prompt)
-        wanted = P + (r.max_tokens or 0)
-        if wanted > self.context_length:
-            raise RequestError(
-                f"This model's maximum context length is {self.context_length} tokens, however you requested "
-                f"{wanted} tokens ({P} in your prompt; {wanted - P} for the completion). "
-                "Please reduce your prompt; or completion length.", "max_tokens", "context_length_exceeded")
+        err = context_error(self.context_length, len(r.prompt), r.max_tokens or 0)
+        if err is not None:
+            raise err
 
     def submit(self, r: Request, callback) -> "FakeHandle":
         self.check(r)
         with self._lock:
-            if len(self._running) >= self.max_queue:
+            if len(self._running) >= self.limits.max_queue:
                 raise QueueFull("The engine's queue is full; retry later.")
             self.submitted.append(r)
             handle = FakeHandle(self)

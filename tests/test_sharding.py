@@ -58,6 +58,7 @@ def test_shardings_follow_the_rules(report, mesh):
     assert specs["h/0/mlp/c_fc/kernel"] == expect([None, "model"])
     assert specs["h/0/mlp/c_proj/kernel"] == expect(["model", None])
     assert specs["ln_f/scale"] == expect([None])
+    assert got["head_spec"] == expect([None, "model"])  # the transposed LM head [D, V]: vocab over model
     assert got["cache_spec"] == expect(["data", "model", None, None])
     assert got["row_specs"] == expect({"temperature": ["data"], "bias": ["data", "model"],
                                 "counts": ["data", "model"], "key": ["data", None]})

@@ -12,7 +12,6 @@ os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 os.environ["JAX_PLATFORMS"] = "cpu"
 
 import jax  # noqa: E402
-from flax import nnx  # noqa: E402
 
 from pgpt_jax import sharding  # noqa: E402
 from pgpt_jax.engine import Engine  # noqa: E402
@@ -45,10 +44,12 @@ def run(mesh):
         "logprobs": [r.choices[0].logprobs.token_logprobs for r in results[:3]],
     }
     if mesh is not None:
+        # The engine's own arrays (what its programs read), not the model it was built from.
         specs = jax.tree_util.tree_map_with_path(
-            lambda p, x: [sharding._path_str(p), spec_list(x)], nnx.state(model))
+            lambda p, x: [sharding._path_str(p), spec_list(x)], eng.params)
         out["param_specs"] = dict(jax.tree.leaves(specs, is_leaf=lambda v: isinstance(v, list) and len(v) == 2
                                                   and isinstance(v[0], str)))
+        out["head_spec"] = spec_list(eng.head)
         out["cache_spec"] = spec_list(eng.state.cache[0][0])
         out["row_specs"] = {name: spec_list(getattr(eng.state.rows, name))
                             for name in ("temperature", "bias", "counts", "key")}

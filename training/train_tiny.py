@@ -1,11 +1,11 @@
 """Train pgpt-tiny, the embedded default model, on the standard library's documentation.
 
-    python scripts/train_tiny.py                         # the shipped run: pgpt_jax/assets/pgpt-tiny/
-    python scripts/train_tiny.py --steps 20 --out /tmp/x   # a smoke run (~1 min)
+    python training/train_tiny.py                          # the shipped run: pgpt_jax/assets/pgpt-tiny/
+    python training/train_tiny.py --steps 20 --out /tmp/x   # a smoke run (~1 min)
 
 The shipped run took 45 minutes on 2 shared CPU cores; docs/model_card.md has its numbers.
 
-The corpus (pgpt_jax.data) is what every Python installation has offline: the Language
+The corpus (training/data.py) is what every Python installation has offline: the Language
 Reference topics of `help()` and the docstrings of the stdlib's modules, classes and
 functions. About 1/16 of the documents (by a hash of their name) are held out.
 Half of the training pieces are fill-in-the-middle examples (prefix-suffix-middle).
@@ -46,13 +46,14 @@ import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+# training/ is not installed: import it, and this checkout's pgpt_jax, from the repository root.
 sys.path.insert(0, str(ROOT))
 
-from pgpt_jax import data  # noqa: E402
 from pgpt_jax.checkpoint import restore_checkpoint, save_checkpoint  # noqa: E402
 from pgpt_jax.config import EOS_ID, FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX, GPTConfig  # noqa: E402
 from pgpt_jax.model import GPT, forward, init_cache  # noqa: E402
 from pgpt_jax.tokenizer import get_tokenizer  # noqa: E402
+from training import data  # noqa: E402
 
 DEFAULT_OUT = ROOT / "pgpt_jax" / "assets" / "pgpt-tiny"
 HELDOUT_FILE = "heldout.json"  # a small slice of the validation split and its unigram baseline

@@ -1,0 +1,283 @@
+"""The device programs: the decode state, and the jitted prefill / insert / start_row / decode.
+
+Nothing else lives here: the host loop (`engine.py`) decides what to run, these compute it.
+Every function is a module-level jit of explicit arguments (params passed in, the state
+donated), so two engines of one shape share their compiled programs. Only shapes and
+flags are static; every request parameter is a value in an array.
+
+Shape letters, used the same way in every module (model, sampling, programs, engine):
+
+    S  slots: the rows of the decode state          B  rows of one call (prompts in
+    T  tokens per row in one call (a prompt            prefill; the occupied prefix of
+       bucket in prefill, 1 in decode)                 the slots in decode)
+    L  cache length (the context, n_positions)      W  attention window: the prefix of
+    D  n_embd   N  heads   H  head_dim                 the cache attention reads (W <= L)
+    F  MLP hidden (4 D)    V  padded vocabulary     K  top-logprobs width (the engine's cap)
+
+Programs (what the engine calls, in order, for one request):
+  prefill    tokens i32[B, T] -> per-prompt KV and last logits (B prompts of one bucket share a call)
+  insert     one prompt's KV -> one slot of the state's cache
+  start_row  that slot's sampling row, and its first token sampled from the prefill's logits
+  decode     `steps` tokens for the first B slots, attention over the first W cache entries
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import threading
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from pgpt_jax import sampling, sharding
+from pgpt_jax.model import init_cache, lm_head
+
+# --------------------------------------------------------------------------- compiler settings
+
+
+def compiler_options() -> Optional[dict]:
+    """XLA:CPU's YNNPACK dot fusion ran decode's small-batch matmuls 2-2.5x slower on AMD Zen 3
+    (docs/benchmarks.md), so every program here turns it off for itself: options passed to jit
+    rather than XLA_FLAGS, so importing pgpt_jax changes no environment variable. A user's
+    XLA_FLAGS that name the option win; GPU and TPU compilers ignore it."""
+    if "xla_cpu_experimental_ynn_fusion_type" in os.environ.get("XLA_FLAGS", ""):
+        return None
+    return {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+
+def _program(**jit_kwargs):
+    """jax.jit with this module's compiler options."""
+    return functools.partial(jax.jit, compiler_options=compiler_options(), **jit_kwargs)
+
+
+# --------------------------------------------------------------------------- compile counting
+
+_compiles = 0
+_compiles_lock = threading.Lock()
+
+
+def _on_event(name: str, *_args, **_kwargs) -> None:
+    global _compiles
+    if name == "/jax/core/compile/backend_compile_duration":
+        with _compiles_lock:
+            _compiles += 1
+
+
+jax.monitoring.register_event_duration_secs_listener(_on_event)
+
+
+def compiles_so_far() -> int:
+    """XLA compilations in this process since pgpt_jax.programs was imported."""
+    return _compiles
+
+
+# --------------------------------------------------------------------------- device state
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class DecodeState:
+    """Everything the decode loop carries on the device, one pytree donated to every call."""
+
+    cache: tuple  # per layer (k, v), each [S, N, L, H]
+    tokens: jax.Array  # i32[S]: last sampled token, the next decode input
+    positions: jax.Array  # i32[S]: position that token will occupy in the cache
+    rows: sampling.SamplingRows  # per-slot sampling parameters and counts
+
+
+def init_state(cfg, slots: int, mesh: Optional[Mesh] = None) -> DecodeState:
+    """Zeros for every slot, created directly with the mesh's shardings when there is one."""
+    def make():
+        return DecodeState(
+            cache=init_cache(cfg, slots, cfg.n_positions),
+            tokens=jnp.zeros((slots,), jnp.int32),
+            positions=jnp.zeros((slots,), jnp.int32),
+            rows=sampling.init_rows(slots, cfg.padded_vocab),
+        )
+
+    if mesh is None:
+        return make()
+    return jax.jit(make, out_shardings=sharding.state_shardings(jax.eval_shape(make), mesh))()
+
+
+def _constrain(state: DecodeState, outs: tuple, mesh: Optional[Mesh]):
+    """Keeps the state on its shardings and makes host-bound outputs readable by every process."""
+    if mesh is None:
+        return state, outs
+    state = jax.lax.with_sharding_constraint(state, sharding.state_shardings(state, mesh))
+    outs = jax.lax.with_sharding_constraint(outs, sharding.replicated(mesh))
+    return state, outs
+
+
+def program_params(model, mesh: Optional[Mesh] = None):
+    """(graphdef, params, head): the model split for the programs, and its transposed LM head.
+
+    On CPU, params stored narrower than the compute dtype are upcast once: XLA:CPU has no
+    native bf16 matmul and would convert stored bf16 weights on every call (the embedded
+    model ships bf16). With a mesh, params land on their shardings (already-placed ones stay).
+    """
+    graphdef, params = nnx.split(model)
+    if jax.default_backend() == "cpu":
+        compute = jnp.dtype(model.config.dtype)
+        params = jax.tree.map(lambda a: a.astype(compute) if a.dtype.itemsize < compute.itemsize else a, params)
+    if mesh is not None:
+        params = jax.device_put(params, sharding.param_shardings(params, mesh))
+    return graphdef, params, transposed_head(graphdef, params, mesh=mesh)
+
+
+# --------------------------------------------------------------------------- programs
+
+
+@_program(static_argnames=("graphdef", "mesh"))
+def transposed_head(graphdef, params, *, mesh=None):
+    """The LM head as its own [D, V] array (`model.lm_head`), vocabulary over `model`."""
+    head = lm_head(nnx.merge(graphdef, params))
+    if mesh is not None:
+        head = jax.lax.with_sharding_constraint(
+            head, NamedSharding(mesh, sharding.spec(("embed", "vocab"))))
+    return head
+
+
+@_program(static_argnames=("graphdef", "want_logprobs", "top_k", "mesh"))
+def prefill(graphdef, params, head, tokens, true_len, *, want_logprobs: bool, top_k: int, mesh=None):
+    """tokens i32[B, T] (B prompts padded to a bucket T), true_len i32[B] -> their KV and logits.
+
+    Returns (cache: per layer ([B, N, T, H], [B, N, T, H]), last_logits f32[B, V],
+    prompt logprobs f32[T-1] of row 0's tokens 1..T-1, top ids i32[T-1, K], top logprobs
+    f32[T-1, K]); the prompt-logprob arrays are empty unless `want_logprobs` (then B is 1:
+    logits for every prompt position are the costly part of echo). Prompts that arrive
+    together share one call: B rows of T tokens make one [B*T, D] matmul per weight.
+    """
+    model = nnx.merge(graphdef, params)
+    B, T = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    hidden, cache = model(tokens, positions, init_cache(model.config, B, T))
+    last_hidden = jnp.take_along_axis(hidden, (true_len - 1)[:, None, None], axis=1)[:, 0]  # [B, D]
+    last_logits = model.logits(last_hidden, head)
+    if want_logprobs:
+        logits = model.logits(hidden[0, :-1], head)  # [T-1, V]: predicts tokens 1..T-1
+        lp, top_ids, top_lps = sampling.logprobs_of(logits, tokens[0, 1:], top_k)
+    else:
+        lp = jnp.zeros((0,), jnp.float32)
+        top_ids, top_lps = jnp.zeros((0, top_k), jnp.int32), jnp.zeros((0, top_k), jnp.float32)
+    if mesh is not None:
+        cache = jax.lax.with_sharding_constraint(
+            cache, NamedSharding(mesh, PartitionSpec(None, "model", None, None)))
+        last_logits, lp, top_ids, top_lps = jax.lax.with_sharding_constraint(
+            (last_logits, lp, top_ids, top_lps), sharding.replicated(mesh))
+    return cache, last_logits, lp, top_ids, top_lps
+
+
+@_program(static_argnames=("mesh",), donate_argnums=(0,))
+def insert(state: DecodeState, prompt_cache, index, slot, *, mesh=None):
+    """Copies prompt `index` of a prefill's KV (per layer ([B, N, T, H], ...)) into `slot`.
+
+    One program per prefill shape (B, T), and nothing else in it: sampling the first token
+    is `start_row`'s job, compiled once for every B.
+    """
+    def put(full, prompt):
+        one = jax.lax.dynamic_slice_in_dim(prompt, index, 1, axis=0)
+        return jax.lax.dynamic_update_slice(full, one.astype(full.dtype), (slot, 0, 0, 0))
+
+    cache = tuple((put(k, pk), put(v, pv)) for (k, v), (pk, pv) in zip(state.cache, prompt_cache))
+    return _constrain(dataclasses.replace(state, cache=cache), (), mesh)[0]
+
+
+@_program(static_argnames=("top_k", "mesh"), donate_argnums=(0,))
+def start_row(state: DecodeState, last_logits, index, slot, true_len, row: sampling.SamplingRows, *,
+              top_k: int, mesh=None):
+    """Sets `slot`'s sampling row and samples its first token from the prefill's last logits.
+
+    last_logits f32[B, V] (row `index` is this sequence's); `row` is one row of sampling
+    parameters (`sampling.request_row`, counts None: a new row has generated nothing).
+    Returns (state, token i32[1], logprob f32[1], top ids i32[1, K], top logprobs f32[1, K]).
+    """
+    rows = state.rows
+    one = dataclasses.replace(row, counts=jnp.zeros((1, rows.counts.shape[1]), rows.counts.dtype),
+                              key=row.key.astype(rows.key.dtype))
+    last = jax.lax.dynamic_slice_in_dim(last_logits, index, 1, axis=0)  # [1, V]
+    tok, lp, top_ids, top_lps, one = sampling.sample(last, one, jnp.reshape(true_len, (1,)), top_k=top_k)
+    rows = jax.tree.map(lambda all_rows, new: all_rows.at[slot].set(new[0]), rows, one)
+    state = dataclasses.replace(state, tokens=state.tokens.at[slot].set(tok[0]),
+                                positions=state.positions.at[slot].set(true_len), rows=rows)
+    state, outs = _constrain(state, (tok, lp, top_ids, top_lps), mesh)
+    return (state, *outs)
+
+
+@_program(static_argnames=("graphdef", "steps", "window", "rows", "top_k", "mesh"), donate_argnums=(3,))
+def decode(graphdef, params, head, state: DecodeState, *, steps: int, window: int, rows: int,
+           top_k: int, mesh=None):
+    """Runs `steps` decode steps for the first `rows` (B) slots in one program.
+
+    Attention reads only the first `window` (W) cache entries and only the first B slots
+    run (the host picks buckets that cover every occupied slot; free slots past B cost
+    nothing). Returns (state, tokens i32[steps, B], logprobs f32[steps, B],
+    top ids i32[steps, B, K], top logprobs f32[steps, B, K]).
+    """
+    model = nnx.merge(graphdef, params)
+    last = model.config.n_positions - 1
+    head_rows = lambda a: a[:rows]  # noqa: E731
+
+    def one_step(carry, _):
+        cache, tokens, positions, sampling_rows = carry
+        hidden, cache = model(tokens[:, None], positions[:, None], cache, window)
+        logits = model.logits(hidden[:, 0], head)  # [B, V]
+        new_pos = jnp.minimum(positions + 1, last)  # free slots may run on; clamp them
+        tok, lp, top_ids, top_lps, sampling_rows = sampling.sample(
+            logits, sampling_rows, new_pos, top_k=top_k)
+        return (cache, tok, new_pos, sampling_rows), (tok, lp, top_ids, top_lps)
+
+    carry = (state.cache, head_rows(state.tokens), head_rows(state.positions),
+             jax.tree.map(head_rows, state.rows))
+    (cache, tokens, positions, sampling_rows), outs = jax.lax.scan(one_step, carry, None, length=steps)
+    put = lambda full, part: jax.lax.dynamic_update_slice_in_dim(full, part, 0, axis=0)  # noqa: E731
+    state = DecodeState(cache, put(state.tokens, tokens), put(state.positions, positions),
+                        jax.tree.map(put, state.rows, sampling_rows))
+    state, outs = _constrain(state, outs, mesh)
+    return (state, *outs)
+
+
+# --------------------------------------------------------------------------- warm-up
+
+
+def compile_all(graphdef, params, head, state: DecodeState, *, prefills, echo_buckets, decodes, steps: int,
+                row: sampling.SamplingRows, top_k: int, mesh=None, progress: bool = False) -> None:
+    """Runs every program once per shape so that serving compiles nothing: prefill for each
+    (rows, bucket) in `prefills` (and with prompt logprobs, one row, for each of
+    `echo_buckets`), insert after each, start_row once per row count, and decode for each
+    (rows, window) in `decodes`. `state` is donated along the way: the caller makes a fresh one.
+    """
+    jobs = [("echo", 1, b) for b in echo_buckets] + [("prefill", *p) for p in prefills]
+    jobs += [("decode", *d) for d in decodes]
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(jobs), desc="warm-up (compiling)", unit="program")
+    started = set()  # start_row compiles once per prefill row count
+    for kind, rows, size in jobs:
+        if kind == "decode":
+            state, *_ = decode(graphdef, params, head, state, steps=steps, window=size, rows=rows,
+                               top_k=top_k, mesh=mesh)
+        else:
+            # Host arrays, as the engine passes them: the same jit cache entries.
+            cache, last, *_ = prefill(graphdef, params, head, np.zeros((rows, size), np.int32),
+                                      np.ones((rows,), np.int32), want_logprobs=kind == "echo",
+                                      top_k=top_k, mesh=mesh)
+            if kind == "prefill":  # the echo variant's cache has the same shape as the plain one's
+                state = insert(state, cache, np.int32(0), np.int32(0), mesh=mesh)
+                if rows not in started:
+                    started.add(rows)
+                    state, *_ = start_row(state, last, np.int32(0), np.int32(0), np.int32(1), row,
+                                          top_k=top_k, mesh=mesh)
+        jax.block_until_ready(state.tokens)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()

@@ -1,0 +1,99 @@
+"""`pgpt-jax serve`: load the model in the background, warm it up, and run uvicorn over the app.
+
+Multi-host (--coordinator/--num-processes/--process-id, or --distributed): the CLI has
+already joined the processes (`sharding.init_distributed`); every process loads the model
+onto one mesh over all processes' devices; process 0 serves HTTP and broadcasts each
+engine iteration's decisions, the others run the engine loop only and exit when process
+0's engine stops.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Optional
+
+from pgpt_jax.request import Limits
+from server.app import create_app
+
+RANDOM_PREFIX = "random:"
+
+
+def load_model_for_serving(source: Optional[str], dtype: Optional[str], mesh=None):
+    """`--model` -> (model, a line saying what is served).
+
+    `random:PRESET` serves random weights of a preset (benchmarks, smoke tests). When the
+    embedded model is missing this refuses rather than quietly serving noise.
+    """
+    import pgpt_jax
+
+    if source and source.startswith(RANDOM_PREFIX):
+        preset = source[len(RANDOM_PREFIX):]
+        model = pgpt_jax.init_model(preset, dtype=dtype, mesh=mesh)
+        return model, f"RANDOM weights of the {preset!r} preset (its text is noise)"
+    try:
+        model = pgpt_jax.load_model(source, dtype=dtype, shardings=mesh)
+    except Exception as exc:
+        if source is None:
+            raise RuntimeError(
+                f"the embedded model could not be loaded ({exc}). Pass --model with an orbax "
+                "checkpoint dir, an HF dir or hub id, or --model random:tiny (or random:gpt2) "
+                "to serve random weights of a preset.") from exc
+        raise
+    return model, f"{source or 'the embedded model'} ({model.config.name}, {model.config.n_layer} layers)"
+
+
+def default_model_name(source: Optional[str]) -> str:
+    return "pgpt-tiny" if source is None else source.rstrip("/")
+
+
+def _engine_from_args(args, mesh, limits: Limits):
+    from pgpt_jax.engine import Engine
+    from pgpt_jax.tokenizer import get_tokenizer
+
+    model, what = load_model_for_serving(args.model, args.dtype, mesh)
+    engine = Engine(model, get_tokenizer(fim=model.config.fim), slots=args.slots,
+                    decode_steps=args.decode_steps, limits=limits, mesh=mesh)
+    return engine, what
+
+
+def serve(args, mesh=None, limits: Limits = Limits()) -> None:
+    """Listen at once, load and warm up in the background, then serve (see the module docstring)."""
+    import jax
+    import uvicorn
+
+    if mesh is None and jax.process_count() > 1:
+        from pgpt_jax import sharding
+
+        mesh = sharding.make_mesh(model=1)  # every device on the data axis
+    if jax.process_index() != 0:
+        engine, what = _engine_from_args(args, mesh, limits)
+        print(f"pgpt-jax: process {jax.process_index()} follows process 0 ({what})", file=sys.stderr, flush=True)
+        engine.warmup(progress=False)
+        engine.run_follower()
+        return
+
+    api_key = args.api_key or os.environ.get("PGPT_API_KEY") or None
+    name = args.served_model_name or default_model_name(args.model)
+    server: Optional[uvicorn.Server] = None
+
+    def load():
+        try:
+            engine, what = _engine_from_args(args, mesh, limits)
+            print(f"pgpt-jax: serving {what} as {name!r}", file=sys.stderr, flush=True)
+            secs = engine.warmup(progress=True)
+            print(f"pgpt-jax: ready after {secs:.1f} s of warm-up (compiled {engine.compile_count} programs); "
+                  f"http://{args.host}:{args.port}/v1 {'(API key required)' if api_key else ''}",
+                  file=sys.stderr, flush=True)
+            return engine
+        except BaseException:
+            server.should_exit = True  # nothing to serve: stop listening, serve() reports why
+            raise
+
+    app = create_app(served_model_name=name, api_key=api_key, max_body_bytes=args.max_body_bytes, loader=load)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
+                                           timeout_graceful_shutdown=10))
+    server.run()
+    err = app.state.pgpt.load_error
+    if err is not None:
+        raise SystemExit(f"pgpt-jax serve: {err}")

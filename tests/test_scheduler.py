@@ -1,0 +1,47 @@
+"""scheduler.py's host-side decisions (no device): shape buckets, prefill grouping, slot admission
+lowest first, decode shapes over the occupied prefix, and dropping a request's waiting choices."""
+
+from pgpt_jax.scheduler import Scheduler, buckets
+
+
+def test_shape_sets():
+    assert buckets(128, 16) == (16, 32, 64, 128) and buckets(100, 16) == (16, 32, 64, 100)
+    s = Scheduler(32, 1024, max_prefill_tokens=1024)
+    assert s.buckets[:3] == (16, 32, 64) and s.windows == (128, 256, 512, 1024)
+    assert s.row_buckets == (1, 4, 16, 32)
+    assert s.prefill_rows[16] == (1, 4, 16) and s.prefill_rows[64] == (1, 4, 16) and s.prefill_rows[512] == (1,)
+    assert Scheduler(8, 128, split_slots=True).row_buckets == (8,)  # a data axis: every slot runs
+
+
+def test_prefill_calls_group_one_bucket_and_cap_rows():
+    s = Scheduler(8, 128, max_prefill_tokens=1024)  # bucket 16: rows of 1 or 4 (16 > 8 slots)
+    items = [("a", 3), ("b", 20), ("c", 5), ("d", 16), ("e", 1), ("f", 2), ("g", 30)]
+    calls = s.prefill_calls(items, length=lambda it: it[1])
+    assert [(b, r, [i[0] for i in chunk]) for b, r, chunk in calls] == [
+        (16, 4, ["a", "c", "d", "e"]), (16, 1, ["f"]), (32, 4, ["b", "g"])]
+    alone = s.prefill_calls(items[:2], length=lambda it: it[1], alone=True)
+    assert [(b, r, len(chunk)) for b, r, chunk in alone] == [(16, 1, 1), (32, 1, 1)]
+
+
+def test_admission_takes_free_slots_lowest_first_and_skips_ended_requests():
+    s = Scheduler(4, 128)
+    s.place(1, "busy", 10)
+    s.waiting.extend([("r1", 0), ("gone", 0), ("r1", 1), ("r2", 0), ("r2", 1)])
+    got = list(s.admissions(done=lambda entry: entry == "gone"))
+    assert got == [("r1", 0, 0), ("r1", 1, 2), ("r2", 0, 3)]
+    assert list(s.waiting) == [("r2", 1)]  # no slot left for it
+    s.drop("r2")
+    assert not s.waiting
+
+
+def test_decode_shape_covers_the_occupied_prefix_and_the_longest_row():
+    s = Scheduler(32, 1024)
+    s.place(0, "a", 100)
+    assert s.decode_shape(steps=4) == (128, 1)
+    s.place(5, "b", 300)
+    assert s.decode_shape(steps=4) == (512, 16)
+    s.release(5, owner="someone else")  # not its owner: nothing happens
+    assert s.active == 2
+    s.release(5)
+    assert s.decode_shape(steps=30) == (256, 1)  # 100 + 30 + 1 > 128
+    assert s.advance(4) == {0: "a"} and s.position[0] == 104
