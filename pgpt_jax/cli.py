@@ -38,9 +38,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=None, help="also read from PGPT_API_KEY")
     p.add_argument("--slots", type=int, default=32)
     p.add_argument("--decode-steps", type=int, default=4)
-    p.add_argument("--max-queue", type=int, default=LIMITS.max_queue)
     p.add_argument("--max-logprobs", type=int, default=LIMITS.max_logprobs)
-    p.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024)
+    g = p.add_argument_group("admission, deadlines and drain (docs/operating.md)")
+    g.add_argument("--max-queue", type=int, default=LIMITS.max_queue, help="choices waiting for a slot")
+    g.add_argument("--max-queued-tokens", type=int, default=LIMITS.max_queued_tokens,
+                   help="prompt + max_tokens over waiting choices (default: 8 x slots x context)")
+    g.add_argument("--max-prompts", type=int, default=LIMITS.max_prompts, help="prompts in one request")
+    g.add_argument("--max-choices", type=int, default=LIMITS.max_choices, help="prompts x best_of in one request")
+    g.add_argument("--request-timeout", type=float, default=None, help="seconds a whole request may take")
+    g.add_argument("--queue-timeout", type=float, default=None, help="seconds a request may wait for a slot")
+    g.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="on SIGTERM, seconds requests in flight may take to finish")
+    g = p.add_argument_group("HTTP")
+    g.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024)
+    g.add_argument("--body-timeout", type=float, default=30.0, help="seconds to receive a request body")
+    g.add_argument("--header-timeout", type=float, default=10.0, help="seconds to receive a request head")
+    g.add_argument("--timeout-keep-alive", type=float, default=5.0, help="seconds an idle connection stays open")
+    g.add_argument("--limit-concurrency", type=int, default=512, help="connections and requests at once")
+    g.add_argument("--stream-buffer", type=int, default=256,
+                   help="events a stream may hold for a slow reader before it is aborted")
+    g.add_argument("--metrics-public", action="store_true", help="serve /metrics without the API key")
     p.add_argument("--coordinator", default=None, help="multi-host: HOST:PORT of process 0's coordinator")
     p.add_argument("--num-processes", type=int, default=None, help="multi-host: number of processes")
     p.add_argument("--process-id", type=int, default=None, help="multi-host: this process's index")
@@ -69,8 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def limits_from_args(args) -> Limits:
-    """The Limits table with the flags that set its fields."""
-    return Limits(max_queue=args.max_queue, max_logprobs=args.max_logprobs)
+    """The Limits table with the flags that set its fields (flag names are field names)."""
+    import dataclasses
+
+    return Limits(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Limits) if hasattr(args, f.name)})
 
 
 def mesh_from_args(args):

@@ -37,6 +37,11 @@ class GPTConfig:
         return self.n_embd // self.n_head
 
     @property
+    def never_emitted(self) -> tuple[int, ...]:
+        """Tokens a completion never produces: the FIM control tokens only arrange prompts."""
+        return (FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE) if self.fim else ()
+
+    @property
     def padded_vocab(self) -> int:
         """Compute vocabulary: a multiple of 64 (50257 -> 50304); logits past vocab_size are -inf."""
         return -(-self.vocab_size // 64) * 64

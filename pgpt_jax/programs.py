@@ -162,7 +162,7 @@ def prefill(graphdef, params, head, tokens, true_len, *, want_logprobs: bool, to
     last_logits = model.logits(last_hidden, head)
     if want_logprobs:
         logits = model.logits(hidden[0, :-1], head)  # [T-1, V]: predicts tokens 1..T-1
-        lp, top_ids, top_lps = sampling.logprobs_of(logits, tokens[0, 1:], top_k)
+        lp, top_ids, top_lps = sampling.logprobs_of(logits, tokens[0, 1:], top_k, model.config.never_emitted)
     else:
         lp = jnp.zeros((0,), jnp.float32)
         top_ids, top_lps = jnp.zeros((0, top_k), jnp.int32), jnp.zeros((0, top_k), jnp.float32)

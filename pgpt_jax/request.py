@@ -30,7 +30,13 @@ class Limits:
     max_n: int = 128
     max_best_of: int = 20
     max_logprobs: int = 5  # top logprobs per token (--max-logprobs); at most 20
-    max_queue: int = 256  # requests admitted and waiting for a slot (--max-queue)
+    max_prompts: int = 128  # prompts in one request body (--max-prompts)
+    max_choices: int = 512  # prompts x best_of of one request body (--max-choices)
+    # Admission by cost: what may wait for a slot, counted over queued choices.
+    max_queue: int = 256  # choices waiting for a slot (--max-queue)
+    max_queued_tokens: Optional[int] = None  # prompt + max_tokens over waiting choices; None: 8 x slots x context
+    request_timeout: Optional[float] = None  # seconds from submit to the last token (--request-timeout)
+    queue_timeout: Optional[float] = None  # seconds a request may wait for its first slot (--queue-timeout)
 
     def __post_init__(self):
         if not 0 <= self.max_logprobs <= 20:
@@ -126,7 +132,19 @@ class RequestError(ValueError):
 
 
 class QueueFull(RuntimeError):
-    """The engine's waiting queue is at its limit; retry later (HTTP 429)."""
+    """The engine's waiting queue (choices or their token budget) is at its limit; retry later (HTTP 429)."""
+
+
+class EngineUnavailable(RuntimeError):
+    """The engine is stopping, stopped or dead: it takes no new work and ends what it had (HTTP 503)."""
+
+
+class RequestTimeout(TimeoutError):
+    """A request ran past a deadline: `where` is "queue" (no slot in time) or "request" (the whole request)."""
+
+    def __init__(self, message: str, where: str):
+        super().__init__(message)
+        self.where = where
 
 
 def fim_prompt(prompt: list[int], suffix: list[int], fim: bool) -> list[int]:
@@ -155,8 +173,12 @@ def _is_int(x) -> bool:
     return isinstance(x, (int, np.integer)) and not isinstance(x, bool)  # JSON true is not token 1
 
 
-def validate(request: Request, limits: Limits, vocab_size: int, context_length: int) -> None:
-    """Raises RequestError for what makes `request` impossible; the error names the OpenAI field."""
+def validate(request: Request, limits: Limits, vocab_size: int, context_length: int,
+             never: Sequence[int] = ()) -> None:
+    """Raises RequestError for what makes `request` impossible; the error names the OpenAI field.
+
+    `never`: tokens the model can never produce (control tokens): no logit_bias key may name one.
+    """
     r = request
     if not r.prompt:
         raise RequestError("The prompt must contain at least one token.", "prompt")
@@ -188,6 +210,8 @@ def validate(request: Request, limits: Limits, vocab_size: int, context_length: 
     for tok, val in (r.logit_bias or {}).items():
         if not (_is_int(tok) and 0 <= tok < vocab_size):
             raise RequestError(f"logit_bias key {tok} is not a token id in the vocabulary.", "logit_bias")
+        if tok in never:
+            raise RequestError(f"logit_bias key {tok} is a control token this model never produces.", "logit_bias")
         if not -100 <= val <= 100:
             raise RequestError(f"logit_bias value for token {tok} must be between -100 and 100.", "logit_bias")
     if r.max_tokens is not None and r.max_tokens < 0:

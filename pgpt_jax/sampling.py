@@ -122,12 +122,14 @@ def request_row(*, temperature: float, top_p: float, presence: float, frequency:
                         key=row_key(seed, choice_index)[None])
 
 
-def logprobs_of(logits, ids, k: int):
+def logprobs_of(logits, ids, k: int, never=()):
     """Raw log-probabilities: logits f32[..., V], ids i32[...] ->
-    (logprob f32[...], top_ids i32[..., k], top_logprobs f32[..., k]), k static (may be 0)."""
+    (logprob f32[...], top_ids i32[..., k], top_logprobs f32[..., k]), k static (may be 0).
+    Tokens in `never` (static: control tokens the model never produces) are left out of the top k."""
     lse = _logsumexp(logits)
     logprob = jnp.take_along_axis(logits, ids[..., None], axis=-1)[..., 0] - lse
-    top_ids, top_logprobs = _top_logprobs(logits, lse, k)
+    shown = logits.at[..., jnp.asarray(never, jnp.int32)].set(-jnp.inf) if never else logits
+    top_ids, top_logprobs = _top_logprobs(shown, lse, k)
     return logprob, top_ids, top_logprobs
 
 
@@ -166,9 +168,10 @@ def sample(logits, rows: SamplingRows, positions, *, top_k: int = 5,
     )
 
     logprob = jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0] - lse
+    # Tokens a row may never produce (a -inf bias: control tokens) are never among its top k.
     top_ids, top_logprobs = lax.cond(
         jnp.any(rows.num_logprobs > 0),
-        lambda: _top_logprobs(logits, lse, top_k),
+        lambda: _top_logprobs(jnp.where(rows.bias == -jnp.inf, -jnp.inf, logits), lse, top_k),
         lambda: (jnp.zeros((B, top_k), jnp.int32), jnp.zeros((B, top_k), jnp.float32)),
     )
     counts = rows.counts.at[jnp.arange(B), tokens].add(1)  # in place when the caller donates rows

@@ -61,8 +61,10 @@ class Tokenizer:
         )
 
     def encode(self, text: str) -> list[int]:
-        """Special tokens in the text are allowed (DESIGN.md: a prompt may contain `<|endoftext|>`)."""
-        return self._enc.encode(text, allowed_special="all")
+        """Text -> ids. `<|endoftext|>` in the text is the EOS token (OpenAI allows it in prompts);
+        no other special token is parsed from text: "<|fim_prefix|>" typed by a user is plain
+        text, so user text cannot forge control tokens (those come only from `suffix`)."""
+        return self._enc.encode(text, allowed_special={ENDOFTEXT}, disallowed_special=())
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._enc.decode(list(ids), errors="replace")

@@ -41,16 +41,31 @@ log = logging.getLogger("pgpt_jax.server")
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 
 
+@dataclasses.dataclass(frozen=True)
+class ServerOptions:
+    """How the HTTP side behaves (the `pgpt-jax serve` flags of the same names)."""
+
+    api_key: Optional[str] = None  # required on every route but the probes, when set
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    body_timeout: float = 30.0  # seconds to receive a whole request body (a slow sender gets 408)
+    metrics_public: bool = False  # /metrics without the API key
+    ping_interval: float = 5.0  # seconds between ": ping" comments while a stream waits
+    stream_buffer: int = 256  # events a stream may hold for a slow reader before it is aborted
+    shutdown_timeout: float = 30.0  # a drain lets in-flight requests finish this long
+
+
 @dataclasses.dataclass(eq=False)
 class ServerState:
     """What the handlers share; lives at `app.state.pgpt`."""
 
     served_model_name: str
-    api_key: Optional[str]
-    max_body_bytes: int
+    options: ServerOptions
     engine: Any = None  # pgpt_jax.engine.Engine once loaded
     info: Optional[protocol.ModelInfo] = None
     load_error: Optional[BaseException] = None
+    draining: bool = False  # set by drain(): no new work, readiness 503
+    loop: Any = None  # the event loop serving the app (set by the lifespan)
+    runs: set = dataclasses.field(default_factory=set)  # requests in flight (bridge._Run)
     created: int = dataclasses.field(default_factory=lambda: int(time.time()))
     metrics: Metrics = dataclasses.field(init=False)
 
@@ -64,12 +79,40 @@ class ServerState:
             limits=engine.limits, tokenizer=engine.tokenizer)
         self.engine = engine
 
-    def ready_engine(self):
+    def not_ready(self) -> Optional[str]:
+        """Why the server takes no new work (None: it does)."""
+        if self.draining:
+            return "The server is shutting down; retry on another replica."
         if self.engine is None:
-            why = f"failed to load: {self.load_error}" if self.load_error else "is loading"
-            raise APIError(503, f"The model {why}; retry shortly.", type="server_error", code="model_not_ready",
+            return f"The model failed to load: {self.load_error}" if self.load_error else "The model is loading."
+        if not self.engine.alive:
+            return "The engine is not running; the server must restart."
+        return None
+
+    def ready_engine(self):
+        why = self.not_ready()
+        if why is not None:
+            code = "model_not_ready" if self.engine is None and not self.draining else "server_unavailable"
+            raise APIError(503, f"{why} Retry shortly.", type="server_error", code=code,
                            headers={"Retry-After": "5"})
         return self.engine
+
+    async def drain(self, timeout: Optional[float] = None) -> None:
+        """Stops taking work (503 + Retry-After; /ready 503), lets requests in flight finish for
+        up to `timeout` seconds (default: the shutdown timeout), then ends what remains: streams
+        get an error event and `data: [DONE]`, the others a 503."""
+        loop = asyncio.get_running_loop()
+        timeout = self.options.shutdown_timeout if timeout is None else timeout
+        self.draining = True
+        log.info("draining: %d request(s) in flight, %.0f s to finish", len(self.runs), timeout)
+        deadline = loop.time() + timeout
+        while self.runs and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        if self.engine is not None:
+            await asyncio.to_thread(self.engine.stop, "The server is shutting down; retry on another replica.")
+        deadline = loop.time() + 5.0  # the ended runs send their last bytes
+        while self.runs and loop.time() < deadline:
+            await asyncio.sleep(0.05)
 
 
 def _state(request: HTTPRequest) -> ServerState:
@@ -78,9 +121,9 @@ def _state(request: HTTPRequest) -> ServerState:
 
 def _authorize(request: HTTPRequest, st: ServerState) -> None:
     """OpenAI's `Authorization: Bearer KEY` or Azure's `api-key: KEY`, when a key is configured."""
-    if st.api_key is None:
+    if st.options.api_key is None:
         return
-    want = st.api_key.encode()
+    want = st.options.api_key.encode()
     given = []
     auth = request.headers.get("authorization", "")
     if auth[:7].lower() == "bearer ":
@@ -94,7 +137,8 @@ def _authorize(request: HTTPRequest, st: ServerState) -> None:
         raise APIError(401, what, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
 
-async def _read_json(request: HTTPRequest, limit: int) -> Any:
+async def _read_body(request: HTTPRequest, limit: int, timeout: float) -> bytes:
+    """The raw body: 415 unless JSON, 413 over `limit` bytes, 408 when it takes over `timeout` seconds."""
     ctype = request.headers.get("content-type")
     if ctype is not None:
         media = ctype.split(";")[0].strip().lower()
@@ -105,13 +149,21 @@ async def _read_json(request: HTTPRequest, limit: int) -> Any:
     too_big = APIError(413, f"The request body is larger than {limit} bytes.", code="request_too_large")
     if declared.isdigit() and int(declared) > limit:
         raise too_big
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_big
-        chunks.append(chunk)
-    return protocol.parse_json(b"".join(chunks))
+    chunks = []
+
+    async def read() -> None:
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_big
+            chunks.append(chunk)
+
+    try:
+        await asyncio.wait_for(read(), timeout)
+    except asyncio.TimeoutError:
+        raise APIError(408, f"The request body did not arrive within {timeout:g} s.", code="request_timeout") from None
+    return b"".join(chunks)
 
 
 
@@ -122,10 +174,15 @@ async def _generation(request: HTTPRequest, parse) -> Response:
     """Authorize, read and validate the body with `parse`, then run it on the engine."""
     st = _state(request)
     _authorize(request, st)
-    engine = st.ready_engine()
-    body = await _read_json(request, st.max_body_bytes)
-    job = parse(body, st.info, request.path_params.get("deployment"))
-    return await run_job(request, st.metrics, engine, job)
+    st.ready_engine()
+    raw = await _read_body(request, st.options.max_body_bytes, st.options.body_timeout)
+    deployment = request.path_params.get("deployment")
+    # JSON parsing and tokenising (a 4 MB prompt takes a good part of a second) run in a worker
+    # thread, so the event loop keeps serving every other stream meanwhile.
+    job = await asyncio.to_thread(lambda: parse(protocol.parse_json(raw), st.info, deployment))
+    o = st.options
+    return await run_job(request, st.ready_engine(), job, metrics=st.metrics, runs=st.runs,
+                         ping_interval=o.ping_interval, stream_buffer=o.stream_buffer)
 
 
 async def completions(request: HTTPRequest) -> Response:
@@ -159,16 +216,31 @@ def _model_info(st: ServerState) -> protocol.ModelInfo:
 
 
 async def health(request: HTTPRequest) -> Response:
+    """Liveness: 200 while the process and its engine loop are alive (draining included);
+    503 while loading, after a failed load, or once the engine loop died or hung."""
     st = _state(request)
-    if st.engine is not None:
-        return json_response({"status": "ok", "model": st.served_model_name})
     if st.load_error is not None:
         return json_response({"status": "failed", "error": str(st.load_error)}, 503)
-    return json_response({"status": "loading"}, 503)
+    if st.engine is None:
+        return json_response({"status": "loading"}, 503)
+    if not st.engine.alive:
+        return json_response({"status": "dead", "error": str(st.engine.dead or "the engine stopped")}, 503)
+    return json_response({"status": "draining" if st.draining else "ok", "model": st.served_model_name})
+
+
+async def ready(request: HTTPRequest) -> Response:
+    """Readiness: 200 when warm-up is done, the engine is alive and the server is not draining."""
+    why = _state(request).not_ready()
+    if why is not None:
+        return json_response({"status": "not ready", "reason": why}, 503, {"Retry-After": "5"})
+    return json_response({"status": "ready"})
 
 
 async def metrics(request: HTTPRequest) -> Response:
-    return Response(generate_latest(_state(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    st = _state(request)
+    if not st.options.metrics_public:
+        _authorize(request, st)
+    return Response(generate_latest(st.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
 # ----------------------------------------------------------------------------- errors
@@ -191,16 +263,17 @@ async def _server_error(request: HTTPRequest, exc: Exception) -> Response:
     return json_response(err.body(), 500)
 
 
-def create_app(engine=None, *, served_model_name: str, api_key: Optional[str] = None,
-               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-               loader: Optional[Callable[[], Any]] = None) -> Starlette:
-    """The OpenAI-compatible app over `engine` (or over what `loader()` returns, loaded in the background).
+def create_app(engine=None, *, served_model_name: str, loader: Optional[Callable[[], Any]] = None,
+               **options) -> Starlette:
+    """The OpenAI-compatible app over `engine` (or over what `loader()` returns, loaded in the
+    background); `options` are `ServerOptions` fields. `app.state.pgpt.drain()` drains it.
 
     The lifespan starts the engine's thread (a no-op if it runs already) and stops it at shutdown.
     """
     if (engine is None) == (loader is None):
         raise ValueError("pass exactly one of engine and loader")
-    st = ServerState(served_model_name=served_model_name, api_key=api_key or None, max_body_bytes=max_body_bytes)
+    opts = ServerOptions(**options)
+    st = ServerState(served_model_name=served_model_name, options=dataclasses.replace(opts, api_key=opts.api_key or None))
 
     async def load_in_background() -> None:
         try:
@@ -214,6 +287,7 @@ def create_app(engine=None, *, served_model_name: str, api_key: Optional[str] = 
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
+        st.loop = asyncio.get_running_loop()
         task = None
         if engine is not None:
             engine.start()
@@ -236,6 +310,7 @@ def create_app(engine=None, *, served_model_name: str, api_key: Optional[str] = 
         Route("/openai/deployments/{deployment}/completions", completions, methods=["POST"]),
         Route("/openai/deployments/{deployment}/chat/completions", chat_completions, methods=["POST"]),
         Route("/health", health, methods=["GET"]),
+        Route("/ready", ready, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
     ]
     app = Starlette(

@@ -3,10 +3,16 @@
 The engine runs its host loop in its own thread and answers each request through a
 callback on that thread. The callback never touches asyncio objects directly: it hands
 the event to the server's event loop with `loop.call_soon_threadsafe`, which puts it on
-the run's `asyncio.Queue`. A handler then awaits the queue (every final event for a
-non-streaming request; deltas as they come for a stream), while also watching for the
-client going away: a client that disconnects aborts its engine work (`handle.abort()`),
-so its slots are free at the engine's next iteration.
+the run's queue. A handler then awaits the queue (every final event for a non-streaming
+request; deltas as they come for a stream), while also watching for the client going
+away: a client that disconnects aborts its engine work (`handle.abort()`), so its slots
+are free at the engine's next iteration.
+
+Every run ends with an answer. Non-streaming: the JSON body, or an OpenAI error object
+with its status. Streaming: chunks, then `data: [DONE]`; when the request fails after the
+200 went out, an `error` event comes first. A stream that waits sends `: ping` comments
+so that proxies keep the connection; a reader that falls more than `stream_buffer` events
+behind is aborted (its slots freed) rather than allowed to grow the server's memory.
 """
 
 from __future__ import annotations
@@ -16,17 +22,25 @@ import functools
 import json
 import logging
 import time
+from collections import deque
 from typing import Any, Callable, Optional
 
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import Response, StreamingResponse
 
-from pgpt_jax.request import Delta, QueueFull, RequestError, Result
+from pgpt_jax.request import Delta, EngineUnavailable, QueueFull, RequestError, RequestTimeout, Result
 from server import responses
 from server.metrics import Metrics
 from server.protocol import APIError, Job
 
 log = logging.getLogger("pgpt_jax.server")
+
+DONE = b"data: [DONE]\n\n"
+PING = b": ping\n\n"
+
+
+class StreamOverflow(RuntimeError):
+    """The client read a stream too slowly: its work was aborted."""
 
 
 def json_response(obj: Any, status: int = 200, headers: Optional[dict] = None) -> Response:
@@ -38,12 +52,21 @@ def _sse(obj: Any) -> bytes:
     return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
 
 
-def _from_engine_error(exc: BaseException) -> APIError:
+def engine_error(exc: BaseException) -> APIError:
+    """An engine-side ending -> the OpenAI error object and status a client gets."""
     if isinstance(exc, RequestError):
         return APIError(400, exc.message, param=exc.param, code=exc.code)
     if isinstance(exc, QueueFull):
         return APIError(429, f"{exc} The server is at capacity.", type="server_overloaded", code="queue_full",
                         headers={"Retry-After": "1"})
+    if isinstance(exc, EngineUnavailable):
+        return APIError(503, str(exc), type="server_error", code="server_unavailable", headers={"Retry-After": "5"})
+    if isinstance(exc, RequestTimeout) and exc.where == "queue":
+        return APIError(503, str(exc), type="server_overloaded", code="queue_timeout", headers={"Retry-After": "1"})
+    if isinstance(exc, RequestTimeout):
+        return APIError(504, str(exc), type="timeout", code="request_timeout")
+    if isinstance(exc, StreamOverflow):
+        return APIError(400, str(exc), code="stream_reader_too_slow")
     log.error("engine failed a request: %r", exc)
     return APIError(500, f"The engine failed this request: {exc}", type="server_error", code="engine_error")
 
@@ -54,40 +77,65 @@ async def _disconnected(receive) -> None:
         pass
 
 
-
 class _Run:
-    """A Job's engine requests in flight, and the queue their callbacks feed (see the module docstring)."""
+    """A Job's engine requests in flight, and the bounded queue their callbacks feed."""
 
-    def __init__(self, job: Job, engine, loop: asyncio.AbstractEventLoop):
-        self.job, self.engine, self.loop = job, engine, loop
-        self.queue: asyncio.Queue = asyncio.Queue()
+    def __init__(self, job: Job, engine, loop: asyncio.AbstractEventLoop, runs: set, buffer: int):
+        self.job, self.engine, self.loop, self.runs, self.buffer = job, engine, loop, runs, buffer
+        self.events: deque = deque()
+        self.ready = asyncio.Event()
         self.handles: list = []
         self.open: set[int] = set()  # prompts whose final event has not arrived
         self.start = time.perf_counter()
 
     def submit(self) -> None:
-        # Every prompt is checked before any is submitted: a bad third prompt must not leave
-        # the first two generating for nobody.
-        for r in self.job.requests:
-            self.engine.check(r)
-        try:
-            for i, r in enumerate(self.job.requests):
-                self.handles.append(self.engine.submit(r, functools.partial(self._post, i)))
-                self.open.add(i)
-        except BaseException:
-            self.abort()
-            raise
+        """All prompts or none (a bad third prompt must not leave the first two generating for nobody)."""
+        callbacks = [functools.partial(self._post, i) for i in range(len(self.job.requests))]
+        self.handles = self.engine.submit_all(self.job.requests, callbacks)
+        self.open = set(range(len(self.job.requests)))
+        self.runs.add(self)
 
     def _post(self, i: int, event) -> None:  # runs on the engine thread
         try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, (i, event))
+            self.loop.call_soon_threadsafe(self._put, i, event)
         except RuntimeError:  # the event loop is closed: nobody is waiting any more
             pass
+
+    def _put(self, i: int, event) -> None:  # runs on the event loop
+        if i not in self.open:
+            return  # ended already (aborted, overflowed): drop what was still in flight
+        if isinstance(event, Delta) and len(self.events) >= self.buffer:
+            # The reader is too slow: stop generating for it instead of buffering without end.
+            self.events.clear()
+            self.abort()
+            self.events.append((i, StreamOverflow(
+                f"The client read the stream too slowly ({self.buffer} events behind); it was aborted.")))
+            self.open = {i}  # the overflow is the one event left to see
+        else:
+            self.events.append((i, event))
+        self.ready.set()
+
+    async def next_batch(self, timeout: Optional[float] = None) -> list:
+        """Every event queued now (waiting for one first, up to `timeout`: [] when none came)."""
+        if not self.events:
+            self.ready.clear()
+            try:
+                await asyncio.wait_for(self.ready.wait(), timeout)
+            except asyncio.TimeoutError:
+                return []
+        batch = list(self.events)
+        self.events.clear()
+        return batch
 
     def abort(self) -> None:
         for i in sorted(self.open):
             self.handles[i].abort()
         self.open.clear()
+
+    def close(self) -> None:
+        """However the run ends: abort what is still open and leave the server's in-flight set."""
+        self.abort()
+        self.runs.discard(self)
 
     def finished(self, i: int) -> None:
         self.open.discard(i)
@@ -105,26 +153,26 @@ async def _collect(metrics: Metrics, run: _Run, request: HTTPRequest) -> Optiona
     gone = asyncio.ensure_future(_disconnected(request.receive))
     try:
         while run.open:
-            get = asyncio.ensure_future(run.queue.get())
-            await asyncio.wait({get, gone}, return_when=asyncio.FIRST_COMPLETED)
+            batch = asyncio.ensure_future(run.next_batch())
+            await asyncio.wait({batch, gone}, return_when=asyncio.FIRST_COMPLETED)
             if gone.done():
-                get.cancel()
+                batch.cancel()
                 return None
-            i, event = get.result()
-            if isinstance(event, Delta):
-                continue
-            run.finished(i)
-            if isinstance(event, BaseException):
-                raise _from_engine_error(event)
-            results[i] = event
+            for i, event in batch.result():
+                if isinstance(event, Delta):
+                    continue
+                run.finished(i)
+                if isinstance(event, BaseException):
+                    raise engine_error(event)
+                results[i] = event
     finally:
         gone.cancel()
-        run.abort()  # whatever is still open when we stop waiting
+        run.close()  # whatever is still open when we stop waiting
     _account(metrics, run, results)
     return results
 
 
-async def _stream_events(metrics: Metrics, run: _Run):
+async def _stream_events(metrics: Metrics, run: _Run, ping_interval: float):
     """SSE bytes as the engine produces them; events that queued up together go out in one write."""
     job = run.job
     fmt = responses.StreamFormatter(job)
@@ -132,9 +180,10 @@ async def _stream_events(metrics: Metrics, run: _Run):
     first = None
     try:
         while run.open:
-            batch = [await run.queue.get()]
-            while not run.queue.empty():
-                batch.append(run.queue.get_nowait())
+            batch = await run.next_batch(timeout=ping_interval)
+            if not batch:
+                yield PING  # nothing for a while: keep proxies and clients from timing out
+                continue
             out = []
             for i, event in batch:
                 if isinstance(event, Delta):
@@ -146,23 +195,23 @@ async def _stream_events(metrics: Metrics, run: _Run):
                     run.finished(i)
                     results[i] = event
                     out += [_sse(c) for c in fmt.result(i, event)]
-                else:  # the engine failed this request after the 200 went out: say so in-band
-                    run.finished(i)
-                    out.append(_sse(_from_engine_error(event).body()))
+                else:  # the request failed after the 200 went out: say so in-band, then end
+                    run.close()
+                    out += [_sse(engine_error(event).body()), DONE]
                     yield b"".join(out)
                     return
             if out:
                 yield b"".join(out)
         if job.include_usage:
             yield _sse(responses.usage_chunk(job, results))
-        yield b"data: [DONE]\n\n"
+        yield DONE
         _account(metrics, run, results)
         if first is not None:
             per_choice = sum(r.completion_tokens for r in results) / (len(results) * job.n)
             if per_choice > 1:
                 metrics.tpot.observe((time.perf_counter() - first) / (per_choice - 1))
     finally:
-        run.abort()
+        run.close()
 
 
 class _EventStream(StreamingResponse):
@@ -194,18 +243,22 @@ class _EventStream(StreamingResponse):
             raise stream.exception()  # a bug, not a client leaving: let it be logged
 
 
-async def run_job(request: HTTPRequest, metrics: Metrics, engine, job: Job) -> Response:
-    """Submits `job`'s requests and answers: JSON when all are done, or an event stream."""
-    run = _Run(job, engine, asyncio.get_running_loop())
+async def run_job(request: HTTPRequest, engine, job: Job, *, metrics: Metrics, runs: set,
+                  ping_interval: float = 5.0, stream_buffer: int = 256) -> Response:
+    """Submits `job`'s requests and answers: JSON when all are done, or an event stream.
+    `runs` is the server's set of runs in flight (a drain waits for it to empty)."""
+    run = _Run(job, engine, asyncio.get_running_loop(), runs, stream_buffer)
     try:
         run.submit()
-    except (RequestError, QueueFull) as exc:
-        raise _from_engine_error(exc) from None
+    except (RequestError, QueueFull, EngineUnavailable) as exc:
+        raise engine_error(exc) from None
     if job.stream:
-        return _EventStream(_stream_events(metrics, run), on_close=run.abort)
+        return _EventStream(_stream_events(metrics, run, ping_interval), on_close=run.close)
     results = await _collect(metrics, run, request)
     if results is None:
         return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
     if job.kind == "completion":
-        return json_response(responses.completion_response(job, results))
-    return json_response(responses.chat_response(job, results[0]))
+        body = await asyncio.to_thread(responses.completion_response, job, results)
+    else:
+        body = responses.chat_response(job, results[0])
+    return await asyncio.to_thread(json_response, body)  # a long echo's JSON is off the event loop

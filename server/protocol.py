@@ -235,6 +235,10 @@ def _prompts(value: Any, info: ModelInfo) -> list[list[int]]:
                       f"or an array of token arrays (got {type(value).__name__}).", param="prompt")
     if not value:
         raise invalid("'prompt' must not be an empty array.", param="prompt")
+    many = not all(_is_int(t) for t in value)  # an array of prompts, not one prompt of token ids
+    if many and len(value) > info.limits.max_prompts:  # before any tokenising
+        raise invalid(f"'prompt' holds {len(value)} prompts; at most {info.limits.max_prompts} are allowed "
+                      "in one request.", param="prompt")
     if all(isinstance(p, str) for p in value):
         return [info.tokenizer.encode(p or DEFAULT_PROMPT) for p in value]
     if all(_is_int(t) for t in value):
@@ -344,7 +348,11 @@ def parse_completion(data: Any, info: ModelInfo, deployment: Optional[str] = Non
         logit_bias=_logit_bias(body.logit_bias, info), seed=body.seed, stream=stream,
     )
     requests = []
-    for ids in _prompts(body.prompt, info):
+    prompts = _prompts(body.prompt, info)
+    if len(prompts) * best_of > info.limits.max_choices:
+        raise invalid(f"{len(prompts)} prompts x {best_of} choices is more than the {info.limits.max_choices} "
+                      "one request may ask for.", param="best_of" if body.best_of is not None else "n")
+    for ids in prompts:
         if suffix_ids is not None:
             requests.append(Request(prompt=fim_prompt(ids, suffix_ids, info.fim), echo_prompt=ids, **common))
         else:

@@ -1,5 +1,9 @@
 """`pgpt-jax serve`: load the model in the background, warm it up, and run uvicorn over the app.
 
+SIGTERM or SIGINT drains (server/http.py): new requests get 503 while those in flight
+finish, for up to --shutdown-timeout seconds; then what remains is ended and the process
+exits with status 0.
+
 Multi-host (--coordinator/--num-processes/--process-id, or --distributed): the CLI has
 already joined the processes (`sharding.init_distributed`); every process loads the model
 onto one mesh over all processes' devices; process 0 serves HTTP and broadcasts each
@@ -15,6 +19,7 @@ from typing import Optional
 
 from pgpt_jax.request import Limits
 from server.app import create_app
+from server.http import DrainingServer, HTTPSettings, uvicorn_config
 
 RANDOM_PREFIX = "random:"
 
@@ -60,7 +65,6 @@ def _engine_from_args(args, mesh, limits: Limits):
 def serve(args, mesh=None, limits: Limits = Limits()) -> None:
     """Listen at once, load and warm up in the background, then serve (see the module docstring)."""
     import jax
-    import uvicorn
 
     if mesh is None and jax.process_count() > 1:
         from pgpt_jax import sharding
@@ -75,7 +79,7 @@ def serve(args, mesh=None, limits: Limits = Limits()) -> None:
 
     api_key = args.api_key or os.environ.get("PGPT_API_KEY") or None
     name = args.served_model_name or default_model_name(args.model)
-    server: Optional[uvicorn.Server] = None
+    server: Optional[DrainingServer] = None
 
     def load():
         try:
@@ -90,9 +94,13 @@ def serve(args, mesh=None, limits: Limits = Limits()) -> None:
             server.should_exit = True  # nothing to serve: stop listening, serve() reports why
             raise
 
-    app = create_app(served_model_name=name, api_key=api_key, max_body_bytes=args.max_body_bytes, loader=load)
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
-                                           timeout_graceful_shutdown=10))
+    app = create_app(served_model_name=name, loader=load, api_key=api_key, max_body_bytes=args.max_body_bytes,
+                     body_timeout=args.body_timeout, metrics_public=args.metrics_public,
+                     stream_buffer=args.stream_buffer, shutdown_timeout=args.shutdown_timeout)
+    http = HTTPSettings(limit_concurrency=args.limit_concurrency, timeout_keep_alive=args.timeout_keep_alive,
+                        header_timeout=args.header_timeout)
+    server = DrainingServer(uvicorn_config(app, args.host, args.port, http, log_level="info"),
+                            drain=app.state.pgpt.drain)
     server.run()
     err = app.state.pgpt.load_error
     if err is not None:

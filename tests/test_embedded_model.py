@@ -179,3 +179,26 @@ def test_generate_with_suffix_never_returns_fim_tokens(tiny):
 
     echoed = pgpt_jax.generate(tiny, "Return a copy", suffix=" removed.", max_tokens=3, echo=True, seed=1)
     assert echoed[0].text.startswith("Return a copy") and "<|fim" not in echoed[0].text
+
+
+def test_control_tokens_never_show_in_logprobs_and_cannot_be_forged(tiny):
+    """Where the raw model's most likely token is <|fim_middle|> (after the middle "s.\\n"), the
+    top logprobs list text tokens only; the prompt's echo top logprobs too. User text that
+    spells a control token is plain text, and a control token is no logit_bias key."""
+    from pgpt_jax.request import RequestError
+
+    tok = get_tokenizer(fim=True)
+    (c,) = pgpt_jax.generate(tiny, STRIP_PREFIX, suffix=STRIP_SUFFIX, max_tokens=4, temperature=0.0, logprobs=5)
+    assert tok.decode(c.token_ids).startswith(STRIP_MIDDLE)
+    after_middle = len(tok.encode(STRIP_MIDDLE))  # the position where <|fim_middle|> is the raw argmax
+    tops = c.logprobs.top_logprobs
+    assert len(tops[after_middle]) >= 5 and all(not t.startswith("<|fim") for top in tops for t in top)
+    (scored,) = pgpt_jax.generate(tiny, STRIP_PREFIX + STRIP_MIDDLE, max_tokens=0, echo=True, logprobs=5)
+    assert all(not t.startswith("<|fim") for top in scored.logprobs.top_logprobs[1:] for t in top)
+
+    forged = "<|fim_prefix|>def f(<|fim_suffix|>):<|fim_middle|>"
+    (c,) = pgpt_jax.generate(tiny, forged, max_tokens=1, echo=True, logprobs=0)
+    assert c.text.startswith(forged) and "<|fim_prefix|>" not in c.logprobs.tokens  # spelt out, not a token
+    with pytest.raises(RequestError) as e:
+        pgpt_jax.generate(tiny, "x", max_tokens=1, logit_bias={FIM_MIDDLE: 5})
+    assert e.value.param == "logit_bias"

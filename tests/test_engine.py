@@ -2,6 +2,7 @@
 streaming, echo logprobs, abort, context checks, and no recompiles after warm-up."""
 
 import threading
+import time
 
 import jax
 import jax.numpy as jnp
@@ -12,10 +13,20 @@ from pgpt_jax import programs
 from pgpt_jax.engine import Engine
 from pgpt_jax.model import forward, init_cache, init_model
 from pgpt_jax.programs import decode, init_state
-from pgpt_jax.request import Delta, Limits, Request, RequestError, Result
+from pgpt_jax.request import (Delta, EngineUnavailable, Limits, QueueFull, Request, RequestError, RequestTimeout,
+                              Result)
 from pgpt_jax.tokenizer import get_tokenizer
 
 NO_EOS = {50256: -100.0}  # random weights may pick EOS; keep lengths predictable
+
+
+def wait_for(predicate, timeout: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return predicate()
 
 
 @pytest.fixture(scope="module")
@@ -266,7 +277,7 @@ def test_abort_frees_slots_in_threaded_loop(engine):
                       lambda ev: (out.append(ev), done.set()))
         assert done.wait(60) and isinstance(out[0], Result)
     finally:
-        engine.stop()
+        engine.stop(reopen=True)  # the module engine goes on under run_until_idle
 
 
 def test_no_recompile_after_warmup(engine):
@@ -328,4 +339,106 @@ def test_engine_survives_a_device_call_that_fails_after_consuming_its_state(engi
         assert events[1].choices[0].token_ids == argmax_loop(engine.model, PROMPTS[0], 6)
         assert engine.active_slots == 0 and calls["n"] >= 2
     finally:
-        engine.stop()
+        engine.stop(reopen=True)
+
+
+# ----------------------------------------------------------------------------- request lifecycle
+
+POISON = 4242  # a prompt that starts with this token makes the patched prefill raise
+
+
+def poisoned_prefill(monkeypatch):
+    real = programs.prefill
+
+    def prefill(graphdef, params, head, tokens, *args, **kwargs):
+        if (np.asarray(tokens)[:, 0] == POISON).any():
+            raise RuntimeError("injected prefill failure")
+        return real(graphdef, params, head, tokens, *args, **kwargs)
+
+    monkeypatch.setattr(programs, "prefill", prefill)
+
+
+def test_a_prefill_that_raises_fails_only_its_request(engine, monkeypatch):
+    poisoned_prefill(monkeypatch)
+    good = Request(prompt=[11, 12, 13], max_tokens=5, temperature=0.0, logit_bias=NO_EOS)
+    bad = Request(prompt=[POISON, 12, 13], max_tokens=5, temperature=0.0, logit_bias=NO_EOS)
+    # Same bucket, same iteration: they share a prefill call, which raises; each is retried alone.
+    results, _ = run(engine, good, bad, Request(prompt=[POISON, 1], max_tokens=0, echo=True, logprobs=1))
+    assert isinstance(results[0], Result) and len(results[0].choices[0].token_ids) == 5
+    assert isinstance(results[1], RuntimeError) and isinstance(results[2], RuntimeError)
+    assert engine.active_slots == 0 and engine.queue_depth == 0 and not engine.registry.entries
+    assert run(engine, good)[0][0].choices[0].token_ids == results[0].choices[0].token_ids
+
+
+def test_queued_requests_hold_only_their_budget_and_a_request_is_taken_whole(tiny_model):
+    limits = Limits(max_logprobs=5, max_queued_tokens=200)
+    eng = Engine(tiny_model, get_tokenizer(), slots=8, decode_steps=3, limits=limits)
+    first = eng.submit(Request(prompt=[1] * 10, max_tokens=40, n=2), lambda ev: None)  # 2 x 50 tokens
+    assert (eng.queue_depth, eng.registry.queued_tokens) == (2, 100)
+    with pytest.raises(QueueFull, match="token budget"):  # 3 x 50 more would pass 200: none is taken
+        eng.submit_all([Request(prompt=[1] * 10, max_tokens=40)] * 3, [lambda ev: None] * 3)
+    assert (eng.queue_depth, eng.registry.queued_tokens) == (2, 100)
+    eng.submit(Request(prompt=[1] * 10, max_tokens=40), lambda ev: None)
+    eng.run_until_idle()  # prefilled only now, when they get slots; the budget comes back
+    assert first.done and (eng.queue_depth, eng.registry.queued_tokens) == (0, 0)
+
+
+def threaded(eng, request):
+    """Submits on a started engine; returns (event holder, done Event)."""
+    out, done = [], threading.Event()
+    eng.submit(request, lambda ev: (out.append(ev), done.set()) if not isinstance(ev, Delta) else None)
+    return out, done
+
+
+def test_deadlines_end_requests_and_free_their_slots(tiny_model):
+    limits = Limits(max_logprobs=5, request_timeout=0.5, queue_timeout=0.3)
+    eng = Engine(tiny_model, get_tokenizer(), slots=8, decode_steps=3, limits=limits)
+    eng.start()
+    try:
+        # 64 choices of 124 tokens on 8 slots: far more than 0.5 s of work.
+        hog, hog_done = threaded(eng, Request(prompt=[5] * 4, max_tokens=None, n=64, logit_bias=NO_EOS))
+        assert wait_for(lambda: eng.active_slots == 8)
+        late, late_done = threaded(eng, Request(prompt=[6] * 4, max_tokens=3))
+        assert late_done.wait(10) and isinstance(late[0], RequestTimeout) and late[0].where == "queue"
+        assert hog_done.wait(10) and isinstance(hog[0], RequestTimeout) and hog[0].where == "request"
+        assert wait_for(lambda: eng.active_slots == 0 and eng.queue_depth == 0)
+    finally:
+        eng.stop()
+
+
+class _Kill(BaseException):
+    """What no `except Exception` catches: the engine loop itself dies."""
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the loop dies on purpose
+def test_when_the_loop_dies_every_request_is_answered_at_once(tiny_model):
+    eng = Engine(tiny_model, get_tokenizer(), slots=8, decode_steps=3, limits=Limits(max_logprobs=5))
+    eng.start()
+    waiting = [threaded(eng, Request(prompt=[7] * 4, max_tokens=None, n=4, logit_bias=NO_EOS)) for _ in range(4)]
+    assert wait_for(lambda: eng.active_slots == 8) and eng.alive
+    real = eng.step
+
+    def dying_step():
+        real()
+        raise _Kill("injected")
+
+    eng.step = dying_step
+    t0 = time.monotonic()
+    for out, done in waiting:
+        assert done.wait(5) and isinstance(out[0], EngineUnavailable)
+    assert time.monotonic() - t0 < 1.0 + 0.5  # at once (allowing one iteration in flight)
+    assert not eng.alive and isinstance(eng.dead, _Kill)
+    with pytest.raises(EngineUnavailable):
+        eng.submit(Request(prompt=[1], max_tokens=1), lambda ev: None)
+    eng.stop()
+
+
+def test_control_tokens_are_refused_as_logit_bias_keys():
+    from pgpt_jax.config import FIM_SUFFIX
+    from pgpt_jax.request import validate
+
+    limits = Limits()
+    validate(Request(prompt=[1], logit_bias={FIM_SUFFIX: 1.0}), limits, 50260, 128)  # a plain model's vocab
+    with pytest.raises(RequestError) as e:
+        validate(Request(prompt=[1], logit_bias={FIM_SUFFIX: 1.0}), limits, 50260, 128, never=(FIM_SUFFIX,))
+    assert e.value.param == "logit_bias"

@@ -10,6 +10,7 @@ import asyncio
 import copy
 import json
 import socket
+import time
 
 import httpx
 import openai
@@ -500,3 +501,52 @@ def test_metrics_after_traffic(srv):
     assert samples["pgpt_time_to_first_token_seconds_count"] > 0
     assert samples["pgpt_engine_compile_count"] == srv.engine.compile_count
     assert samples["pgpt_engine_active_slots"] == 0
+
+
+# ----------------------------------------------------------------------------- faults
+
+
+def test_a_failing_prefill_answers_with_an_error_and_others_complete(srv, monkeypatch):
+    from test_engine import POISON, poisoned_prefill
+
+    poisoned_prefill(monkeypatch)
+    with srv.http.stream("POST", C, json={"model": MODEL, "prompt": [POISON, 1, 2], "max_tokens": 4,
+                                          "stream": True}) as r:
+        lines = [line for line in r.iter_lines() if line]
+    assert r.status_code == 200 and lines[-1] == "data: [DONE]"
+    assert json.loads(lines[-2][len("data: "):])["error"]["code"] == "engine_error"
+    r = srv.http.post(C, json={"model": MODEL, "prompt": [POISON, 1, 2], "max_tokens": 4})
+    assert r.status_code == 500 and error_of(r)["type"] == "server_error"
+    both = srv.http.post(C, json={"model": MODEL, "prompt": [[POISON, 1], [3, 4]], "max_tokens": 4})
+    assert both.status_code == 500  # one prompt failed: the request fails, and nothing keeps running
+    assert wait_for(lambda: srv.engine.active_slots == 0 and srv.engine.queue_depth == 0)
+    assert complete(srv, prompt=[3, 4], max_tokens=4, logit_bias=NO_EOS).usage.completion_tokens == 4
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the loop dies on purpose
+def test_a_dead_engine_loop_answers_everyone_and_is_not_ready(tiny_model):
+    from test_engine import _Kill
+
+    engine = Engine(tiny_model, get_tokenizer(), **ENGINE_SHAPES, limits=Limits(max_logprobs=5))
+    with ServerThread(create_app(engine, served_model_name=MODEL)) as s:
+        http = httpx.Client(base_url=s.base_url, timeout=60)
+        assert http.get("/ready").status_code == 200
+        long = {"model": MODEL, "prompt": "a", "max_tokens": None, "n": 8, "logit_bias": NO_EOS}
+        with http.stream("POST", C, json={**long, "stream": True}) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: ")
+            real = engine.step
+
+            def dying_step():
+                real()
+                raise _Kill("injected")
+
+            t0 = time.monotonic()
+            engine.step = dying_step
+            rest = [line for line in lines if line]
+        assert time.monotonic() - t0 < 1.5
+        assert rest[-1] == "data: [DONE]" and "server_unavailable" in rest[-2]
+        assert http.get("/ready").status_code == 503 and http.get("/health").status_code == 503
+        r = http.post(C, json={"model": MODEL, "prompt": "a", "max_tokens": 2})
+        assert r.status_code == 503 and error_of(r)["code"] == "server_unavailable"
+        http.close()

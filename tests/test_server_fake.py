@@ -5,7 +5,11 @@ queue, an engine failure after the 200, clients that walk away, metrics, FIM arr
 and the chat template. The real engine's answers are tested in test_server.py.
 """
 
+import asyncio
+import json
+import socket
 import threading
+import time
 
 import httpx
 import openai
@@ -14,6 +18,7 @@ import pytest
 from pgpt_jax.config import FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX
 from server import protocol
 from server.app import create_app
+from server.http import HTTPSettings
 from test_server_helpers import FakeEngine, ServerThread, error_of, wait_for
 
 MODEL = "fake-model"
@@ -164,12 +169,11 @@ def test_queue_full_is_429():
     with ServerThread(app) as s:
         url = s.base_url + "/v1/completions"
         with httpx.stream("POST", url, json={"model": MODEL, "prompt": "a", "max_tokens": 100, "stream": True}):
-            # One slot of the queue left: a two-prompt request gets one in, then 429 and its first aborted.
+            # One place in the queue left: a two-prompt request is refused whole (none of it runs).
             r = httpx.post(url, json={"model": MODEL, "prompt": ["a", "b"], "max_tokens": 100})
             assert r.status_code == 429 and error_of(r)["code"] == "queue_full"
             assert r.headers["retry-after"] == "1"
-            assert wait_for(lambda: engine.aborted == 1)
-            assert len(engine.submitted) == 2
+            assert len(engine.submitted) == 1 and engine.aborted == 0
         client = openai.OpenAI(base_url=s.base_url + "/v1", api_key="x", max_retries=0)
         assert wait_for(lambda: engine.active_slots == 0)
         assert client.completions.create(model=MODEL, prompt="a", max_tokens=1).choices[0].text == " the"
@@ -239,7 +243,7 @@ def test_chat_template_and_stops(fake):
 def test_metrics(fake):
     post(fake, "/v1/completions", {"model": MODEL, "prompt": "a", "max_tokens": 2, "stream": True})
     post(fake, "/v1/completions", {"model": MODEL, "temperature": 7})
-    text = httpx.get(fake.base_url + "/metrics").text
+    text = httpx.get(fake.base_url + "/metrics", headers=headers()).text
     for name in ("pgpt_http_requests_total", "pgpt_prompt_tokens_total", "pgpt_generation_tokens_total",
                  "pgpt_engine_queue_depth", "pgpt_engine_active_slots", "pgpt_engine_compile_count",
                  "pgpt_time_to_first_token_seconds_bucket", "pgpt_time_per_output_token_seconds_bucket",
@@ -264,3 +268,148 @@ def test_serve_names():
     assert default_model_name(None) == "pgpt-tiny"
     assert default_model_name("/ckpt/my-model/") == "/ckpt/my-model"
     assert default_model_name("random:gpt2") == "random:gpt2"
+
+
+# ----------------------------------------------------------------------------- request lifecycle
+
+
+def drain(s, timeout):
+    """Runs the app's drain on its own event loop (as SIGTERM does in `pgpt-jax serve`)."""
+    st = s.app.state.pgpt
+    return asyncio.run_coroutine_threadsafe(st.drain(timeout), st.loop)
+
+
+def test_drain_refuses_new_work_and_ends_streams_with_an_error_and_done():
+    engine = FakeEngine(delay=0.05, context_length=4096)
+    with ServerThread(create_app(engine, served_model_name=MODEL, ping_interval=0.2)) as s:
+        url = s.base_url + "/v1/completions"
+        assert httpx.get(s.base_url + "/ready").status_code == 200
+        with httpx.stream("POST", url, json={"model": MODEL, "prompt": "a", "max_tokens": 1000, "stream": True},
+                          timeout=30) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: ")
+            done = drain(s, timeout=0.5)
+            assert wait_for(lambda: s.app.state.pgpt.draining)
+            ready = httpx.get(s.base_url + "/ready")
+            assert ready.status_code == 503 and ready.headers["retry-after"]
+            assert httpx.get(s.base_url + "/health").json()["status"] == "draining"  # alive: not restarted
+            refused = httpx.post(url, json={"model": MODEL, "prompt": "b", "max_tokens": 1})
+            assert refused.status_code == 503 and refused.headers["retry-after"]
+            assert error_of(refused)["code"] == "server_unavailable"
+            rest = [line for line in lines if line]
+        done.result(timeout=30)
+    assert rest[-1] == "data: [DONE]"
+    err = json.loads(rest[-2][len("data: "):])["error"]
+    assert err["code"] == "server_unavailable" and "shutting down" in err["message"]
+    assert engine.stopped
+
+
+def test_drain_lets_requests_in_flight_finish():
+    engine = FakeEngine(delay=0.01)
+    with ServerThread(create_app(engine, served_model_name=MODEL)) as s:
+        pending = threading.Thread(target=lambda: results.append(httpx.post(
+            s.base_url + "/v1/completions", json={"model": MODEL, "prompt": "a", "max_tokens": 30}, timeout=30)))
+        results: list = []
+        pending.start()
+        assert wait_for(lambda: engine.active_slots == 1)
+        drain(s, timeout=20).result(timeout=30)
+        pending.join(30)
+    assert results[0].status_code == 200 and len(results[0].json()["choices"][0]["text"]) > 0
+
+
+def test_a_dead_engine_fails_liveness_and_readiness(fake):
+    fake.engine.dead = True
+    try:
+        assert httpx.get(fake.base_url + "/health").status_code == 503
+        assert httpx.get(fake.base_url + "/ready").status_code == 503
+        r = post(fake, "/v1/completions", {"model": MODEL, "prompt": "a", "max_tokens": 1})
+        assert r.status_code == 503 and error_of(r)["code"] == "server_unavailable"
+    finally:
+        fake.engine.dead = False
+    assert httpx.get(fake.base_url + "/ready").status_code == 200
+
+
+def test_streams_that_wait_get_pings():
+    engine = FakeEngine(delay=0.5)
+    with ServerThread(create_app(engine, served_model_name=MODEL, ping_interval=0.1)) as s:
+        with httpx.stream("POST", s.base_url + "/v1/completions", timeout=30,
+                          json={"model": MODEL, "prompt": "a", "max_tokens": 2, "stream": True}) as r:
+            lines = [line for line in r.iter_lines() if line]
+    first_data = next(i for i, line in enumerate(lines) if line.startswith("data: "))
+    assert first_data >= 2 and all(line == ": ping" for line in lines[:first_data])
+    assert lines[-1] == "data: [DONE]"
+
+
+def test_a_reader_that_falls_behind_is_aborted_not_buffered():
+    # The fake makes tokens as fast as it can; the client reads nothing. Once the socket's
+    # buffers are full the stream's events pile up: past `stream_buffer` the run is aborted.
+    engine = FakeEngine(delay=0.0, context_length=10**6)
+    app = create_app(engine, served_model_name=MODEL, stream_buffer=16)
+    with ServerThread(app) as s:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", s.port))
+        body = json.dumps({"model": MODEL, "prompt": "a", "max_tokens": 500_000, "stream": True}).encode()
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        assert wait_for(lambda: engine.aborted == 1, timeout=60)
+        assert wait_for(lambda: engine.active_slots == 0)
+        sock.settimeout(30)
+        data = b""
+        while not data.endswith(b"data: [DONE]\n\n") and not data.endswith(b"0\r\n\r\n"):
+            chunk = sock.recv(1 << 20)
+            if not chunk:
+                break
+            data += chunk
+        sock.close()
+        assert b"stream_reader_too_slow" in data and b"data: [DONE]" in data
+        assert not s.app.state.pgpt.runs  # nothing of it is left in flight
+        assert post(s, "/v1/completions", {"model": MODEL, "prompt": "a", "max_tokens": 1}, headers={}).status_code == 200
+
+
+def test_half_open_connections_are_closed_and_do_not_delay_others():
+    engine = FakeEngine()
+    settings = HTTPSettings(header_timeout=1.0, limit_concurrency=128)
+    with ServerThread(create_app(engine, served_model_name=MODEL), settings) as s:
+        body = {"model": MODEL, "prompt": "a", "max_tokens": 1}
+        client = httpx.Client(base_url=s.base_url, timeout=30)
+
+        def latency() -> float:
+            t0 = time.perf_counter()
+            assert client.post("/v1/completions", json=body).status_code == 200
+            return time.perf_counter() - t0
+
+        alone = min(latency() for _ in range(5))
+        socks = []
+        for i in range(64):  # slowloris: a request head that never ends
+            sk = socket.create_connection(("127.0.0.1", s.port))
+            sk.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: t\r\n" if i % 2 else b"")
+            socks.append(sk)
+        crowded = min(latency() for _ in range(5))
+        assert crowded <= max(2 * alone, alone + 0.05), (alone, crowded)
+        for sk in socks:  # the server hangs up on each after the header timeout
+            sk.settimeout(10)
+            assert sk.recv(1024) == b""
+            sk.close()
+        client.close()
+
+
+def test_caps_on_prompts_and_choices(fake):
+    engine = FakeEngine()
+    with ServerThread(create_app(engine, served_model_name=MODEL)) as s:  # the default 4 MiB body cap
+        r = post(s, "/v1/completions", {"model": MODEL, "prompt": ["x"] * 50_000, "max_tokens": 1}, headers={})
+        assert r.status_code == 400 and error_of(r)["param"] == "prompt" and "50000 prompts" in error_of(r)["message"]
+        assert not engine.submitted
+    r = post(fake, "/v1/completions", {"model": MODEL, "prompt": [[1]] * 100, "n": 6, "max_tokens": 1})
+    assert r.status_code == 400 and error_of(r)["param"] == "n"
+    r = post(fake, "/v1/completions", {"model": MODEL, "prompt": list(range(100)), "max_tokens": 1})
+    assert r.status_code == 200  # one prompt of 100 token ids is not 100 prompts
+
+
+def test_metrics_need_the_api_key_unless_public():
+    engine = FakeEngine()
+    with ServerThread(create_app(engine, served_model_name=MODEL, api_key=KEY)) as s:
+        assert httpx.get(s.base_url + "/metrics").status_code == 401
+        assert httpx.get(s.base_url + "/metrics", headers=headers()).status_code == 200
+    with ServerThread(create_app(FakeEngine(), served_model_name=MODEL, api_key=KEY, metrics_public=True)) as s:
+        assert httpx.get(s.base_url + "/metrics").status_code == 200

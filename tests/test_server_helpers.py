@@ -16,21 +16,23 @@ from typing import Optional
 import uvicorn
 
 from pgpt_jax.config import GPTConfig
-from pgpt_jax.request import Choice, Delta, Limits, Logprobs, QueueFull, Request, Result, context_error
+from pgpt_jax.request import (Choice, Delta, EngineUnavailable, Limits, Logprobs, QueueFull, Request, Result,
+                              context_error)
+from server.http import HTTPSettings, uvicorn_config
 from pgpt_jax.tokenizer import get_tokenizer
 
 
 class ServerThread:
     """`with ServerThread(app) as s:` serves `app` on 127.0.0.1 at a free port (s.base_url)."""
 
-    def __init__(self, app):
+    def __init__(self, app, settings: HTTPSettings = HTTPSettings()):
         self.app = app
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.base_url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+        self.server = uvicorn.Server(uvicorn_config(app, "127.0.0.1", self.port, settings, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     def __enter__(self) -> "ServerThread":
@@ -46,6 +48,29 @@ class ServerThread:
         self.server.should_exit = True
         self.thread.join(timeout=30)
         self.sock.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until_ready(url: str, procs, timeout: float = 500) -> None:
+    """Polls `url`/ready until it answers 200; fails with a process's output if one exits first."""
+    import httpx
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for p in procs:
+            assert p.poll() is None, p.stdout.read()[-3000:]
+        try:
+            if httpx.get(url + "/ready", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"{url} was not ready within {timeout} s")
 
 
 def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02) -> bool:
@@ -83,7 +108,7 @@ class FakeEngine:
         self._lock = threading.Lock()
         self._active = 0
         self._running: set = set()
-        self.started = self.stopped = False
+        self.started = self.stopped = self.dead = False
         self.words = self.tokenizer.encode(WORDS)
 
     @property
@@ -94,11 +119,20 @@ class FakeEngine:
     def queue_depth(self) -> int:
         return 0
 
+    @property
+    def alive(self) -> bool:
+        return not self.dead and not self.stopped
+
     def start(self) -> None:
         self.started = True
 
-    def stop(self) -> None:
+    def stop(self, why: str = "The engine stopped.") -> None:
+        """Like the engine: every request still running ends with EngineUnavailable(why)."""
         self.stopped = True
+        with self._lock:
+            running = list(self._running)
+        for handle in running:
+            handle.fail(EngineUnavailable(why))
 
     def warmup(self, progress: bool = False) -> float:
         return 0.0
@@ -109,15 +143,24 @@ class FakeEngine:
             raise err
 
     def submit(self, r: Request, callback) -> "FakeHandle":
-        self.check(r)
+        return self.submit_all([r], [callback])[0]
+
+    def submit_all(self, requests, callbacks) -> list:
+        for r in requests:
+            self.check(r)
         with self._lock:
-            if len(self._running) >= self.limits.max_queue:
+            if self.stopped or self.dead:
+                raise EngineUnavailable("The engine stopped.")
+            if len(self._running) + len(requests) > self.limits.max_queue:
                 raise QueueFull("The engine's queue is full; retry later.")
-            self.submitted.append(r)
-            handle = FakeHandle(self)
-            self._running.add(handle)
-        threading.Thread(target=self._run, args=(r, callback, handle), daemon=True).start()
-        return handle
+            handles = []
+            for r, cb in zip(requests, callbacks):
+                self.submitted.append(r)
+                handles.append(FakeHandle(self, cb))
+                self._running.add(handles[-1])
+        for r, cb, h in zip(requests, callbacks, handles):
+            threading.Thread(target=self._run, args=(r, cb, h), daemon=True).start()
+        return handles
 
     def _run(self, r: Request, callback, handle: "FakeHandle") -> None:
         best_of = r.best_of or r.n
@@ -129,30 +172,28 @@ class FakeEngine:
         texts = [""] * best_of
         try:
             for k in range(steps):
-                if handle.aborted:
+                if handle.ended:
                     return
                 time.sleep(self.delay)
                 for i in range(best_of):
                     tok = self.words[(i + k) % len(self.words)]
                     piece = self.tokenizer.decode([tok])
                     texts[i] += piece
-                    if r.stream:
+                    if r.stream and not handle.ended:
                         text = (prefix if k == 0 else "") + piece
                         lp = self._lp([tok], len(prefix) + len(texts[i]) - len(piece)) if r.logprobs is not None else None
                         callback(Delta(index=i, text=text, logprobs=lp,
                                        finish_reason="length" if k == steps - 1 else None))
                 if r.seed == self.FAIL_SEED:
-                    callback(RuntimeError("fake engine failure"))
+                    handle.finish(RuntimeError("fake engine failure"))
                     return
-            if handle.aborted:
-                return
             choices = []
             for i in range(r.n):
                 ids = [self.words[(i + k) % len(self.words)] for k in range(steps)]
                 lp = self._lp(ids, len(prefix)) if r.logprobs is not None else None
                 choices.append(Choice(index=i, text=prefix + texts[i], token_ids=ids, finish_reason="length",
                                       logprobs=lp))
-            callback(Result(choices=choices, prompt_tokens=len(r.prompt), completion_tokens=steps * best_of))
+            handle.finish(Result(choices=choices, prompt_tokens=len(r.prompt), completion_tokens=steps * best_of))
         finally:
             with self._lock:
                 self._active -= best_of
@@ -171,14 +212,30 @@ class FakeEngine:
 
 
 class FakeHandle:
-    def __init__(self, engine: FakeEngine):
-        self.engine, self.aborted = engine, False
+    """One request of the fake: it ends once (a Result, an exception, or an abort)."""
+
+    def __init__(self, engine: FakeEngine, callback):
+        self.engine, self.callback = engine, callback
+        self.aborted = self.ended = False
+        self._lock = threading.Lock()
 
     def abort(self) -> None:
-        if not self.aborted:
-            self.aborted = True
-            with self.engine._lock:
-                self.engine.aborted += 1
+        with self._lock:
+            if self.aborted:
+                return
+            self.aborted = self.ended = True
+        with self.engine._lock:
+            self.engine.aborted += 1
+
+    def finish(self, event) -> None:
+        with self._lock:
+            if self.ended:
+                return
+            self.ended = True
+        self.callback(event)
+
+    def fail(self, exc: BaseException) -> None:
+        self.finish(exc)
 
 
 def error_of(response) -> Optional[dict]:

@@ -41,9 +41,10 @@ def test_fim_tokens_only_with_fim(tok):
     assert tok.decode(plain) == text  # ordinary text without FIM
     fim = get_tokenizer(fim=True)
     assert (fim.fim, fim.vocab_size, fim.eos_id) == (True, 50260, EOS_ID)
+    # User text cannot forge control tokens, even on a FIM model: only <|endoftext|> is parsed.
     ids = fim.encode(text)
-    assert ids[0] == FIM_PREFIX and FIM_SUFFIX in ids and ids[-1] == FIM_MIDDLE
-    assert fim.decode(ids) == text
+    assert ids == plain and not {FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE} & set(ids)
+    assert fim.decode([FIM_PREFIX, *fim.encode("def f("), FIM_SUFFIX]) == "<|fim_prefix|>def f(<|fim_suffix|>"
     assert fim.encode("hello world<|endoftext|>") == [31373, 995, EOS_ID]
     with pytest.raises(ValueError, match="outside the vocabulary"):
         tok.token_bytes(FIM_PREFIX)
