@@ -45,7 +45,7 @@ def make_prompts(n: int, prompt_tokens: int, seed: int = 0) -> list[list[int]]:
     return [[rng.randrange(0, EOS) for _ in range(prompt_tokens)] for _ in range(n)]
 
 
-def _pct(xs: list[float]) -> dict:
+def percentiles_ms(xs: list[float]) -> dict:
     if not xs:
         return {"p50": None, "p90": None, "p99": None, "mean": None}
     xs = sorted(xs)
@@ -81,9 +81,9 @@ def report(records: list[Record], duration: float, **meta) -> dict:
         "request_throughput": round(len(ok) / duration, 4),
         "output_tokens": tokens,
         "output_tokens_per_s": round(tokens / duration, 2),
-        "ttft_ms": _pct([r.first - r.start for r in ok]),
-        "tpot_ms": _pct([(r.last - r.first) / (r.tokens - 1) for r in ok if r.tokens > 1]),
-        "e2e_ms": _pct([r.last - r.start for r in ok]),
+        "ttft_ms": percentiles_ms([r.first - r.start for r in ok]),
+        "tpot_ms": percentiles_ms([(r.last - r.first) / (r.tokens - 1) for r in ok if r.tokens > 1]),
+        "e2e_ms": percentiles_ms([r.last - r.start for r in ok]),
     }
 
 

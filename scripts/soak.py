@@ -28,8 +28,10 @@ reads VmRSS from /proc every few seconds. The kinds:
                            in the middle of sending the body
   slow                     read a long stream through a 4 KiB receive buffer, 1 KiB a second,
                            for up to 30 s, then finish it or hang up
-  burst                    streams with max_tokens up to the context, held for a few seconds
-                           then closed; 429 with an error object and Retry-After is an answer
+  burst                    streams of n=4 with max_tokens up to the context, held for a few
+                           seconds then closed; 3 x slots of them pass the server's default
+                           queue budget (8 x slots x context tokens), so some must be refused:
+                           429 with an error object and Retry-After is an answer
 
 Every request ends in one of: answered (a complete 2xx body with every choice finished, or a
 stream whose choices all finished before [DONE]), error (a 4xx/5xx with an OpenAI error object
@@ -67,7 +69,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from bench_serving import EOS, make_prompts
-from bench_serving import _pct as percentiles_ms  # nearest-rank p50/p90/p99/mean, in ms
+from bench_serving import percentiles_ms  # nearest-rank p50/p90/p99/mean, in ms
 
 REPO = Path(__file__).resolve().parent.parent
 KINDS = {"normal": 30, "stream": 22, "chat": 14, "bad": 12, "oversized_prompt": 5, "oversized_body": 2,
@@ -82,6 +84,7 @@ RSS_EVERY_S = 2.0
 SETTLE_S = 5.0  # idle time after the traffic before the end figures are read
 SLOW_HOLD_S = 30.0
 BURST_HOLD_S = 10.0
+BURST_N = 4  # choices per burst request: 3 x slots requests cost 12 x slots x context tokens
 STOP_TIMEOUT_S = 30.0
 
 
@@ -583,8 +586,8 @@ async def send(t: Target, kind: str, rng: random.Random, a: Attempt, until: floa
         return await slow_reader(t, a, rng, until)
     if kind == "burst":
         body = {"model": t.model, "prompt": make_prompts(1, 8, seed=rng.randrange(1 << 30))[0], "max_tokens": None,
-                "stream": True, "logit_bias": {str(EOS): -100}}  # max_tokens null: up to the context
-        return await stream(t, a, "/v1/completions", body, 1, hold=rng.uniform(2.0, BURST_HOLD_S))
+                "n": BURST_N, "stream": True, "logit_bias": {str(EOS): -100}}  # max_tokens null: up to the context
+        return await stream(t, a, "/v1/completions", body, BURST_N, hold=rng.uniform(2.0, BURST_HOLD_S))
     raise ValueError(kind)
 
 
@@ -834,7 +837,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--pid", type=int, default=None, help="with --url: the server's pid, for its RSS")
     p.add_argument("--api-key", default=os.environ.get("PGPT_API_KEY"), help="sent with every request")
     p.add_argument("--concurrency", type=int, default=32, help="workers, each with one request in flight")
-    p.add_argument("--burst", type=int, default=None, help="requests per burst (default 2 x slots)")
+    p.add_argument("--burst", type=int, default=None, help="requests per burst (default 3 x slots)")
     p.add_argument("--burst-every", type=float, default=60.0, help="seconds between bursts")
     p.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024, help="the server's body limit")
     p.add_argument("--timeout", type=float, default=120.0, help="client timeout per read, seconds")
@@ -843,7 +846,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--server-log", default=None, help="the started server's output (default: a temp file)")
     p.add_argument("--json", default=None, help="append the JSON line to this file")
     args = p.parse_args(argv)
-    args.burst = args.burst if args.burst is not None else 2 * args.slots
+    args.burst = args.burst if args.burst is not None else 3 * args.slots
     command = [os.path.relpath(sys.argv[0], REPO) if sys.argv[0] else "soak.py", *(argv or sys.argv[1:])]
 
     run, proc, server_cmd, server, log = Run(), None, None, None, None
@@ -867,9 +870,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     except SoakError as exc:
         print(f"soak: {exc}", file=sys.stderr)
         if proc is not None:
-            stop_server(proc)
-            print(f"soak: the server's log ({log_path}) ends with:\n" + Path(log_path).read_text()[-3000:],
-                  file=sys.stderr)
+            print(f"soak: server stopped: {stop_server(proc)}; its log ({log_path}) ends with:\n"
+                  + Path(log_path).read_text()[-3000:], file=sys.stderr)
         return 1
     finally:
         if proc is not None:

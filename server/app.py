@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import hmac
 import logging
+import threading
 import time
 from typing import Any, Callable, Optional
 
@@ -276,11 +277,28 @@ def create_app(engine=None, *, served_model_name: str, loader: Optional[Callable
     st = ServerState(served_model_name=served_model_name, options=dataclasses.replace(opts, api_key=opts.api_key or None))
 
     async def load_in_background() -> None:
+        # A daemon thread, not asyncio.to_thread: a SIGTERM during warm-up must not wait for
+        # the warm-up to end before the process can exit.
+        done: asyncio.Future = asyncio.get_running_loop().create_future()
+
+        def run() -> None:
+            try:
+                result = loader()
+            except BaseException as exc:  # noqa: BLE001 - reported on /health and by serve()
+                st.loop.call_soon_threadsafe(lambda: done.done() or done.set_exception(exc))
+            else:
+                st.loop.call_soon_threadsafe(lambda: done.done() or done.set_result(result))
+
+        threading.Thread(target=run, name="pgpt-loader", daemon=True).start()
         try:
-            loaded = await asyncio.to_thread(loader)
-        except BaseException as exc:  # noqa: BLE001 - reported on /health and by serve()
+            loaded = await done
+        except asyncio.CancelledError:
+            raise  # shutting down while loading: not a load failure
+        except BaseException as exc:  # noqa: BLE001
             st.load_error = exc
             log.error("could not load the model: %s", exc)
+            return
+        if st.draining:  # a drain began while the model loaded: never start serving
             return
         loaded.start()
         st.attach(loaded)

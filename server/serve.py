@@ -102,6 +102,12 @@ def serve(args, mesh=None, limits: Limits = Limits()) -> None:
     server = DrainingServer(uvicorn_config(app, args.host, args.port, http, log_level="info"),
                             drain=app.state.pgpt.drain)
     server.run()
-    err = app.state.pgpt.load_error
-    if err is not None:
-        raise SystemExit(f"pgpt-jax serve: {err}")
+    st = app.state.pgpt
+    if st.load_error is not None:
+        raise SystemExit(f"pgpt-jax serve: {st.load_error}")
+    if st.engine is None:
+        # Stopped during warm-up: the loader thread is inside XLA, and tearing the interpreter
+        # down under it aborts the process. Nothing is in flight, so leave at once, cleanly.
+        print("pgpt-jax: stopped during warm-up", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(0)

@@ -49,3 +49,26 @@ def test_sigterm_mid_stream_drains_and_exits_zero():
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_sigterm_during_warm_up_exits_zero_at_once():
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.Popen([sys.executable, "-m", "pgpt_jax.cli", "serve", "--model", "random:tiny",
+                             "--port", str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:  # listening, still compiling
+            try:
+                r = httpx.get(url + "/health", timeout=5)
+                break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        assert r.status_code == 503 and r.json()["status"] == "loading"
+        assert httpx.get(url + "/ready", timeout=5).status_code == 503
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0, proc.stdout.read()[-2000:]
+    finally:
+        proc.kill()
+        proc.wait()
