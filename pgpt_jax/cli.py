@@ -18,6 +18,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="orbax dir, HF dir, HF hub id, or embedded model name (default: the embedded model)")
     p.add_argument("--dtype", default=None, help="compute/param dtype: float32 (CPU default) or bfloat16")
     p.add_argument("--mesh", default=None, help="data=D,model=M over all devices (default: one device)")
+    _add_cache_args(p)
+
+
+def _add_cache_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--compile-cache", default=None, metavar="DIR",
+                   help="persistent XLA compilation cache (default: ~/.cache/pgpt-jax/xla/<cpu>)")
+    p.add_argument("--no-compile-cache", action="store_true", help="compile everything at every start")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,7 +89,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-steps", type=int, default=8)
     p.add_argument("--compare", default=None, help="hf: also run HF transformers on the same weights")
     p.add_argument("--json", default=None, help="append JSON lines to this file")
+    _add_cache_args(p)
     return parser
+
+
+def compile_cache_from_args(args) -> None:
+    """Turns on the persistent compilation cache unless --no-compile-cache."""
+    if getattr(args, "no_compile_cache", True):
+        return
+    from pgpt_jax import programs
+
+    programs.use_compile_cache(args.compile_cache or programs.default_compile_cache_dir())
 
 
 def limits_from_args(args) -> Limits:
@@ -118,6 +135,7 @@ def _generate(args) -> None:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    compile_cache_from_args(args)
     if args.command == "convert":
         from pgpt_jax.checkpoint import convert
 

@@ -102,6 +102,21 @@ class Engine:
         return self.registry.queued_choices
 
     @property
+    def requests_waiting(self) -> int:
+        """Requests accepted with no choice in a slot yet (the gateways' queued requests)."""
+        return self.registry.waiting_requests
+
+    @property
+    def requests_running(self) -> int:
+        return self.registry.running_requests
+
+    @property
+    def kv_cache_usage(self) -> float:
+        """The share of the KV cache held by requests, 0..1: each running choice holds one
+        slot's rows of the preallocated cache, so this is the share of slots in use."""
+        return self.scheduler.active / self.slots
+
+    @property
     def alive(self) -> bool:
         """False once the loop died or stopped; a running loop must have begun an iteration lately."""
         if self.dead is not None or self.registry.closed is not None:
@@ -162,8 +177,9 @@ class Engine:
         while self._running:
             self.step()
 
-    def warmup(self, progress: bool = False) -> float:
-        """Compiles every program for every shape the scheduler can ask for; returns seconds taken."""
+    def warmup(self, progress: bool = False, on_program: Optional[Callable[[int, int], None]] = None) -> float:
+        """Compiles every program for every shape the scheduler can ask for; returns seconds taken.
+        `progress` draws a bar; `on_program(done, total)` is called after each program."""
         t0 = time.perf_counter()
         sched = self.scheduler
         prefills = [(rows, b) for b in sched.buckets for rows in sched.prefill_rows[b]]
@@ -171,7 +187,8 @@ class Engine:
         row = self._row(Entry(0, Request(prompt=[0]), None, 0), 0)
         programs.compile_all(self.graphdef, self.params, self.head, self.state, prefills=prefills,
                              echo_buckets=sched.buckets, decodes=decodes, steps=self.decode_steps,
-                             row=row, top_k=self.top_k, mesh=self.mesh, progress=progress)
+                             row=row, top_k=self.top_k, mesh=self.mesh, progress=progress,
+                             on_program=on_program)
         self.state = programs.init_state(self.config, self.slots, self.mesh)
         return time.perf_counter() - t0
 

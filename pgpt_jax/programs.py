@@ -51,6 +51,38 @@ def compiler_options() -> Optional[dict]:
     return {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
+def cpu_fingerprint() -> str:
+    """A short id of this machine's CPU (model name and instruction-set flags): compiled CPU
+    code is only valid on CPUs with the features it was compiled for."""
+    import hashlib
+    import platform
+
+    text = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [ln for ln in f if ln.startswith(("model name", "flags", "Features", "CPU part"))]
+        text += "".join(sorted(set(lines)))
+    except OSError:
+        text += platform.processor()
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def default_compile_cache_dir() -> str:
+    """$XDG_CACHE_HOME (or ~/.cache)/pgpt-jax/xla/<cpu fingerprint>."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "pgpt-jax", "xla", cpu_fingerprint())
+
+
+def use_compile_cache(directory: str) -> None:
+    """JAX's persistent compilation cache in `directory`, for every program however quick to
+    compile: a second start loads what the first compiled instead of compiling it again.
+    Call before the first compilation (the CLI does, for serve, bench and generate)."""
+    os.makedirs(directory, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
 def _program(**jit_kwargs):
     """jax.jit with this module's compiler options."""
     return functools.partial(jax.jit, compiler_options=compiler_options(), **jit_kwargs)
@@ -247,11 +279,13 @@ def decode(graphdef, params, head, state: DecodeState, *, steps: int, window: in
 
 
 def compile_all(graphdef, params, head, state: DecodeState, *, prefills, echo_buckets, decodes, steps: int,
-                row: sampling.SamplingRows, top_k: int, mesh=None, progress: bool = False) -> None:
+                row: sampling.SamplingRows, top_k: int, mesh=None, progress: bool = False,
+                on_program=None) -> None:
     """Runs every program once per shape so that serving compiles nothing: prefill for each
     (rows, bucket) in `prefills` (and with prompt logprobs, one row, for each of
     `echo_buckets`), insert after each, start_row once per row count, and decode for each
     (rows, window) in `decodes`. `state` is donated along the way: the caller makes a fresh one.
+    `on_program(done, total)` is called after each program (the server's warm-up metric).
     """
     jobs = [("echo", 1, b) for b in echo_buckets] + [("prefill", *p) for p in prefills]
     jobs += [("decode", *d) for d in decodes]
@@ -261,7 +295,7 @@ def compile_all(graphdef, params, head, state: DecodeState, *, prefills, echo_bu
 
         bar = tqdm(total=len(jobs), desc="warm-up (compiling)", unit="program")
     started = set()  # start_row compiles once per prefill row count
-    for kind, rows, size in jobs:
+    for done, (kind, rows, size) in enumerate(jobs, start=1):
         if kind == "decode":
             state, *_ = decode(graphdef, params, head, state, steps=steps, window=size, rows=rows,
                                top_k=top_k, mesh=mesh)
@@ -279,5 +313,7 @@ def compile_all(graphdef, params, head, state: DecodeState, *, prefills, echo_bu
         jax.block_until_ready(state.tokens)
         if bar is not None:
             bar.update(1)
+        if on_program is not None:
+            on_program(done, len(jobs))
     if bar is not None:
         bar.close()

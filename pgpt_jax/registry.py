@@ -52,8 +52,10 @@ class Entry:
     prefix: Optional[tuple] = None  # (cache, last_logits, index in them, true length): its prefill
     unplaced: int = 0  # choices waiting for a slot (they hold budget)
     running: list = dataclasses.field(default_factory=list)  # Running choices in slots
+    started: bool = False  # a choice got a slot (it counts as running, not waiting)
     done: bool = False  # ended (set only by Registry.end)
     aborted: bool = False  # the client left (set from any thread; only silences callbacks)
+    counted: bool = False  # in this registry's budget and counters (accepted by `submit`)
 
 
 @dataclasses.dataclass(eq=False)
@@ -89,6 +91,7 @@ class Registry:
         self.aborts: list[Entry] = []
         self.entries: dict[int, Entry] = {}  # taken by the engine thread and not yet ended
         self.queued_choices = self.queued_tokens = 0  # the budget in use (under the lock)
+        self.waiting_requests = self.running_requests = 0  # accepted here, by whether one has a slot
         self.closed: Optional[EngineUnavailable] = None  # once set, submit refuses everything
         self._next_rid = 0
 
@@ -119,9 +122,10 @@ class Registry:
                                 f"{self.max_queued_tokens} at most); retry later.")
             self.queued_choices += choices
             self.queued_tokens += tokens
+            self.waiting_requests += len(entries)
             for e in entries:
                 self._next_rid += 1
-                e.rid, e.unplaced = self._next_rid, e.request.candidates
+                e.rid, e.unplaced, e.counted = self._next_rid, e.request.candidates, True
             self.inbox += entries
         self._wake()
         return [Handle(self, e) for e in entries]
@@ -158,8 +162,13 @@ class Registry:
         """One choice of `entry` got a slot: it leaves the queue's budget."""
         entry.unplaced -= 1
         with self.lock:
-            self.queued_choices -= 1
-            self.queued_tokens -= entry.cost
+            if entry.counted:
+                self.queued_choices -= 1
+                self.queued_tokens -= entry.cost
+            if not entry.started and entry.counted:
+                self.waiting_requests -= 1
+                self.running_requests += 1
+        entry.started = True
 
     def expired(self, now: float) -> list[tuple[Entry, RequestTimeout]]:
         """Requests past a deadline, with the error each ends with."""
@@ -193,11 +202,15 @@ class Registry:
         entry.done = True
         self.entries.pop(entry.rid, None)
         entry.prefix = None
-        if entry.unplaced:
-            with self.lock:
+        with self.lock:
+            if entry.counted:  # this process accepted it (a follower's copies count nowhere)
                 self.queued_choices -= entry.unplaced
                 self.queued_tokens -= entry.cost * entry.unplaced
-            entry.unplaced = 0
+                if entry.started:
+                    self.running_requests -= 1
+                else:
+                    self.waiting_requests -= 1
+        entry.unplaced = 0
         if outcome is None:
             if entry.output is not None:
                 entry.output.end("abort")

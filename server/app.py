@@ -66,12 +66,13 @@ class ServerState:
     load_error: Optional[BaseException] = None
     draining: bool = False  # set by drain(): no new work, readiness 503
     loop: Any = None  # the event loop serving the app (set by the lifespan)
+    warmup: tuple = (0, 0)  # programs compiled by the warm-up, programs in all (set by the loader)
     runs: set = dataclasses.field(default_factory=set)  # requests in flight (bridge._Run)
     created: int = dataclasses.field(default_factory=lambda: int(time.time()))
     metrics: Metrics = dataclasses.field(init=False)
 
     def __post_init__(self):
-        self.metrics = Metrics(lambda: self.engine)
+        self.metrics = Metrics(lambda: self.engine, lambda: self.warmup)
 
     def attach(self, engine) -> None:
         self.info = protocol.ModelInfo(

@@ -17,9 +17,16 @@ _LATENCY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
 class Metrics:
-    """The metrics; `engine()` returns the attached engine (None while loading)."""
+    """The metrics; `engine()` returns the attached engine (None while loading) and
+    `warmup()` the warm-up's (programs compiled, programs in all).
 
-    def __init__(self, engine: Callable[[], Any]):
+    Besides ours (`pgpt_*`), the gauges that inference gateways read to pick a replica, under
+    vLLM's names (the Gateway API Inference Extension's model-server protocol): requests
+    waiting, requests running, and KV-cache utilisation as a fraction 0..1 (here the share of
+    slots in use: each running choice holds one slot's rows of the preallocated cache).
+    """
+
+    def __init__(self, engine: Callable[[], Any], warmup: Callable[[], tuple] = lambda: (0, 0)):
         r = self.registry = CollectorRegistry()
         self.requests = Counter("pgpt_http_requests", "HTTP requests by route and status code.",
                                 ["route", "status"], registry=r)
@@ -44,6 +51,16 @@ class Metrics:
             Gauge(f"pgpt_engine_{name}", doc, registry=r).set_function(engine_value(name))
         Gauge("pgpt_ready", "1 once the model is loaded and warmed up.", registry=r).set_function(
             lambda: float(engine() is not None))
+        Gauge("pgpt_warmup_programs_done", "Programs compiled so far by the warm-up.", registry=r).set_function(
+            lambda: float(warmup()[0]))
+        Gauge("pgpt_warmup_programs_total", "Programs the warm-up compiles.", registry=r).set_function(
+            lambda: float(warmup()[1]))
+        for name, attr, doc in (
+                ("vllm:num_requests_waiting", "requests_waiting", "Requests accepted and waiting for a slot."),
+                ("vllm:num_requests_running", "requests_running", "Requests with a choice generating."),
+                ("vllm:kv_cache_usage_perc", "kv_cache_usage", "KV-cache utilisation, 0..1 (slots in use)."),
+                ("vllm:gpu_cache_usage_perc", "kv_cache_usage", "The same utilisation, under vLLM's older name.")):
+            Gauge(name, doc, registry=r).set_function(engine_value(attr))
 
 
 class CountRequests:

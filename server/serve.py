@@ -85,7 +85,8 @@ def serve(args, mesh=None, limits: Limits = Limits()) -> None:
         try:
             engine, what = _engine_from_args(args, mesh, limits)
             print(f"pgpt-jax: serving {what} as {name!r}", file=sys.stderr, flush=True)
-            secs = engine.warmup(progress=True)
+            secs = engine.warmup(progress=True, on_program=lambda done, total: setattr(app.state.pgpt, "warmup",
+                                                                                      (done, total)))
             print(f"pgpt-jax: ready after {secs:.1f} s of warm-up (compiled {engine.compile_count} programs); "
                   f"http://{args.host}:{args.port}/v1 {'(API key required)' if api_key else ''}",
                   file=sys.stderr, flush=True)
