@@ -286,7 +286,7 @@ def create_app(engine=None, *, served_model_name: str, loader: Optional[Callable
             try:
                 result = loader()
             except BaseException as exc:  # noqa: BLE001 - reported on /health and by serve()
-                st.loop.call_soon_threadsafe(lambda: done.done() or done.set_exception(exc))
+                st.loop.call_soon_threadsafe(lambda e=exc: done.done() or done.set_exception(e))
             else:
                 st.loop.call_soon_threadsafe(lambda: done.done() or done.set_result(result))
 
