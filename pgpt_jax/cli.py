@@ -28,16 +28,16 @@ def _add_cache_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pgpt-jax", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="pgpt-jax", description=__doc__.splitlines()[0], allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("convert", help="convert an HF GPT-2 checkpoint (dir or hub id) to an orbax checkpoint")
+    p = sub.add_parser("convert", allow_abbrev=False, help="convert an HF GPT-2 checkpoint (dir or hub id) to an orbax checkpoint")
     p.add_argument("src")
     p.add_argument("dst")
     p.add_argument("--dtype", default=None)
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
 
-    p = sub.add_parser("serve", help="serve the OpenAI-compatible API")
+    p = sub.add_parser("serve", allow_abbrev=False, help="serve the OpenAI-compatible API")
     _add_model_args(p)
     p.add_argument("--served-model-name", default=None)
     p.add_argument("--host", default="127.0.0.1")
@@ -70,8 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--process-id", type=int, default=None, help="multi-host: this process's index")
     p.add_argument("--distributed", action="store_true",
                    help="multi-host with no arguments (TPU pods: jax.distributed.initialize() finds them)")
+    p.add_argument("--lockstep-timeout", type=float, default=30.0,
+                   help="multi-host: seconds an iteration may hang before the group counts as broken "
+                        "(every process then exits non-zero, for the orchestrator to restart the group)")
 
-    p = sub.add_parser("generate", help="complete a prompt from the command line")
+    p = sub.add_parser("generate", allow_abbrev=False, help="complete a prompt from the command line")
     _add_model_args(p)
     p.add_argument("prompt")
     p.add_argument("--max-tokens", type=int, default=32)
@@ -80,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=1)
     p.add_argument("--seed", type=int, default=None)
 
-    p = sub.add_parser("bench", help="compile, prefill and decode benchmarks (JSON lines + table)")
+    p = sub.add_parser("bench", allow_abbrev=False, help="compile, prefill and decode benchmarks (JSON lines + table)")
     p.add_argument("--mesh", default=None, help="data=D,model=M over all devices (default: one device)")
     p.add_argument("--preset", default="gpt2")
     p.add_argument("--dtype", default="float32")

@@ -5,28 +5,31 @@ caller of `run_until_idle()` for `generate()`): nothing else touches device stat
 threads talk to it through `submit()` and `Handle.abort()`, which only go through the
 registry's lock-guarded inbox (`registry.py`). Each iteration of the host loop (`step()`):
 
-  1. takes new requests, aborts and expired deadlines (in a multi-host run, process 0
-     broadcasts its decisions first: `multihost.py`); a waiting request holds only its
-     token ids;
-  2. admits waiting choices into free slots (`scheduler.py` decides which and where):
-     `prefill` once per request when its first choice gets a slot (n/best_of choices share
-     it; prompts of one bucket admitted together share one call), then per choice `insert`
-     (its KV into the slot) and `start_row` (its sampling row, and its first token);
-  3. dispatches `decode` for `decode_steps` tokens of the occupied prefix of the slots;
-  4. while the device computes that, turns the outputs of the work dispatched earlier
-     into text (`outputs.py`) and calls each request's callback with `Delta`s and, at the
-     end, one `Result`. Choices that finished free their slots for the next iteration;
+  1. plans (process 0 decides everything): takes new requests, aborts and expired
+     deadlines; pairs waiting choices with free slots (`scheduler.py`); a request is
+     prefilled when its first choice gets a slot (n/best_of choices share it; prompts of
+     one bucket admitted together share one call), each choice is placed (`insert` its KV,
+     `start_row` its sampling row and first token), and the occupied prefix of the slots
+     decodes `decode_steps` tokens. The plan is a list of ops (`executor.py`);
+  2. in a multi-host run, broadcasts the ops (`multihost.py`): the other processes replay
+     them and decide nothing;
+  3. executes the ops (`Executor`);
+  4. while the device computes the decode, turns the outputs of the work dispatched
+     earlier into text (`outputs.py`) and calls each request's callback with `Delta`s and,
+     at the end, one `Result`. Choices that finished free their slots for the next plan;
      tokens the device made past a finish are discarded.
 
-Faults. A device call that raises fails the requests it ran (the others go on); if it
-consumed the donated state, every running request lost its cache and fails, and the
-engine continues from a fresh state. Every ending goes through `_end` (then
-`Registry.end`), so a request ends exactly once. If the loop itself dies, every request
-gets an `EngineUnavailable` at once and `alive` turns False.
+Faults. On one process, a device call that raises fails the requests it ran (a shared
+prefill is retried prompt by prompt first) and the others go on; if it consumed the donated
+state, every running request fails and a fresh state replaces it. In a multi-host run any
+fault, and a group that stops answering (`lockstep_timeout`), is fatal: every request gets
+an error and `on_fatal` is called (the server exits non-zero so the group restarts). Every
+ending goes through `_end` (then `Registry.end`), so a request ends exactly once. If the
+loop itself dies, every request gets `EngineUnavailable` at once and `alive` turns False.
 
-Device programs live in `programs.py`; shapes are static and every request parameter is a
-value in an array, so after `warmup()` nothing compiles again. The engine speaks token ids;
-the tokenizer is only used (by `outputs.py`) to turn outputs into text.
+Shapes are static and every request parameter is a value in an array, so after
+`warmup()` nothing compiles again. The engine speaks token ids; the tokenizer is only used
+(by `outputs.py`) to turn outputs into text.
 """
 
 from __future__ import annotations
@@ -40,11 +43,12 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from pgpt_jax import programs, sampling, sharding
+from pgpt_jax import sharding
+from pgpt_jax.executor import Decode, Drop, Executor, Place, Prefill
 from pgpt_jax.model import GPT
-from pgpt_jax.multihost import Iteration, Lockstep
-from pgpt_jax.outputs import RequestOutput
-from pgpt_jax.registry import Entry, Handle, Registry, Running
+from pgpt_jax.multihost import Lockstep, Watchdog, follow
+from pgpt_jax.planner import Planner
+from pgpt_jax.registry import Entry, Handle, Registry
 from pgpt_jax.request import EngineUnavailable, Limits, Request, Result, validate
 from pgpt_jax.scheduler import Scheduler
 
@@ -53,12 +57,17 @@ log = logging.getLogger(__name__)
 LIVENESS_S = 60.0  # an engine thread whose last iteration began longer ago than this is hung
 
 
+class GroupBroken(BaseException):
+    """Multi-host: a fault or a silent process broke the lockstep; nothing can go on."""
+
+
 class Engine:
     """Continuous batching over `slots` device rows; see the module docstring."""
 
     def __init__(self, model: GPT, tokenizer, *, slots: int = 32, decode_steps: int = 4,
                  limits: Limits = Limits(), min_bucket: int = 16, min_window: int = 128,
-                 max_prefill_tokens: int = 1024, mesh: Optional[Mesh] = None):
+                 max_prefill_tokens: int = 1024, mesh: Optional[Mesh] = None,
+                 lockstep_timeout: float = 30.0, on_fatal: Optional[Callable[[BaseException], None]] = None):
         self.model, self.tokenizer, self.config = model, tokenizer, model.config
         self.context_length = self.config.n_positions
         self.slots, self.decode_steps, self.limits, self.mesh = slots, decode_steps, limits, mesh
@@ -68,29 +77,38 @@ class Engine:
                                    split_slots=mesh is not None and mesh.shape["data"] > 1)
         if mesh is not None:
             sharding.check_mesh(mesh, self.config, slots)
-        self.graphdef, self.params, self.head = programs.program_params(model, mesh)
-        self.state = programs.init_state(self.config, slots, mesh)
-        self.never = list(self.config.never_emitted)  # control tokens: banned from every row
+        self.executor = Executor(model, slots=slots, decode_steps=decode_steps, top_k=self.top_k, mesh=mesh)
+        self.never = self.executor.never
         self._wake = threading.Event()
         budget = limits.max_queued_tokens or 8 * slots * self.context_length
         self.registry = Registry(limits, budget, self._wake.set)
         self._pending: list = []  # dispatched work whose outputs are not processed yet
+        self.planner = Planner(self.registry, self.scheduler, tokenizer=tokenizer,
+                               context_length=self.context_length, decode_steps=decode_steps, end=self._end)
+        self._moved: dict[tuple, tuple] = {}  # this plan's prefills retried alone: (pid, index) -> new
         self._thread: Optional[threading.Thread] = None
         self._running = False
         self._stop_why = "The engine stopped."
         self.heartbeat = time.monotonic()  # when the loop last began an iteration
         self.dead: Optional[BaseException] = None  # what killed the loop, if something did
-        self._compiles_at_start = programs.compiles_so_far()
+        self._compiles_at_start = _compiles()
         self.lockstep = Lockstep() if jax.process_count() > 1 else None
+        self.lockstep_timeout, self.on_fatal = lockstep_timeout, on_fatal
+        self._watchdog: Optional[Watchdog] = None
         self._stop_sent = False
         self.prefill_calls = self.decode_calls = self.generated_tokens = 0
 
     # ---------------------------------------------------------------- public API
 
+    graphdef = property(lambda self: self.executor.graphdef)
+    params = property(lambda self: self.executor.params)
+    head = property(lambda self: self.executor.head)
+    state = property(lambda self: self.executor.state)
+
     @property
     def compile_count(self) -> int:
         """XLA compilations since this engine was made (warm-up included)."""
-        return programs.compiles_so_far() - self._compiles_at_start
+        return _compiles() - self._compiles_at_start
 
     @property
     def active_slots(self) -> int:
@@ -148,6 +166,9 @@ class Engine:
             raise EngineUnavailable(f"The engine died ({self.dead!r}); make a new one.")
         self.registry.closed = None
         self._running = True
+        self.heartbeat = time.monotonic()
+        if self.lockstep is not None:
+            self._watchdog = Watchdog(self.lockstep_timeout, self._stalled)
         self._thread = threading.Thread(target=self._loop, name="pgpt-engine", daemon=True)
         self._thread.start()
 
@@ -158,6 +179,8 @@ class Engine:
         self._stop_why = why
         self._running = False
         self._wake.set()
+        if self._watchdog is not None:
+            self._watchdog.stop()
         if self._thread is not None:
             self._thread.join(timeout=30)
             self._thread = None
@@ -172,45 +195,47 @@ class Engine:
             pass
 
     def run_follower(self) -> None:
-        """Processes other than 0: run the same loop, fed by process 0's broadcasts, until it stops."""
-        self._running = True
-        while self._running:
-            self.step()
+        """Processes other than 0: replay process 0's ops until it stops (multihost.follow)."""
+        follow(self.executor, self.lockstep, self.lockstep_timeout, self.on_fatal)
 
     def warmup(self, progress: bool = False, on_program: Optional[Callable[[int, int], None]] = None) -> float:
-        """Compiles every program for every shape the scheduler can ask for; returns seconds taken.
-        `progress` draws a bar; `on_program(done, total)` is called after each program."""
+        """Compiles every program for every shape the scheduler can ask for (and, multi-host,
+        the broadcast); returns seconds taken. `progress` draws a bar; `on_program(done,
+        total)` is called after each program."""
         t0 = time.perf_counter()
         sched = self.scheduler
         prefills = [(rows, b) for b in sched.buckets for rows in sched.prefill_rows[b]]
         decodes = [(rows, w) for w in sched.windows for rows in sched.row_buckets]
-        row = self._row(Entry(0, Request(prompt=[0]), None, 0), 0)
-        programs.compile_all(self.graphdef, self.params, self.head, self.state, prefills=prefills,
-                             echo_buckets=sched.buckets, decodes=decodes, steps=self.decode_steps,
-                             row=row, top_k=self.top_k, mesh=self.mesh, progress=progress,
-                             on_program=on_program)
-        self.state = programs.init_state(self.config, self.slots, self.mesh)
+        self.executor.warmup(prefills, sched.buckets, decodes, progress=progress, on_program=on_program)
+        if self.lockstep is not None:
+            self.lockstep.warmup()
         return time.perf_counter() - t0
 
     # ---------------------------------------------------------------- the host loop
 
     def _loop(self) -> None:
-        why = EngineUnavailable("The engine died.")
+        why: BaseException = EngineUnavailable("The engine died.")
         try:
             while self._running:
                 self.heartbeat = time.monotonic()
+                if self._watchdog is not None:
+                    self._watchdog.beat()
                 try:
                     busy = self.step()
                 except Exception as exc:  # a fault no single request owns: fail all in flight
+                    if self.lockstep is not None:
+                        raise GroupBroken(repr(exc)) from exc
                     log.exception("engine iteration failed")
                     self._close(exc, refuse=False)
                     busy = False
                 if not busy:
-                    # Idle. In multi-host runs the other processes wait in the next broadcast.
-                    self._wake.wait(timeout=0.02 if self.lockstep else 0.05)
+                    # Idle until new work wakes the loop. In a multi-host run the other processes
+                    # wait in the next broadcast meanwhile (each costs every process a collective).
+                    self._wake.wait(timeout=0.1 if self.lockstep else 0.05)
                     self._wake.clear()
             if self.lockstep and not self._stop_sent:
-                self._take_inbox()  # carries the stop flag to the other processes
+                self._stop_sent = True
+                self.lockstep.send([], stop=True)  # the other processes leave their loops too
             why = EngineUnavailable(self._stop_why)
         except BaseException as exc:
             log.critical("the engine loop died", exc_info=exc)
@@ -219,6 +244,17 @@ class Engine:
             raise
         finally:
             self._close(why)
+            if self.dead is not None and self.lockstep is not None and self.on_fatal is not None:
+                self.on_fatal(self.dead)
+
+    def _stalled(self, seconds: float) -> None:
+        """Watchdog thread, multi-host: an iteration has hung in a collective (a process died)."""
+        exc = GroupBroken(f"an engine iteration has not ended for {seconds:.0f} s: a process of the group is gone")
+        log.critical("%s", exc)
+        self.dead = exc
+        self._close(EngineUnavailable(f"{exc}; the server restarts."))
+        if self.on_fatal is not None:
+            self.on_fatal(exc)
 
     def _close(self, why: BaseException, refuse: bool = True) -> None:
         """Ends every request not yet ended with `why`. With `refuse` (stopping) the inbox's too,
@@ -230,14 +266,16 @@ class Engine:
         self.scheduler.clear()
         self._pending.clear()
         if not refuse:
-            self.state = programs.init_state(self.config, self.slots, self.mesh)
+            self.executor.reset()
 
     def step(self) -> bool:
         """One iteration (see the module docstring). Returns False when there is no work."""
-        self._take_inbox()
-        self._admit()
-        if self.scheduler.active:
-            self._dispatch_decode()
+        self._moved.clear()
+        ops, meta = self.planner.plan()
+        if self.lockstep is not None:
+            self._stop_sent = not self._running
+            self.lockstep.send(ops, stop=self._stop_sent)
+        self._execute(ops, meta)
         # Process everything dispatched before the newest decode while the device runs it.
         keep = 1 if self._pending and self._pending[-1][0] == "decode" else 0
         while len(self._pending) > keep:
@@ -247,141 +285,68 @@ class Engine:
                 self._process(self._pending.pop(0))
         return bool(self._pending or self.scheduler.waiting or self.scheduler.active or self.registry.inbox)
 
-    def _take_inbox(self) -> None:
-        new, aborts = self.registry.take()
-        self.registry.enter(new)  # in the registry at once: a fault from here on still answers them
-        leader = self.lockstep is None or self.lockstep.leader
-        expired = self.registry.expired(time.monotonic()) if leader else []  # process 0 keeps the time
-        if self.lockstep is not None:
-            new, aborts = self._exchange(new, aborts, expired)
-            self.registry.enter(new)
-        gone = {e.rid for e in aborts}
-        for entry in new:
-            if entry.rid not in gone:
-                self._start(entry)
-        for entry, exc in expired:
-            self._end(entry, exc)
-        for entry in aborts:
-            self._end(entry, None)
+    # ---------------------------------------------------------------- execution (every process)
 
-    def _exchange(self, new: list, aborts: list, expired: list) -> tuple[list, list]:
-        """Multi-host: process 0's admissions and endings become every process's (multihost.py)."""
-        ended = [e.rid for e in aborts] + [e.rid for e, _ in expired]
-        it = self.lockstep.exchange(Iteration([(e.rid, e.request, e.seed) for e in new], ended,
-                                              stop=not self._running))
-        self._stop_sent = it.stop
-        if self.lockstep.leader:
-            return new, aborts
-        if it.stop:
-            self._running = False
-        new = [Entry(rid, request, lambda event: None, seed) for rid, request, seed in it.admitted]
-        known = {**self.registry.entries, **{e.rid: e for e in new}}
-        return new, [known[rid] for rid in it.aborted if rid in known]
-
-    # ---------------------------------------------------------------- admission and dispatch
-
-    def _start(self, entry: Entry) -> None:
-        """A new request: its output side, then its choices wait for slots (holding only token ids)."""
-        r = entry.request
-        entry.output = RequestOutput(r, self.tokenizer, max_new=r.max_new(self.context_length),
-                                     context_length=self.context_length)
-        if entry.output.max_new > 0:
-            self.scheduler.waiting.extend((entry, c) for c in entry.output.choices)
-            return
-        # max_tokens 0: the prompt (and its logprobs, when asked) is the whole answer; no slot.
-        if r.echo and r.logprobs is not None:
-            self._prefill([entry], want_logprobs=True)
-        if not entry.done:
-            entry.output.end("length")
-            self._end(entry, entry.output.result())
-
-    def _prefill(self, entries: list, want_logprobs: bool, alone: bool = False) -> None:
-        """Prefills `entries`: one call per group of same-bucket prompts (`Scheduler.prefill_calls`).
-        When a shared call raises, each of its prompts is tried alone, so that only the request
-        that causes the fault fails."""
-        alone = alone or want_logprobs
-        calls = self.scheduler.prefill_calls(entries, lambda e: len(e.request.prompt), alone=alone)
-        for bucket, rows, chunk in calls:
-            tokens = np.zeros((rows, bucket), np.int32)
-            lengths = np.ones((rows,), np.int32)  # padding rows: one token, never read
-            for j, entry in enumerate(chunk):
-                tokens[j, : len(entry.request.prompt)] = entry.request.prompt
-                lengths[j] = len(entry.request.prompt)
-            try:
-                cache, last, lp, top_ids, top_lps = programs.prefill(
-                    self.graphdef, self.params, self.head, tokens, lengths,
-                    want_logprobs=want_logprobs, top_k=self.top_k, mesh=self.mesh)
-                if want_logprobs:
-                    chunk[0].output.set_prompt_logprobs(np.asarray(lp), np.asarray(top_ids), np.asarray(top_lps))
-            except Exception as exc:
-                if len(chunk) > 1:
-                    self._prefill(chunk, want_logprobs, alone=True)
+    def _execute(self, ops: list, meta: list) -> None:
+        for op, m in zip(ops, meta):
+            if isinstance(op, Place) and self.lockstep is None:
+                if m.entry.done:  # its prefill failed here (alone, so no other process runs it)
                     continue
-                log.error("prefill failed: %r", exc)
-                self._end(chunk[0], exc)
-                continue
-            self.prefill_calls += 1
-            for j, entry in enumerate(chunk):
-                entry.prefix = (cache, last, j, int(lengths[j]))
-
-    def _row(self, entry: Entry, choice_index: int) -> sampling.SamplingRows:
-        r = entry.request
-        return sampling.request_row(
-            temperature=r.temperature, top_p=r.top_p, presence=r.presence_penalty,
-            frequency=r.frequency_penalty, logit_bias=r.logit_bias, banned=self.never,
-            num_logprobs=r.logprobs or 0, seed=entry.seed, choice_index=choice_index,
-            vocab=self.config.padded_vocab)
-
-    def _admit(self) -> None:
-        admitted = list(self.scheduler.admissions(done=lambda e: e.done))
-        fresh = list(dict.fromkeys(e for e, _, _ in admitted if e.prefix is None))
-        echo = [e for e in fresh if e.request.echo and e.request.logprobs is not None]
-        self._prefill(echo, want_logprobs=True)  # alone: logits at every prompt position
-        self._prefill([e for e in fresh if e not in echo], want_logprobs=False)
-        for entry, choice, slot in admitted:
-            if entry.done:  # its prefill failed
-                continue
-            cache, last, index, length = entry.prefix
+                op.pid, op.index = self._moved.get((op.pid, op.index), (op.pid, op.index))
             try:
-                self.state = programs.insert(self.state, cache, np.int32(index), np.int32(slot), mesh=self.mesh)
-                self.state, *outs = programs.start_row(
-                    self.state, last, np.int32(index), np.int32(slot), np.int32(length),
-                    self._row(entry, choice.index), top_k=self.top_k, mesh=self.mesh)
+                out = self.executor.run(op)
+                if isinstance(op, Prefill) and op.want_logprobs:
+                    out = tuple(np.asarray(a) for a in out)  # errors of the call surface here
             except Exception as exc:
-                self._device_fault(exc, [entry])
+                if self.lockstep is not None:
+                    raise
+                if isinstance(op, Prefill):
+                    self._prefill_fault(op, m, exc)
+                elif not isinstance(op, Drop):
+                    self._device_fault(exc, [m.entry] if isinstance(op, Place) else [r.entry for r in m.values()])
                 continue
-            run = Running(entry, choice, slot)
-            entry.running.append(run)
-            self.scheduler.place(slot, run, length)
-            self.registry.placed(entry)
-            # Outputs of one row, one step: column 0 of this item stands for `slot`.
-            self._pending.append(("insert", {0: run}, outs))
-            if not entry.unplaced:
-                entry.prefix = None  # the last copy is placed: drop the prefill's device buffers
+            if isinstance(op, Prefill):
+                self.prefill_calls += 1
+                if op.want_logprobs:
+                    entry = m[0]
+                    entry.output.set_prompt_logprobs(*out)
+                    if entry.output.max_new == 0:
+                        entry.output.end("length")
+                        self._end(entry, entry.output.result())
+            elif isinstance(op, Place):
+                self._pending.append(("insert", {0: m}, out))  # column 0 of this item stands for its slot
+            elif isinstance(op, Decode):
+                self.decode_calls += 1
+                self._pending.append(("decode", m, out))
 
-    def _dispatch_decode(self) -> None:
-        window, rows = self.scheduler.decode_shape(self.decode_steps)
-        try:
-            self.state, *outs = programs.decode(
-                self.graphdef, self.params, self.head, self.state, steps=self.decode_steps, window=window,
-                rows=rows, top_k=self.top_k, mesh=self.mesh)
-        except Exception as exc:
-            self._device_fault(exc, [run.entry for run in self.scheduler.owner if run is not None])
+    def _prefill_fault(self, op: Prefill, chunk: list, exc: Exception) -> None:
+        """One process: a prefill raised. A shared call is retried prompt by prompt, so that only
+        the request that causes the fault fails."""
+        if len(chunk) > 1:
+            ops, meta = [], []
+            old = [(op.pid, j) for j in range(len(chunk))]
+            self.planner.prefills(chunk, op.want_logprobs, ops, meta, alone=True)
+            for was, entry in zip(old, chunk):
+                self._moved[was] = entry.prefix  # this plan's Place ops read the new prefill
+            self._execute(ops, meta)
+            for entry in chunk:
+                if not entry.unplaced:  # every choice of it was planned already: drop the new one next
+                    self.planner.release_prefill(entry)
             return
-        self.decode_calls += 1
-        self._pending.append(("decode", self.scheduler.advance(self.decode_steps), outs))
+        log.error("prefill failed: %r", exc)
+        self._end(chunk[0], exc)
 
     def _device_fault(self, exc: Exception, touched: list) -> None:
-        """A device call raised: the requests it ran fail. If it consumed the donated state,
-        every running request lost its cache: they fail too, and a fresh state replaces it."""
+        """One process: a call with slots raised. The requests it ran fail; if it consumed the
+        donated state, every running request lost its cache and fails too, on a fresh state."""
         log.error("a device call failed for %d request(s): %r", len(set(touched)), exc)
-        if any(a.is_deleted() for a in jax.tree.leaves(self.state)):
+        if self.executor.state_lost():
             touched = touched + [run.entry for run in self.scheduler.owner if run is not None]
-            self.state = programs.init_state(self.config, self.slots, self.mesh)
+            self.executor.reset(prefills=False)
         for entry in dict.fromkeys(touched):
             self._end(entry, exc)
 
-    # ---------------------------------------------------------------- outputs and endings
+    # ---------------------------------------------------------------- outputs and endings (process 0)
 
     def _process(self, item) -> None:
         """Feeds one dispatched call's tokens to the outputs of the choices it ran."""
@@ -389,6 +354,8 @@ class Engine:
         try:
             toks, lps, top_ids, top_lps = (np.asarray(a) for a in outs)  # waits for that program
         except Exception as exc:  # the call failed while it ran
+            if self.lockstep is not None:
+                raise
             self._device_fault(exc, [run.entry for run in owners.values()])
             return
         if kind == "insert":  # [1] -> [steps=1, rows=1]
@@ -423,16 +390,23 @@ class Engine:
                 self._end(entry, exc)
 
     def _end(self, entry: Entry, outcome) -> None:
-        """The one way out: frees the request's slots and waiting choices, sends what a stream
-        still holds when it finished, then `Registry.end` (the Result, an exception, or None
-        when the client left)."""
+        """The one way out: frees the request's slots, waiting choices and prefill, sends what
+        a stream still holds when it finished, then `Registry.end` (the Result, an exception,
+        or None when the client left)."""
         if entry.done:
             return
         for run in entry.running:
             self.scheduler.release(run.slot, run)
         if entry.unplaced:
             self.scheduler.drop(entry)
+        self.planner.release_prefill(entry)
         if isinstance(outcome, Result) and entry.request.stream:
             for delta in entry.output.deltas():
                 self.registry.deliver(entry, delta)
         self.registry.end(entry, outcome)
+
+
+def _compiles() -> int:
+    from pgpt_jax.programs import compiles_so_far
+
+    return compiles_so_far()

@@ -49,7 +49,7 @@ class Entry:
     deadline: Optional[float] = None  # time.monotonic() by which the whole request must be done
     queue_deadline: Optional[float] = None  # ... by which its first choice must have a slot
     output: Optional[RequestOutput] = None  # made on the engine thread when the request starts
-    prefix: Optional[tuple] = None  # (cache, last_logits, index in them, true length): its prefill
+    prefix: Optional[tuple] = None  # (prefill id, index in it): where its prompt's KV is kept
     unplaced: int = 0  # choices waiting for a slot (they hold budget)
     running: list = dataclasses.field(default_factory=list)  # Running choices in slots
     started: bool = False  # a choice got a slot (it counts as running, not waiting)
@@ -173,12 +173,10 @@ class Registry:
     def expired(self, now: float) -> list[tuple[Entry, RequestTimeout]]:
         """Requests past a deadline, with the error each ends with."""
         out = []
-        if self.limits.request_timeout is None and self.limits.queue_timeout is None:
-            return out
         for e in self.entries.values():
             if e.deadline is not None and now > e.deadline:
                 out.append((e, RequestTimeout(
-                    f"The request did not finish within {self.limits.request_timeout:g} s.", "request")))
+                    f"The request did not finish within {self.limits.request_timeout or 0:g} s.", "request")))
             elif e.queue_deadline is not None and now > e.queue_deadline and not e.running:
                 out.append((e, RequestTimeout(
                     f"The request waited {self.limits.queue_timeout:g} s without getting a slot; retry later.",

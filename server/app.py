@@ -40,6 +40,7 @@ from server.protocol import APIError
 log = logging.getLogger("pgpt_jax.server")
 
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
+DRAIN_FLUSH_S = 5.0  # after a drain ends what remained, the time its runs get to send their last bytes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,7 +113,7 @@ class ServerState:
             await asyncio.sleep(0.05)
         if self.engine is not None:
             await asyncio.to_thread(self.engine.stop, "The server is shutting down; retry on another replica.")
-        deadline = loop.time() + 5.0  # the ended runs send their last bytes
+        deadline = loop.time() + DRAIN_FLUSH_S  # the ended runs send their last bytes
         while self.runs and loop.time() < deadline:
             await asyncio.sleep(0.05)
 

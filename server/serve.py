@@ -14,7 +14,9 @@ engine iteration's decisions, the others run the engine loop only and exit when 
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 from typing import Optional
 
 from pgpt_jax.request import Limits
@@ -52,14 +54,28 @@ def default_model_name(source: Optional[str]) -> str:
     return "pgpt-tiny" if source is None else source.rstrip("/")
 
 
-def _engine_from_args(args, mesh, limits: Limits):
+def _engine_from_args(args, mesh, limits: Limits, on_fatal=None):
     from pgpt_jax.engine import Engine
     from pgpt_jax.tokenizer import get_tokenizer
 
     model, what = load_model_for_serving(args.model, args.dtype, mesh)
     engine = Engine(model, get_tokenizer(fim=model.config.fim), slots=args.slots,
-                    decode_steps=args.decode_steps, limits=limits, mesh=mesh)
+                    decode_steps=args.decode_steps, limits=limits, mesh=mesh,
+                    lockstep_timeout=args.lockstep_timeout, on_fatal=on_fatal)
     return engine, what
+
+
+def _exit_broken_group(delay: float):
+    """What a process does when its multi-host group breaks: exit non-zero, so that the
+    orchestrator restarts the whole group (LeaderWorkerSet's recreate-group policy). Process 0
+    first gives the event loop `delay` seconds to send every client its error."""
+    def on_fatal(exc: BaseException) -> None:
+        print(f"pgpt-jax: the multi-host group is broken ({exc}); exiting", file=sys.stderr, flush=True)
+        timer = threading.Timer(delay, os._exit, args=(1,))
+        timer.daemon = True
+        timer.start()
+
+    return on_fatal
 
 
 def serve(args, mesh=None, limits: Limits = Limits()) -> None:
@@ -71,7 +87,11 @@ def serve(args, mesh=None, limits: Limits = Limits()) -> None:
 
         mesh = sharding.make_mesh(model=1)  # every device on the data axis
     if jax.process_index() != 0:
-        engine, what = _engine_from_args(args, mesh, limits)
+        # A follower ends when process 0 says so (after its drain), or when the group breaks.
+        # SIGTERM reaches every pod of a group at once: dying on it would cut process 0's drain.
+        signal.signal(signal.SIGTERM, lambda *_: print("pgpt-jax: SIGTERM: this process stops with process 0",
+                                                       file=sys.stderr, flush=True))
+        engine, what = _engine_from_args(args, mesh, limits, on_fatal=_exit_broken_group(0.0))
         print(f"pgpt-jax: process {jax.process_index()} follows process 0 ({what})", file=sys.stderr, flush=True)
         engine.warmup(progress=False)
         engine.run_follower()
@@ -83,7 +103,7 @@ def serve(args, mesh=None, limits: Limits = Limits()) -> None:
 
     def load():
         try:
-            engine, what = _engine_from_args(args, mesh, limits)
+            engine, what = _engine_from_args(args, mesh, limits, on_fatal=_exit_broken_group(2.0))
             print(f"pgpt-jax: serving {what} as {name!r}", file=sys.stderr, flush=True)
             secs = engine.warmup(progress=True, on_program=lambda done, total: setattr(app.state.pgpt, "warmup",
                                                                                       (done, total)))

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 COMMAND_DOCS = [ROOT / "docs" / "deploy.md", ROOT / "README.md"]
 
-REPO_PATH = re.compile(r"(?<![\w./-])((?:pgpt_jax|server|tests|scripts|training|docs)/[\w./-]*)")
+REPO_PATH = re.compile(r"(?<![\w./-])((?:pgpt_jax|server|tests|scripts|training|docs|deploy)/[\w./-]*)")
 UP_PATH = re.compile(r"(?<![\w./-])(\.\./[\w./-]*)")  # `../shared/DESIGN.md`
 CODE_SPAN = re.compile(r"(`+)(.+?)\1", re.S)
 LINK = re.compile(r"!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")

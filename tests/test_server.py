@@ -470,6 +470,10 @@ def test_queue_full_is_429(srv, tiny_model):
         with http.stream("POST", C, json={**hog, "stream": True}) as r:
             next(r.iter_lines())
             assert engine.active_slots == 8 and engine.queue_depth == 8
+            gauges = {line.split(" ")[0]: float(line.split(" ")[1]) for line in http.get("/metrics").text.splitlines()
+                      if line.startswith("vllm:")}
+            assert gauges == {"vllm:num_requests_waiting": 0, "vllm:num_requests_running": 1,
+                              "vllm:kv_cache_usage_perc": 1.0, "vllm:gpu_cache_usage_perc": 1.0}
 
             async def overload():
                 ac = openai.AsyncOpenAI(base_url=s.base_url + "/v1", api_key="x", max_retries=0, timeout=60)
@@ -501,6 +505,9 @@ def test_metrics_after_traffic(srv):
     assert samples["pgpt_time_to_first_token_seconds_count"] > 0
     assert samples["pgpt_engine_compile_count"] == srv.engine.compile_count
     assert samples["pgpt_engine_active_slots"] == 0
+    # What inference gateways read, under vLLM's names: nothing waits or runs now.
+    assert samples["vllm:num_requests_waiting"] == samples["vllm:num_requests_running"] == 0
+    assert samples["vllm:kv_cache_usage_perc"] == 0
 
 
 # ----------------------------------------------------------------------------- faults

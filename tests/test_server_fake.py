@@ -247,7 +247,9 @@ def test_metrics(fake):
     for name in ("pgpt_http_requests_total", "pgpt_prompt_tokens_total", "pgpt_generation_tokens_total",
                  "pgpt_engine_queue_depth", "pgpt_engine_active_slots", "pgpt_engine_compile_count",
                  "pgpt_time_to_first_token_seconds_bucket", "pgpt_time_per_output_token_seconds_bucket",
-                 "pgpt_request_latency_seconds_bucket"):
+                 "pgpt_request_latency_seconds_bucket", "pgpt_warmup_programs_total",
+                 "vllm:num_requests_waiting", "vllm:num_requests_running", "vllm:kv_cache_usage_perc",
+                 "vllm:gpu_cache_usage_perc"):
         assert name in text, name
     assert 'pgpt_http_requests_total{route="/v1/completions",status="400"}' in text
     assert 'pgpt_http_requests_total{route="/v1/completions",status="200"}' in text

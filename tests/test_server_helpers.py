@@ -120,6 +120,18 @@ class FakeEngine:
         return 0
 
     @property
+    def requests_waiting(self) -> int:
+        return 0
+
+    @property
+    def requests_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def kv_cache_usage(self) -> float:
+        return 0.0
+
+    @property
     def alive(self) -> bool:
         return not self.dead and not self.stopped
 

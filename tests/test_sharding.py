@@ -11,7 +11,6 @@ import pytest
 
 from pgpt_jax import sharding
 from pgpt_jax.config import GPTConfig
-from test_server_helpers import free_port, wait_until_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -82,65 +81,3 @@ def test_mesh_validation_errors():
     assert sharding.parse_mesh("data=4,model=2") == {"data": 4, "model": 2}
     with pytest.raises(ValueError, match="--mesh expects"):
         sharding.parse_mesh("rows=2")
-
-
-def test_two_processes_form_one_mesh_and_match_single_process():
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    worker = str(ROOT / "tests/workers/multihost_engine.py")
-    single = subprocess.run([sys.executable, worker, "single"], env=env, capture_output=True, text=True,
-                            timeout=600)
-    assert single.returncode == 0, single.stderr[-3000:]
-    port = str(free_port())
-    procs = [subprocess.Popen([sys.executable, worker, port, str(i)], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for i in range(2)]
-    outs = []
-    try:
-        for p in procs:
-            out, err = p.communicate(timeout=600)
-            assert p.returncode == 0, err[-3000:]
-            outs.append(out)
-    finally:
-        for p in procs:
-            p.kill()
-    expect = json.loads(single.stdout.strip().splitlines()[-1])
-    got = json.loads(outs[0].strip().splitlines()[-1])
-    assert [[c["tokens"] for c in r] for r in got] == [[c["tokens"] for c in r] for r in expect]
-    np.testing.assert_allclose(got[0][0]["logprobs"], expect[0][0]["logprobs"], atol=1e-4)
-    # Stopping process 0's engine ended process 1's loop too.
-    assert json.loads(outs[1].strip().splitlines()[-1]) == {"follower": "stopped"}
-
-
-def test_multihost_server_answers_like_one_process_and_stops_together(tiny_model):
-    """Two `pgpt-jax serve` processes (2 CPU devices each) on one 4-device mesh: process 0
-    serves HTTP; its answer equals the single-process one; stopping it ends both."""
-    import signal
-
-    import httpx
-
-    from pgpt_jax.generate import generate
-
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-    coord, port = free_port(), free_port()
-    procs = [subprocess.Popen(
-        [sys.executable, "-m", "pgpt_jax.cli", "serve", "--model", "random:tiny", "--slots", "4",
-         "--decode-steps", "2", "--port", str(port), "--coordinator", f"127.0.0.1:{coord}",
-         "--num-processes", "2", "--process-id", str(i)],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    try:
-        url = f"http://127.0.0.1:{port}"
-        wait_until_ready(url, procs)
-        body = {"model": "random:tiny", "prompt": [464, 2068, 7586], "max_tokens": 8, "temperature": 0,
-                "logit_bias": {"50256": -100}}
-        got = httpx.post(url + "/v1/completions", json=body, timeout=120).json()
-        expect = generate(tiny_model, [464, 2068, 7586], max_tokens=8, temperature=0.0, logit_bias={50256: -100})
-        assert got["choices"][0]["text"] == expect[0].text
-        procs[0].send_signal(signal.SIGINT)
-        for p in procs:
-            p.wait(timeout=120)
-        # SIGINT drains process 0 (nothing in flight) and it exits 0; process 1 leaves on its own.
-        assert procs[0].returncode == 0
-        assert procs[1].returncode == 0
-    finally:
-        for p in procs:
-            p.kill()

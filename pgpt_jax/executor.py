@@ -1,0 +1,129 @@
+"""The device side of the engine: the ops one iteration runs, and the executor that runs them.
+
+Process 0 decides (engine.py: which prompts to prefill, which choice goes in which slot,
+what shape to decode); every process executes. An iteration's decisions are a list of ops,
+plain host data that process 0 broadcasts as is (multihost.py), so that every process runs
+the same programs in the same order and the others decide nothing:
+
+  Prefill(pid, tokens, lengths, want_logprobs)  prompts of one bucket -> their KV and last
+                                                logits, kept under prefill id `pid`
+  Place(pid, index, slot, length, row)          prompt `index` of prefill `pid` into `slot`
+                                                (`insert`), its sampling row and first token
+                                                (`start_row`); `row` is sampling.request_row's
+                                                arguments (a sparse bias, not [V] floats)
+  Decode(window, rows)                          `decode_steps` tokens for the first `rows` slots
+  Drop(pids)                                    forget prefills no choice will use again
+
+An `Executor` holds what the ops act on: the program params, the decode state, and the
+prefills kept by id. It knows nothing of requests or text.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import numpy as np
+
+from pgpt_jax import programs, sampling
+
+
+@dataclasses.dataclass
+class Prefill:
+    pid: int
+    tokens: np.ndarray  # i32[B, T]: B prompts padded to the bucket T
+    lengths: np.ndarray  # i32[B]
+    want_logprobs: bool = False
+
+
+@dataclasses.dataclass
+class Place:
+    pid: int
+    index: int  # which prompt of the prefill
+    slot: int
+    length: int  # its true length: the position of its next token
+    row: dict  # keyword arguments of sampling.request_row, `banned` and `vocab` left out
+
+
+@dataclasses.dataclass
+class Decode:
+    window: int
+    rows: int
+
+
+@dataclasses.dataclass
+class Drop:
+    pids: list
+
+
+class Executor:
+    """Runs ops on one process's share of the device state (see the module docstring)."""
+
+    def __init__(self, model, *, slots: int, decode_steps: int, top_k: int, mesh=None):
+        self.config, self.slots, self.decode_steps, self.top_k, self.mesh = (
+            model.config, slots, decode_steps, top_k, mesh)
+        self.graphdef, self.params, self.head = programs.program_params(model, mesh)
+        self.state = programs.init_state(self.config, slots, mesh)
+        self.never = list(self.config.never_emitted)  # control tokens: banned from every row
+        self.prefills: dict[int, tuple] = {}  # pid -> (cache, last_logits)
+
+    def row(self, row: dict) -> sampling.SamplingRows:
+        return sampling.request_row(**row, banned=self.never, vocab=self.config.padded_vocab)
+
+    def run(self, op) -> Any:
+        """Runs one op; returns what process 0 reads of it (device arrays, not waited for):
+        Prefill -> (prompt logprobs, top ids, top logprobs), Place -> the first token's
+        (token, logprob, top ids, top logprobs), Decode -> the same over [steps, rows]."""
+        if isinstance(op, Prefill):
+            cache, last, lp, top_ids, top_lps = programs.prefill(
+                self.graphdef, self.params, self.head, op.tokens, op.lengths,
+                want_logprobs=op.want_logprobs, top_k=self.top_k, mesh=self.mesh)
+            self.prefills[op.pid] = (cache, last)
+            return lp, top_ids, top_lps
+        if isinstance(op, Place):
+            cache, last = self.prefills[op.pid]
+            self.state = programs.insert(self.state, cache, np.int32(op.index), np.int32(op.slot), mesh=self.mesh)
+            self.state, *outs = programs.start_row(
+                self.state, last, np.int32(op.index), np.int32(op.slot), np.int32(op.length), self.row(op.row),
+                top_k=self.top_k, mesh=self.mesh)
+            return outs
+        if isinstance(op, Decode):
+            self.state, *outs = programs.decode(
+                self.graphdef, self.params, self.head, self.state, steps=self.decode_steps,
+                window=op.window, rows=op.rows, top_k=self.top_k, mesh=self.mesh)
+            return outs
+        if isinstance(op, Drop):
+            for pid in op.pids:
+                self.prefills.pop(pid, None)
+            return None
+        raise TypeError(f"not an op: {op!r}")
+
+    def reset(self, prefills: bool = True) -> None:
+        """A fresh decode state (and, with `prefills`, no kept prefills)."""
+        if prefills:
+            self.prefills.clear()
+        self.state = programs.init_state(self.config, self.slots, self.mesh)
+
+    def state_lost(self) -> bool:
+        """True when a failed call consumed the donated state."""
+        return any(a.is_deleted() for a in jax.tree.leaves(self.state))
+
+    def warmup(self, prefills, echo_buckets, decodes, progress: bool = False, on_program=None) -> None:
+        """Compiles every program for these shapes, then starts from a fresh state."""
+        row = self.row(dict(temperature=1.0, top_p=1.0, presence=0.0, frequency=0.0, logit_bias=None,
+                            num_logprobs=0, seed=0, choice_index=0))
+        programs.compile_all(self.graphdef, self.params, self.head, self.state, prefills=prefills,
+                             echo_buckets=echo_buckets, decodes=decodes, steps=self.decode_steps,
+                             row=row, top_k=self.top_k, mesh=self.mesh, progress=progress,
+                             on_program=on_program)
+        self.reset()
+
+
+def row_args(request, seed: int, choice_index: int) -> dict:
+    """`Place.row` for one choice of a request: what sampling.request_row needs, and no more."""
+    return dict(temperature=float(request.temperature), top_p=float(request.top_p),
+                presence=float(request.presence_penalty), frequency=float(request.frequency_penalty),
+                logit_bias=dict(request.logit_bias) if request.logit_bias else None,
+                num_logprobs=int(request.logprobs or 0), seed=int(seed), choice_index=int(choice_index))
+

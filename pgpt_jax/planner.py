@@ -1,0 +1,123 @@
+"""Process 0's decisions for one engine iteration, written as a list of device ops.
+
+Each iteration the planner takes the registry's new requests, aborts and expired deadlines;
+starts the new requests (their output side; their choices wait for slots holding only token
+ids); asks the scheduler which waiting choices get which free slots; prefills the requests
+that get their first slot (one `Prefill` per group of same-bucket prompts; echo with
+logprobs alone) and places each choice (`Place`); and shapes the decode of the occupied
+slots (`Decode`). The result is the ops (`executor.py`) and, for each, what process 0 does
+with its outputs (`meta`); in a multi-host run the ops are all that the other processes see.
+
+Prefills are kept by id until no request needs them: a request holds its prefill until its
+last choice is placed or it ends (`release_prefill`), and the next plan drops (`Drop`) what
+nobody holds any more.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import numpy as np
+
+from pgpt_jax.executor import Decode, Drop, Place, Prefill, row_args
+from pgpt_jax.outputs import RequestOutput
+from pgpt_jax.registry import Entry, Registry, Running
+from pgpt_jax.scheduler import Scheduler
+
+
+class Planner:
+    """Plans the engine's iterations (see the module docstring); `end(entry, outcome)` is the
+    engine's one way to end a request."""
+
+    def __init__(self, registry: Registry, scheduler: Scheduler, *, tokenizer, context_length: int,
+                 decode_steps: int, end: Callable):
+        self.registry, self.scheduler, self.tokenizer = registry, scheduler, tokenizer
+        self.context_length, self.decode_steps, self.end = context_length, decode_steps, end
+        self._drops: list[int] = []  # prefills no request needs any more: dropped by the next plan
+        self._users: dict[int, int] = {}  # prefill id -> requests that still need it
+        self._next_pid = 0
+
+    def plan(self) -> tuple[list, list]:
+        """This iteration's ops, and for each what process 0 does with its outputs."""
+        ops, meta = [], []
+        if self._drops:
+            ops.append(Drop(self._drops))
+            meta.append(None)
+            self._drops = []
+        new, aborts = self.registry.take()
+        self.registry.enter(new)  # in the registry at once: a fault from here on still answers them
+        expired = self.registry.expired(time.monotonic())
+        gone = {e.rid for e in aborts}
+        for entry in new:
+            if entry.rid not in gone:
+                self._start(entry, ops, meta)
+        for entry, exc in expired:
+            self.end(entry, exc)
+        for entry in aborts:
+            self.end(entry, None)
+        self._admissions(ops, meta)
+        if self.scheduler.active:
+            window, rows = self.scheduler.decode_shape(self.decode_steps)
+            ops.append(Decode(window, rows))
+            meta.append(self.scheduler.advance(self.decode_steps))
+        return ops, meta
+
+    def _start(self, entry: Entry, ops: list, meta: list) -> None:
+        """A new request: its output side, then its choices wait for slots (holding only token ids)."""
+        r = entry.request
+        entry.output = RequestOutput(r, self.tokenizer, max_new=r.max_new(self.context_length),
+                                     context_length=self.context_length)
+        if entry.output.max_new > 0:
+            self.scheduler.waiting.extend((entry, c) for c in entry.output.choices)
+        elif r.echo and r.logprobs is not None:
+            self.prefills([entry], True, ops, meta)  # the prompt's logprobs are the answer
+        else:  # max_tokens 0: the prompt is the whole answer; no slot, no device
+            entry.output.end("length")
+            self.end(entry, entry.output.result())
+
+    def prefills(self, entries: list, want_logprobs: bool, ops: list, meta: list, alone: bool = False) -> None:
+        """One Prefill per group of same-bucket prompts (`Scheduler.prefill_calls`)."""
+        calls = self.scheduler.prefill_calls(entries, lambda e: len(e.request.prompt),
+                                             alone=alone or want_logprobs)
+        for bucket, rows, chunk in calls:
+            self._next_pid += 1
+            tokens = np.zeros((rows, bucket), np.int32)
+            lengths = np.ones((rows,), np.int32)  # padding rows: one token, never read
+            for j, entry in enumerate(chunk):
+                tokens[j, : len(entry.request.prompt)] = entry.request.prompt
+                lengths[j] = len(entry.request.prompt)
+                self.release_prefill(entry)  # a retry alone replaces the shared call
+                entry.prefix = (self._next_pid, j)
+            self._users[self._next_pid] = len(chunk)
+            ops.append(Prefill(self._next_pid, tokens, lengths, want_logprobs))
+            meta.append(chunk)
+
+    def _admissions(self, ops: list, meta: list) -> None:
+        admitted = list(self.scheduler.admissions(done=lambda e: e.done))
+        fresh = list(dict.fromkeys(e for e, _, _ in admitted if e.prefix is None))
+        echo = [e for e in fresh if e.request.echo and e.request.logprobs is not None]
+        self.prefills(echo, True, ops, meta)  # alone: logits at every prompt position
+        self.prefills([e for e in fresh if e not in echo], False, ops, meta)
+        for entry, choice, slot in admitted:
+            run = Running(entry, choice, slot)
+            entry.running.append(run)
+            length = len(entry.request.prompt)
+            self.scheduler.place(slot, run, length)
+            self.registry.placed(entry)
+            pid, index = entry.prefix
+            ops.append(Place(pid, index, slot, length, row_args(entry.request, entry.seed, choice.index)))
+            meta.append(run)
+            if not entry.unplaced:
+                self.release_prefill(entry)  # its last choice is placed
+
+    def release_prefill(self, entry: Entry) -> None:
+        """`entry` needs its prefill no more; the next plan drops a prefill nobody needs."""
+        if entry.prefix is None:
+            return
+        pid = entry.prefix[0]
+        entry.prefix = None
+        self._users[pid] -= 1
+        if not self._users[pid]:
+            del self._users[pid]
+            self._drops.append(pid)
