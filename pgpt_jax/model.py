@@ -6,7 +6,8 @@ HF's Conv1D weights are already `(in, out)`, the layout of an NNX kernel.
 
 Shape letters are the package's (pgpt_jax/programs.py): B rows of this call, T tokens per
 row, S rows of the cache (slots; S >= B), L cache length, W attention window, D n_embd,
-N heads, H head_dim, F the MLP hidden (4 D), V padded vocabulary.
+N heads, H head_dim, F the MLP hidden (4 D), V padded vocabulary; here also C, the 3 of
+c_attn's [q | k | v].
 
 The cache is a tuple with one `(k, v)` pair per layer, each `[S, N, L, H]`. A tuple of
 per-layer arrays (rather than one stacked `[layers, ...]` array) lets XLA update each
@@ -41,13 +42,14 @@ class Attention(nnx.Module):
         """x [B, T, D], positions i32[B, T], kv ([S, N, L, H], [S, N, L, H]) -> (y [B, T, D], kv)."""
         B, T, D = x.shape
         N, H = self.n_head, self.head_dim
-        q, k, v = jnp.split(self.c_attn(x), 3, axis=-1)  # 3 x [B, T, D]
-        q, k, v = (a.reshape(B, T, N, H) for a in (q, k, v))
-        k_cache, v_cache = kv
-        rows = jnp.arange(B)[:, None]  # [B, 1] broadcasts against positions [B, T]
-        # Advanced indices split by a slice put the index dims first: [B, T, N, H], as k is.
-        k_cache = k_cache.at[rows, :, positions].set(k.astype(k_cache.dtype), mode="drop")
-        v_cache = v_cache.at[rows, :, positions].set(v.astype(v_cache.dtype), mode="drop")
+        w, b = self.c_attn.kernel[...], self.c_attn.bias[...]
+        x, w, b = self.c_attn.promote_dtype((x, w, b), dtype=self.c_attn.dtype)
+        # HF's [D, 3D] kernel holds [q | k | v], each N x H: the same numbers as [D, 3, N, H].
+        # Read that way (free for either stored shape, see `split_qkv`), a mesh that splits N
+        # keeps each head's q, k and v on one shard, and slicing them apart moves nothing.
+        qkv = jnp.einsum("BTD,DCNH->BTCNH", x, w.reshape(D, 3, N, H)) + b.reshape(3, N, H)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, T, N, H] each
+        k_cache, v_cache = (_write(c, a, positions) for c, a in zip(kv, (k, v)))
         # The cache may hold more rows than x (decode runs the occupied prefix of the slots):
         # this block's rows are the cache's first B.
         keys, values = k_cache[:B, :, :window], v_cache[:B, :, :window]  # [B, N, W, H]
@@ -68,6 +70,22 @@ class Attention(nnx.Module):
             y = jnp.einsum("BNTW,BNWH->BTNH", probs, values.astype(q.dtype))
         y = y.reshape(B, T, D)
         return self.c_proj(y), (k_cache, v_cache)
+
+
+def _write(cache, new, positions):
+    """cache [S, N, L, H] with new [B, T, N, H] (B <= S) written at row b's positions[b]
+    (i32[B, T]; past L: dropped). Rows past B are left as they are.
+
+    Written row by row (a vmap: one scatter batched over rows) so that a mesh that splits
+    the rows over `data` updates each shard's rows in place and moves nothing; a scatter
+    indexed by row numbers would all-gather the updates and permute them between shards.
+    """
+    S, B, L = cache.shape[0], new.shape[0], cache.shape[2]
+    if B < S:  # decode over the first B slots: the other rows write past L, i.e. nowhere
+        new = jnp.pad(new, ((0, S - B), (0, 0), (0, 0), (0, 0)))
+        positions = jnp.pad(positions, ((0, S - B), (0, 0)), constant_values=L)
+    return jax.vmap(lambda c, n, p: c.at[:, p].set(n.swapaxes(0, 1).astype(c.dtype), mode="drop"))(
+        cache, new, positions)
 
 
 class MLP(nnx.Module):
@@ -138,6 +156,22 @@ class GPT(nnx.Module):
 def lm_head(model: GPT):
     """The tied embedding as a [D, V] array of its own (for `GPT.logits(hidden, head)`)."""
     return jnp.asarray(model.wte.embedding[...].T)
+
+
+def split_qkv(params, cfg: GPTConfig):
+    """An nnx.State of GPT params with c_attn's kernel [D, 3D] as [D, 3, N, H] and its bias
+    [3D] as [3, N, H] (C = 3 indexes q, k, v): the same numbers in HF's order, with the head
+    axis exposed so that `sharding.PARAM_AXES` can split it over `model`. Attention reads
+    both shapes, so the model's own params and checkpoints keep HF's; only the programs'
+    copy is split (`programs.program_params`). Other params, and split ones, pass through."""
+    D, N, H = cfg.n_embd, cfg.n_head, cfg.head_dim
+    shapes = {(D, 3 * D): (D, 3, N, H), (3 * D,): (3, N, H)}
+
+    def one(path, a):
+        names = {str(getattr(k, "key", k)) for k in path}
+        return a.reshape(shapes[a.shape]) if "c_attn" in names and a.shape in shapes else a
+
+    return jax.tree_util.tree_map_with_path(one, params)
 
 
 def init_cache(cfg: GPTConfig, batch: int, length: int | None = None, dtype=None) -> KVCache:

@@ -36,7 +36,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from pgpt_jax import sampling, sharding
-from pgpt_jax.model import init_cache, lm_head
+from pgpt_jax.model import init_cache, lm_head, split_qkv
 
 # --------------------------------------------------------------------------- compiler settings
 
@@ -150,11 +150,15 @@ def _constrain(state: DecodeState, outs: tuple, mesh: Optional[Mesh]):
 def program_params(model, mesh: Optional[Mesh] = None):
     """(graphdef, params, head): the model split for the programs, and its transposed LM head.
 
-    On CPU, params stored narrower than the compute dtype are upcast once: XLA:CPU has no
-    native bf16 matmul and would convert stored bf16 weights on every call (the embedded
-    model ships bf16). With a mesh, params land on their shardings (already-placed ones stay).
+    The programs' copy of the params is laid out for them, once, here; the model and its
+    checkpoints keep HF's layout. c_attn is seen as [D, 3, N, H] (`model.split_qkv`: a
+    reshape), so that a mesh splits it by head. On CPU, params stored narrower than the
+    compute dtype are upcast: XLA:CPU has no native bf16 matmul and would convert stored
+    bf16 weights on every call (the embedded model ships bf16). With a mesh, params land on
+    their shardings (already-placed ones stay).
     """
     graphdef, params = nnx.split(model)
+    params = split_qkv(params, model.config)
     if jax.default_backend() == "cpu":
         compute = jnp.dtype(model.config.dtype)
         params = jax.tree.map(lambda a: a.astype(compute) if a.dtype.itemsize < compute.itemsize else a, params)
@@ -234,7 +238,8 @@ def start_row(state: DecodeState, last_logits, index, slot, true_len, row: sampl
     one = dataclasses.replace(row, counts=jnp.zeros((1, rows.counts.shape[1]), rows.counts.dtype),
                               key=row.key.astype(rows.key.dtype))
     last = jax.lax.dynamic_slice_in_dim(last_logits, index, 1, axis=0)  # [1, V]
-    tok, lp, top_ids, top_lps, one = sampling.sample(last, one, jnp.reshape(true_len, (1,)), top_k=top_k)
+    tok, lp, top_ids, top_lps, one = sampling.sample(last, one, jnp.reshape(true_len, (1,)), top_k=top_k,
+                                                     mesh=mesh)
     rows = jax.tree.map(lambda all_rows, new: all_rows.at[slot].set(new[0]), rows, one)
     state = dataclasses.replace(state, tokens=state.tokens.at[slot].set(tok[0]),
                                 positions=state.positions.at[slot].set(true_len), rows=rows)
@@ -262,7 +267,7 @@ def decode(graphdef, params, head, state: DecodeState, *, steps: int, window: in
         logits = model.logits(hidden[:, 0], head)  # [B, V]
         new_pos = jnp.minimum(positions + 1, last)  # free slots may run on; clamp them
         tok, lp, top_ids, top_lps, sampling_rows = sampling.sample(
-            logits, sampling_rows, new_pos, top_k=top_k)
+            logits, sampling_rows, new_pos, top_k=top_k, mesh=mesh)
         return (cache, tok, new_pos, sampling_rows), (tok, lp, top_ids, top_lps)
 
     carry = (state.cache, head_rows(state.tokens), head_rows(state.positions),

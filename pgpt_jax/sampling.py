@@ -30,6 +30,16 @@ a token inside the chosen block), with one uniform per level: no [B, V] cumulati
 no [B, V] of random bits. Keys are derived, never stored per step: a row's step key is
 fold_in(row key, position), the row key being fold_in(key(seed), choice_index).
 
+On a mesh, `sample` runs under shard_map: each device samples its own rows when `data`
+splits them and, when `model` splits the vocabulary (the logits arrive split), its own
+columns, so that no device ever holds another's [rows, V]. The vocabulary's shards combine
+small pieces (`_Vocab`): a max, a sum and a first index per row; their top-k candidates,
+merged into the global top k (logprobs, the prefilter); partial block masses, summed into
+the [B, V/128] block masses; the chosen block's 128 weights. The draw is the same function
+of the same uniforms, so the tokens are the single device's; sums that span shards are
+added in another order, which can move a logprob or a mass by a rounding error. Only the
+sort fallback (stage 3, one row) gathers that row's [V].
+
 Shape letters as in pgpt_jax/programs.py: B rows of the call (the slots a decode step runs),
 V vocabulary (padded), K a top-k width (logprobs, or the nucleus prefilter); R rejection tries.
 """
@@ -37,12 +47,16 @@ V vocabulary (padded), K a top-k width (logprobs, or the nucleus prefilter); R r
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.sharding import PartitionSpec as P
+
+from pgpt_jax import sharding
 
 BLOCK = 128  # tokens per block of the two-level inverse-CDF draw (50304 = 393 * 128)
 # Prefilter width. lax.top_k over [32, 50304] on a 2-core CPU: ~5 ms at K=64, 9 at 256, 23 at
@@ -126,15 +140,16 @@ def logprobs_of(logits, ids, k: int, never=()):
     """Raw log-probabilities: logits f32[..., V], ids i32[...] ->
     (logprob f32[...], top_ids i32[..., k], top_logprobs f32[..., k]), k static (may be 0).
     Tokens in `never` (static: control tokens the model never produces) are left out of the top k."""
-    lse = _logsumexp(logits)
+    vocab = _Vocab(logits.shape[-1])
+    lse = _logsumexp(logits, vocab)
     logprob = jnp.take_along_axis(logits, ids[..., None], axis=-1)[..., 0] - lse
     shown = logits.at[..., jnp.asarray(never, jnp.int32)].set(-jnp.inf) if never else logits
-    top_ids, top_logprobs = _top_logprobs(shown, lse, k)
+    top_ids, top_logprobs = _top_logprobs(shown, lse, k, vocab)
     return logprob, top_ids, top_logprobs
 
 
 def sample(logits, rows: SamplingRows, positions, *, top_k: int = 5,
-           nucleus_k: int = NUCLEUS_K, rejection_tries: int = REJECTION_TRIES):
+           nucleus_k: int = NUCLEUS_K, rejection_tries: int = REJECTION_TRIES, mesh=None):
     """One step for all rows. logits f32[B, V], positions i32[B] (where the new token goes) ->
     (tokens i32[B], logprob f32[B], top_ids i32[B, top_k], top_logprobs f32[B, top_k], rows).
 
@@ -142,39 +157,186 @@ def sample(logits, rows: SamplingRows, positions, *, top_k: int = 5,
     num_logprobs are unspecified (the host trims). The returned rows have
     counts[s, tokens[s]] += 1. top_k, nucleus_k and rejection_tries are static; the last
     two change speed only, never which tokens can come out or with what probability.
+    With a `mesh`, each device samples its own rows (rows split over `data`) and, when the
+    `model` axis splits the vocabulary, its own columns of the [B, V] arrays (logits, bias,
+    counts; see the module docstring); the results are the same as on one device.
     """
     B, V = logits.shape
     if not 0 <= top_k <= min(MAX_LOGPROBS, V):
         raise ValueError(f"top_k={top_k} must be in 0..{min(MAX_LOGPROBS, V)}")
+    step = functools.partial(_sample, top_k=top_k, nucleus_k=nucleus_k, tries=max(rejection_tries, 1))
+    rules = dict(sharding.LOGICAL_RULES)
+    axis, row_axis = rules["vocab"], rules["slots"]
+    shards, row_shards = (mesh.shape[axis], mesh.shape[row_axis]) if mesh is not None else (1, 1)
+    row_axis = row_axis if row_shards > 1 and B % row_shards == 0 else None
+    if shards == 1 and row_axis is None:
+        return step(logits, rows, positions, vocab=_Vocab(V))
+    if V % shards:
+        raise ValueError(f"the {axis} axis ({shards}) must divide the vocabulary ({V})")
+    # Rows split over `data` run under shard_map too: left to the partitioner, lax.top_k and
+    # the per-row slow paths gathered every row's [V] onto every device.
+    vocab = _Vocab(V, V // shards, axis if shards > 1 else None, row_axis)
+    per_row, per_token = P(row_axis), P(row_axis, axis)
+    row_specs = SamplingRows(temperature=per_row, top_p=per_row, presence=per_row, frequency=per_row,
+                             bias=per_token, counts=per_token, num_logprobs=per_row, key=P(row_axis, None))
+    top = P(row_axis, None)
+    # check_vma=False: the merged results (tokens, top k) are the same on every shard by
+    # construction, but jax types an all_gather's result as varying over the axis and would
+    # refuse to return them unsplit. tests/test_sharding.py checks them against one device.
+    return jax.shard_map(functools.partial(step, vocab=vocab), mesh=mesh,
+                         in_specs=(per_token, row_specs, per_row),
+                         out_specs=(per_row, per_row, top, top, row_specs),
+                         check_vma=False)(logits, rows, positions)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Vocab:
+    """The last axis of a call's [B, V] arrays: the whole vocabulary, or (inside shard_map)
+    this device's columns `offset .. offset + local` of it.
+
+    Each method is a reduction over the vocabulary written once for both cases: on the whole
+    axis, plain jnp; on a shard, the local reduction and one small collective over `axis`.
+    A lax.cond whose branches hold a collective takes its predicate from `any`, which agrees
+    on every device (reduced over the row shards as well), so all of them take the branch.
+    """
+
+    size: int  # V
+    local: Optional[int] = None  # columns held here (V when whole)
+    axis: Optional[str] = None  # the mesh axis V is split over; None: whole
+    row_axis: Optional[str] = None  # the mesh axis rows are split over, if any
+
+    @property
+    def width(self) -> int:
+        return self.local or self.size
+
+    @property
+    def offset(self):
+        """Global id of local column 0: 0, or i32[] on a shard."""
+        return 0 if self.axis is None else lax.axis_index(self.axis) * self.width
+
+    def ids(self, shape, dtype=jnp.int32):
+        """Global token ids along the last axis of `shape`."""
+        iota = lax.broadcasted_iota(dtype, shape, len(shape) - 1)
+        return iota if self.axis is None else iota + self.offset.astype(dtype)
+
+    def max(self, x):
+        m = jnp.max(x, axis=-1)
+        return m if self.axis is None else lax.pmax(m, self.axis)
+
+    def min(self, x):
+        m = jnp.min(x, axis=-1)
+        return m if self.axis is None else lax.pmin(m, self.axis)
+
+    def sum(self, x):
+        total = jnp.sum(x, axis=-1)
+        return total if self.axis is None else lax.psum(total, self.axis)
+
+    def any(self, pred):
+        """bool[]: pred anywhere, on every device alike."""
+        hit = jnp.any(pred)
+        axes = tuple(a for a in (self.row_axis, self.axis) if a is not None)
+        return lax.pmax(hit.astype(jnp.int32), axes) > 0 if axes else hit
+
+    def take(self, x, ids):
+        """x [B, V], global ids i32[B, J] -> x[b, ids[b, j]]: f32[B, J], exactly (one shard
+        holds each entry; the others offer -inf to a max)."""
+        if self.axis is None:
+            return jnp.take_along_axis(x, ids, axis=-1)
+        local = ids - self.offset
+        held = (local >= 0) & (local < self.width)
+        got = jnp.take_along_axis(x, jnp.clip(local, 0, self.width - 1), axis=-1)
+        return lax.pmax(jnp.where(held, got, -jnp.inf), self.axis)
+
+    def top_k(self, x, k: int):
+        """The k largest of x [B, V] and their global ids, ties by lower id (lax.top_k's
+        order): each shard's own top k, gathered ([B, shards * k]) and merged. Gathered in
+        shard order, equal values keep lower ids first, so the merge is exact."""
+        values, ids = lax.top_k(x, min(k, self.width))
+        if self.axis is None:
+            return values, ids.astype(jnp.int32)
+        ids = ids.astype(jnp.int32) + self.offset
+        values = lax.all_gather(values, self.axis, axis=x.ndim - 1, tiled=True)
+        ids = lax.all_gather(ids, self.axis, axis=x.ndim - 1, tiled=True)
+        values, pick = lax.top_k(values, k)
+        return values, jnp.take_along_axis(ids, pick, axis=-1)
+
+    def gather(self, x):
+        """x [B, V] whole on every device (the sort fallback only: one row)."""
+        return x if self.axis is None else lax.all_gather(x, self.axis, axis=x.ndim - 1, tiled=True)
+
+    def blocks(self, x):
+        """x [B, V] -> (x3 f32[B, nb, BLOCK], first): this device's columns on the global grid
+        of BLOCK-token blocks, -inf where it holds nothing; x3[:, j] is global block first + j.
+        Shards need not start on a block boundary (50304 / 8 = 49.125 blocks): a block may
+        straddle two shards, each holding part of it."""
+        B = x.shape[0]
+        if self.axis is None or self.width % BLOCK == 0:
+            nb = -(-self.width // BLOCK)
+            if nb * BLOCK != self.width:  # whole blocks: padding is -inf, weight 0, never drawn
+                x = jnp.pad(x, ((0, 0), (0, nb * BLOCK - self.width)), constant_values=-jnp.inf)
+            return x.reshape(B, nb, BLOCK), (0 if self.axis is None else self.offset // BLOCK)
+        nb = -(-(self.width + BLOCK - 1) // BLOCK)  # covers any start within a block
+        lead = self.offset % BLOCK
+        grid = jnp.full((B, nb * BLOCK), -jnp.inf, x.dtype)
+        grid = lax.dynamic_update_slice(grid, x, (jnp.int32(0), lead))
+        return grid.reshape(B, nb, BLOCK), self.offset // BLOCK
+
+    def block_sums(self, part, first):
+        """Per-block sums f32[B, nb] of this device's blocks (global blocks first..) -> the
+        global f32[B, size / BLOCK]: each shard places its own and the shards' are added."""
+        if self.axis is None:
+            return part
+        B, nb = part.shape
+        grid = jnp.zeros((B, -(-self.size // BLOCK)), part.dtype)  # the last shard's spare blocks: dropped
+        return lax.psum(grid.at[:, first + jnp.arange(nb)].add(part, mode="drop"), self.axis)
+
+    def pieces(self, x):
+        """The whole of an array that each shard holds part of, zeros elsewhere: a sum, exact
+        (every entry is one shard's value plus zeros)."""
+        return x if self.axis is None else lax.psum(x, self.axis)
+
+    def add_one(self, counts, tokens):
+        """counts i32[B, V] with counts[b, tokens[b]] += 1 (in place when donated)."""
+        B = counts.shape[0]
+        if self.axis is not None:
+            local = tokens - self.offset
+            tokens = jnp.where((local >= 0) & (local < self.width), local, self.width)  # past the end: dropped
+        return counts.at[jnp.arange(B), tokens].add(1, mode="drop")
+
+
+def _sample(logits, rows: SamplingRows, positions, *, vocab: _Vocab, top_k: int, nucleus_k: int,
+            tries: int):
+    """`sample` on one device's block of rows and (with a split vocabulary) of columns."""
+    B = logits.shape[0]
     logits = logits.astype(jnp.float32)
-    lse = _logsumexp(logits)
+    lse = _logsumexp(logits, vocab)
 
     x = processed_logits(logits, rows)  # [B, V], materialised once for every consumer
-    x_max = jnp.max(x, axis=-1, keepdims=True)  # [B, 1]
+    x_max = vocab.max(x)[:, None]  # [B, 1]
     x_max = jnp.where(jnp.isfinite(x_max), x_max, 0.0)  # an all -inf row: no NaN below
 
     greedy = rows.temperature <= 0
     step_keys = jax.vmap(lambda k, p: jax.random.fold_in(jax.random.wrap_key_data(k), p))(
         rows.key, positions)
     tokens = lax.cond(
-        jnp.all(greedy),
+        ~vocab.any(~greedy),
         lambda: jnp.zeros((B,), jnp.int32),  # no row samples: skip the whole sampling path
-        lambda: _sample_rows(x, x_max, rows, step_keys, nucleus_k, max(rejection_tries, 1)),
+        lambda: _sample_rows(x, x_max, rows, step_keys, nucleus_k, tries, vocab),
     )
     tokens = lax.cond(
-        jnp.any(greedy),
-        lambda: jnp.where(greedy, _first_index_of(x, x_max), tokens),
+        vocab.any(greedy),
+        lambda: jnp.where(greedy, _first_index_of(x, x_max, vocab), tokens),
         lambda: tokens,
     )
 
-    logprob = jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0] - lse
+    logprob = vocab.take(logits, tokens[:, None])[:, 0] - lse
     # Tokens a row may never produce (a -inf bias: control tokens) are never among its top k.
     top_ids, top_logprobs = lax.cond(
-        jnp.any(rows.num_logprobs > 0),
-        lambda: _top_logprobs(jnp.where(rows.bias == -jnp.inf, -jnp.inf, logits), lse, top_k),
+        vocab.any(rows.num_logprobs > 0),
+        lambda: _top_logprobs(jnp.where(rows.bias == -jnp.inf, -jnp.inf, logits), lse, top_k, vocab),
         lambda: (jnp.zeros((B, top_k), jnp.int32), jnp.zeros((B, top_k), jnp.float32)),
     )
-    counts = rows.counts.at[jnp.arange(B), tokens].add(1)  # in place when the caller donates rows
+    counts = vocab.add_one(rows.counts, tokens)  # in place when the caller donates rows
     return tokens, logprob, top_ids, top_logprobs, dataclasses.replace(rows, counts=counts)
 
 
@@ -194,30 +356,30 @@ def processed_logits(logits, rows: SamplingRows):
                     lambda: logits + rows.bias)
 
 
-def _first_index_of(x, value):
+def _first_index_of(x, value, vocab: _Vocab):
     """First index along the last axis where x == value [..., 1]: i32[...]; with the row max,
     the argmax. XLA:CPU runs jnp.argmax's (value, index) reduction unvectorised, about 3x
     slower than this float min; the float iota is exact for V < 2**24."""
-    iota = lax.broadcasted_iota(jnp.float32, x.shape, x.ndim - 1)
-    return jnp.min(jnp.where(x == value, iota, jnp.inf), axis=-1).astype(jnp.int32)
+    iota = vocab.ids(x.shape, jnp.float32)
+    return vocab.min(jnp.where(x == value, iota, jnp.inf)).astype(jnp.int32)
 
 
-def _logsumexp(logits):
+def _logsumexp(logits, vocab: _Vocab):
     """f32[..., V] -> f32[...]; -inf entries contribute nothing."""
-    m = jnp.max(logits, axis=-1, keepdims=True)
+    m = vocab.max(logits)[..., None]
     m = jnp.where(jnp.isfinite(m), m, 0.0)  # an all -inf row gives -inf, not NaN
-    return jnp.log(jnp.sum(jnp.exp(logits - m), axis=-1)) + m[..., 0]
+    return jnp.log(vocab.sum(jnp.exp(logits - m))) + m[..., 0]
 
 
-def _top_logprobs(logits, lse, k: int):
+def _top_logprobs(logits, lse, k: int, vocab: _Vocab):
     if k == 0:
         shape = logits.shape[:-1] + (0,)
         return jnp.zeros(shape, jnp.int32), jnp.zeros(shape, jnp.float32)
-    values, ids = lax.top_k(logits, k)
-    return ids.astype(jnp.int32), values - lse[..., None]
+    values, ids = vocab.top_k(logits, k)
+    return ids, values - lse[..., None]
 
 
-def _sample_rows(x, x_max, rows: SamplingRows, step_keys, nucleus_k: int, tries: int):
+def _sample_rows(x, x_max, rows: SamplingRows, step_keys, nucleus_k: int, tries: int, vocab: _Vocab):
     """Token i32[B] for the rows with temperature > 0, from processed logits x [B, V] and
     their row max x_max [B, 1].
 
@@ -225,30 +387,28 @@ def _sample_rows(x, x_max, rows: SamplingRows, step_keys, nucleus_k: int, tries:
     kept as another [B, V] array. Nucleus order is by x, ties by lower id (dividing by a
     positive T keeps that order).
     """
-    B, V = x.shape
-    nb = -(-V // BLOCK)
+    B = x.shape[0]
     # Greedy rows take the argmax elsewhere; here they divide by 1 so nothing overflows.
     inv_t = 1.0 / jnp.where(rows.temperature > 0,
                             jnp.maximum(rows.temperature, MIN_TEMPERATURE), 1.0)[:, None]
-    if nb * BLOCK != V:  # whole blocks: padding is -inf, weight 0, never drawn
-        x = jnp.pad(x, ((0, 0), (0, nb * BLOCK - V)), constant_values=-jnp.inf)
-    x3 = x.reshape(B, nb, BLOCK)
-    block_mass = jnp.sum(_weight(x3, x_max[:, :, None], inv_t[:, :, None]), axis=-1)  # [B, nb]
+    x3, first = vocab.blocks(x)
+    block_mass = vocab.block_sums(jnp.sum(_weight(x3, x_max[:, :, None], inv_t[:, :, None]), axis=-1),
+                                  first)  # [B, V / BLOCK]
     mass = rows.top_p[:, None] * jnp.sum(block_mass, axis=-1, keepdims=True)  # [B, 1]
     # Uniforms: pair 0 for the main draw (also rejection candidate 0), pairs 1..R-1 for
     # the other candidates, pair R for the sort fallback; all from the row's own key.
     u = jax.vmap(lambda k: jax.random.uniform(k, (tries + 1, 2)))(step_keys)  # [B, R+1, 2]
-    tokens = _draw(x, x_max, inv_t, block_mass, u[:, 0])  # from the whole distribution
+    tokens = _draw(x, x_max, inv_t, block_mass, u[:, 0], vocab)  # from the whole distribution
 
     nucleus = (rows.top_p < 1) & (rows.temperature > 0)
 
     def prefiltered():
-        # lax.top_k orders ties by lower index: the nucleus order.
-        values, ids = lax.top_k(x, min(nucleus_k, x.shape[1]))
+        # Ties in lax.top_k's order (lower index first): the nucleus order.
+        values, ids = vocab.top_k(x, min(nucleus_k, vocab.size))
         drawn, covered = _nucleus_draw(_weight(values, x_max, inv_t), ids, mass, u[:, 0, 0])
         return jnp.where(covered, drawn, tokens), covered
 
-    tokens, settled = lax.cond(jnp.any(nucleus), prefiltered,
+    tokens, settled = lax.cond(vocab.any(nucleus), prefiltered,
                                lambda: (tokens, jnp.ones((B,), bool)))
     settled = settled | ~nucleus
 
@@ -257,13 +417,14 @@ def _sample_rows(x, x_max, rows: SamplingRows, step_keys, nucleus_k: int, tries:
     # [B, V]. That matters twice on CPU: XLA:CPU allocates a call's temporaries afresh each
     # time, and above glibc's 32 MB mmap threshold they come as new pages whose faults cost
     # more than the work (batched slow paths made the whole step 2x slower at 32 rows).
+    # With rows split over devices, row i of every row shard enters if one needs to.
     def one_row(args):
         settled, token, x, x_max, inv_t, block_mass, mass, u = args
-        return lax.cond(settled, lambda: token, lambda: _rejection_row(
-            token, x[None], x_max[None], inv_t[None], block_mass[None], mass[None], u))
+        return lax.cond(~vocab.any(~settled), lambda: token, lambda: jnp.where(settled, token, _rejection_row(
+            token, x[None], x_max[None], inv_t[None], block_mass[None], mass[None], u, vocab)))
 
     return lax.cond(
-        jnp.any(~settled),
+        vocab.any(~settled),
         lambda: lax.map(one_row, (settled, tokens, x, x_max, inv_t, block_mass, mass, u)),
         lambda: tokens,
     )
@@ -274,24 +435,26 @@ def _weight(v, x_max, inv_t):
     return jnp.exp((v - x_max) * inv_t)
 
 
-def _rejection_row(token, x, x_max, inv_t, block_mass, mass, u):
+def _rejection_row(token, x, x_max, inv_t, block_mass, mass, u, vocab: _Vocab):
     """A draw from one row's nucleus when the prefilter could not find it: i32[].
 
-    x [1, V], x_max, inv_t, mass [1, 1], block_mass [1, nb], u [R+1, 2]. Candidates come
-    from the whole distribution (`token` is the first); the first inside the nucleus is a
-    draw from the nucleus. Each is inside with probability >= top_p. If none is, an
+    x [1, V], x_max, inv_t, mass [1, 1], block_mass [1, V / BLOCK], u [R+1, 2]. Candidates
+    come from the whole distribution (`token` is the first); the first inside the nucleus
+    is a draw from the nucleus. Each is inside with probability >= top_p. If none is, an
     independent draw from the sorted nucleus keeps the law exact.
     """
     tries = u.shape[0] - 1
-    cands = jnp.stack([token] + [_draw(x, x_max, inv_t, block_mass, u[r][None])[0]
+    cands = jnp.stack([token] + [_draw(x, x_max, inv_t, block_mass, u[r][None], vocab)[0]
                                  for r in range(1, tries)])  # [R]
-    xc = x[0, cands][:, None]  # [R, 1]
-    ids = lax.broadcasted_iota(jnp.int32, x.shape, 1)  # [1, V]
+    xc = vocab.take(x, cands[None])[0][:, None]  # [R, 1]
+    ids = vocab.ids(x.shape)  # [1, V]
     ahead = (x > xc) | ((x == xc) & (ids < cands[:, None]))  # [R, V]: strictly before in order
-    inside = jnp.sum(jnp.where(ahead, _weight(x, x_max, inv_t), 0.0), axis=-1) < mass[0]
+    inside = vocab.sum(jnp.where(ahead, _weight(x, x_max, inv_t), 0.0)) < mass[0]
     drawn = cands[jnp.argmax(inside)]
-    return lax.cond(jnp.any(inside), lambda: drawn,
-                    lambda: _sorted_draw(x, x_max, inv_t, mass, u[tries][None])[0])
+    return lax.cond(vocab.any(~jnp.any(inside)),
+                    lambda: jnp.where(jnp.any(inside), drawn,
+                                      _sorted_draw(vocab.gather(x), x_max, inv_t, mass, u[tries][None])[0]),
+                    lambda: drawn)
 
 
 def _nucleus_draw(weights, ids, mass, u):
@@ -310,20 +473,26 @@ def _nucleus_draw(weights, ids, mass, u):
 
 
 def _sorted_draw(x, x_max, inv_t, mass, u):
-    """Exact nucleus by a full stable sort (the slow path), then a draw inside it: i32[B]."""
+    """Exact nucleus by a full stable sort (the slow path), then a draw inside it: i32[B].
+    x is the whole vocabulary [B, V]."""
     ids = lax.broadcasted_iota(jnp.int32, x.shape, 1)
     neg, ids = lax.sort((-x, ids), dimension=1, is_stable=True, num_keys=1)
     return _nucleus_draw(_weight(-neg, x_max, inv_t), ids, mass, u[:, 0])[0]
 
 
-def _draw(x, x_max, inv_t, block_mass, u):
-    """Inverse-CDF draw from the weights exp((x - x_max) / T), x [B, nb * BLOCK], with block
-    sums block_mass [B, nb]: u [B, 2] holds one uniform to pick a block in proportion to its
-    mass, one to pick a token inside it. -> i32[B]."""
-    B, nb = block_mass.shape
+def _draw(x, x_max, inv_t, block_mass, u, vocab: _Vocab):
+    """Inverse-CDF draw from the weights exp((x - x_max) / T), x [B, V], with block sums
+    block_mass [B, V / BLOCK]: u [B, 2] holds one uniform to pick a block in proportion to
+    its mass, one to pick a token inside it. -> i32[B]. On a split vocabulary every shard
+    picks the same block; the one or two holding it supply its weights."""
+    x3, first = vocab.blocks(x)
     block = _invert(block_mass, u[:, 0])
-    xb = jnp.take_along_axis(x.reshape(B, nb, BLOCK), block[:, None, None], axis=1)[:, 0]
-    return block * BLOCK + _invert(_weight(xb, x_max, inv_t), u[:, 1])  # xb [B, BLOCK]
+    here = block - first
+    xb = jnp.take_along_axis(x3, jnp.clip(here, 0, x3.shape[1] - 1)[:, None, None], axis=1)[:, 0]
+    wb = _weight(xb, x_max, inv_t)  # [B, BLOCK]
+    if vocab.axis is not None:
+        wb = vocab.pieces(jnp.where(((here >= 0) & (here < x3.shape[1]))[:, None], wb, 0.0))
+    return block * BLOCK + _invert(wb, u[:, 1])
 
 
 def _invert(w, u):

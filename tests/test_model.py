@@ -1,13 +1,16 @@
 """Model: cached decoding equals a full forward pass (also when the cache has more rows than the
-input); the transposed LM head; config presets; padded vocabulary masked."""
+input); the programs' split c_attn layout; the transposed LM head; config presets; padded
+vocabulary masked."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from flax import nnx
+
 from pgpt_jax.config import GPTConfig
-from pgpt_jax.model import forward, init_cache, lm_head
+from pgpt_jax.model import forward, init_cache, lm_head, split_qkv
 
 
 def test_cached_decoding_equals_full_forward_for_rows_of_different_lengths(tiny_model):
@@ -64,6 +67,26 @@ def test_decode_with_fewer_rows_than_the_cache_uses_its_first_rows(tiny_model):
         np.testing.assert_allclose(np.asarray(k2[:2]), np.asarray(k), atol=1e-6)
         np.testing.assert_array_equal(np.asarray(k2[2:]), np.asarray(bk[2:]))
         np.testing.assert_array_equal(np.asarray(v2[2:]), np.asarray(bv[2:]))
+
+
+def test_split_qkv_is_a_reshape_that_attention_reads_alike(tiny_model):
+    """The programs' c_attn layout [D, 3, N, H] holds HF's [q | k | v] columns unmoved, and
+    the model gives the same logits and cache from either layout; it leaves other params
+    alone and a split state as it is."""
+    cfg = tiny_model.config
+    D, N, H = cfg.n_embd, cfg.n_head, cfg.head_dim
+    graphdef, params = nnx.split(tiny_model)
+    split = split_qkv(params, cfg)
+    w, sw = params["h"][0]["attn"]["c_attn"]["kernel"][...], split["h"][0]["attn"]["c_attn"]["kernel"][...]
+    assert sw.shape == (D, 3, N, H) and split["h"][0]["attn"]["c_attn"]["bias"][...].shape == (3, N, H)
+    np.testing.assert_array_equal(sw[:, 1, 2], w[:, D + 2 * H: D + 3 * H])  # k of head 2
+    assert split["h"][0]["mlp"]["c_fc"]["kernel"][...] is params["h"][0]["mlp"]["c_fc"]["kernel"][...]
+    assert jax.tree.map(jnp.shape, split_qkv(split, cfg)) == jax.tree.map(jnp.shape, split)
+    tokens, pos = np.array([[5, 6, 7, 8]], np.int32), np.arange(4)[None]
+    want, want_cache = forward(tiny_model, tokens, pos, init_cache(cfg, 1, 8))
+    got, got_cache = forward(nnx.merge(graphdef, split), tokens, pos, init_cache(cfg, 1, 8))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(got_cache[1][1]), np.asarray(want_cache[1][1]), atol=1e-6)
 
 
 def test_transposed_lm_head_gives_the_tied_embedding_logits(tiny_model):

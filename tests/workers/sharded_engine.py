@@ -1,7 +1,9 @@
 """Run by tests/test_sharding.py in a subprocess with 8 forced CPU devices.
 
 Prints one JSON object: for a single-device engine and for each mesh, the greedy and
-seeded tokens, the logprobs, and the sharding specs of params, cache and sampling rows.
+seeded tokens, the logprobs, the sharding specs of params, cache and sampling rows, and
+the collectives of the compiled decode program; and the sampling step alone on hand-made
+logits, on one device and on three meshes.
 """
 
 import json
@@ -11,9 +13,14 @@ import sys
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 os.environ["JAX_PLATFORMS"] = "cpu"
 
-import jax  # noqa: E402
+import dataclasses  # noqa: E402
 
-from pgpt_jax import sharding  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+
+from pgpt_jax import programs, sampling, sharding  # noqa: E402
 from pgpt_jax.engine import Engine  # noqa: E402
 from pgpt_jax.model import init_model  # noqa: E402
 from pgpt_jax.request import Request  # noqa: E402
@@ -54,6 +61,50 @@ def run(mesh):
         out["row_specs"] = {name: spec_list(getattr(eng.state.rows, name))
                             for name in ("temperature", "bias", "counts", "key")}
         out["token_spec"] = spec_list(eng.state.tokens)
+    if mesh is not None:
+        # The decode program the engine ran (all 8 slots, the smallest window).
+        hlo = programs.decode.lower(eng.graphdef, eng.params, eng.head, eng.state, steps=eng.decode_steps,
+                                    window=128, rows=8, top_k=eng.top_k, mesh=mesh).compile().as_text()
+        out["collectives"] = [{k: c[k] for k in ("op", "shapes", "conditional", "where")}
+                              for c in sharding.collectives(hlo)]
+    return out
+
+
+def sample_on(mesh, steps=6):
+    """sampling.sample on hand-made logits [8, 1536] for `steps` positions: per row a different
+    way to the token (greedy, no nucleus, the prefilter, rejection, the sort fallback: the
+    prefilter is 1 wide and rejection has 2 tries), ties across a shard boundary, a banned
+    token, penalties, logprobs. Returns what the test compares with one device's."""
+    S, V = 8, 1536  # 12 blocks of 128; over 8 shards, 192 columns each: shards end mid-block
+    rng = np.random.default_rng(0)
+    scale = np.array([3, 1, 0.3, 1, 3, 0.5, 0.2, 1], np.float32)[:, None]
+    logits = (rng.normal(size=(S, V)) * scale).astype(np.float32)
+    logits[:, V - 40:] = -np.inf  # padded vocabulary
+    logits[3, 188:197] = logits[3].max() + 1  # a tie across the 1x8 mesh's boundary at 192
+    logits[4, 700] = logits[4].max() + 6  # one dominant token: the prefilter settles the row
+    bias = np.zeros((S, V), np.float32)
+    bias[:, 5] = -np.inf  # banned: never in top_logprobs
+    bias[1, 7] = 3.0
+    counts = np.zeros((S, V), np.int32)
+    counts[:, [9, 10, V - 3]] = 2
+    rows = dataclasses.replace(
+        sampling.init_rows(S, V), bias=jnp.asarray(bias), counts=jnp.asarray(counts),
+        temperature=jnp.asarray([0.0, 1.0, 0.7, 1.3, 1.0, 1.0, 0.9, 2.0]),
+        top_p=jnp.asarray([1.0, 1.0, 0.5, 0.95, 0.3, 0.9, 0.99, 0.8]),
+        presence=jnp.full((S,), 0.3), frequency=jnp.full((S,), 0.2),
+        num_logprobs=jnp.asarray([2, 5, 0, 3, 0, 1, 0, 5], jnp.int32),
+        key=jnp.asarray(np.stack([sampling.row_key(100 + i, 0) for i in range(S)])))
+    logits = jnp.asarray(logits)
+    if mesh is not None:
+        logits = jax.device_put(logits, NamedSharding(mesh, sharding.spec(("slots", "vocab"))))
+    step = jax.jit(sampling.sample, static_argnames=("top_k", "nucleus_k", "rejection_tries", "mesh"))
+    out = {"tokens": [], "logprobs": [], "top_ids": [], "top_logprobs": []}
+    for t in range(steps):
+        tok, lp, top_ids, top_lps, rows = step(logits, rows, jnp.full((S,), t, jnp.int32), top_k=5,
+                                                nucleus_k=1, rejection_tries=2, mesh=mesh)
+        for k, v in zip(out, (tok, lp, top_ids, top_lps)):
+            out[k].append(np.asarray(v).tolist())
+    out["counts"] = np.argwhere(np.asarray(rows.counts) != counts).tolist()
     return out
 
 
@@ -62,4 +113,7 @@ report = {"devices": len(jax.devices()), "single": run(None)}
 for d, m in meshes:
     devices = jax.devices()[: d * m]
     report[f"{d}x{m}"] = run(sharding.make_mesh(data=d, model=m, devices=devices))
+report["sampling"] = {"single": sample_on(None)}
+for d, m in [(1, 8), (4, 2), (8, 1)]:
+    report["sampling"][f"{d}x{m}"] = sample_on(sharding.make_mesh(data=d, model=m))
 json.dump(report, sys.stdout)
