@@ -286,11 +286,17 @@ def decode(graphdef, params, head, state: DecodeState, *, steps: int, window: in
 def compile_all(graphdef, params, head, state: DecodeState, *, prefills, echo_buckets, decodes, steps: int,
                 row: sampling.SamplingRows, top_k: int, mesh=None, progress: bool = False,
                 on_program=None) -> None:
-    """Runs every program once per shape so that serving compiles nothing: prefill for each
+    """Compiles every program once per shape so that serving compiles nothing: prefill for each
     (rows, bucket) in `prefills` (and with prompt logprobs, one row, for each of
     `echo_buckets`), insert after each, start_row once per row count, and decode for each
     (rows, window) in `decodes`. `state` is donated along the way: the caller makes a fresh one.
     `on_program(done, total)` is called after each program (the server's warm-up metric).
+
+    Prefill and decode are compiled ahead of time (`lower(...).compile()`, with the very
+    arguments a call passes, so the call finds the same executable) and not run: running
+    them was most of a restart's warm-up once the persistent cache supplies the executables
+    (a 1024-token prefill takes seconds on CPU). Insert and start_row are cheap and run, on
+    zeros shaped and placed like prefill's outputs.
     """
     jobs = [("echo", 1, b) for b in echo_buckets] + [("prefill", *p) for p in prefills]
     jobs += [("decode", *d) for d in decodes]
@@ -302,14 +308,15 @@ def compile_all(graphdef, params, head, state: DecodeState, *, prefills, echo_bu
     started = set()  # start_row compiles once per prefill row count
     for done, (kind, rows, size) in enumerate(jobs, start=1):
         if kind == "decode":
-            state, *_ = decode(graphdef, params, head, state, steps=steps, window=size, rows=rows,
-                               top_k=top_k, mesh=mesh)
+            decode.lower(graphdef, params, head, state, steps=steps, window=size, rows=rows,
+                         top_k=top_k, mesh=mesh).compile()
         else:
             # Host arrays, as the engine passes them: the same jit cache entries.
-            cache, last, *_ = prefill(graphdef, params, head, np.zeros((rows, size), np.int32),
-                                      np.ones((rows,), np.int32), want_logprobs=kind == "echo",
-                                      top_k=top_k, mesh=mesh)
+            compiled = prefill.lower(graphdef, params, head, np.zeros((rows, size), np.int32),
+                                     np.ones((rows,), np.int32), want_logprobs=kind == "echo",
+                                     top_k=top_k, mesh=mesh).compile()
             if kind == "prefill":  # the echo variant's cache has the same shape as the plain one's
+                cache, last, *_ = _zeros_like(compiled.out_info, mesh)
                 state = insert(state, cache, np.int32(0), np.int32(0), mesh=mesh)
                 if rows not in started:
                     started.add(rows)
@@ -322,3 +329,17 @@ def compile_all(graphdef, params, head, state: DecodeState, *, prefills, echo_bu
             on_program(done, len(jobs))
     if bar is not None:
         bar.close()
+
+
+def _zeros_like(infos, mesh):
+    """Zeros for a tree of ShapeDtypeStructs, placed as the program's results are: on a mesh,
+    each on its sharding (every process its own shards); without one, uncommitted on the
+    default device, as jit returns them when no input was committed. (Committed or not is
+    part of a jit cache key: the wrong one would compile insert again when serving.)"""
+    def one(info):
+        host = np.zeros(info.shape, info.dtype)  # calloc'd: the slices below read no memory
+        if mesh is None:
+            return jax.device_put(host)
+        return jax.make_array_from_callback(info.shape, info.sharding, lambda index: host[index])
+
+    return jax.tree.map(one, infos)

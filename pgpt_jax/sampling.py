@@ -33,7 +33,7 @@ fold_in(row key, position), the row key being fold_in(key(seed), choice_index).
 On a mesh, `sample` runs under shard_map: each device samples its own rows when `data`
 splits them and, when `model` splits the vocabulary (the logits arrive split), its own
 columns, so that no device ever holds another's [rows, V]. The vocabulary's shards combine
-small pieces (`_Vocab`): a max, a sum and a first index per row; their top-k candidates,
+small pieces (`pgpt_jax/vocab.py`): a max, a sum and a first index per row; their top-k candidates,
 merged into the global top k (logprobs, the prefilter); partial block masses, summed into
 the [B, V/128] block masses; the chosen block's 128 weights. The draw is the same function
 of the same uniforms, so the tokens are the single device's; sums that span shards are
@@ -57,8 +57,8 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from pgpt_jax import sharding
+from pgpt_jax.vocab import BLOCK, Vocab
 
-BLOCK = 128  # tokens per block of the two-level inverse-CDF draw (50304 = 393 * 128)
 # Prefilter width. lax.top_k over [32, 50304] on a 2-core CPU: ~5 ms at K=64, 9 at 256, 23 at
 # 1024; a wider prefilter only spares rejection to rows whose nucleus has 64..K tokens.
 NUCLEUS_K = 64
@@ -140,7 +140,7 @@ def logprobs_of(logits, ids, k: int, never=()):
     """Raw log-probabilities: logits f32[..., V], ids i32[...] ->
     (logprob f32[...], top_ids i32[..., k], top_logprobs f32[..., k]), k static (may be 0).
     Tokens in `never` (static: control tokens the model never produces) are left out of the top k."""
-    vocab = _Vocab(logits.shape[-1])
+    vocab = Vocab(logits.shape[-1])
     lse = _logsumexp(logits, vocab)
     logprob = jnp.take_along_axis(logits, ids[..., None], axis=-1)[..., 0] - lse
     shown = logits.at[..., jnp.asarray(never, jnp.int32)].set(-jnp.inf) if never else logits
@@ -170,12 +170,12 @@ def sample(logits, rows: SamplingRows, positions, *, top_k: int = 5,
     shards, row_shards = (mesh.shape[axis], mesh.shape[row_axis]) if mesh is not None else (1, 1)
     row_axis = row_axis if row_shards > 1 and B % row_shards == 0 else None
     if shards == 1 and row_axis is None:
-        return step(logits, rows, positions, vocab=_Vocab(V))
+        return step(logits, rows, positions, vocab=Vocab(V))
     if V % shards:
         raise ValueError(f"the {axis} axis ({shards}) must divide the vocabulary ({V})")
     # Rows split over `data` run under shard_map too: left to the partitioner, lax.top_k and
     # the per-row slow paths gathered every row's [V] onto every device.
-    vocab = _Vocab(V, V // shards, axis if shards > 1 else None, row_axis)
+    vocab = Vocab(V, V // shards, axis if shards > 1 else None, row_axis)
     per_row, per_token = P(row_axis), P(row_axis, axis)
     row_specs = SamplingRows(temperature=per_row, top_p=per_row, presence=per_row, frequency=per_row,
                              bias=per_token, counts=per_token, num_logprobs=per_row, key=P(row_axis, None))
@@ -189,122 +189,7 @@ def sample(logits, rows: SamplingRows, positions, *, top_k: int = 5,
                          check_vma=False)(logits, rows, positions)
 
 
-@dataclasses.dataclass(frozen=True)
-class _Vocab:
-    """The last axis of a call's [B, V] arrays: the whole vocabulary, or (inside shard_map)
-    this device's columns `offset .. offset + local` of it.
-
-    Each method is a reduction over the vocabulary written once for both cases: on the whole
-    axis, plain jnp; on a shard, the local reduction and one small collective over `axis`.
-    A lax.cond whose branches hold a collective takes its predicate from `any`, which agrees
-    on every device (reduced over the row shards as well), so all of them take the branch.
-    """
-
-    size: int  # V
-    local: Optional[int] = None  # columns held here (V when whole)
-    axis: Optional[str] = None  # the mesh axis V is split over; None: whole
-    row_axis: Optional[str] = None  # the mesh axis rows are split over, if any
-
-    @property
-    def width(self) -> int:
-        return self.local or self.size
-
-    @property
-    def offset(self):
-        """Global id of local column 0: 0, or i32[] on a shard."""
-        return 0 if self.axis is None else lax.axis_index(self.axis) * self.width
-
-    def ids(self, shape, dtype=jnp.int32):
-        """Global token ids along the last axis of `shape`."""
-        iota = lax.broadcasted_iota(dtype, shape, len(shape) - 1)
-        return iota if self.axis is None else iota + self.offset.astype(dtype)
-
-    def max(self, x):
-        m = jnp.max(x, axis=-1)
-        return m if self.axis is None else lax.pmax(m, self.axis)
-
-    def min(self, x):
-        m = jnp.min(x, axis=-1)
-        return m if self.axis is None else lax.pmin(m, self.axis)
-
-    def sum(self, x):
-        total = jnp.sum(x, axis=-1)
-        return total if self.axis is None else lax.psum(total, self.axis)
-
-    def any(self, pred):
-        """bool[]: pred anywhere, on every device alike."""
-        hit = jnp.any(pred)
-        axes = tuple(a for a in (self.row_axis, self.axis) if a is not None)
-        return lax.pmax(hit.astype(jnp.int32), axes) > 0 if axes else hit
-
-    def take(self, x, ids):
-        """x [B, V], global ids i32[B, J] -> x[b, ids[b, j]]: f32[B, J], exactly (one shard
-        holds each entry; the others offer -inf to a max)."""
-        if self.axis is None:
-            return jnp.take_along_axis(x, ids, axis=-1)
-        local = ids - self.offset
-        held = (local >= 0) & (local < self.width)
-        got = jnp.take_along_axis(x, jnp.clip(local, 0, self.width - 1), axis=-1)
-        return lax.pmax(jnp.where(held, got, -jnp.inf), self.axis)
-
-    def top_k(self, x, k: int):
-        """The k largest of x [B, V] and their global ids, ties by lower id (lax.top_k's
-        order): each shard's own top k, gathered ([B, shards * k]) and merged. Gathered in
-        shard order, equal values keep lower ids first, so the merge is exact."""
-        values, ids = lax.top_k(x, min(k, self.width))
-        if self.axis is None:
-            return values, ids.astype(jnp.int32)
-        ids = ids.astype(jnp.int32) + self.offset
-        values = lax.all_gather(values, self.axis, axis=x.ndim - 1, tiled=True)
-        ids = lax.all_gather(ids, self.axis, axis=x.ndim - 1, tiled=True)
-        values, pick = lax.top_k(values, k)
-        return values, jnp.take_along_axis(ids, pick, axis=-1)
-
-    def gather(self, x):
-        """x [B, V] whole on every device (the sort fallback only: one row)."""
-        return x if self.axis is None else lax.all_gather(x, self.axis, axis=x.ndim - 1, tiled=True)
-
-    def blocks(self, x):
-        """x [B, V] -> (x3 f32[B, nb, BLOCK], first): this device's columns on the global grid
-        of BLOCK-token blocks, -inf where it holds nothing; x3[:, j] is global block first + j.
-        Shards need not start on a block boundary (50304 / 8 = 49.125 blocks): a block may
-        straddle two shards, each holding part of it."""
-        B = x.shape[0]
-        if self.axis is None or self.width % BLOCK == 0:
-            nb = -(-self.width // BLOCK)
-            if nb * BLOCK != self.width:  # whole blocks: padding is -inf, weight 0, never drawn
-                x = jnp.pad(x, ((0, 0), (0, nb * BLOCK - self.width)), constant_values=-jnp.inf)
-            return x.reshape(B, nb, BLOCK), (0 if self.axis is None else self.offset // BLOCK)
-        nb = -(-(self.width + BLOCK - 1) // BLOCK)  # covers any start within a block
-        lead = self.offset % BLOCK
-        grid = jnp.full((B, nb * BLOCK), -jnp.inf, x.dtype)
-        grid = lax.dynamic_update_slice(grid, x, (jnp.int32(0), lead))
-        return grid.reshape(B, nb, BLOCK), self.offset // BLOCK
-
-    def block_sums(self, part, first):
-        """Per-block sums f32[B, nb] of this device's blocks (global blocks first..) -> the
-        global f32[B, size / BLOCK]: each shard places its own and the shards' are added."""
-        if self.axis is None:
-            return part
-        B, nb = part.shape
-        grid = jnp.zeros((B, -(-self.size // BLOCK)), part.dtype)  # the last shard's spare blocks: dropped
-        return lax.psum(grid.at[:, first + jnp.arange(nb)].add(part, mode="drop"), self.axis)
-
-    def pieces(self, x):
-        """The whole of an array that each shard holds part of, zeros elsewhere: a sum, exact
-        (every entry is one shard's value plus zeros)."""
-        return x if self.axis is None else lax.psum(x, self.axis)
-
-    def add_one(self, counts, tokens):
-        """counts i32[B, V] with counts[b, tokens[b]] += 1 (in place when donated)."""
-        B = counts.shape[0]
-        if self.axis is not None:
-            local = tokens - self.offset
-            tokens = jnp.where((local >= 0) & (local < self.width), local, self.width)  # past the end: dropped
-        return counts.at[jnp.arange(B), tokens].add(1, mode="drop")
-
-
-def _sample(logits, rows: SamplingRows, positions, *, vocab: _Vocab, top_k: int, nucleus_k: int,
+def _sample(logits, rows: SamplingRows, positions, *, vocab: Vocab, top_k: int, nucleus_k: int,
             tries: int):
     """`sample` on one device's block of rows and (with a split vocabulary) of columns."""
     B = logits.shape[0]
@@ -356,7 +241,7 @@ def processed_logits(logits, rows: SamplingRows):
                     lambda: logits + rows.bias)
 
 
-def _first_index_of(x, value, vocab: _Vocab):
+def _first_index_of(x, value, vocab: Vocab):
     """First index along the last axis where x == value [..., 1]: i32[...]; with the row max,
     the argmax. XLA:CPU runs jnp.argmax's (value, index) reduction unvectorised, about 3x
     slower than this float min; the float iota is exact for V < 2**24."""
@@ -364,14 +249,14 @@ def _first_index_of(x, value, vocab: _Vocab):
     return vocab.min(jnp.where(x == value, iota, jnp.inf)).astype(jnp.int32)
 
 
-def _logsumexp(logits, vocab: _Vocab):
+def _logsumexp(logits, vocab: Vocab):
     """f32[..., V] -> f32[...]; -inf entries contribute nothing."""
     m = vocab.max(logits)[..., None]
     m = jnp.where(jnp.isfinite(m), m, 0.0)  # an all -inf row gives -inf, not NaN
     return jnp.log(vocab.sum(jnp.exp(logits - m))) + m[..., 0]
 
 
-def _top_logprobs(logits, lse, k: int, vocab: _Vocab):
+def _top_logprobs(logits, lse, k: int, vocab: Vocab):
     if k == 0:
         shape = logits.shape[:-1] + (0,)
         return jnp.zeros(shape, jnp.int32), jnp.zeros(shape, jnp.float32)
@@ -379,7 +264,7 @@ def _top_logprobs(logits, lse, k: int, vocab: _Vocab):
     return ids, values - lse[..., None]
 
 
-def _sample_rows(x, x_max, rows: SamplingRows, step_keys, nucleus_k: int, tries: int, vocab: _Vocab):
+def _sample_rows(x, x_max, rows: SamplingRows, step_keys, nucleus_k: int, tries: int, vocab: Vocab):
     """Token i32[B] for the rows with temperature > 0, from processed logits x [B, V] and
     their row max x_max [B, 1].
 
@@ -435,7 +320,7 @@ def _weight(v, x_max, inv_t):
     return jnp.exp((v - x_max) * inv_t)
 
 
-def _rejection_row(token, x, x_max, inv_t, block_mass, mass, u, vocab: _Vocab):
+def _rejection_row(token, x, x_max, inv_t, block_mass, mass, u, vocab: Vocab):
     """A draw from one row's nucleus when the prefilter could not find it: i32[].
 
     x [1, V], x_max, inv_t, mass [1, 1], block_mass [1, V / BLOCK], u [R+1, 2]. Candidates
@@ -480,7 +365,7 @@ def _sorted_draw(x, x_max, inv_t, mass, u):
     return _nucleus_draw(_weight(-neg, x_max, inv_t), ids, mass, u[:, 0])[0]
 
 
-def _draw(x, x_max, inv_t, block_mass, u, vocab: _Vocab):
+def _draw(x, x_max, inv_t, block_mass, u, vocab: Vocab):
     """Inverse-CDF draw from the weights exp((x - x_max) / T), x [B, V], with block sums
     block_mass [B, V / BLOCK]: u [B, 2] holds one uniform to pick a block in proportion to
     its mass, one to pick a token inside it. -> i32[B]. On a split vocabulary every shard
