@@ -2,7 +2,9 @@
 
 Handlers only translate: authorize, read the JSON body, let `protocol` validate it into
 engine Requests, hand them to the bridge (bridge.py: the engine thread <-> asyncio) and
-return what it formats (responses.py). Nothing here knows about models.
+return what it formats (responses.py). Nothing here knows about models. vLLM's `/tokenize`
+and `/detokenize` involve no engine work: `protocol` validates and encodes, and the handler
+shapes the tokenizer's answer.
 
 Loading. With a `loader` the app starts listening at once and loads and warms up the
 model in a background thread: `/health` answers 503 until the engine is ready (200 after),
@@ -173,12 +175,18 @@ async def _read_body(request: HTTPRequest, limit: int, timeout: float) -> bytes:
 # ----------------------------------------------------------------------------- handlers
 
 
-async def _generation(request: HTTPRequest, parse) -> Response:
-    """Authorize, read and validate the body with `parse`, then run it on the engine."""
+async def _accept(request: HTTPRequest) -> tuple[ServerState, bytes]:
+    """What every body-taking route does first: 401 without the key, 503 while the model
+    loads, then the raw body (415, 413, 408)."""
     st = _state(request)
     _authorize(request, st)
     st.ready_engine()
-    raw = await _read_body(request, st.options.max_body_bytes, st.options.body_timeout)
+    return st, await _read_body(request, st.options.max_body_bytes, st.options.body_timeout)
+
+
+async def _generation(request: HTTPRequest, parse) -> Response:
+    """Authorize, read and validate the body with `parse`, then run it on the engine."""
+    st, raw = await _accept(request)
     deployment = request.path_params.get("deployment")
     # JSON parsing and tokenising (a 4 MB prompt takes a good part of a second) run in a worker
     # thread, so the event loop keeps serving every other stream meanwhile.
@@ -196,6 +204,32 @@ async def completions(request: HTTPRequest) -> Response:
 async def chat_completions(request: HTTPRequest) -> Response:
     """POST /v1/chat/completions and /openai/deployments/{deployment}/chat/completions."""
     return await _generation(request, protocol.parse_chat)
+
+
+async def tokenize(request: HTTPRequest) -> Response:
+    """POST /tokenize (vLLM's): a prompt, or a conversation in the chat template, -> token ids."""
+    st, raw = await _accept(request)
+    info = st.info
+
+    def answer() -> Response:  # BPE over a 4 MB body, and its JSON, take a worker thread
+        ids, with_strs = protocol.parse_tokenize(protocol.parse_json(raw), info)
+        strs = [info.tokenizer.token_str(t) for t in ids] if with_strs else None
+        return json_response({"count": len(ids), "max_model_len": info.context_length, "tokens": ids,
+                              "token_strs": strs})
+
+    return await asyncio.to_thread(answer)
+
+
+async def detokenize(request: HTTPRequest) -> Response:
+    """POST /detokenize (vLLM's): token ids -> their text."""
+    st, raw = await _accept(request)
+    info = st.info
+
+    def answer() -> Response:
+        ids = protocol.parse_detokenize(protocol.parse_json(raw), info)
+        return json_response({"prompt": info.tokenizer.decode(ids)})
+
+    return await asyncio.to_thread(answer)
 
 
 async def list_models(request: HTTPRequest) -> Response:
@@ -327,6 +361,10 @@ def create_app(engine=None, *, served_model_name: str, loader: Optional[Callable
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/v1/models/{model:path}", get_model, methods=["GET"]),
+        Route("/tokenize", tokenize, methods=["POST"]),  # vLLM's paths, and under /v1 as well
+        Route("/detokenize", detokenize, methods=["POST"]),
+        Route("/v1/tokenize", tokenize, methods=["POST"]),
+        Route("/v1/detokenize", detokenize, methods=["POST"]),
         Route("/openai/deployments/{deployment}/completions", completions, methods=["POST"]),
         Route("/openai/deployments/{deployment}/chat/completions", chat_completions, methods=["POST"]),
         Route("/health", health, methods=["GET"]),

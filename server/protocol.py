@@ -23,6 +23,10 @@ writing the user's next turn:
     Assistant:
 
 ("developer" messages render as "System"; the reply's leading whitespace is dropped.)
+
+vLLM's `/tokenize` and `/detokenize` are validated here too (`parse_tokenize`,
+`parse_detokenize`): text is encoded by the same `tokenizer.encode` as a completions prompt,
+and a conversation is rendered by the same `chat_prompt` as a chat request.
 """
 
 from __future__ import annotations
@@ -175,6 +179,32 @@ class ChatBody(_SamplingFields):
     top_logprobs: Optional[NonNegInt] = None
 
 
+class TokenizeBody(_Body):
+    """vLLM's TokenizeCompletionRequest."""
+
+    model: Optional[str] = None  # optional (vLLM's); when given, the served model's name
+    prompt: str
+    add_special_tokens: bool = True  # GPT-2 has no BOS token: there is nothing to add either way
+    return_token_strs: Optional[bool] = False
+
+
+class TokenizeChatBody(_Body):
+    """vLLM's TokenizeChatRequest, with the fields a plain-text template has."""
+
+    model: Optional[str] = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    add_generation_prompt: bool = True  # the open "Assistant:" turn the chat route ends with
+    add_special_tokens: bool = False
+    return_token_strs: Optional[bool] = False
+
+
+class DetokenizeBody(_Body):
+    """vLLM's DetokenizeRequest."""
+
+    model: Optional[str] = None
+    tokens: list[int]  # strict: true is not token 1
+
+
 # ----------------------------------------------------------------------------- what a request becomes
 
 
@@ -187,7 +217,7 @@ class ModelInfo:
     context_length: int
     fim: bool
     limits: Limits
-    tokenizer: Any  # encode(text) -> ids, token_bytes(id)
+    tokenizer: Any  # pgpt_jax.tokenizer.Tokenizer: encode, decode, token_bytes, token_str, vocab_size
 
 
 @dataclasses.dataclass
@@ -259,10 +289,11 @@ def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)  # JSON true is not token 1
 
 
-def _token_ids(ids: list[int], info: ModelInfo, param: str) -> list[int]:
+def _token_ids(ids: list[int], info: ModelInfo, param: str, vocab: Optional[int] = None) -> list[int]:
+    vocab = info.vocab_size if vocab is None else vocab
     for t in ids:
-        if not 0 <= t < info.vocab_size:
-            raise invalid(f"Token id {t} in '{param}' is outside the vocabulary [0, {info.vocab_size}).", param=param)
+        if not 0 <= t < vocab:
+            raise invalid(f"Token id {t} in '{param}' is outside the vocabulary [0, {vocab}).", param=param)
     return list(ids)
 
 
@@ -360,13 +391,14 @@ def parse_completion(data: Any, info: ModelInfo, deployment: Optional[str] = Non
     return Job("completion", model, requests, n=n, stream=stream, include_usage=include_usage)
 
 
-def chat_prompt(messages: list[ChatMessage]) -> str:
-    """The plain-text template of the module docstring."""
+def chat_prompt(messages: list[ChatMessage], add_generation_prompt: bool = True) -> str:
+    """The plain-text template of the module docstring (without the open assistant turn when
+    `add_generation_prompt` is false: /tokenize's option)."""
     parts = []
     for m in messages:
         content = m.content if isinstance(m.content, str) else "".join(p.text for p in m.content or [])
         parts.append(f"{CHAT_ROLES[m.role]}: {content.strip()}\n\n")
-    return "".join(parts) + "Assistant:"
+    return "".join(parts) + ("Assistant:" if add_generation_prompt else "")
 
 
 def _chat_stops(stop: Union[None, str, list[str]], limits: Limits) -> list[str]:
@@ -399,6 +431,35 @@ def parse_chat(data: Any, info: ModelInfo, deployment: Optional[str] = None) -> 
         logit_bias=_logit_bias(body.logit_bias, info), seed=body.seed, stream=stream,
     )
     return Job("chat", model, [request], n=n, stream=stream, include_usage=include_usage, top_logprobs=top)
+
+
+def parse_tokenize(data: Any, info: ModelInfo) -> tuple[list[int], bool]:
+    """A /tokenize body -> (token ids, whether the answer lists the tokens' strings).
+
+    `prompt` is encoded as a completions prompt is, `messages` as the chat route renders
+    them; `model` is optional, and checked when given.
+    """
+    body: Union[TokenizeBody, TokenizeChatBody]
+    if isinstance(data, dict) and "messages" in data:
+        if "prompt" in data:
+            raise invalid("Give either 'prompt' or 'messages', not both.", param="messages")
+        body = _validate(TokenizeChatBody, data)
+        text = chat_prompt(body.messages, body.add_generation_prompt)
+    else:
+        body = _validate(TokenizeBody, data)
+        text = body.prompt
+    if body.model is not None:
+        _check_model(body.model, info, None)  # before tokenising: a wrong model costs no BPE work
+    return info.tokenizer.encode(text), bool(body.return_token_strs)
+
+
+def parse_detokenize(data: Any, info: ModelInfo) -> list[int]:
+    """A /detokenize body -> its token ids, each one the tokenizer can decode."""
+    body: DetokenizeBody = _validate(DetokenizeBody, data)
+    if body.model is not None:
+        _check_model(body.model, info, None)
+    # A checkpoint may pad its vocabulary past the tokenizer's (50304 rows): those ids have no text.
+    return _token_ids(body.tokens, info, "tokens", vocab=min(info.vocab_size, info.tokenizer.vocab_size))
 
 
 def parse_json(raw: bytes) -> Any:
