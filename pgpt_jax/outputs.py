@@ -4,8 +4,8 @@ One `RequestOutput` per engine request holds the output side of its choices (`be
 candidates): each token the device samples goes through `add_token`, which detokenizes it
 incrementally (never half a UTF-8 character), cuts the text at the first stop string it
 completes (across token boundaries too), and records the token's raw logprob, its top
-alternatives and its character offset. Streaming requests take `deltas()`: the text and
-logprobs not sent yet, holding back any tail that could still grow into a stop string.
+alternatives and its character offset. Streaming requests take `deltas()`: the text, token
+ids and logprobs not sent yet, holding back any tail that could still grow into a stop string.
 At the end, `result()` ranks best_of candidates and builds the OpenAI-shaped choices.
 
 Plain Python over token ids and numbers: no JAX and no device. The engine decides when a
@@ -34,7 +34,7 @@ class ChoiceOutput:
     offsets: list = dataclasses.field(default_factory=list)  # char offset of each token in text
     lps: list = dataclasses.field(default_factory=list)
     tops: list = dataclasses.field(default_factory=list)
-    sent_tokens: int = 0  # logprob entries already streamed
+    sent_tokens: int = 0  # tokens already streamed (their ids, and logprobs when asked for)
     generated: int = 0  # every sampled token, EOS included
     logprob_sum: float = 0.0
     finish: Optional[str] = None  # "stop" | "length" | "abort"
@@ -180,18 +180,21 @@ class RequestOutput:
             if end > c.sent:
                 text += c.text[c.sent:end]
                 c.sent = end
-            if want_lp:
-                # offsets ascend: bisect keeps a long stream's per-step work constant.
-                n_tok = bisect.bisect_left(c.offsets, end) if c.finish is None else len(c.token_ids)
-                if n_tok > c.sent_tokens:
+            # The tokens whose text starts before `end` go with it (every token once finished);
+            # offsets ascend: bisect keeps a long stream's per-step work constant.
+            n_tok = bisect.bisect_left(c.offsets, end) if c.finish is None else len(c.token_ids)
+            ids = []
+            if n_tok > c.sent_tokens:
+                ids = c.token_ids[c.sent_tokens:n_tok]
+                if want_lp:
                     lp = lp or Logprobs()
                     lp.extend(self._logprobs_slice(c, c.sent_tokens, n_tok))
-                    c.sent_tokens = n_tok
+                c.sent_tokens = n_tok
             finished_now = c.finish is not None and not c.final_sent
-            if text or (lp is not None and lp.tokens) or finished_now:
+            if text or ids or (lp is not None and lp.tokens) or finished_now:
                 c.final_sent = c.final_sent or finished_now
                 out.append(Delta(index=c.index, text=text, logprobs=lp,
-                                 finish_reason=c.finish if finished_now else None))
+                                 finish_reason=c.finish if finished_now else None, token_ids=ids))
         return out
 
     def result(self) -> Result:

@@ -99,12 +99,17 @@ class Logprobs:
 
 @dataclasses.dataclass
 class Delta:
-    """A streamed piece of one choice. finish_reason is set on the choice's last delta."""
+    """A streamed piece of one choice. finish_reason is set on the choice's last delta.
+
+    token_ids are the completion tokens whose text this delta releases (never the echoed
+    prompt's): a choice's deltas concatenate to its Choice.token_ids.
+    """
 
     index: int  # choice index within the request, 0..n-1
     text: str
     logprobs: Optional[Logprobs] = None
     finish_reason: Optional[str] = None
+    token_ids: list[int] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass

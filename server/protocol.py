@@ -145,6 +145,7 @@ class _SamplingFields(_Body):
     logit_bias: Optional[dict[str, Annotated[float, Field(ge=-100, le=100)]]] = None
     user: Optional[str] = None
     seed: Optional[Seed] = None
+    return_token_ids: Optional[bool] = None  # vLLM's: prompt and completion token ids in the answer
 
 
 class CompletionBody(_SamplingFields):
@@ -231,6 +232,7 @@ class Job:
     stream: bool
     include_usage: bool
     top_logprobs: Optional[int] = None  # chat: entries per token in logprobs.content[].top_logprobs
+    return_token_ids: bool = False  # vLLM's: prompt_token_ids and token_ids in the answer
     id: str = ""
     created: int = 0
 
@@ -388,7 +390,8 @@ def parse_completion(data: Any, info: ModelInfo, deployment: Optional[str] = Non
             requests.append(Request(prompt=fim_prompt(ids, suffix_ids, info.fim), echo_prompt=ids, **common))
         else:
             requests.append(Request(prompt=ids, **common))
-    return Job("completion", model, requests, n=n, stream=stream, include_usage=include_usage)
+    return Job("completion", model, requests, n=n, stream=stream, include_usage=include_usage,
+               return_token_ids=bool(body.return_token_ids))
 
 
 def chat_prompt(messages: list[ChatMessage], add_generation_prompt: bool = True) -> str:
@@ -430,7 +433,8 @@ def parse_chat(data: Any, info: ModelInfo, deployment: Optional[str] = None) -> 
         presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
         logit_bias=_logit_bias(body.logit_bias, info), seed=body.seed, stream=stream,
     )
-    return Job("chat", model, [request], n=n, stream=stream, include_usage=include_usage, top_logprobs=top)
+    return Job("chat", model, [request], n=n, stream=stream, include_usage=include_usage, top_logprobs=top,
+               return_token_ids=bool(body.return_token_ids))
 
 
 def parse_tokenize(data: Any, info: ModelInfo) -> tuple[list[int], bool]:
