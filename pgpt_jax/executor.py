@@ -73,14 +73,14 @@ class Executor:
 
     def run(self, op) -> Any:
         """Runs one op; returns what process 0 reads of it (device arrays, not waited for):
-        Prefill -> (prompt logprobs, top ids, top logprobs), Place -> the first token's
+        Prefill -> (prompt logprobs, top ids, top logprobs, ranks), Place -> the first token's
         (token, logprob, top ids, top logprobs), Decode -> the same over [steps, rows]."""
         if isinstance(op, Prefill):
-            cache, last, lp, top_ids, top_lps = programs.prefill(
+            cache, last, *prompt_logprobs = programs.prefill(
                 self.graphdef, self.params, self.head, op.tokens, op.lengths,
                 want_logprobs=op.want_logprobs, top_k=self.top_k, mesh=self.mesh)
             self.prefills[op.pid] = (cache, last)
-            return lp, top_ids, top_lps
+            return tuple(prompt_logprobs)
         if isinstance(op, Place):
             cache, last = self.prefills[op.pid]
             self.state = programs.insert(self.state, cache, np.int32(op.index), np.int32(op.slot), mesh=self.mesh)

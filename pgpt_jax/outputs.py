@@ -53,6 +53,7 @@ class RequestOutput:
         self.prompt_text = prompt_text if request.echo else ""  # what echo returns before the completion
         self.prompt_chars = len(prompt_text)  # completion text_offsets start here
         self.prompt_logprobs: Optional[Logprobs] = None  # echo with logprobs, built once
+        self.vllm_prompt_logprobs: Optional[list] = None  # vLLM's prompt_logprobs, built once
         self.choices = [ChoiceOutput(i, IncrementalDetokenizer(tokenizer)) for i in range(request.candidates)]
 
     @property
@@ -65,13 +66,15 @@ class RequestOutput:
 
     # ------------------------------------------------------------------ tokens in
 
-    def set_prompt_logprobs(self, lp, top_ids, top_lps) -> None:
-        """Echo logprobs of the prompt from a prefill's f32[T-1], i32[T-1, K], f32[T-1, K]:
-        the first token's are null (nothing predicts it)."""
+    def set_prompt_logprobs(self, lp, top_ids, top_lps, ranks=None) -> None:
+        """The prompt's logprobs from a prefill's f32[T-1], i32[T-1, K], f32[T-1, K], i32[T-1]:
+        echo's (legacy shape) and vLLM's `prompt_logprobs`, each as the request asks. The
+        first token's are null (nothing predicts it). `ranks` is needed only for prompt_logprobs."""
         r = self.request
         ids = r.echo_prompt if r.echo_prompt is not None else r.prompt
         first = 1 if r.echo_prompt is not None else 0  # a FIM prompt: the user's tokens follow <|fim_prefix|>
         out, offset = Logprobs(), 0
+        vllm: list[Optional[dict]] = []
         for i, tok in enumerate(ids):
             out.tokens.append(self.tokenizer.token_str(tok))
             out.text_offset.append(offset)
@@ -79,11 +82,29 @@ class RequestOutput:
             if i == 0:
                 out.token_logprobs.append(None)
                 out.top_logprobs.append(None)
+                vllm.append(None)
             else:
                 out.token_logprobs.append(float(lp[j]))
                 out.top_logprobs.append(self._top_dict(tok, float(lp[j]), top_ids[j], top_lps[j]))
+                if r.prompt_logprobs is not None:
+                    vllm.append(self._vllm_entry(tok, float(lp[j]), int(ranks[j]), top_ids[j], top_lps[j]))
             offset += len(self.tokenizer.decode([tok]))
-        self.prompt_logprobs = out
+        if r.echo and r.logprobs is not None:
+            self.prompt_logprobs = out
+        if r.prompt_logprobs is not None:
+            self.vllm_prompt_logprobs = vllm
+
+    def _vllm_entry(self, tok: int, tok_lp: float, rank: int, top_ids, top_lps) -> dict:
+        """vLLM's entry for one prompt token: the token itself (first), then the top
+        `request.prompt_logprobs`, keyed by token id as a string; the top's ranks are 1..k."""
+        def one(t: int, v: float, rk: int) -> dict:
+            return {"logprob": v, "rank": rk, "decoded_token": self.tokenizer.decode([t])}
+
+        d = {str(tok): one(tok, tok_lp, rank)}
+        k = self.request.prompt_logprobs
+        for i, (t, v) in enumerate(zip(top_ids[:k], top_lps[:k])):
+            d.setdefault(str(int(t)), one(int(t), float(v), i + 1))
+        return d
 
     def add_token(self, c: ChoiceOutput, tok: int, lp: float, top_ids, top_lps) -> None:
         """One sampled token of choice `c` with its raw logprob and top K; may finish `c`."""
@@ -213,4 +234,5 @@ class RequestOutput:
                 lp.extend(self._logprobs_slice(c, 0, len(c.token_ids)))
             choices.append(Choice(index=i, text=self.prompt_text + c.text, token_ids=list(c.token_ids),
                                   finish_reason=c.finish or "length", logprobs=lp))
-        return Result(choices=choices, prompt_tokens=len(r.prompt), completion_tokens=self.generated)
+        return Result(choices=choices, prompt_tokens=len(r.prompt), completion_tokens=self.generated,
+                      prompt_logprobs=self.vllm_prompt_logprobs)

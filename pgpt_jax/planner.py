@@ -3,8 +3,8 @@
 Each iteration the planner takes the registry's new requests, aborts and expired deadlines;
 starts the new requests (their output side; their choices wait for slots holding only token
 ids); asks the scheduler which waiting choices get which free slots; prefills the requests
-that get their first slot (one `Prefill` per group of same-bucket prompts; echo with
-logprobs alone) and places each choice (`Place`); and shapes the decode of the occupied
+that get their first slot (one `Prefill` per group of same-bucket prompts; a request that
+wants prompt logprobs alone) and places each choice (`Place`); and shapes the decode of the occupied
 slots (`Decode`). The result is the ops (`executor.py`) and, for each, what process 0 does
 with its outputs (`meta`); in a multi-host run the ops are all that the other processes see.
 
@@ -70,7 +70,7 @@ class Planner:
                                      context_length=self.context_length)
         if entry.output.max_new > 0:
             self.scheduler.waiting.extend((entry, c) for c in entry.output.choices)
-        elif r.echo and r.logprobs is not None:
+        elif r.wants_prompt_logprobs:
             self.prefills([entry], True, ops, meta)  # the prompt's logprobs are the answer
         else:  # max_tokens 0: the prompt is the whole answer; no slot, no device
             entry.output.end("length")
@@ -96,7 +96,7 @@ class Planner:
     def _admissions(self, ops: list, meta: list) -> None:
         admitted = list(self.scheduler.admissions(done=lambda e: e.done))
         fresh = list(dict.fromkeys(e for e, _, _ in admitted if e.prefix is None))
-        echo = [e for e in fresh if e.request.echo and e.request.logprobs is not None]
+        echo = [e for e in fresh if e.request.wants_prompt_logprobs]
         self.prefills(echo, True, ops, meta)  # alone: logits at every prompt position
         self.prefills([e for e in fresh if e not in echo], False, ops, meta)
         for entry, choice, slot in admitted:

@@ -186,8 +186,9 @@ def prefill(graphdef, params, head, tokens, true_len, *, want_logprobs: bool, to
 
     Returns (cache: per layer ([B, N, T, H], [B, N, T, H]), last_logits f32[B, V],
     prompt logprobs f32[T-1] of row 0's tokens 1..T-1, top ids i32[T-1, K], top logprobs
-    f32[T-1, K]); the prompt-logprob arrays are empty unless `want_logprobs` (then B is 1:
-    logits for every prompt position are the costly part of echo). Prompts that arrive
+    f32[T-1, K], ranks i32[T-1] of those tokens (`sampling.token_ranks`)); the prompt-logprob
+    arrays are empty unless `want_logprobs` (then B is 1: logits for every prompt position
+    are the costly part of echo and prompt_logprobs). Prompts that arrive
     together share one call: B rows of T tokens make one [B*T, D] matmul per weight.
     """
     model = nnx.merge(graphdef, params)
@@ -199,15 +200,16 @@ def prefill(graphdef, params, head, tokens, true_len, *, want_logprobs: bool, to
     if want_logprobs:
         logits = model.logits(hidden[0, :-1], head)  # [T-1, V]: predicts tokens 1..T-1
         lp, top_ids, top_lps = sampling.logprobs_of(logits, tokens[0, 1:], top_k, model.config.never_emitted)
+        ranks = sampling.token_ranks(logits, tokens[0, 1:], model.config.never_emitted)
     else:
-        lp = jnp.zeros((0,), jnp.float32)
+        lp, ranks = jnp.zeros((0,), jnp.float32), jnp.zeros((0,), jnp.int32)
         top_ids, top_lps = jnp.zeros((0, top_k), jnp.int32), jnp.zeros((0, top_k), jnp.float32)
     if mesh is not None:
         cache = jax.lax.with_sharding_constraint(
             cache, NamedSharding(mesh, PartitionSpec(None, "model", None, None)))
-        last_logits, lp, top_ids, top_lps = jax.lax.with_sharding_constraint(
-            (last_logits, lp, top_ids, top_lps), sharding.replicated(mesh))
-    return cache, last_logits, lp, top_ids, top_lps
+        last_logits, lp, top_ids, top_lps, ranks = jax.lax.with_sharding_constraint(
+            (last_logits, lp, top_ids, top_lps, ranks), sharding.replicated(mesh))
+    return cache, last_logits, lp, top_ids, top_lps, ranks
 
 
 @_program(static_argnames=("mesh",), donate_argnums=(0,))

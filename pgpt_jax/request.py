@@ -65,6 +65,13 @@ class Request:
     seed: Optional[int] = None  # None: a random seed
     stream: bool = False  # deltas are delivered as they are produced
     echo_prompt: Optional[list[int]] = None  # tokens echo returns, when not `prompt` (suffix)
+    prompt_logprobs: Optional[int] = None  # vLLM's: None, or 0..cap top entries per prompt token
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        """Whether the prefill computes logprobs at every prompt position (echo with logprobs,
+        or vLLM's prompt_logprobs)."""
+        return (self.echo and self.logprobs is not None) or self.prompt_logprobs is not None
 
     @property
     def candidates(self) -> int:
@@ -126,6 +133,9 @@ class Result:
     choices: list[Choice]
     prompt_tokens: int
     completion_tokens: int  # every generated token, best_of candidates included
+    # vLLM's prompt_logprobs, when asked for: per prompt token (echo_prompt's, with a suffix)
+    # None for the first, then {"token id": {"logprob", "rank", "decoded_token"}}.
+    prompt_logprobs: Optional[list[Optional[dict[str, dict]]]] = None
 
 
 class RequestError(ValueError):
@@ -200,6 +210,11 @@ def validate(request: Request, limits: Limits, vocab_size: int, context_length: 
         raise RequestError("Cannot stream results when best_of is greater than n.", "stream")
     if r.logprobs is not None and not 0 <= r.logprobs <= limits.max_logprobs:
         raise RequestError(f"logprobs must be between 0 and {limits.max_logprobs}.", "logprobs")
+    if r.prompt_logprobs is not None:
+        if not (_is_int(r.prompt_logprobs) and 0 <= r.prompt_logprobs <= limits.max_logprobs):
+            raise RequestError(f"prompt_logprobs must be between 0 and {limits.max_logprobs}.", "prompt_logprobs")
+        if r.stream:
+            raise RequestError("prompt_logprobs is not available when streaming.", "prompt_logprobs")
     if not 0 <= r.temperature <= 2:
         raise RequestError("temperature must be between 0 and 2.", "temperature")
     if not 0 <= r.top_p <= 1:

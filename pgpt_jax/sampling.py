@@ -148,6 +148,15 @@ def logprobs_of(logits, ids, k: int, never=()):
     return logprob, top_ids, top_logprobs
 
 
+def token_ranks(logits, ids, never=()):
+    """logits f32[..., V], ids i32[...] -> rank i32[...]: 1 + the number of tokens with a strictly
+    higher logit (so a strictly higher logprob) than `ids`' own. Tokens in `never` (static) do
+    not count, as they never enter `logprobs_of`'s top k; -inf padding never counts."""
+    own = jnp.take_along_axis(logits, ids[..., None], axis=-1)  # [..., 1]
+    shown = logits.at[..., jnp.asarray(never, jnp.int32)].set(-jnp.inf) if never else logits
+    return 1 + jnp.sum(shown > own, axis=-1, dtype=jnp.int32)
+
+
 def sample(logits, rows: SamplingRows, positions, *, top_k: int = 5,
            nucleus_k: int = NUCLEUS_K, rejection_tries: int = REJECTION_TRIES, mesh=None):
     """One step for all rows. logits f32[B, V], positions i32[B] (where the new token goes) ->

@@ -155,6 +155,7 @@ class CompletionBody(_SamplingFields):
     logprobs: Optional[NonNegInt] = None
     echo: Optional[bool] = None
     best_of: Optional[PositiveInt] = None
+    prompt_logprobs: Optional[NonNegInt] = None  # vLLM's: per prompt token, its logprob, rank and top k
 
 
 class TextPart(BaseModel):
@@ -366,6 +367,12 @@ def parse_completion(data: Any, info: ModelInfo, deployment: Optional[str] = Non
     if body.logprobs is not None and body.logprobs > info.limits.max_logprobs:
         raise invalid(f"'logprobs' must be at most {info.limits.max_logprobs} (got {body.logprobs}).",
                       param="logprobs")
+    if body.prompt_logprobs is not None:
+        if body.prompt_logprobs > info.limits.max_logprobs:
+            raise invalid(f"'prompt_logprobs' must be at most {info.limits.max_logprobs} "
+                          f"(got {body.prompt_logprobs}).", param="prompt_logprobs")
+        if stream:
+            raise invalid("'prompt_logprobs' is not available when streaming.", param="prompt_logprobs")
     suffix_ids = None
     if body.suffix:
         if not info.fim:
@@ -379,6 +386,7 @@ def parse_completion(data: Any, info: ModelInfo, deployment: Optional[str] = Non
         n=n, best_of=best_of, logprobs=body.logprobs, echo=bool(body.echo), stop=_stops(body.stop, info.limits),
         presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
         logit_bias=_logit_bias(body.logit_bias, info), seed=body.seed, stream=stream,
+        prompt_logprobs=body.prompt_logprobs,
     )
     requests = []
     prompts = _prompts(body.prompt, info)

@@ -3,8 +3,8 @@
 No HTTP and no validation here: given a `Job` (protocol.py) and the engine's `Result`s and
 `Delta`s, these functions shape what OpenAI would send, for completions and chat alike
 (chat's per-token logprobs, its role on the first chunk, finish_reason on a chunk of its own).
-vLLM's `return_token_ids` adds `prompt_token_ids` and `token_ids` where vLLM puts them; without
-it no key is added.
+vLLM's `return_token_ids` adds `prompt_token_ids` and `token_ids` where vLLM puts them, and its
+`prompt_logprobs` a `prompt_logprobs` list to each completion choice; without them no key is added.
 """
 
 from __future__ import annotations
@@ -65,6 +65,8 @@ def completion_response(job: Job, results: list[Result]) -> dict:
             if job.return_token_ids:
                 choice["prompt_token_ids"] = prompt_token_ids(job, p)
                 choice["token_ids"] = list(c.token_ids)
+            if result.prompt_logprobs is not None:  # vLLM's; the same list for each of a prompt's choices
+                choice["prompt_logprobs"] = result.prompt_logprobs
             choices.append(choice)
     return {"id": job.id, "object": "text_completion", "created": job.created, "model": job.model,
             "choices": choices, "usage": results_usage(results)}

@@ -310,8 +310,10 @@ def _cases():
         out.append((path, {"model": None}, 400, "model"))
         bad(path, "max_tokens", [-1, -BIG, 1.5, 2.0, "5", True, [], {}])
         bad(path, "max_tokens", [10**6, BIG, 2**63, 128], "max_tokens")  # context length
-        for field in ("unknown_field", "max_token", "functions", "tools", "prompt_logprobs"):
+        for field in ("unknown_field", "max_token", "functions", "tools"):
             bad(path, field, [1])
+    bad(CH, "prompt_logprobs", [1])  # vLLM's completions field (test_prompt_logprobs.py); not chat's
+    bad(C, "prompt_logprobs", [-1, 6, 1.5, *wrong_types])
 
     bad(C, "prompt", [5, 1.5, True, {}, {"a": 1}, [], [[]], [1, "a"], ["a", 1], ["a", [1]], [[1], "a"],
                       [[1], []], [-1], [50257], [BIG], [2**63], [1.5], [True], [None], [[1, -5]], [[1, 1.5]],
