@@ -10,18 +10,14 @@ runs on outputs.py directly (the tiny model has no FIM tokens).
 
 import json
 
-import httpx
 import numpy as np
 import pytest
 
-from pgpt_jax.engine import Engine
 from pgpt_jax.model import forward, init_cache
-from pgpt_jax.tokenizer import get_tokenizer
-from server.app import create_app
 from test_outputs import TOK, make
-from test_return_token_ids import completion, post
-from test_server import CONTEXT, MODEL, NO_EOS
-from test_server_helpers import ServerThread, error_of
+from test_return_token_ids import completion, post, small_server
+from test_server import NO_EOS
+from test_server_helpers import error_of
 
 PROMPT = "Once upon a time, in a land far away"
 TOL = 1e-6  # the program's logits and a host forward pass differ by float rounding
@@ -41,15 +37,7 @@ def reference(tiny_model):
 @pytest.fixture(scope="module")
 def srv(tiny_model, reference):
     # `reference` first: its compiles happen before warm-up and are not counted as the server's.
-    # As test_return_token_ids.py's: two slots and one bucket.
-    engine = Engine(tiny_model, get_tokenizer(), slots=2, decode_steps=4, min_bucket=CONTEXT)
-    engine.warmup()
-    compiled = engine.compile_count
-    with ServerThread(create_app(engine, served_model_name=MODEL)) as s:
-        s.http = httpx.Client(base_url=s.base_url, timeout=60)
-        yield s
-        s.http.close()
-    assert engine.compile_count == compiled, "a request shape compiled a new program after warm-up"
+    yield from small_server(tiny_model)
 
 
 def prompt_ids(srv, text: str = PROMPT) -> list[int]:

@@ -27,10 +27,11 @@ CHAT_KEYS = ["index", "message", "logprobs", "finish_reason"]
 RESPONSE_KEYS = ["id", "object", "created", "model", "choices", "usage"]
 
 
-@pytest.fixture(scope="module")
-def srv(tiny_model):
-    # Two slots and one bucket: one prefill, two decode programs (n=2 still runs side by side).
-    engine = Engine(tiny_model, get_tokenizer(), slots=2, decode_steps=4, min_bucket=CONTEXT)
+def small_server(model):
+    """A server on the real engine with the fewest shapes: two slots and one bucket (one
+    prefill, two decode programs; n=2 still runs side by side). Yields it with `.http`, a
+    client; at the end, checks that no request compiled a program after warm-up."""
+    engine = Engine(model, get_tokenizer(), slots=2, decode_steps=4, min_bucket=CONTEXT)
     engine.warmup()
     compiled = engine.compile_count
     with ServerThread(create_app(engine, served_model_name=MODEL)) as s:
@@ -38,6 +39,11 @@ def srv(tiny_model):
         yield s
         s.http.close()
     assert engine.compile_count == compiled, "a request shape compiled a new program after warm-up"
+
+
+@pytest.fixture(scope="module")
+def srv(tiny_model):
+    yield from small_server(tiny_model)
 
 
 def post(srv, path: str, **body) -> httpx.Response:
