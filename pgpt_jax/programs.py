@@ -134,7 +134,7 @@ def init_state(cfg, slots: int, mesh: Optional[Mesh] = None) -> DecodeState:
         )
 
     if mesh is None:
-        return make()
+        return jax.device_put(make(), jax.local_devices()[0])  # committed, as the params (see _zeros_like)
     return jax.jit(make, out_shardings=sharding.state_shardings(jax.eval_shape(make), mesh))()
 
 
@@ -162,8 +162,13 @@ def program_params(model, mesh: Optional[Mesh] = None):
     if jax.default_backend() == "cpu":
         compute = jnp.dtype(model.config.dtype)
         params = jax.tree.map(lambda a: a.astype(compute) if a.dtype.itemsize < compute.itemsize else a, params)
-    if mesh is not None:
-        params = jax.device_put(params, sharding.param_shardings(params, mesh))
+    # Placed (committed) in every case, on the mesh's shardings or on this process's first
+    # device: whether a program's inputs are committed is part of its jit cache key, and
+    # params that were or were not committed depending on where the model came from (a
+    # restored checkpoint is, a freshly initialised model is not) made warm-up's key differ
+    # from serving's.
+    params = jax.device_put(params, sharding.param_shardings(params, mesh) if mesh is not None
+                            else jax.local_devices()[0])
     return graphdef, params, transposed_head(graphdef, params, mesh=mesh)
 
 
@@ -318,7 +323,7 @@ def compile_all(graphdef, params, head, state: DecodeState, *, prefills, echo_bu
                                      np.ones((rows,), np.int32), want_logprobs=kind == "echo",
                                      top_k=top_k, mesh=mesh).compile()
             if kind == "prefill":  # the echo variant's cache has the same shape as the plain one's
-                cache, last, *_ = _zeros_like(compiled.out_info, mesh)
+                cache, last, *_ = _zeros_like(compiled.out_info)
                 state = insert(state, cache, np.int32(0), np.int32(0), mesh=mesh)
                 if rows not in started:
                     started.add(rows)
@@ -333,15 +338,13 @@ def compile_all(graphdef, params, head, state: DecodeState, *, prefills, echo_bu
         bar.close()
 
 
-def _zeros_like(infos, mesh):
-    """Zeros for a tree of ShapeDtypeStructs, placed as the program's results are: on a mesh,
-    each on its sharding (every process its own shards); without one, uncommitted on the
-    default device, as jit returns them when no input was committed. (Committed or not is
-    part of a jit cache key: the wrong one would compile insert again when serving.)"""
+def _zeros_like(infos):
+    """Zeros for a tree of ShapeDtypeStructs, each on its sharding (every process its own
+    shards) and committed, as a program's results are (its params are: `program_params`).
+    Committed or not is part of a jit cache key: the wrong one would compile insert again
+    when serving."""
     def one(info):
         host = np.zeros(info.shape, info.dtype)  # calloc'd: the slices below read no memory
-        if mesh is None:
-            return jax.device_put(host)
         return jax.make_array_from_callback(info.shape, info.sharding, lambda index: host[index])
 
     return jax.tree.map(one, infos)

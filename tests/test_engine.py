@@ -442,3 +442,22 @@ def test_control_tokens_are_refused_as_logit_bias_keys():
     with pytest.raises(RequestError) as e:
         validate(Request(prompt=[1], logit_bias={FIM_SUFFIX: 1.0}), limits, 50260, 128, never=(FIM_SUFFIX,))
     assert e.value.param == "logit_bias"
+
+
+def test_no_recompile_after_warmup_with_params_already_placed():
+    """A model whose params are already committed to a device (as a restored checkpoint's
+    are) warms up the same programs that serving then calls: warm-up's placeholders and the
+    fresh decode state must match serving's arguments in committed-ness, a part of the jit
+    cache key (the embedded model compiled insert, start_row and decode again on its first
+    request when they did not)."""
+    from flax import nnx
+
+    model = init_model("tiny", seed=1)
+    nnx.update(model, jax.device_put(nnx.state(model), jax.devices()[0]))
+    eng = Engine(model, get_tokenizer(), slots=2, decode_steps=2, min_bucket=model.config.n_positions)
+    eng.warmup()
+    count = eng.compile_count
+    for _ in range(2):  # the second runs on the state after a first request
+        results, _ = run(eng, Request(prompt=[5, 6, 7], max_tokens=4, temperature=0.7, seed=1))
+        assert isinstance(results[0], Result)
+    assert eng.compile_count == count
