@@ -283,7 +283,7 @@ class Engine:
         if not self.scheduler.active:
             while self._pending:
                 self._process(self._pending.pop(0))
-        return bool(self._pending or self.scheduler.waiting or self.scheduler.active or self.registry.inbox)
+        return bool(self._pending or self.scheduler.queued or self.scheduler.active or self.registry.inbox)
 
     # ---------------------------------------------------------------- execution (every process)
 
@@ -364,7 +364,7 @@ class Engine:
         touched = {}
         for col, run in owners.items():
             entry, c = run.entry, run.choice
-            if c.finish is not None or entry.done:
+            if c.finish is not None or entry.done or not run.live:
                 continue
             touched[entry.rid] = entry
             try:

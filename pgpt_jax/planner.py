@@ -37,6 +37,7 @@ class Planner:
         self._drops: list[int] = []  # prefills no request needs any more: dropped by the next plan
         self._users: dict[int, int] = {}  # prefill id -> requests that still need it
         self._next_pid = 0
+        self.yielded = 0  # background requests that gave their slots back to interactive work
 
     def plan(self) -> tuple[list, list]:
         """This iteration's ops, and for each what process 0 does with its outputs."""
@@ -66,15 +67,45 @@ class Planner:
     def _start(self, entry: Entry, ops: list, meta: list) -> None:
         """A new request: its output side, then its choices wait for slots (holding only token ids)."""
         r = entry.request
-        entry.output = RequestOutput(r, self.tokenizer, max_new=r.max_new(self.context_length),
-                                     context_length=self.context_length)
+        entry.output = self._output(r)
         if entry.output.max_new > 0:
-            self.scheduler.waiting.extend((entry, c) for c in entry.output.choices)
+            self.scheduler.enqueue(entry, entry.output.choices, background=r.background)
         elif r.wants_prompt_logprobs:
             self.prefills([entry], True, ops, meta)  # the prompt's logprobs are the answer
         else:  # max_tokens 0: the prompt is the whole answer; no slot, no device
             entry.output.end("length")
             self.end(entry, entry.output.result())
+
+    def _output(self, r):
+        return RequestOutput(r, self.tokenizer, max_new=r.max_new(self.context_length),
+                             context_length=self.context_length)
+
+    def _yield_background(self) -> None:
+        """Takes slots back from background requests while waiting interactive choices lack
+        them: whole requests, those that generated least first. Each starts over later (its
+        choices at the front of the background queue, its prompt prefilled again) with the same
+        seed, so its answer is the one it would have given; the tokens it made are dropped."""
+        short = self.scheduler.shortfall()
+        if not short:
+            return
+        held: dict = {}
+        for run in self.scheduler.owner:
+            if run is not None and run.entry.request.background:
+                held.setdefault(run.entry, []).append(run)
+        for entry in sorted(held, key=lambda e: e.output.generated):
+            if short <= 0:
+                break
+            short -= len(held[entry])
+            for run in entry.running:
+                run.live = False
+                self.scheduler.release(run.slot, run)
+            entry.running = []
+            self.scheduler.drop(entry)
+            self.release_prefill(entry)
+            entry.output = self._output(entry.request)
+            entry.unplaced = entry.request.candidates
+            self.scheduler.enqueue(entry, entry.output.choices, background=True, front=True)
+            self.yielded += 1
 
     def prefills(self, entries: list, want_logprobs: bool, ops: list, meta: list, alone: bool = False) -> None:
         """One Prefill per group of same-bucket prompts (`Scheduler.prefill_calls`)."""
@@ -94,6 +125,7 @@ class Planner:
             meta.append(chunk)
 
     def _admissions(self, ops: list, meta: list) -> None:
+        self._yield_background()
         admitted = list(self.scheduler.admissions(done=lambda e: e.done))
         fresh = list(dict.fromkeys(e for e, _, _ in admitted if e.prefix is None))
         echo = [e for e in fresh if e.request.wants_prompt_logprobs]

@@ -16,7 +16,10 @@ Admission by cost. Waiting requests hold only their token ids (they are prefille
 they get a slot), and what may wait is bounded twice: by choices (`Limits.max_queue`) and
 by tokens, the sum over waiting choices of prompt + max_tokens (`Limits.max_queued_tokens`).
 A choice leaves the budget when it gets a slot (`placed`) or when its request ends.
-`submit` takes all of one HTTP request's prompts or none of them.
+`submit` takes all of one HTTP request's prompts or none of them. Background (batch)
+requests are outside the budget, the counters and the deadlines: their submitter keeps a
+bounded window of them in flight, and they may wait as long as interactive work keeps the
+slots busy.
 
 Threads: `submit`, `abort` and `close` may be called from any thread (the lock guards the
 inbox, the aborts and the budget); everything else is the engine thread's.
@@ -55,7 +58,7 @@ class Entry:
     started: bool = False  # a choice got a slot (it counts as running, not waiting)
     done: bool = False  # ended (set only by Registry.end)
     aborted: bool = False  # the client left (set from any thread; only silences callbacks)
-    counted: bool = False  # in this registry's budget and counters (accepted by `submit`)
+    counted: bool = False  # in this registry's budget and counters (accepted by `submit`, not background)
 
 
 @dataclasses.dataclass(eq=False)
@@ -65,6 +68,7 @@ class Running:
     entry: Entry
     choice: ChoiceOutput
     slot: int
+    live: bool = True  # False once it gave its slot back to interactive work (its tokens are dropped)
 
 
 class Handle:
@@ -104,11 +108,12 @@ class Registry:
         entries = []
         for r, cb in zip(requests, callbacks):
             seed = r.seed if r.seed is not None else random.getrandbits(63)
+            timeouts = (None, None) if r.background else (self.limits.request_timeout, self.limits.queue_timeout)
             entries.append(Entry(0, r, cb, seed, cost=len(r.prompt) + max_new(r),
-                                 deadline=_after(now, self.limits.request_timeout),
-                                 queue_deadline=_after(now, self.limits.queue_timeout)))
-        choices = sum(e.request.candidates for e in entries)
-        tokens = sum(e.cost * e.request.candidates for e in entries)
+                                 deadline=_after(now, timeouts[0]), queue_deadline=_after(now, timeouts[1])))
+        counted = [e for e in entries if not e.request.background]
+        choices = sum(e.request.candidates for e in counted)
+        tokens = sum(e.cost * e.request.candidates for e in counted)
         with self.lock:
             if self.closed is not None:
                 raise self.closed
@@ -122,10 +127,10 @@ class Registry:
                                 f"{self.max_queued_tokens} at most); retry later.")
             self.queued_choices += choices
             self.queued_tokens += tokens
-            self.waiting_requests += len(entries)
+            self.waiting_requests += len(counted)
             for e in entries:
                 self._next_rid += 1
-                e.rid, e.unplaced, e.counted = self._next_rid, e.request.candidates, True
+                e.rid, e.unplaced, e.counted = self._next_rid, e.request.candidates, not e.request.background
             self.inbox += entries
         self._wake()
         return [Handle(self, e) for e in entries]

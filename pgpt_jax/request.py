@@ -66,6 +66,10 @@ class Request:
     stream: bool = False  # deltas are delivered as they are produced
     echo_prompt: Optional[list[int]] = None  # tokens echo returns, when not `prompt` (suffix)
     prompt_logprobs: Optional[int] = None  # vLLM's: None, or 0..cap top entries per prompt token
+    # Batch work: takes only the slots interactive work leaves free and gives them back when
+    # interactive work waits (it then starts over with the same seed: the same output). It
+    # has no deadlines and is outside the queue's budget (its submitter bounds it); no stream.
+    background: bool = False
 
     @property
     def wants_prompt_logprobs(self) -> bool:
@@ -206,6 +210,8 @@ def validate(request: Request, limits: Limits, vocab_size: int, context_length: 
         raise RequestError("best_of must be greater than or equal to n.", "best_of")
     if r.candidates > max(limits.max_best_of, r.n):
         raise RequestError(f"best_of must be at most {limits.max_best_of}.", "best_of")
+    if r.stream and r.background:
+        raise RequestError("Background (batch) requests cannot stream.", "stream")
     if r.stream and r.candidates > r.n:
         raise RequestError("Cannot stream results when best_of is greater than n.", "stream")
     if r.logprobs is not None and not 0 <= r.logprobs <= limits.max_logprobs:

@@ -12,6 +12,10 @@ nothing compiles after warm-up:
     data axis that splits the slots over devices makes every program run all of them;
   - attention windows: 128, 256, ... up to the context, the smallest that covers the
     longest occupied row after this call's steps.
+
+Two queues: interactive choices (`waiting`) get free slots before background (batch) ones
+(`background`); `shortfall` says how many slots waiting interactive work lacks, which the
+planner takes back from background work.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ class Scheduler:
         self.owner: list[Optional[Any]] = [None] * slots  # what generates in each slot
         self.position = [0] * slots  # device position of each occupied slot's last token
         self.waiting: deque = deque()  # (entry, choice) pairs waiting for a slot, oldest first
+        self.background: deque = deque()  # the same for background (batch) work, served after
 
     # ------------------------------------------------------------------ the slot table
 
@@ -64,25 +69,46 @@ class Scheduler:
         if slot is not None and (owner is None or self.owner[slot] is owner):
             self.owner[slot] = None
 
+    @property
+    def queued(self) -> int:
+        """Choices waiting for a slot, interactive and background."""
+        return len(self.waiting) + len(self.background)
+
+    def enqueue(self, entry: Any, choices: Iterable[Any], background: bool = False, front: bool = False) -> None:
+        """`choices` of `entry` wait for slots: at the back of their queue, or at its front."""
+        queue = self.background if background else self.waiting
+        items = [(entry, c) for c in choices]
+        if front:
+            queue.extendleft(reversed(items))
+        else:
+            queue.extend(items)
+
     def drop(self, entry: Any) -> None:
         """Forgets the waiting choices of `entry`."""
         self.waiting = deque(w for w in self.waiting if w[0] is not entry)
+        self.background = deque(w for w in self.background if w[0] is not entry)
 
     def clear(self) -> None:
         self.owner = [None] * self.slots
         self.waiting.clear()
+        self.background.clear()
 
     # ------------------------------------------------------------------ admission
 
     def admissions(self, done=lambda entry: False) -> Iterable[tuple[Any, Any, int]]:
-        """(entry, choice, slot) for waiting choices, oldest first, while slots are free; skips
-        the choices of entries that `done` says are over."""
+        """(entry, choice, slot) for waiting choices while slots are free: interactive ones
+        oldest first, then background ones; skips the choices of entries `done` says are over."""
         free = [s for s, o in enumerate(self.owner) if o is None]
-        while free and self.waiting:
-            entry, choice = self.waiting.popleft()
-            if done(entry):
-                continue
-            yield entry, choice, free.pop(0)
+        for queue in (self.waiting, self.background):
+            while free and queue:
+                entry, choice = queue.popleft()
+                if done(entry):
+                    continue
+                yield entry, choice, free.pop(0)
+
+    def shortfall(self) -> int:
+        """Slots that waiting interactive choices lack (0 when the free slots cover them)."""
+        return max(0, len(self.waiting) - sum(o is None for o in self.owner))
 
     def bucket(self, length: int) -> int:
         return next(b for b in self.buckets if b >= length)
