@@ -65,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stream-buffer", type=int, default=256,
                    help="events a stream may hold for a slow reader before it is aborted")
     g.add_argument("--metrics-public", action="store_true", help="serve /metrics without the API key")
+    g = p.add_argument_group("Batch API (docs/api.md)")
+    g.add_argument("--batch-dir", default=default_batch_dir(), metavar="DIR",
+                   help="the Batch API's files and SQLite state (default: %(default)s); '' turns the Batch API off")
+    g.add_argument("--batch-window", type=int, default=0,
+                   help="batch lines on the engine at once (default 0: twice --slots)")
+    g.add_argument("--max-file-bytes", type=int, default=200 * 1024 * 1024, help="the largest batch input file")
     p.add_argument("--coordinator", default=None, help="multi-host: HOST:PORT of process 0's coordinator")
     p.add_argument("--num-processes", type=int, default=None, help="multi-host: number of processes")
     p.add_argument("--process-id", type=int, default=None, help="multi-host: this process's index")
@@ -94,6 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="append JSON lines to this file")
     _add_cache_args(p)
     return parser
+
+
+def default_batch_dir() -> str:
+    """$XDG_STATE_HOME (or ~/.local/state)/pgpt-jax/batches: job state outlives caches."""
+    import os
+
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(base, "pgpt-jax", "batches")
 
 
 def compile_cache_from_args(args) -> None:

@@ -111,6 +111,11 @@ class Engine:
         return _compiles() - self._compiles_at_start
 
     @property
+    def batch_yields(self) -> int:
+        """Times background (batch) requests gave their slots back to interactive work."""
+        return self.planner.yielded
+
+    @property
     def active_slots(self) -> int:
         return self.scheduler.active
 

@@ -35,6 +35,9 @@ from starlette.routing import Route
 
 from pgpt_jax.request import Limits
 from server import protocol, responses
+from server.batch.routes import DEFAULT_MAX_FILE_BYTES, BatchRoutes
+from server.batch.runner import BatchRunner
+from server.batch.store import BatchStore
 from server.bridge import json_response, run_job
 from server.metrics import CountRequests, Metrics
 from server.protocol import APIError
@@ -56,6 +59,9 @@ class ServerOptions:
     ping_interval: float = 5.0  # seconds between ": ping" comments while a stream waits
     stream_buffer: int = 256  # events a stream may hold for a slow reader before it is aborted
     shutdown_timeout: float = 30.0  # a drain lets in-flight requests finish this long
+    batch_dir: Optional[str] = None  # the Batch API's files and SQLite state; None: no Batch API
+    batch_window: int = 0  # batch lines in flight at once; 0: twice the engine's slots
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES  # the largest batch input file
 
 
 @dataclasses.dataclass(eq=False)
@@ -72,10 +78,12 @@ class ServerState:
     warmup: tuple = (0, 0)  # programs compiled by the warm-up, programs in all (set by the loader)
     runs: set = dataclasses.field(default_factory=set)  # requests in flight (bridge._Run)
     created: int = dataclasses.field(default_factory=lambda: int(time.time()))
+    batches: Optional[BatchStore] = None  # the Batch API's state (with --batch-dir)
+    batch_runner: Optional[BatchRunner] = None  # feeds batch lines to the engine once it is loaded
     metrics: Metrics = dataclasses.field(init=False)
 
     def __post_init__(self):
-        self.metrics = Metrics(lambda: self.engine, lambda: self.warmup)
+        self.metrics = Metrics(lambda: self.engine, lambda: self.warmup, lambda: self.batch_runner)
 
     def attach(self, engine) -> None:
         self.info = protocol.ModelInfo(
@@ -83,6 +91,17 @@ class ServerState:
             context_length=engine.context_length, fim=bool(engine.config.fim),
             limits=engine.limits, tokenizer=engine.tokenizer)
         self.engine = engine
+        if self.batches is not None:
+            self.batch_runner = BatchRunner(self.batches, engine, self.info,
+                                            self.options.batch_window or 2 * engine.slots,
+                                            on_line=self.metrics.batch_line)
+            self.batch_runner.start()
+
+    def stop_batches(self) -> None:
+        """After the engine stopped: the batch runner records what ended and stops (lines the
+        stop cut short run again after a restart)."""
+        if self.batch_runner is not None:
+            self.batch_runner.stop()
 
     def not_ready(self) -> Optional[str]:
         """Why the server takes no new work (None: it does)."""
@@ -109,12 +128,15 @@ class ServerState:
         loop = asyncio.get_running_loop()
         timeout = self.options.shutdown_timeout if timeout is None else timeout
         self.draining = True
+        if self.batch_runner is not None:
+            self.batch_runner.pause()  # batch lines that end meanwhile are still recorded
         log.info("draining: %d request(s) in flight, %.0f s to finish", len(self.runs), timeout)
         deadline = loop.time() + timeout
         while self.runs and loop.time() < deadline:
             await asyncio.sleep(0.05)
         if self.engine is not None:
             await asyncio.to_thread(self.engine.stop, "The server is shutting down; retry on another replica.")
+        await asyncio.to_thread(self.stop_batches)
         deadline = loop.time() + DRAIN_FLUSH_S  # the ended runs send their last bytes
         while self.runs and loop.time() < deadline:
             await asyncio.sleep(0.05)
@@ -311,6 +333,8 @@ def create_app(engine=None, *, served_model_name: str, loader: Optional[Callable
         raise ValueError("pass exactly one of engine and loader")
     opts = ServerOptions(**options)
     st = ServerState(served_model_name=served_model_name, options=dataclasses.replace(opts, api_key=opts.api_key or None))
+    if opts.batch_dir:
+        st.batches = BatchStore(opts.batch_dir)
 
     async def load_in_background() -> None:
         # A daemon thread, not asyncio.to_thread: a SIGTERM during warm-up must not wait for
@@ -355,6 +379,7 @@ def create_app(engine=None, *, served_model_name: str, loader: Optional[Callable
                 task.cancel()  # the loading thread itself runs on; the process is ending
             if st.engine is not None:
                 await asyncio.to_thread(st.engine.stop)
+            await asyncio.to_thread(st.stop_batches)
 
     routes = [
         Route("/v1/completions", completions, methods=["POST"]),
@@ -371,6 +396,12 @@ def create_app(engine=None, *, served_model_name: str, loader: Optional[Callable
         Route("/ready", ready, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
     ]
+    if st.batches is not None:
+        async def read_body(request: HTTPRequest) -> bytes:
+            return await _read_body(request, st.options.max_body_bytes, st.options.body_timeout)
+
+        routes += BatchRoutes(st.batches, lambda request: _authorize(request, st), read_body,
+                              lambda: st.batch_runner, max_file_bytes=opts.max_file_bytes).routes()
     app = Starlette(
         routes=routes, lifespan=lifespan, middleware=[Middleware(CountRequests, metrics=st.metrics)],
         exception_handlers={APIError: _api_error, HTTPException: _http_error, Exception: _server_error},

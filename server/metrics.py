@@ -26,7 +26,8 @@ class Metrics:
     slots in use: each running choice holds one slot's rows of the preallocated cache).
     """
 
-    def __init__(self, engine: Callable[[], Any], warmup: Callable[[], tuple] = lambda: (0, 0)):
+    def __init__(self, engine: Callable[[], Any], warmup: Callable[[], tuple] = lambda: (0, 0),
+                 batches: Callable[[], Any] = lambda: None):
         r = self.registry = CollectorRegistry()
         self.requests = Counter("pgpt_http_requests", "HTTP requests by route and status code.",
                                 ["route", "status"], registry=r)
@@ -45,8 +46,13 @@ class Metrics:
         def engine_value(name: str) -> Callable[[], float]:
             return lambda: float(getattr(engine(), name)) if engine() is not None else 0.0
 
+        self.batch_lines = Counter("pgpt_batch_lines", "Batch API lines this process ran to an end, by outcome.",
+                                   ["outcome"], registry=r)
+        Gauge("pgpt_batch_lines_in_flight", "Batch API lines on the engine now.", registry=r).set_function(
+            lambda: float(batches().in_flight) if batches() is not None else 0.0)
         for name, doc in (("queue_depth", "Choices waiting for a slot."),
-                          ("active_slots", "Slots generating now."),
+                          ("active_slots", "Slots generating now (batch work included)."),
+                          ("batch_yields", "Times batch work gave its slots back to interactive work."),
                           ("compile_count", "XLA compilations by the engine (flat after warm-up).")):
             Gauge(f"pgpt_engine_{name}", doc, registry=r).set_function(engine_value(name))
         Gauge("pgpt_ready", "1 once the model is loaded and warmed up.", registry=r).set_function(
@@ -61,6 +67,10 @@ class Metrics:
                 ("vllm:kv_cache_usage_perc", "kv_cache_usage", "KV-cache utilisation, 0..1 (slots in use)."),
                 ("vllm:gpu_cache_usage_perc", "kv_cache_usage", "The same utilisation, under vLLM's older name.")):
             Gauge(name, doc, registry=r).set_function(engine_value(attr))
+
+
+    def batch_line(self, ok: bool) -> None:
+        self.batch_lines.labels("ok" if ok else "error").inc()
 
 
 class CountRequests:

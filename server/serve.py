@@ -117,7 +117,9 @@ def serve(args, mesh=None, limits: Limits = Limits()) -> None:
 
     app = create_app(served_model_name=name, loader=load, api_key=api_key, max_body_bytes=args.max_body_bytes,
                      body_timeout=args.body_timeout, metrics_public=args.metrics_public,
-                     stream_buffer=args.stream_buffer, shutdown_timeout=args.shutdown_timeout)
+                     stream_buffer=args.stream_buffer, shutdown_timeout=args.shutdown_timeout,
+                     batch_dir=args.batch_dir or None, batch_window=args.batch_window,
+                     max_file_bytes=args.max_file_bytes)
     http = HTTPSettings(limit_concurrency=args.limit_concurrency, timeout_keep_alive=args.timeout_keep_alive,
                         header_timeout=args.header_timeout)
     server = DrainingServer(uvicorn_config(app, args.host, args.port, http, log_level="info"),
