@@ -1,4 +1,4 @@
-"""`pgpt-jax serve | generate | convert | bench`: argument parsing, and the top of the import graph.
+"""`pgpt-jax serve | run-batch | generate | convert | bench`: argument parsing, and the top of the import graph.
 
 Each command lives in its own module; this file only maps flags onto them. Nothing imports
 this module, so it may import anything (the server included).
@@ -79,6 +79,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lockstep-timeout", type=float, default=30.0,
                    help="multi-host: seconds an iteration may hang before the group counts as broken "
                         "(every process then exits non-zero, for the orchestrator to restart the group)")
+
+    p = sub.add_parser("run-batch", allow_abbrev=False,
+                       help="run a Batch API input file (JSONL) on the engine, no HTTP; resumable")
+    _add_model_args(p)
+    p.add_argument("-i", "--input", required=True, help="input JSONL: {custom_id, method, url, body} a line")
+    p.add_argument("-o", "--output", required=True,
+                   help="output JSONL (appended; the custom_ids already in it are skipped)")
+    p.add_argument("--served-model-name", default=None, help="the name the lines' `model` must give")
+    p.add_argument("--slots", type=int, default=32)
+    p.add_argument("--decode-steps", type=int, default=4)
+    p.add_argument("--max-logprobs", type=int, default=LIMITS.max_logprobs)
+    p.add_argument("--window", type=int, default=0, help="lines on the engine at once (default 0: twice --slots)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(lockstep_timeout=30.0)
 
     p = sub.add_parser("generate", allow_abbrev=False, help="complete a prompt from the command line")
     _add_model_args(p)
@@ -164,6 +178,10 @@ def main(argv=None) -> int:
         # Before anything touches a device: a multi-host run must join the others first.
         sharding.init_distributed(args.coordinator, args.num_processes, args.process_id, args.distributed)
         serve(args, mesh=mesh_from_args(args), limits=limits_from_args(args))
+    elif args.command == "run-batch":
+        from server.batch.offline import main as run_batch_main
+
+        run_batch_main(args, limits_from_args(args), mesh_from_args(args))
     elif args.command == "generate":
         _generate(args)
     elif args.command == "bench":
