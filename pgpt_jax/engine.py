@@ -67,14 +67,15 @@ class Engine:
     def __init__(self, model: GPT, tokenizer, *, slots: int = 32, decode_steps: int = 4,
                  limits: Limits = Limits(), min_bucket: int = 16, min_window: int = 128,
                  max_prefill_tokens: int = 1024, mesh: Optional[Mesh] = None,
-                 lockstep_timeout: float = 30.0, on_fatal: Optional[Callable[[BaseException], None]] = None):
+                 lockstep_timeout: float = 30.0, on_fatal: Optional[Callable[[BaseException], None]] = None,
+                 batch_slack: float = 1.25):
         self.model, self.tokenizer, self.config = model, tokenizer, model.config
         self.context_length = self.config.n_positions
         self.slots, self.decode_steps, self.limits, self.mesh = slots, decode_steps, limits, mesh
         self.top_k = max(limits.max_logprobs, 1)
         self.scheduler = Scheduler(slots, self.context_length, min_bucket=min_bucket, min_window=min_window,
                                    max_prefill_tokens=max_prefill_tokens,
-                                   split_slots=mesh is not None and mesh.shape["data"] > 1)
+                                   split_slots=mesh is not None and mesh.shape["data"] > 1, batch_slack=batch_slack)
         if mesh is not None:
             sharding.check_mesh(mesh, self.config, slots)
         self.executor = Executor(model, slots=slots, decode_steps=decode_steps, top_k=self.top_k, mesh=mesh)
@@ -214,6 +215,9 @@ class Engine:
         self.executor.warmup(prefills, sched.buckets, decodes, progress=progress, on_program=on_program)
         if self.lockstep is not None:
             self.lockstep.warmup()
+        else:  # what a decode call of each row bucket costs: how far batch work may widen it
+            sched.decode_cost = self.executor.time_decodes([(rows, sched.windows[0]) for rows in sched.row_buckets])
+            log.info("decode call seconds by rows: %s", {r: round(t, 4) for r, t in sched.decode_cost.items()})
         return time.perf_counter() - t0
 
     # ---------------------------------------------------------------- the host loop

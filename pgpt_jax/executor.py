@@ -21,6 +21,7 @@ prefills kept by id. It knows nothing of requests or text.
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Any
 
 import jax
@@ -108,6 +109,20 @@ class Executor:
     def state_lost(self) -> bool:
         """True when a failed call consumed the donated state."""
         return any(a.is_deleted() for a in jax.tree.leaves(self.state))
+
+    def time_decodes(self, decodes: list[tuple[int, int]], repeats: int = 3) -> dict[int, float]:
+        """Seconds one decode call of each (rows, window) takes (the fastest of `repeats`), keyed
+        by rows; then a fresh state. Process 0 alone: a multi-host group must not run it."""
+        times = {}
+        for rows, window in decodes:
+            best = float("inf")
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                jax.block_until_ready(self.run(Decode(window, rows)))
+                best = min(best, time.perf_counter() - t0)
+            times[rows] = best
+        self.reset()
+        return times
 
     def warmup(self, prefills, echo_buckets, decodes, progress: bool = False, on_program=None) -> None:
         """Compiles every program for these shapes, then starts from a fresh state."""

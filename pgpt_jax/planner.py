@@ -25,6 +25,8 @@ from pgpt_jax.outputs import RequestOutput
 from pgpt_jax.registry import Entry, Registry, Running
 from pgpt_jax.scheduler import Scheduler
 
+INTERACTIVE_HOLD_S = 1.0  # batch work stays within its limit this long after interactive work
+
 
 class Planner:
     """Plans the engine's iterations (see the module docstring); `end(entry, outcome)` is the
@@ -38,6 +40,7 @@ class Planner:
         self._users: dict[int, int] = {}  # prefill id -> requests that still need it
         self._next_pid = 0
         self.yielded = 0  # background requests that gave their slots back to interactive work
+        self._last_interactive = float("-inf")  # when interactive work was last about
 
     def plan(self) -> tuple[list, list]:
         """This iteration's ops, and for each what process 0 does with its outputs."""
@@ -80,32 +83,43 @@ class Planner:
         return RequestOutput(r, self.tokenizer, max_new=r.max_new(self.context_length),
                              context_length=self.context_length)
 
-    def _yield_background(self) -> None:
-        """Takes slots back from background requests while waiting interactive choices lack
-        them: whole requests, those that generated least first. Each starts over later (its
-        choices at the front of the background queue, its prompt prefilled again) with the same
-        seed, so its answer is the one it would have given; the tokens it made are dropped."""
-        short = self.scheduler.shortfall()
-        if not short:
-            return
-        held: dict = {}
-        for run in self.scheduler.owner:
-            if run is not None and run.entry.request.background:
-                held.setdefault(run.entry, []).append(run)
-        for entry in sorted(held, key=lambda e: e.output.generated):
+    def _interactive_about(self) -> bool:
+        """Interactive work runs or waits, or did within INTERACTIVE_HOLD_S: between one
+        client's requests batch work does not refill the slots only to give them back."""
+        now = time.monotonic()
+        if self.scheduler.waiting or self.scheduler.interactive_slots():
+            self._last_interactive = now
+        return now - self._last_interactive < INTERACTIVE_HOLD_S
+
+    def _yield_background(self) -> int:
+        """Takes slots back from background requests: every one holding a slot at or above the
+        background limit (scheduler.py), then, lowest slots first, as many as waiting
+        interactive choices lack below it. Returns the limit. Each such request starts over
+        later (its choices at the front of the background queue, its prompt prefilled again)
+        with the same seed, so its answer is the one it would have given; what it made is dropped."""
+        sched = self.scheduler
+        limit = sched.background_limit(self._interactive_about())
+        evict = {run.entry for s, run in enumerate(sched.owner) if run is not None and sched.batch[s] and s >= limit}
+        short = sched.shortfall(limit)
+        for s in range(limit):
+            run = sched.owner[s]
             if short <= 0:
                 break
-            short -= len(held[entry])
+            if run is not None and sched.batch[s] and run.entry not in evict:
+                evict.add(run.entry)
+                short -= sum(r.slot < limit for r in run.entry.running)
+        for entry in evict:
             for run in entry.running:
                 run.live = False
-                self.scheduler.release(run.slot, run)
+                sched.release(run.slot, run)
             entry.running = []
-            self.scheduler.drop(entry)
+            sched.drop(entry)
             self.release_prefill(entry)
             entry.output = self._output(entry.request)
             entry.unplaced = entry.request.candidates
-            self.scheduler.enqueue(entry, entry.output.choices, background=True, front=True)
+            sched.enqueue(entry, entry.output.choices, background=True, front=True)
             self.yielded += 1
+        return limit
 
     def prefills(self, entries: list, want_logprobs: bool, ops: list, meta: list, alone: bool = False) -> None:
         """One Prefill per group of same-bucket prompts (`Scheduler.prefill_calls`)."""
@@ -125,8 +139,8 @@ class Planner:
             meta.append(chunk)
 
     def _admissions(self, ops: list, meta: list) -> None:
-        self._yield_background()
-        admitted = list(self.scheduler.admissions(done=lambda e: e.done))
+        limit = self._yield_background()
+        admitted = list(self.scheduler.admissions(done=lambda e: e.done, limit=limit))
         fresh = list(dict.fromkeys(e for e, _, _ in admitted if e.prefix is None))
         echo = [e for e in fresh if e.request.wants_prompt_logprobs]
         self.prefills(echo, True, ops, meta)  # alone: logits at every prompt position
@@ -135,7 +149,7 @@ class Planner:
             run = Running(entry, choice, slot)
             entry.running.append(run)
             length = len(entry.request.prompt)
-            self.scheduler.place(slot, run, length)
+            self.scheduler.place(slot, run, length, background=entry.request.background)
             self.registry.placed(entry)
             pid, index = entry.prefix
             ops.append(Place(pid, index, slot, length, row_args(entry.request, entry.seed, choice.index)))

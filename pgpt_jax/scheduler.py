@@ -14,8 +14,12 @@ nothing compiles after warm-up:
     longest occupied row after this call's steps.
 
 Two queues: interactive choices (`waiting`) get free slots before background (batch) ones
-(`background`); `shortfall` says how many slots waiting interactive work lacks, which the
-planner takes back from background work.
+(`background`). While interactive work is about, batch work may hold only the slots below
+`background_limit`: the rows of the decode bucket interactive work needs anyway, widened to
+a bigger bucket only while its decode call costs at most `batch_slack` times as much
+(`decode_cost`, measured at warm-up). So batch work fills rows interactive steps compute
+regardless, and never makes them much slower. `shortfall` says how many slots below that
+limit waiting interactive work lacks; the planner takes them back from batch work.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ class Scheduler:
     """The slot table and the waiting queue of one engine; the engine owns it (one thread)."""
 
     def __init__(self, slots: int, context_length: int, *, min_bucket: int = 16, min_window: int = 128,
-                 max_prefill_tokens: int = 1024, split_slots: bool = False):
+                 max_prefill_tokens: int = 1024, split_slots: bool = False, batch_slack: float = 1.25):
         self.slots, self.context_length = slots, context_length
         self.buckets = buckets(context_length, min(min_bucket, context_length))
         self.windows = buckets(context_length, min(min_window, context_length))
@@ -47,6 +51,9 @@ class Scheduler:
         self.row_buckets = (slots,) if split_slots else \
             tuple(4**i for i in range(8) if 4**i < slots) + (slots,)
         self.owner: list[Optional[Any]] = [None] * slots  # what generates in each slot
+        self.batch = [False] * slots  # whether that is background (batch) work
+        self.batch_slack = batch_slack
+        self.decode_cost: Optional[dict[int, float]] = None  # seconds of a decode call by rows (warm-up)
         self.position = [0] * slots  # device position of each occupied slot's last token
         self.waiting: deque = deque()  # (entry, choice) pairs waiting for a slot, oldest first
         self.background: deque = deque()  # the same for background (batch) work, served after
@@ -61,8 +68,11 @@ class Scheduler:
     def active(self) -> int:
         return sum(o is not None for o in self.owner)
 
-    def place(self, slot: int, owner: Any, position: int) -> None:
-        self.owner[slot], self.position[slot] = owner, position
+    def place(self, slot: int, owner: Any, position: int, background: bool = False) -> None:
+        self.owner[slot], self.position[slot], self.batch[slot] = owner, position, background
+
+    def interactive_slots(self) -> list[int]:
+        return [s for s, o in enumerate(self.owner) if o is not None and not self.batch[s]]
 
     def release(self, slot: Optional[int], owner: Any = None) -> None:
         """Frees `slot` (if `owner` is given, only while it still holds the slot)."""
@@ -95,20 +105,40 @@ class Scheduler:
 
     # ------------------------------------------------------------------ admission
 
-    def admissions(self, done=lambda entry: False) -> Iterable[tuple[Any, Any, int]]:
-        """(entry, choice, slot) for waiting choices while slots are free: interactive ones
-        oldest first, then background ones; skips the choices of entries `done` says are over."""
+    def admissions(self, done=lambda entry: False, limit: Optional[int] = None) -> Iterable[tuple[Any, Any, int]]:
+        """(entry, choice, slot) for waiting choices while slots are free, lowest first:
+        interactive ones oldest first, then background ones below `limit` (default: all
+        slots); skips the choices of entries `done` says are over."""
         free = [s for s, o in enumerate(self.owner) if o is None]
+        limit = self.slots if limit is None else limit
         for queue in (self.waiting, self.background):
             while free and queue:
+                if queue is self.background and free[0] >= limit:
+                    return
                 entry, choice = queue.popleft()
                 if done(entry):
                     continue
                 yield entry, choice, free.pop(0)
 
-    def shortfall(self) -> int:
-        """Slots that waiting interactive choices lack (0 when the free slots cover them)."""
-        return max(0, len(self.waiting) - sum(o is None for o in self.owner))
+    def background_limit(self, interactive: bool) -> int:
+        """Slots (a prefix) batch work may hold: all of them with no interactive work about;
+        else the decode bucket interactive work needs (its rows and waiting choices packed
+        low, and its highest slot), widened while a bucket's measured decode costs at most
+        `batch_slack` times that one's."""
+        if not interactive:
+            return self.slots
+        mine = self.interactive_slots()
+        need = max(len(mine) + len(self.waiting), mine[-1] + 1 if mine else 0, 1)
+        base = next((r for r in self.row_buckets if r >= need), self.slots)
+        cost = self.decode_cost
+        if not cost or base not in cost:
+            return base
+        return max(r for r in self.row_buckets if r <= base or cost.get(r, float("inf")) <= self.batch_slack * cost[base])
+
+    def shortfall(self, limit: Optional[int] = None) -> int:
+        """Slots below `limit` (default: all) that waiting interactive choices lack."""
+        limit = self.slots if limit is None else limit
+        return max(0, len(self.waiting) - sum(o is None for o in self.owner[:limit]))
 
     def bucket(self, length: int) -> int:
         return next(b for b in self.buckets if b >= length)
