@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-window", type=int, default=0,
                    help="batch lines on the engine at once (default 0: twice --slots)")
     g.add_argument("--max-file-bytes", type=int, default=200 * 1024 * 1024, help="the largest batch input file")
+    g.add_argument("--batch-slack", type=float, default=1.25,
+                   help="while interactive work runs, batch rows may make a decode call at most this many "
+                        "times slower (measured at warm-up); 1 keeps batch work to rows computed anyway")
     p.add_argument("--coordinator", default=None, help="multi-host: HOST:PORT of process 0's coordinator")
     p.add_argument("--num-processes", type=int, default=None, help="multi-host: number of processes")
     p.add_argument("--process-id", type=int, default=None, help="multi-host: this process's index")

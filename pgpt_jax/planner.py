@@ -91,14 +91,16 @@ class Planner:
             self._last_interactive = now
         return now - self._last_interactive < INTERACTIVE_HOLD_S
 
-    def _yield_background(self) -> int:
+    def _yield_background(self) -> tuple[int, int]:
         """Takes slots back from background requests: every one holding a slot at or above the
         background limit (scheduler.py), then, lowest slots first, as many as waiting
-        interactive choices lack below it. Returns the limit. Each such request starts over
+        interactive choices lack below it. Returns the limit, and the free slots below it that
+        batch work must leave to interactive work (one while interactive work is about). Each such request starts over
         later (its choices at the front of the background queue, its prompt prefilled again)
         with the same seed, so its answer is the one it would have given; what it made is dropped."""
         sched = self.scheduler
-        limit = sched.background_limit(self._interactive_about())
+        about = self._interactive_about()
+        limit = sched.background_limit(about)
         evict = {run.entry for s, run in enumerate(sched.owner) if run is not None and sched.batch[s] and s >= limit}
         short = sched.shortfall(limit)
         for s in range(limit):
@@ -119,7 +121,7 @@ class Planner:
             entry.unplaced = entry.request.candidates
             sched.enqueue(entry, entry.output.choices, background=True, front=True)
             self.yielded += 1
-        return limit
+        return limit, int(about)
 
     def prefills(self, entries: list, want_logprobs: bool, ops: list, meta: list, alone: bool = False) -> None:
         """One Prefill per group of same-bucket prompts (`Scheduler.prefill_calls`)."""
@@ -139,8 +141,8 @@ class Planner:
             meta.append(chunk)
 
     def _admissions(self, ops: list, meta: list) -> None:
-        limit = self._yield_background()
-        admitted = list(self.scheduler.admissions(done=lambda e: e.done, limit=limit))
+        limit, reserve = self._yield_background()
+        admitted = list(self.scheduler.admissions(done=lambda e: e.done, limit=limit, reserve=reserve))
         fresh = list(dict.fromkeys(e for e, _, _ in admitted if e.prefix is None))
         echo = [e for e in fresh if e.request.wants_prompt_logprobs]
         self.prefills(echo, True, ops, meta)  # alone: logits at every prompt position

@@ -105,15 +105,17 @@ class Scheduler:
 
     # ------------------------------------------------------------------ admission
 
-    def admissions(self, done=lambda entry: False, limit: Optional[int] = None) -> Iterable[tuple[Any, Any, int]]:
+    def admissions(self, done=lambda entry: False, limit: Optional[int] = None,
+                   reserve: int = 0) -> Iterable[tuple[Any, Any, int]]:
         """(entry, choice, slot) for waiting choices while slots are free, lowest first:
         interactive ones oldest first, then background ones below `limit` (default: all
-        slots); skips the choices of entries `done` says are over."""
+        slots) as long as `reserve` free slots below it stay free; skips the choices of
+        entries `done` says are over."""
         free = [s for s, o in enumerate(self.owner) if o is None]
         limit = self.slots if limit is None else limit
         for queue in (self.waiting, self.background):
             while free and queue:
-                if queue is self.background and free[0] >= limit:
+                if queue is self.background and sum(s < limit for s in free) <= reserve:
                     return
                 entry, choice = queue.popleft()
                 if done(entry):

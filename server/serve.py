@@ -61,7 +61,8 @@ def _engine_from_args(args, mesh, limits: Limits, on_fatal=None):
     model, what = load_model_for_serving(args.model, args.dtype, mesh)
     engine = Engine(model, get_tokenizer(fim=model.config.fim), slots=args.slots,
                     decode_steps=args.decode_steps, limits=limits, mesh=mesh,
-                    lockstep_timeout=args.lockstep_timeout, on_fatal=on_fatal)
+                    lockstep_timeout=args.lockstep_timeout, on_fatal=on_fatal,
+                    batch_slack=getattr(args, "batch_slack", 1.25))
     return engine, what
 
 

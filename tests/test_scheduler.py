@@ -65,4 +65,5 @@ def test_batch_work_holds_only_the_rows_interactive_decodes_pay_for():
     t.background.extend([("b", 0), ("b", 1)])
     assert list(t.admissions(limit=1)) == []
     t.waiting.append(("i", 0))
-    assert t.shortfall(limit=1) == 1 and list(t.admissions(limit=4)) == [("i", 0, 1), ("b", 0, 2), ("b", 1, 3)]
+    assert t.shortfall(limit=1) == 1 and list(t.admissions(limit=4, reserve=1)) == [("i", 0, 1), ("b", 0, 2)]
+    assert list(t.background) == [("b", 1)]  # slot 3 stays free for the next interactive arrival
