@@ -29,7 +29,8 @@ def test_every_module_is_in_a_layer():
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]
     (layers,) = [c["layers"] for c in config["contracts"] if c["type"] == "layers"]
     layered = {m.strip() for layer in layers for m in layer.split("|")}
-    modules = {f"{pkg}.{f.stem}" for pkg in PACKAGES for f in (ROOT / pkg).glob("*.py") if f.stem != "__init__"}
+    modules = {".".join(f.relative_to(ROOT).with_suffix("").parts) for pkg in PACKAGES
+               for f in (ROOT / pkg).rglob("*.py") if f.stem != "__init__"}
     assert modules == layered, f"not in a layer: {sorted(modules - layered)}; gone: {sorted(layered - modules)}"
 
 
