@@ -37,7 +37,7 @@ from pgpt_jax.request import Limits
 from server import protocol, responses
 from server.batch.routes import DEFAULT_MAX_FILE_BYTES, BatchRoutes
 from server.batch.runner import BatchRunner
-from server.batch.store import BatchStore
+from server.batch.store import BatchDirBusy, BatchStore
 from server.bridge import json_response, run_job
 from server.metrics import CountRequests, Metrics
 from server.protocol import APIError
@@ -334,7 +334,10 @@ def create_app(engine=None, *, served_model_name: str, loader: Optional[Callable
     opts = ServerOptions(**options)
     st = ServerState(served_model_name=served_model_name, options=dataclasses.replace(opts, api_key=opts.api_key or None))
     if opts.batch_dir:
-        st.batches = BatchStore(opts.batch_dir)
+        try:
+            st.batches = BatchStore(opts.batch_dir)
+        except BatchDirBusy as exc:  # serve anyway: interactive work does not need it
+            log.warning("the Batch API is off: %s", exc)
 
     async def load_in_background() -> None:
         # A daemon thread, not asyncio.to_thread: a SIGTERM during warm-up must not wait for
@@ -380,6 +383,8 @@ def create_app(engine=None, *, served_model_name: str, loader: Optional[Callable
             if st.engine is not None:
                 await asyncio.to_thread(st.engine.stop)
             await asyncio.to_thread(st.stop_batches)
+            if st.batches is not None:
+                st.batches.close()
 
     routes = [
         Route("/v1/completions", completions, methods=["POST"]),

@@ -24,6 +24,7 @@ def srv(tiny_model, tmp_path_factory):
     app = create_app(engine, served_model_name=MODEL, batch_dir=str(tmp_path_factory.mktemp("batches")),
                      batch_window=3)
     with ServerThread(app) as s:
+        s.batch_dir = app.state.pgpt.options.batch_dir
         s.http = httpx.Client(base_url=s.base_url, timeout=60)
         s.client = openai.OpenAI(base_url=s.base_url + "/v1", api_key="none", max_retries=0, timeout=60)
         s.state = app.state.pgpt
@@ -189,3 +190,10 @@ def test_an_expired_batch_ends_its_unrun_lines(srv):
     err = read_jsonl(srv, done["error_file_id"])
     assert sorted(e["custom_id"] for e in err) == sorted(f"e{i}" for i in range(8))
     assert all(e["error"]["code"] == "batch_expired" for e in err)
+
+
+def test_one_server_per_batch_directory(srv):
+    # A second server on the same directory would run the same lines: it serves without the Batch API.
+    other = create_app(served_model_name=MODEL, loader=lambda: None, batch_dir=srv.batch_dir)
+    assert other.state.pgpt.batches is None
+    assert all(getattr(r, "path", "") != "/v1/batches" for r in other.routes)

@@ -15,11 +15,13 @@ WAL with synchronous=NORMAL: a commit survives the process being killed (the OS 
 write); only a power cut may lose the last commits, and those lines then run again.
 
 One connection guarded by a lock: the HTTP handlers (in worker threads) and the batch
-runner's thread share it; every call is short.
+runner's thread share it; every call is short. One server per directory: the store holds
+an exclusive lock on `lock` in it while open (a second server would run the same lines).
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import sqlite3
@@ -51,6 +53,10 @@ _TIMES = ("created_at", "expires_at", "in_progress_at", "finalizing_at", "comple
           "expired_at", "cancelling_at", "cancelled_at")
 
 
+class BatchDirBusy(RuntimeError):
+    """Another process has this batch directory open."""
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}{uuid.uuid4().hex[:24]}"
 
@@ -61,6 +67,12 @@ class BatchStore:
     def __init__(self, directory: str | os.PathLike):
         self.dir = Path(directory)
         (self.dir / "files").mkdir(parents=True, exist_ok=True)
+        self._lockfile = open(self.dir / "lock", "a")
+        try:
+            fcntl.flock(self._lockfile, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lockfile.close()
+            raise BatchDirBusy(f"the batch directory {self.dir} is in use by another server") from None
         self.lock = threading.Lock()
         self.db = sqlite3.connect(self.dir / "batches.sqlite", check_same_thread=False, isolation_level=None)
         self.db.row_factory = sqlite3.Row
@@ -71,6 +83,7 @@ class BatchStore:
     def close(self) -> None:
         with self.lock:
             self.db.close()
+        self._lockfile.close()  # releases the directory
 
     def _write(self, sql_args: Iterable[tuple[str, tuple]]) -> None:
         """Runs the statements in one transaction."""
