@@ -15,6 +15,7 @@ import time
 
 import numpy as np
 
+from pgpt_jax import programs
 from pgpt_jax.engine import Engine
 from pgpt_jax.programs import prefill
 from pgpt_jax.model import init_model
@@ -106,7 +107,8 @@ def main(args, mesh=None) -> None:
     prompt_len = 32
 
     # Compile/warm-up time and prefill per bucket, on the smallest engine.
-    eng = Engine(model, tok, slots=slot_counts[0], decode_steps=args.decode_steps, mesh=mesh)
+    options = getattr(args, "xla_options", None)
+    eng = Engine(model, tok, slots=slot_counts[0], decode_steps=args.decode_steps, mesh=mesh, xla_options=options)
     t = eng.warmup(progress=True)
     _emit(rows, out, metric="warmup_s", value=round(t, 2), compiles=eng.compile_count)
     for b in eng.scheduler.buckets:
@@ -125,7 +127,10 @@ def main(args, mesh=None) -> None:
     del eng
 
     for slots in slot_counts:
-        eng = Engine(model, tok, slots=slots, decode_steps=args.decode_steps, mesh=mesh)
+        eng = Engine(model, tok, slots=slots, decode_steps=args.decode_steps, mesh=mesh, xla_options=options)
+        eng.choose_options()  # the option sets for this engine's row buckets (measured once per CPU)
+        _emit(rows, out, metric="xla_options", slots=slots, value=programs.chosen_options()["decode"].get(slots)
+              or programs.chosen_options()["default"])
         for mode, kw in (("greedy", dict(temperature=0.0)), ("top_p=0.9", dict(temperature=1.0, top_p=0.9))):
             _run_batch(eng, slots, prompt_len, 8, **kw)  # compiles what this shape needs
             rates = [_run_batch(eng, slots, prompt_len, args.new_tokens, **kw) for _ in range(2)]

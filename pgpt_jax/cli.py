@@ -21,6 +21,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     _add_cache_args(p)
 
 
+def _add_options_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--xla-options", default="auto", metavar="SET",
+                   help="XLA:CPU compiler options: auto (measure each set at warm-up, remembered per CPU beside "
+                        "the compile cache) or a set: xla-default, no-ynn-fusion")
+
+
 def _add_cache_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile-cache", default=None, metavar="DIR",
                    help="persistent XLA compilation cache (default: ~/.cache/pgpt-jax/xla/<cpu>)")
@@ -39,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", allow_abbrev=False, help="serve the OpenAI-compatible API")
     _add_model_args(p)
+    _add_options_arg(p)
     p.add_argument("--served-model-name", default=None)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
@@ -86,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run-batch", allow_abbrev=False,
                        help="run a Batch API input file (JSONL) on the engine, no HTTP; resumable")
     _add_model_args(p)
+    _add_options_arg(p)
     p.add_argument("-i", "--input", required=True, help="input JSONL: {custom_id, method, url, body} a line")
     p.add_argument("-o", "--output", required=True,
                    help="output JSONL (appended; the custom_ids already in it are skipped)")
@@ -115,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-steps", type=int, default=8)
     p.add_argument("--compare", default=None, help="hf: also run HF transformers on the same weights")
     p.add_argument("--json", default=None, help="append JSON lines to this file")
+    _add_options_arg(p)
     _add_cache_args(p)
     return parser
 

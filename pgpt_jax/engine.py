@@ -68,7 +68,7 @@ class Engine:
                  limits: Limits = Limits(), min_bucket: int = 16, min_window: int = 128,
                  max_prefill_tokens: int = 1024, mesh: Optional[Mesh] = None,
                  lockstep_timeout: float = 30.0, on_fatal: Optional[Callable[[BaseException], None]] = None,
-                 batch_slack: float = 1.25):
+                 batch_slack: float = 1.25, xla_options: Optional[str] = None):
         self.model, self.tokenizer, self.config = model, tokenizer, model.config
         self.context_length = self.config.n_positions
         self.slots, self.decode_steps, self.limits, self.mesh = slots, decode_steps, limits, mesh
@@ -98,6 +98,9 @@ class Engine:
         self._watchdog: Optional[Watchdog] = None
         self._stop_sent = False
         self.prefill_calls = self.decode_calls = self.generated_tokens = 0
+        # XLA:CPU options: None keeps the process's choice, "auto" measures at warm-up, else a set's name.
+        self.xla_options = xla_options
+        self.option_times: dict = {}  # rows -> {option set: seconds per decode call}, when measured
 
     # ---------------------------------------------------------------- public API
 
@@ -210,6 +213,7 @@ class Engine:
         total)` is called after each program."""
         t0 = time.perf_counter()
         sched = self.scheduler
+        self.choose_options()
         prefills = [(rows, b) for b in sched.buckets for rows in sched.prefill_rows[b]]
         decodes = [(rows, w) for w in sched.windows for rows in sched.row_buckets]
         self.executor.warmup(prefills, sched.buckets, decodes, progress=progress, on_program=on_program)
@@ -219,6 +223,37 @@ class Engine:
             sched.decode_cost = self.executor.time_decodes([(rows, sched.windows[0]) for rows in sched.row_buckets])
             log.info("decode call seconds by rows: %s", {r: round(t, 4) for r, t in sched.decode_cost.items()})
         return time.perf_counter() - t0
+
+    def choose_options(self) -> None:
+        """XLA:CPU option sets for this engine's programs (programs.CPU_OPTION_SETS): forced by
+        name, or with "auto" remembered for this CPU and shape, else measured: each decode row
+        bucket under each set, the fastest kept (the largest bucket's for the other programs).
+        A multi-host group never measures (its processes must compile the same programs)."""
+        from pgpt_jax import programs
+
+        if self.xla_options is None:
+            return
+        if self.xla_options != "auto":
+            programs.choose_options(self.xla_options)
+            log.info("XLA:CPU options: %s (forced)", self.xla_options)
+            return
+        cfg = self.config
+        key = f"{cfg.name}/{cfg.dtype}/slots={self.slots}/steps={self.decode_steps}/mesh={_mesh_shape(self.mesh)}"
+        choice = programs.remembered_choice(key)
+        if choice is not None:
+            programs.choose_options(choice["default"], choice["decode"])
+            log.info("XLA:CPU options for %s (remembered): %s", key, choice)
+            return
+        if jax.default_backend() != "cpu" or self.lockstep is not None or programs.user_sets_options():
+            return
+        window = self.scheduler.windows[0]
+        self.option_times = {rows: self.executor.time_option_sets(rows, window) for rows in self.scheduler.row_buckets}
+        decode = {rows: min(t, key=t.get) for rows, t in self.option_times.items()}
+        choice = {"default": decode[max(decode)], "decode": decode}
+        programs.choose_options(choice["default"], decode)
+        programs.remember_choice(key, choice)
+        log.info("XLA:CPU options for %s (measured, seconds per decode call): %s -> %s", key,
+                 {r: {n: round(s, 4) for n, s in t.items()} for r, t in self.option_times.items()}, choice)
 
     # ---------------------------------------------------------------- the host loop
 
@@ -413,6 +448,10 @@ class Engine:
             for delta in entry.output.deltas():
                 self.registry.deliver(entry, delta)
         self.registry.end(entry, outcome)
+
+
+def _mesh_shape(mesh: Optional[Mesh]) -> str:
+    return "none" if mesh is None else "x".join(f"{k}{v}" for k, v in mesh.shape.items())
 
 
 def _compiles() -> int:

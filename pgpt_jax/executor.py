@@ -110,6 +110,11 @@ class Executor:
         """True when a failed call consumed the donated state."""
         return any(a.is_deleted() for a in jax.tree.leaves(self.state))
 
+    def time_option_sets(self, rows: int, window: int) -> dict[str, float]:
+        """Seconds per decode call of `rows` rows under each XLA:CPU option set (fresh states)."""
+        return programs.time_option_sets(self.graphdef, self.params, self.head, self.config, self.slots, rows=rows,
+                                         window=window, steps=self.decode_steps, top_k=self.top_k, mesh=self.mesh)
+
     def time_decodes(self, decodes: list[tuple[int, int]], repeats: int = 3) -> dict[int, float]:
         """Seconds one decode call of each (rows, window) takes (the fastest of `repeats`), keyed
         by rows; then a fresh state. Process 0 alone: a multi-host group must not run it."""

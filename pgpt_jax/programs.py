@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 import threading
+import time
 from typing import Optional
 
 import jax
@@ -41,14 +43,43 @@ from pgpt_jax.model import init_cache, lm_head, split_qkv
 # --------------------------------------------------------------------------- compiler settings
 
 
-def compiler_options() -> Optional[dict]:
-    """XLA:CPU's YNNPACK dot fusion ran decode's small-batch matmuls 2-2.5x slower on AMD Zen 3
-    (docs/benchmarks.md), so every program here turns it off for itself: options passed to jit
-    rather than XLA_FLAGS, so importing pgpt_jax changes no environment variable. A user's
-    XLA_FLAGS that name the option win; GPU and TPU compilers ignore it."""
-    if "xla_cpu_experimental_ynn_fusion_type" in os.environ.get("XLA_FLAGS", ""):
-        return None
-    return {"xla_cpu_experimental_ynn_fusion_type": ""}
+# XLA:CPU option sets a program may be compiled with. Which is fastest depends on the CPU: the
+# YNNPACK dot fusion (XLA's default) ran decode's small-batch matmuls 2-2.5x slower on AMD
+# Zen 3, and 32-row matmuls 1.2-1.6x faster on Zen 4 (docs/benchmarks.md). Passed to jit per
+# program, never through XLA_FLAGS: importing pgpt_jax changes no environment variable.
+CPU_OPTION_SETS = {
+    "xla-default": {},
+    "no-ynn-fusion": {"xla_cpu_experimental_ynn_fusion_type": ""},
+}
+FALLBACK_OPTION_SET = "no-ynn-fusion"  # before a measurement chose (what Zen 3 measured)
+
+_choice = {"default": FALLBACK_OPTION_SET, "decode": {}}  # decode: rows -> set name
+
+
+def user_sets_options() -> bool:
+    """A user's XLA_FLAGS that name an option of the sets win: every program compiles with none."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    return any(k in flags for opts in CPU_OPTION_SETS.values() for k in opts)
+
+
+def compiler_options(name: Optional[str] = None) -> Optional[dict]:
+    """The jit compiler_options of option set `name` (default: the chosen default set)."""
+    if user_sets_options() or jax.default_backend() != "cpu":
+        return None  # other backends' compilers have their own defaults
+    return dict(CPU_OPTION_SETS[name or _choice["default"]]) or None
+
+
+def choose_options(default: str, decode_by_rows: Optional[dict] = None) -> None:
+    """Sets the option set programs compile with from now on: `decode_by_rows` per decode row
+    count, `default` for every other program (and decode rows not listed)."""
+    for name in [default, *(decode_by_rows or {}).values()]:
+        if name not in CPU_OPTION_SETS:
+            raise ValueError(f"unknown XLA:CPU option set {name!r}; known: {', '.join(CPU_OPTION_SETS)}")
+    _choice["default"], _choice["decode"] = default, dict(decode_by_rows or {})
+
+
+def chosen_options() -> dict:
+    return {"default": _choice["default"], "decode": dict(_choice["decode"])}
 
 
 def cpu_fingerprint() -> str:
@@ -83,9 +114,34 @@ def use_compile_cache(directory: str) -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
+class _Program:
+    """A module-level program: one jax.jit of `fn` per XLA:CPU option set, the set chosen per
+    call (`choose_options`; decode's by its `rows`). `.lower` and calls go to that jit;
+    `.with_options(name)` is the jit of one set (for measuring them)."""
+
+    def __init__(self, fn, jit_kwargs: dict):
+        functools.update_wrapper(self, fn)
+        self.fn, self.jit_kwargs, self._jits = fn, jit_kwargs, {}
+
+    def with_options(self, name: Optional[str]):
+        if name not in self._jits:
+            self._jits[name] = jax.jit(self.fn, compiler_options=compiler_options(name), **self.jit_kwargs)
+        return self._jits[name]
+
+    def _pick(self, kwargs: dict):
+        name = _choice["decode"].get(kwargs.get("rows")) if self.__name__ == "decode" else None
+        return self.with_options(name or _choice["default"])
+
+    def __call__(self, *args, **kwargs):
+        return self._pick(kwargs)(*args, **kwargs)
+
+    def lower(self, *args, **kwargs):
+        return self._pick(kwargs).lower(*args, **kwargs)
+
+
 def _program(**jit_kwargs):
-    """jax.jit with this module's compiler options."""
-    return functools.partial(jax.jit, compiler_options=compiler_options(), **jit_kwargs)
+    """A `_Program` decorator: jax.jit with the chosen compiler options."""
+    return lambda fn: _Program(fn, jit_kwargs)
 
 
 # --------------------------------------------------------------------------- compile counting
@@ -336,6 +392,61 @@ def compile_all(graphdef, params, head, state: DecodeState, *, prefills, echo_bu
             on_program(done, len(jobs))
     if bar is not None:
         bar.close()
+
+
+def time_option_sets(graphdef, params, head, cfg, slots: int, *, rows: int, window: int, steps: int, top_k: int,
+                     mesh=None, repeats: int = 3) -> dict[str, float]:
+    """Seconds per decode call of `rows` rows compiled under each XLA:CPU option set (the
+    fastest of `repeats` calls after the one that compiles), on fresh states."""
+    times = {}
+    for name in CPU_OPTION_SETS:
+        fn, state, best = decode.with_options(name), init_state(cfg, slots, mesh), float("inf")
+        for i in range(repeats + 1):
+            t0 = time.perf_counter()
+            state, *outs = fn(graphdef, params, head, state, steps=steps, window=window, rows=rows, top_k=top_k,
+                              mesh=mesh)
+            jax.block_until_ready(outs)
+            if i:
+                best = min(best, time.perf_counter() - t0)
+        times[name] = best
+    return times
+
+
+def option_choices_path() -> Optional[str]:
+    """Where measured choices are remembered: beside the persistent compile cache (which is
+    per CPU), or nowhere when there is none."""
+    directory = jax.config.jax_compilation_cache_dir
+    return os.path.join(directory, "xla_options.json") if directory else None
+
+
+def remembered_choice(key: str) -> Optional[dict]:
+    path = option_choices_path()
+    if path is None or not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            choice = json.load(f).get(key)
+    except (OSError, ValueError):
+        return None
+    if not choice or any(n not in CPU_OPTION_SETS for n in [choice["default"], *choice["decode"].values()]):
+        return None
+    return {"default": choice["default"], "decode": {int(r): n for r, n in choice["decode"].items()}}
+
+
+def remember_choice(key: str, choice: dict) -> None:
+    path = option_choices_path()
+    if path is None:
+        return
+    try:
+        with open(path) as f:
+            known = json.load(f)
+    except (OSError, ValueError):
+        known = {}
+    known[key] = choice
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(known, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
 
 
 def _zeros_like(infos):

@@ -62,7 +62,7 @@ def _engine_from_args(args, mesh, limits: Limits, on_fatal=None):
     engine = Engine(model, get_tokenizer(fim=model.config.fim), slots=args.slots,
                     decode_steps=args.decode_steps, limits=limits, mesh=mesh,
                     lockstep_timeout=args.lockstep_timeout, on_fatal=on_fatal,
-                    batch_slack=getattr(args, "batch_slack", 1.25))
+                    batch_slack=getattr(args, "batch_slack", 1.25), xla_options=getattr(args, "xla_options", None))
     return engine, what
 
 
