@@ -95,20 +95,22 @@ class Planner:
         """Takes slots back from background requests: every one holding a slot at or above the
         background limit (scheduler.py), then, lowest slots first, as many as waiting
         interactive choices lack below it. Returns the limit, and the free slots below it that
-        batch work must leave to interactive work (one while interactive work is about). Each such request starts over
-        later (its choices at the front of the background queue, its prompt prefilled again)
-        with the same seed, so its answer is the one it would have given; what it made is dropped."""
+        batch work must leave to interactive work (one while interactive work is about). Each
+        such request starts over later (its choices at the front of the background queue, its
+        prompt prefilled again) with the same seed, so its answer is the one it would have
+        given; what it made is dropped."""
         sched = self.scheduler
         about = self._interactive_about()
         limit = sched.background_limit(about)
-        evict = {run.entry for s, run in enumerate(sched.owner) if run is not None and sched.batch[s] and s >= limit}
+        evict = dict.fromkeys(run.entry for s, run in enumerate(sched.owner)  # ordered: a set's is not
+                              if run is not None and sched.batch[s] and s >= limit)
         short = sched.shortfall(limit)
         for s in range(limit):
             run = sched.owner[s]
             if short <= 0:
                 break
             if run is not None and sched.batch[s] and run.entry not in evict:
-                evict.add(run.entry)
+                evict[run.entry] = None
                 short -= sum(r.slot < limit for r in run.entry.running)
         for entry in evict:
             for run in entry.running:
