@@ -407,10 +407,20 @@ def _invert(w, u):
 
 
 def _cumsum(w):
-    """Inclusive cumulative sum over the last axis. Short rows use a triangular matmul: XLA
-    lowers jnp.cumsum to a scan of many slices, slower to compile and, on CPU, to run."""
+    """Inclusive cumulative sum over the last axis, each row on its own: a row sums to the same
+    bits whatever other rows share the call, so a seeded draw does not depend on its batch.
+    (A triangular matmul did not: XLA:CPU rounds a row of a matmul differently with the
+    number of rows and the row's place among them.) Short rows (64, 128 and V/128 entries in
+    `_invert` and `_nucleus_draw`) add left to right in a loop, which also keeps the sum of
+    non-negative weights non-decreasing; the sort fallback's [1, V] uses jnp.cumsum (an
+    associative scan of element-wise adds, row by row as well)."""
     n = w.shape[-1]
     if n > 512:
         return jnp.cumsum(w, axis=-1)
-    upper = jnp.triu(jnp.ones((n, n), w.dtype))  # upper[i, j] = 1 where i <= j
-    return jnp.matmul(w, upper, precision=lax.Precision.HIGHEST)
+
+    def add(total, column):
+        total = total + column
+        return total, total
+
+    _, out = lax.scan(add, jnp.zeros(w.shape[:-1], w.dtype), jnp.moveaxis(w, -1, 0))
+    return jnp.moveaxis(out, 0, -1)
