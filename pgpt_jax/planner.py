@@ -16,6 +16,7 @@ nobody holds any more.
 from __future__ import annotations
 
 import time
+from collections import deque
 from typing import Callable
 
 import numpy as np
@@ -25,7 +26,8 @@ from pgpt_jax.outputs import RequestOutput
 from pgpt_jax.registry import Entry, Registry, Running
 from pgpt_jax.scheduler import Scheduler
 
-INTERACTIVE_HOLD_S = 1.0  # batch work stays within its limit this long after interactive work
+INTERACTIVE_HOLD_S = 2.0  # batch work keeps to the rows interactive work needed within this long
+BATCH_ADMITS = 4  # batch choices admitted a plan while interactive work is about (their prefills delay it)
 
 
 class Planner:
@@ -40,7 +42,7 @@ class Planner:
         self._users: dict[int, int] = {}  # prefill id -> requests that still need it
         self._next_pid = 0
         self.yielded = 0  # background requests that gave their slots back to interactive work
-        self._last_interactive = float("-inf")  # when interactive work was last about
+        self._needs: deque = deque()  # (time, rows interactive work needed) over INTERACTIVE_HOLD_S
 
     def plan(self) -> tuple[list, list]:
         """This iteration's ops, and for each what process 0 does with its outputs."""
@@ -83,25 +85,31 @@ class Planner:
         return RequestOutput(r, self.tokenizer, max_new=r.max_new(self.context_length),
                              context_length=self.context_length)
 
-    def _interactive_about(self) -> bool:
-        """Interactive work runs or waits, or did within INTERACTIVE_HOLD_S: between one
-        client's requests batch work does not refill the slots only to give them back."""
-        now = time.monotonic()
-        if self.scheduler.waiting or self.scheduler.interactive_slots():
-            self._last_interactive = now
-        return now - self._last_interactive < INTERACTIVE_HOLD_S
+    def _interactive_need(self) -> int:
+        """The most rows interactive work needed (scheduler.interactive_need) within the last
+        INTERACTIVE_HOLD_S: batch work does not fill the rows one client's next request, or
+        one more concurrent client, will want again a moment later, only to give them back."""
+        now, need = time.monotonic(), self.scheduler.interactive_need()
+        while self._needs and (now - self._needs[0][0] > INTERACTIVE_HOLD_S or self._needs[0][1] <= need):
+            self._needs.popleft()
+        while self._needs and self._needs[-1][1] <= need:
+            self._needs.pop()
+        if need:
+            self._needs.append((now, need))
+        return max((n for _, n in self._needs), default=0)
 
-    def _yield_background(self) -> tuple[int, int]:
+    def _yield_background(self) -> tuple[int, int, int]:
         """Takes slots back from background requests: every one holding a slot at or above the
         background limit (scheduler.py), then, lowest slots first, as many as waiting
-        interactive choices lack below it. Returns the limit, and the free slots below it that
-        batch work must leave to interactive work (one while interactive work is about). Each
+        interactive choices lack below it. Returns the limit, the free slots below it that batch
+        work must leave to interactive work (one while interactive work is about), and how many
+        batch choices this plan may admit (BATCH_ADMITS while it is about). Each
         such request starts over later (its choices at the front of the background queue, its
         prompt prefilled again) with the same seed, so its answer is the one it would have
         given; what it made is dropped."""
         sched = self.scheduler
-        about = self._interactive_about()
-        limit = sched.background_limit(about)
+        need = self._interactive_need()
+        limit = sched.background_limit(need)
         evict = dict.fromkeys(run.entry for s, run in enumerate(sched.owner)  # ordered: a set's is not
                               if run is not None and sched.batch[s] and s >= limit)
         short = sched.shortfall(limit)
@@ -123,7 +131,7 @@ class Planner:
             entry.unplaced = entry.request.candidates
             sched.enqueue(entry, entry.output.choices, background=True, front=True)
             self.yielded += 1
-        return limit, int(about)
+        return limit, int(need > 0), BATCH_ADMITS if need else sched.slots
 
     def prefills(self, entries: list, want_logprobs: bool, ops: list, meta: list, alone: bool = False) -> None:
         """One Prefill per group of same-bucket prompts (`Scheduler.prefill_calls`)."""
@@ -143,8 +151,8 @@ class Planner:
             meta.append(chunk)
 
     def _admissions(self, ops: list, meta: list) -> None:
-        limit, reserve = self._yield_background()
-        admitted = list(self.scheduler.admissions(done=lambda e: e.done, limit=limit, reserve=reserve))
+        limit, reserve, most = self._yield_background()
+        admitted = list(self.scheduler.admissions(done=lambda e: e.done, limit=limit, reserve=reserve, most=most))
         fresh = list(dict.fromkeys(e for e, _, _ in admitted if e.prefix is None))
         echo = [e for e in fresh if e.request.wants_prompt_logprobs]
         self.prefills(echo, True, ops, meta)  # alone: logits at every prompt position

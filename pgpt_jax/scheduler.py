@@ -105,32 +105,37 @@ class Scheduler:
 
     # ------------------------------------------------------------------ admission
 
-    def admissions(self, done=lambda entry: False, limit: Optional[int] = None,
-                   reserve: int = 0) -> Iterable[tuple[Any, Any, int]]:
+    def admissions(self, done=lambda entry: False, limit: Optional[int] = None, reserve: int = 0,
+                   most: Optional[int] = None) -> Iterable[tuple[Any, Any, int]]:
         """(entry, choice, slot) for waiting choices while slots are free, lowest first:
-        interactive ones oldest first, then background ones below `limit` (default: all
-        slots) as long as `reserve` free slots below it stay free; skips the choices of
-        entries `done` says are over."""
+        interactive ones oldest first, then at most `most` background ones (default: no cap)
+        below `limit` (default: all slots) as long as `reserve` free slots below it stay free;
+        skips the choices of entries `done` says are over."""
         free = [s for s, o in enumerate(self.owner) if o is None]
         limit = self.slots if limit is None else limit
+        most = self.slots if most is None else most
         for queue in (self.waiting, self.background):
             while free and queue:
-                if queue is self.background and sum(s < limit for s in free) <= reserve:
+                if queue is self.background and (sum(s < limit for s in free) <= reserve or most <= 0):
                     return
+                most -= queue is self.background
                 entry, choice = queue.popleft()
                 if done(entry):
                     continue
                 yield entry, choice, free.pop(0)
 
-    def background_limit(self, interactive: bool) -> int:
-        """Slots (a prefix) batch work may hold: all of them with no interactive work about;
-        else the decode bucket interactive work needs (its rows and waiting choices packed
-        low, and its highest slot), widened while a bucket's measured decode costs at most
-        `batch_slack` times that one's."""
-        if not interactive:
-            return self.slots
+    def interactive_need(self) -> int:
+        """Rows interactive work needs now: its rows and waiting choices packed low, and at
+        least up to its highest slot (0: none)."""
         mine = self.interactive_slots()
-        need = max(len(mine) + len(self.waiting), mine[-1] + 1 if mine else 0, 1)
+        return max(len(mine) + len(self.waiting), mine[-1] + 1 if mine else 0)
+
+    def background_limit(self, need: int) -> int:
+        """Slots (a prefix) batch work may hold when interactive work needs `need` rows: all of
+        them for 0; else that need's decode bucket, widened while a bucket's measured decode
+        costs at most `batch_slack` times that one's."""
+        if need <= 0:
+            return self.slots
         base = next((r for r in self.row_buckets if r >= need), self.slots)
         cost = self.decode_cost
         if not cost or base not in cost:

@@ -9,9 +9,10 @@
    after in the same run. Target: at least 0.9x.
 2. Interactive TTFT under a batch: an in-process server; `--clients` closed-loop streaming
    clients (32-token prompts, 16 new tokens, `--think` seconds between requests) for
-   `--seconds` with no batch, then with a large batch running (the default --batch-slack),
-   then with the slack unbounded (batch work keeps every slot until interactive work lacks
-   one). Target: p50 TTFT with the batch within 1.5x of its value without one.
+   `--seconds` with no batch, then with a large batch running under each `--slacks` value
+   of --batch-slack, then with the slack unbounded (batch work keeps every slot but one
+   while interactive work is about). Target: p50 TTFT with the batch within 1.5x of its
+   value without one.
 
 Prints a JSON line per figure and a summary.
 """
@@ -142,7 +143,7 @@ def latency(engine: Engine, args, tmp: Path) -> dict:
         while engine.active_slots < args.slots:
             time.sleep(0.1)
         out = {}
-        for label, slack in (("slack %g" % args.batch_slack, args.batch_slack), ("slack unbounded", float("inf"))):
+        for label, slack in [(f"slack {x:g}", x) for x in args.slacks] + [("slack unbounded", float("inf"))]:
             engine.scheduler.batch_slack = slack
             done0, gen0, yields0 = (http.get(f"/v1/batches/{batch['id']}").json()["request_counts"]["completed"],
                                     engine.generated_tokens, engine.batch_yields)
@@ -169,12 +170,18 @@ def main() -> None:
     p.add_argument("--clients", type=int, default=2)
     p.add_argument("--think", type=float, default=0.25)
     p.add_argument("--seconds", type=float, default=60)
-    p.add_argument("--batch-slack", type=float, default=1.25)
+    p.add_argument("--slacks", default="1.25,1", help="--batch-slack values to measure (then unbounded)")
+    p.add_argument("--no-compile-cache", action="store_true")
     p.add_argument("--part", choices=["all", "throughput", "latency"], default="all")
     args = p.parse_args()
+    args.slacks = [float(x) for x in args.slacks.split(",")]
+    if not args.no_compile_cache:
+        from pgpt_jax import programs
+
+        programs.use_compile_cache(programs.default_compile_cache_dir())
     model, what = load_model_for_serving(args.model, None)
     engine = Engine(model, get_tokenizer(), slots=args.slots, decode_steps=args.decode_steps,
-                    batch_slack=args.batch_slack)
+                    batch_slack=args.slacks[0])
     t0 = time.perf_counter()
     engine.warmup()
     emit(what="warm-up", model=what, seconds=round(time.perf_counter() - t0, 1),

@@ -49,16 +49,16 @@ def test_decode_shape_covers_the_occupied_prefix_and_the_longest_row():
 
 def test_batch_work_holds_only_the_rows_interactive_decodes_pay_for():
     s = Scheduler(32, 1024, batch_slack=1.25)
-    assert s.background_limit(interactive=False) == 32
-    assert s.background_limit(interactive=True) == 1  # no costs measured: the interactive bucket only
+    assert s.interactive_need() == 0 and s.background_limit(0) == 32
+    assert s.background_limit(1) == 1  # no costs measured: the interactive bucket only
     s.decode_cost = {1: 1.0, 4: 1.1, 16: 1.6, 32: 3.0}
     s.place(0, "chat", 10)
-    assert s.background_limit(interactive=True) == 4  # 4 rows cost 1.1x one row: within the slack
+    assert s.interactive_need() == 1 and s.background_limit(1) == 4  # 4 rows cost 1.1x one: within the slack
     for slot in range(1, 5):
         s.place(slot, f"chat{slot}", 10)
-    assert s.background_limit(interactive=True) == 16  # 5 rows need 16; 32 would cost 1.9x that
+    assert s.background_limit(s.interactive_need()) == 16  # 5 rows need 16; 32 would cost 1.9x that
     s.place(20, "late", 10)
-    assert s.background_limit(interactive=True) == 32  # an interactive row up there: 32 rows anyway
+    assert s.interactive_need() == 21 and s.background_limit(21) == 32  # a row up there: 32 rows anyway
     # Batch choices are admitted only below the limit; interactive ones anywhere.
     t = Scheduler(8, 128)
     t.place(0, "chat", 5)
@@ -67,3 +67,4 @@ def test_batch_work_holds_only_the_rows_interactive_decodes_pay_for():
     t.waiting.append(("i", 0))
     assert t.shortfall(limit=1) == 1 and list(t.admissions(limit=4, reserve=1)) == [("i", 0, 1), ("b", 0, 2)]
     assert list(t.background) == [("b", 1)]  # slot 3 stays free for the next interactive arrival
+    assert list(t.admissions(limit=8, most=0)) == []  # no batch admissions this plan
