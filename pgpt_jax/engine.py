@@ -200,8 +200,8 @@ class Engine:
 
     def run_until_idle(self) -> None:
         """Runs the host loop in the calling thread until no work is left (generate())."""
-        while self.step():
-            pass
+        while self.step() or self.scheduler.background:
+            time.sleep(0.0 if self.scheduler.active else 0.01)  # batch work held back for a moment
 
     def run_follower(self) -> None:
         """Processes other than 0: replay process 0's ops until it stops (multihost.follow)."""
@@ -313,7 +313,8 @@ class Engine:
             self.executor.reset()
 
     def step(self) -> bool:
-        """One iteration (see the module docstring). Returns False when there is no work."""
+        """One iteration (see the module docstring). Returns False when there is no work to do now
+        (batch work held back for interactive work does not count)."""
         self._moved.clear()
         ops, meta = self.planner.plan()
         if self.lockstep is not None:
@@ -327,7 +328,9 @@ class Engine:
         if not self.scheduler.active:
             while self._pending:
                 self._process(self._pending.pop(0))
-        return bool(self._pending or self.scheduler.queued or self.scheduler.active or self.registry.inbox)
+        # Batch work that waits alone is not a reason to spin: it waits for interactive work to
+        # leave (planner.INTERACTIVE_HOLD_S), and the loop's idle wait re-plans soon enough.
+        return bool(self._pending or self.scheduler.waiting or self.scheduler.active or self.registry.inbox)
 
     # ---------------------------------------------------------------- execution (every process)
 
