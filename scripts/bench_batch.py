@@ -192,6 +192,7 @@ def main() -> None:
             throughput(engine, args, Path(tmp))
         if args.part in ("all", "latency"):
             latency(engine, args, Path(tmp))
+    engine.stop()  # before the interpreter exits under a running engine thread
 
 
 if __name__ == "__main__":
