@@ -125,5 +125,6 @@ def row_args(request, seed: int, choice_index: int) -> dict:
     return dict(temperature=float(request.temperature), top_p=float(request.top_p),
                 presence=float(request.presence_penalty), frequency=float(request.frequency_penalty),
                 logit_bias=dict(request.logit_bias) if request.logit_bias else None,
-                num_logprobs=int(request.logprobs or 0), seed=int(seed), choice_index=int(choice_index))
+                num_logprobs=int(request.logprobs or 0), seed=int(seed), choice_index=int(choice_index),
+                processed=request.logprobs_mode == "processed_logprobs")
 

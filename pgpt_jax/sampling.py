@@ -7,7 +7,12 @@ program; only `top_k` (the logprobs cap) and the prefilter widths are static. Pe
 
 Penalties follow OpenAI: `mu[j] - c[j]*frequency - (c[j] > 0)*presence`, with c the counts
 of tokens this row has *generated*. Temperature 0 is the argmax of the processed logits.
-Reported logprobs are the model's raw ones (log_softmax of the logits, before any of that).
+Reported logprobs are, per row (`SamplingRows.processed`, vLLM's `logprobs_mode`), the
+model's raw ones (log_softmax of the logits, before any of that) or the processed ones: the
+log-probabilities of the distribution the token was drawn from (after bias, penalties,
+temperature and top_p; a greedy row's is the temperature-1 distribution after bias and
+penalties, untruncated). Under top_p a token outside the nucleus has a processed logprob of
+-inf; the host leaves such alternatives out (`outputs.py`).
 
 The nucleus is the shortest prefix of the tokens in descending order of processed logit,
 ties broken by lower token id (the order a stable sort gives), whose mass reaches top_p; it
@@ -76,6 +81,7 @@ class SamplingRows:
     bias: f32[B, V] dense logit_bias;  counts: i32[B, V] tokens generated so far by the row
     num_logprobs: i32[B] top logprobs wanted (0..top_k);  key: u32[B, 2] raw key data
     (`jax.random.key_data`) of fold_in(key(seed), choice_index), see `row_key`.
+    processed: bool[B] report processed logprobs rather than raw ones (see the module docstring).
     """
 
     temperature: jax.Array
@@ -86,6 +92,7 @@ class SamplingRows:
     counts: jax.Array
     num_logprobs: jax.Array
     key: jax.Array
+    processed: jax.Array
 
 
 def init_rows(slots: int, vocab: int) -> SamplingRows:
@@ -100,6 +107,7 @@ def init_rows(slots: int, vocab: int) -> SamplingRows:
         counts=jnp.zeros((slots, vocab), jnp.int32),
         num_logprobs=jnp.zeros((slots,), jnp.int32),
         key=jnp.zeros((slots, key_width), jnp.uint32),
+        processed=jnp.zeros((slots,), bool),
     )
 
 
@@ -118,7 +126,7 @@ def row_key(seed: int, choice_index: int) -> np.ndarray:
 
 def request_row(*, temperature: float, top_p: float, presence: float, frequency: float,
                 logit_bias: Optional[Mapping[int, float]], banned: Sequence[int], num_logprobs: int,
-                seed: int, choice_index: int, vocab: int) -> SamplingRows:
+                seed: int, choice_index: int, vocab: int, processed: bool = False) -> SamplingRows:
     """One row (host numpy arrays of leading size 1) for one choice of a request: what
     `programs.start_row` writes into a slot. `banned` tokens get a -inf bias (tokens the model
     must never produce); counts is None (a new row has generated nothing)."""
@@ -133,7 +141,7 @@ def request_row(*, temperature: float, top_p: float, presence: float, frequency:
     return SamplingRows(temperature=one(temperature, np.float32), top_p=one(top_p, np.float32),
                         presence=one(presence, np.float32), frequency=one(frequency, np.float32),
                         bias=bias, counts=None, num_logprobs=one(num_logprobs, np.int32),
-                        key=row_key(seed, choice_index)[None])
+                        key=row_key(seed, choice_index)[None], processed=one(processed, bool))
 
 
 def logprobs_of(logits, ids, k: int, never=()):
@@ -162,8 +170,10 @@ def sample(logits, rows: SamplingRows, positions, *, top_k: int = 5,
     """One step for all rows. logits f32[B, V], positions i32[B] (where the new token goes) ->
     (tokens i32[B], logprob f32[B], top_ids i32[B, top_k], top_logprobs f32[B, top_k], rows).
 
-    logprob and top_logprobs are raw (log_softmax of `logits`); entries past a row's own
-    num_logprobs are unspecified (the host trims). The returned rows have
+    logprob and top_logprobs are raw (log_softmax of `logits`), or processed on the rows that
+    ask (`rows.processed`; then top_ids are the most likely tokens of the processed
+    distribution, -inf past the nucleus); entries past a row's own num_logprobs are
+    unspecified (the host trims). The returned rows have
     counts[s, tokens[s]] += 1. top_k, nucleus_k and rejection_tries are static; the last
     two change speed only, never which tokens can come out or with what probability.
     With a `mesh`, each device samples its own rows (rows split over `data`) and, when the
@@ -187,7 +197,8 @@ def sample(logits, rows: SamplingRows, positions, *, top_k: int = 5,
     vocab = Vocab(V, V // shards, axis if shards > 1 else None, row_axis)
     per_row, per_token = P(row_axis), P(row_axis, axis)
     row_specs = SamplingRows(temperature=per_row, top_p=per_row, presence=per_row, frequency=per_row,
-                             bias=per_token, counts=per_token, num_logprobs=per_row, key=P(row_axis, None))
+                             bias=per_token, counts=per_token, num_logprobs=per_row, key=P(row_axis, None),
+                             processed=per_row)
     top = P(row_axis, None)
     # check_vma=False: the merged results (tokens, top k) are the same on every shard by
     # construction, but jax types an all_gather's result as varying over the axis and would
@@ -230,6 +241,13 @@ def _sample(logits, rows: SamplingRows, positions, *, vocab: Vocab, top_k: int, 
         lambda: _top_logprobs(jnp.where(rows.bias == -jnp.inf, -jnp.inf, logits), lse, top_k, vocab),
         lambda: (jnp.zeros((B, top_k), jnp.int32), jnp.zeros((B, top_k), jnp.float32)),
     )
+    raw = (logprob, top_ids, top_logprobs)
+    logprob, top_ids, top_logprobs = lax.cond(
+        vocab.any(rows.processed),
+        lambda: jax.tree.map(lambda p, r: jnp.where(rows.processed.reshape((B,) + (1,) * (r.ndim - 1)), p, r),
+                             _processed_logprobs(x, x_max, rows, tokens, top_k, nucleus_k, vocab), raw),
+        lambda: raw,
+    )
     counts = vocab.add_one(rows.counts, tokens)  # in place when the caller donates rows
     return tokens, logprob, top_ids, top_logprobs, dataclasses.replace(rows, counts=counts)
 
@@ -248,6 +266,54 @@ def processed_logits(logits, rows: SamplingRows):
     # Each branch writes the whole result, so neither copies the other's output.
     return lax.cond(jnp.any((rows.frequency != 0) | (rows.presence != 0)), penalized,
                     lambda: logits + rows.bias)
+
+
+def _processed_logprobs(x, x_max, rows: SamplingRows, tokens, top_k: int, nucleus_k: int, vocab: Vocab):
+    """Log-probabilities of the distribution each row's token was drawn from: processed logits
+    x [B, V] with their row max x_max [B, 1], tokens i32[B] -> (logprob f32[B], top ids
+    i32[B, top_k], top logprobs f32[B, top_k]), as `_sample` returns raw ones.
+
+    The distribution is softmax(x / T) restricted to the nucleus and renormalised; a greedy
+    row's is softmax(x) (its token was an argmax: a point mass would say nothing). The top
+    tokens, in nucleus order (lax.top_k's), are inside the nucleus while the cumulative mass
+    before them is short of top_p; past it their logprob is -inf. The nucleus' mass is read off
+    the prefilter when it ends there, or else found by sorting the row (row by row, as in
+    `_sample_rows`: the rare row whose nucleus is wider than the prefilter).
+    """
+    greedy = rows.temperature <= 0
+    inv_t = 1.0 / jnp.where(greedy, 1.0, jnp.maximum(rows.temperature, MIN_TEMPERATURE))[:, None]
+    total = vocab.sum(_weight(x, x_max, inv_t))  # [B]
+    nucleus = (rows.top_p < 1) & ~greedy
+    mass = (rows.top_p * total)[:, None]  # [B, 1]
+    width = min(max(top_k, nucleus_k), vocab.size)
+    values, ids = vocab.top_k(x, width)  # [B, width], nucleus order
+    cum = _cumsum(_weight(values, x_max, inv_t))
+    reached = cum >= mass
+    last = jnp.where(jnp.any(reached, axis=-1), jnp.argmax(reached, axis=-1), width)  # width: ends further on
+    kept = jnp.take_along_axis(cum, jnp.minimum(last, width - 1)[:, None], axis=-1)[:, 0]
+    settled = (last < width) | ~nucleus
+
+    def one_row(args):
+        settled, kept, x, x_max, inv_t, mass = args
+        return lax.cond(~vocab.any(~settled), lambda: kept,
+                        lambda: jnp.where(settled, kept, _nucleus_mass(x[None], x_max, inv_t, mass, vocab)))
+
+    kept = lax.cond(vocab.any(~settled), lambda: lax.map(one_row, (settled, kept, x, x_max, inv_t, mass)),
+                    lambda: kept)
+    log_kept = jnp.log(jnp.where(nucleus, kept, total))[:, None]  # [B, 1]
+    logprob = (vocab.take(x, tokens[:, None]) - x_max) * inv_t - log_kept
+    inside = (jnp.arange(width) <= last[:, None]) | ~nucleus[:, None]
+    top = jnp.where(inside, (values - x_max) * inv_t - log_kept, -jnp.inf)
+    return logprob[:, 0], ids[:, :top_k], top[:, :top_k]
+
+
+def _nucleus_mass(x, x_max, inv_t, mass, vocab: Vocab):
+    """The weight held by one row's nucleus, by a full sort: x [1, V], x_max, inv_t, mass [1]
+    (top_p x total weight) -> f32[]. Tied tokens weigh alike, so their order does not matter."""
+    w = _weight(-lax.sort(-vocab.gather(x), dimension=1), x_max, inv_t)[0]  # descending
+    cum = _cumsum(w[None])[0]
+    reached = cum >= mass[0]
+    return jnp.where(jnp.any(reached), cum[jnp.argmax(reached)], cum[-1])
 
 
 def _first_index_of(x, value, vocab: Vocab):
