@@ -144,15 +144,36 @@ def request_row(*, temperature: float, top_p: float, presence: float, frequency:
                         key=row_key(seed, choice_index)[None], processed=one(processed, bool))
 
 
-def logprobs_of(logits, ids, k: int, never=()):
+def logprobs_of(logits, ids, k: int, never=(), wanted=None):
     """Raw log-probabilities: logits f32[..., V], ids i32[...] ->
     (logprob f32[...], top_ids i32[..., k], top_logprobs f32[..., k]), k static (may be 0).
-    Tokens in `never` (static: control tokens the model never produces) are left out of the top k."""
+    Tokens in `never` (static: control tokens the model never produces) are left out of the top k.
+
+    `wanted` (i32[], a value: no compile per value) is how many top entries the caller will
+    read; columns past it are unspecified. It spares prompt logprobs, where [..., V] holds a
+    row per prompt position, the passes it does not need: none for 0, and for 1 (scoring's
+    usual ask) the row max the log-softmax computes anyway plus one pass for its first index,
+    instead of lax.top_k. None: all k.
+    """
     vocab = Vocab(logits.shape[-1])
-    lse = _logsumexp(logits, vocab)
+    m = vocab.max(logits)
+    lse = _logsumexp(logits, vocab, m)
     logprob = jnp.take_along_axis(logits, ids[..., None], axis=-1)[..., 0] - lse
     shown = logits.at[..., jnp.asarray(never, jnp.int32)].set(-jnp.inf) if never else logits
-    top_ids, top_logprobs = _top_logprobs(shown, lse, k, vocab)
+    if wanted is None or k == 0:
+        top_ids, top_logprobs = _top_logprobs(shown, lse, k, vocab)
+        return logprob, top_ids, top_logprobs
+
+    def top_one():
+        best = vocab.max(shown) if never else m
+        first = _first_index_of(shown, best[..., None], vocab)
+        pad = lambda a: jnp.pad(a[..., None], [(0, 0)] * a.ndim + [(0, k - 1)])  # noqa: E731
+        return pad(first), pad(best - lse)
+
+    none = lambda: (jnp.zeros(logits.shape[:-1] + (k,), jnp.int32),  # noqa: E731
+                    jnp.zeros(logits.shape[:-1] + (k,), jnp.float32))
+    top_ids, top_logprobs = lax.switch(jnp.clip(wanted, 0, 2), [none, top_one,
+                                                                lambda: _top_logprobs(shown, lse, k, vocab)])
     return logprob, top_ids, top_logprobs
 
 
@@ -324,9 +345,9 @@ def _first_index_of(x, value, vocab: Vocab):
     return vocab.min(jnp.where(x == value, iota, jnp.inf)).astype(jnp.int32)
 
 
-def _logsumexp(logits, vocab: Vocab):
-    """f32[..., V] -> f32[...]; -inf entries contribute nothing."""
-    m = vocab.max(logits)[..., None]
+def _logsumexp(logits, vocab: Vocab, m=None):
+    """f32[..., V] -> f32[...]; -inf entries contribute nothing. `m`: the row max, if known."""
+    m = (vocab.max(logits) if m is None else m)[..., None]
     m = jnp.where(jnp.isfinite(m), m, 0.0)  # an all -inf row gives -inf, not NaN
     return jnp.log(vocab.sum(jnp.exp(logits - m))) + m[..., 0]
 
