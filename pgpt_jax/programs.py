@@ -207,11 +207,8 @@ def prefill(graphdef, params, head, tokens, true_len, wanted, *, want_logprobs: 
     last_hidden = jnp.take_along_axis(hidden, (true_len - 1)[:, None, None], axis=1)[:, 0]  # [B, D]
     last_logits = model.logits(last_hidden, head)
     if want_logprobs:
-        never = model.config.never_emitted
-        logits = model.logits(hidden[:, :-1], head)  # [B, T-1, V]: predicts tokens 1..T-1
-        lp, top_ids, top_lps = sampling.logprobs_of(logits, tokens[:, 1:], top_k, never, wanted=wanted[0])
-        ranks = jax.lax.cond(wanted[1] > 0, lambda: sampling.token_ranks(logits, tokens[:, 1:], never),
-                             lambda: jnp.zeros((B, T - 1), jnp.int32))
+        lp, top_ids, top_lps, ranks = _prompt_logprobs(model, hidden[:, :-1], head, tokens[:, 1:], wanted,
+                                                       top_k, split_vocab=mesh is not None and mesh.shape["model"] > 1)
     else:
         lp, ranks = jnp.zeros((0,), jnp.float32), jnp.zeros((0,), jnp.int32)
         top_ids, top_lps = jnp.zeros((0, top_k), jnp.int32), jnp.zeros((0, top_k), jnp.float32)
@@ -221,6 +218,29 @@ def prefill(graphdef, params, head, tokens, true_len, wanted, *, want_logprobs: 
         last_logits, lp, top_ids, top_lps, ranks = jax.lax.with_sharding_constraint(
             (last_logits, lp, top_ids, top_lps, ranks), sharding.replicated(mesh))
     return cache, last_logits, lp, top_ids, top_lps, ranks
+
+
+def _prompt_logprobs(model, hidden, head, ids, wanted, top_k: int, split_vocab: bool):
+    """hidden [B, T-1, D] -> what prefill returns of the logprobs of ids i32[B, T-1] (the
+    tokens each position predicts). Top 0 or 1 without ranks, scoring's ask, goes straight
+    from the LM head a block of columns at a time (`sampling.head_logprobs`); anything more
+    writes the [B, T-1, V] logits out and reduces them (`sampling.logprobs_of`, `token_ranks`).
+    Which, is decided by the values in `wanted`: both are in the program."""
+    never, B, T1 = model.config.never_emitted, ids.shape[0], ids.shape[1]
+    no_ranks = jnp.zeros((B, T1), jnp.int32)
+
+    def written_out():
+        logits = model.logits(hidden, head)  # [B, T-1, V]
+        lp, top_ids, top_lps = sampling.logprobs_of(logits, ids, top_k, never, wanted=wanted[0])
+        ranks = jax.lax.cond(wanted[1] > 0, lambda: sampling.token_ranks(logits, ids, never), lambda: no_ranks)
+        return lp, top_ids, top_lps, ranks
+
+    if split_vocab:  # the head's columns are split over devices: no blocks of them here
+        return written_out()
+    return jax.lax.cond((wanted[0] <= 1) & (wanted[1] == 0),
+                        lambda: (*sampling.head_logprobs(hidden, head, ids, top_k, model.config.vocab_size, never),
+                                 no_ranks),
+                        written_out)
 
 
 @_program(static_argnames=("mesh",), donate_argnums=(0,))

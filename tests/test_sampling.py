@@ -367,6 +367,30 @@ def test_new_parameter_values_do_not_recompile():
     assert not np.array_equal(first[0], second[0])
 
 
+@pytest.mark.parametrize("never", [(), (5, 2500, 17)])
+def test_head_logprobs_equal_logprobs_of_the_written_out_logits(monkeypatch, never):
+    # Blocks of 250 columns over a 3000-wide head (the last 10 padding): a tie for the max
+    # across two blocks (the lower id wins), a row of all-equal logits, banned tokens.
+    monkeypatch.setattr(sampling, "HEAD_BLOCK", 256)
+    rng = np.random.default_rng(10)
+    D, V, real = 16, 3000, 2990
+    hidden = rng.normal(size=(3, 7, D)).astype(np.float32)
+    head = rng.normal(size=(D, V)).astype(np.float32)
+    head[:, 100] = head[:, 2500] = 2 * hidden[1, 0]  # the max of row (1, 0), twice
+    hidden[0, 1] = 0.0
+    ids = rng.integers(0, real, (3, 7)).astype(np.int32)
+    logits = hidden @ head
+    logits[..., real:] = -np.inf
+    want = sampling.logprobs_of(jnp.asarray(logits), jnp.asarray(ids), 3, never, wanted=1)
+    got = jax.jit(lambda h, w, i: sampling.head_logprobs(h, w, i, 3, real, never))(hidden, head, ids)
+    np.testing.assert_allclose(got[0], want[0], atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(got[1])[..., 0], np.asarray(want[1])[..., 0])
+    np.testing.assert_allclose(np.asarray(got[2])[..., 0], np.asarray(want[2])[..., 0], atol=1e-5)
+    assert np.asarray(got[1])[0, 1, 0] == 0  # all equal: the first id
+    assert not np.isin(np.asarray(got[1])[..., 0], never).any()
+    assert np.asarray(got[1])[1, 0, 0] == 100  # the tie across blocks: the lower id (2500 is banned or later)
+
+
 def test_top_logprobs_cap_is_static_and_bounded():
     rows = init_rows(2, 64)
     logits = jnp.asarray(np.random.default_rng(7).normal(size=(2, 64)), jnp.float32)
