@@ -130,7 +130,7 @@ class Ours:
         # Slots only bound the prefill rows (1, 4, 16 within max_prefill_tokens); scoring holds none.
         self.engine = Engine(model, self.tok, slots=16, decode_steps=1, limits=limits,
                              min_bucket=a.tokens, max_prefill_tokens=a.max_prefill_tokens)
-        self.warmup_s = self.engine.warmup()
+        self.warmup_s = self.engine.warmup() if a.warmup else 0.0  # without: compiled on first use
         self.compiled = self.engine.compile_count
         self.server = self.http = None
         if a.path == "http":
@@ -294,6 +294,10 @@ def weights_dir(work: Path, preset: str) -> Path:
 
 
 def run(a) -> dict:
+    if a.compile_cache:
+        from pgpt_jax import programs
+
+        programs.use_compile_cache(os.path.expanduser(a.compile_cache))
     work = Path(a.work_dir).expanduser()
     work.mkdir(parents=True, exist_ok=True)
     weights = weights_dir(work, a.preset)
@@ -315,6 +319,7 @@ def run(a) -> dict:
     if a.profile:
         info["profile_ms"] = profile(ours, a)
     emit(a.json, info)
+    compiled = ours.engine.compile_count
     chunk = -(-a.texts // a.rounds)
     spent = {"pgpt": 0.0, "hf": 0.0}
     checks = []
@@ -330,13 +335,14 @@ def run(a) -> dict:
             seconds, outs[side] = ours.score(part) if side == "pgpt" else hf.score(part, batch)
             spent[side] += seconds
             row[f"{side}_tok_s"] = round(len(part) * a.tokens / seconds, 1)
+        row["positions"] = sum(map(len, outs["pgpt"]["logprobs"]))  # scored: tokens - 1 a text
         row["load"] = round(os.getloadavg()[0], 2)
         if "hf" in outs:
             check = compare(outs["pgpt"], outs["hf"], ours.tok)
             checks.append(check)
             row.update(check)
         emit(a.json, row)
-    compiled_after = ours.engine.compile_count - ours.compiled
+    compiled_after = ours.engine.compile_count - compiled
     ours.close()
     if hf is not None:
         hf.close()
@@ -366,6 +372,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--profile", action="store_true")
+    p.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
+                   help="compile every program first (--no-warmup: a smoke run compiles what it uses)")
+    p.add_argument("--compile-cache", default=None, metavar="DIR",
+                   help="JAX's persistent compilation cache here (default: none)")
     p.add_argument("--work-dir", default="~/.cache/pgpt-jax-bench-scoring")
     p.add_argument("--json", default=None, help="append JSON lines here")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
