@@ -117,7 +117,7 @@ def main(args, mesh=None) -> None:
         for _ in range(3):
             t0 = time.perf_counter()
             res = prefill(eng.graphdef, eng.params, eng.head, tokens, np.array([b], np.int32),
-                          want_logprobs=False, top_k=eng.top_k, mesh=mesh)
+                          np.zeros((2,), np.int32), want_logprobs=False, top_k=eng.top_k, mesh=mesh)
             np.asarray(res[1])
             times.append(time.perf_counter() - t0)
         _emit(rows, out, metric="prefill_ms", bucket=b, value=round(1000 * min(times), 2))

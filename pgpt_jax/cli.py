@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pgpt_jax.request import Limits
+from pgpt_jax.request import LOGPROBS_MODES, Limits
 
 LIMITS = Limits()
 
@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slots", type=int, default=32)
     p.add_argument("--decode-steps", type=int, default=4)
     p.add_argument("--max-logprobs", type=int, default=LIMITS.max_logprobs)
+    p.add_argument("--logprobs-mode", choices=LOGPROBS_MODES, default=LIMITS.logprobs_mode,
+                   help="logprobs of sampled tokens for requests that do not say (docs/api.md)")
     g = p.add_argument_group("admission, deadlines and drain (docs/operating.md)")
     g.add_argument("--max-queue", type=int, default=LIMITS.max_queue, help="choices waiting for a slot")
     g.add_argument("--max-queued-tokens", type=int, default=LIMITS.max_queued_tokens,

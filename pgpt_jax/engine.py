@@ -216,7 +216,7 @@ class Engine:
         self.choose_options()
         prefills = [(rows, b) for b in sched.buckets for rows in sched.prefill_rows[b]]
         decodes = [(rows, w) for w in sched.windows for rows in sched.row_buckets]
-        self.executor.warmup(prefills, sched.buckets, decodes, progress=progress, on_program=on_program)
+        self.executor.warmup(prefills, decodes, progress=progress, on_program=on_program)
         if self.lockstep is not None:
             self.lockstep.warmup()
         else:  # what a decode call of each row bucket costs: how far batch work may widen it
@@ -330,7 +330,8 @@ class Engine:
                 self._process(self._pending.pop(0))
         # Batch work that waits alone is not a reason to spin: it waits for interactive work to
         # leave (planner.INTERACTIVE_HOLD_S), and the loop's idle wait re-plans soon enough.
-        return bool(self._pending or self.scheduler.waiting or self.scheduler.active or self.registry.inbox)
+        return bool(self._pending or self.scheduler.waiting or self.scheduler.active or self.registry.inbox
+                    or self.planner.scoring)
 
     # ---------------------------------------------------------------- execution (every process)
 
@@ -354,9 +355,8 @@ class Engine:
                 continue
             if isinstance(op, Prefill):
                 self.prefill_calls += 1
-                if op.want_logprobs:
-                    entry = m[0]
-                    entry.output.set_prompt_logprobs(*out)
+                for j, entry in enumerate(m if op.want_logprobs else ()):
+                    entry.output.set_prompt_logprobs(*(a[j] for a in out))
                     if entry.output.max_new == 0:
                         entry.output.end("length")
                         self._end(entry, entry.output.result())

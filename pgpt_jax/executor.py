@@ -5,8 +5,10 @@ what shape to decode); every process executes. An iteration's decisions are a li
 plain host data that process 0 broadcasts as is (multihost.py), so that every process runs
 the same programs in the same order and the others decide nothing:
 
-  Prefill(pid, tokens, lengths, want_logprobs)  prompts of one bucket -> their KV and last
-                                                logits, kept under prefill id `pid`
+  Prefill(pid, tokens, lengths, want_logprobs,  prompts of one bucket -> their KV and last
+          wanted, keep)                         logits, kept under prefill id `pid` (unless no
+                                                choice will be placed from it: `keep` False);
+                                                `wanted`: what the rows read of prompt logprobs
   Place(pid, index, slot, length, row)          prompt `index` of prefill `pid` into `slot`
                                                 (`insert`), its sampling row and first token
                                                 (`start_row`); `row` is sampling.request_row's
@@ -36,6 +38,8 @@ class Prefill:
     tokens: np.ndarray  # i32[B, T]: B prompts padded to the bucket T
     lengths: np.ndarray  # i32[B]
     want_logprobs: bool = False
+    wanted: tuple = (0, 0)  # prompt logprobs: top entries any row reads (0..K), whether any reads ranks
+    keep: bool = True  # False: every prompt is scored only (max_tokens 0), no KV to keep
 
 
 @dataclasses.dataclass
@@ -74,13 +78,14 @@ class Executor:
 
     def run(self, op) -> Any:
         """Runs one op; returns what process 0 reads of it (device arrays, not waited for):
-        Prefill -> (prompt logprobs, top ids, top logprobs, ranks), Place -> the first token's
+        Prefill -> (prompt logprobs, top ids, top logprobs, ranks; each [B, ...]), Place -> the first token's
         (token, logprob, top ids, top logprobs), Decode -> the same over [steps, rows]."""
         if isinstance(op, Prefill):
             cache, last, *prompt_logprobs = programs.prefill(
-                self.graphdef, self.params, self.head, op.tokens, op.lengths,
+                self.graphdef, self.params, self.head, op.tokens, op.lengths, np.asarray(op.wanted, np.int32),
                 want_logprobs=op.want_logprobs, top_k=self.top_k, mesh=self.mesh)
-            self.prefills[op.pid] = (cache, last)
+            if op.keep:
+                self.prefills[op.pid] = (cache, last)
             return tuple(prompt_logprobs)
         if isinstance(op, Place):
             cache, last = self.prefills[op.pid]
@@ -129,12 +134,12 @@ class Executor:
         self.reset()
         return times
 
-    def warmup(self, prefills, echo_buckets, decodes, progress: bool = False, on_program=None) -> None:
+    def warmup(self, prefills, decodes, progress: bool = False, on_program=None) -> None:
         """Compiles every program for these shapes, then starts from a fresh state."""
         row = self.row(dict(temperature=1.0, top_p=1.0, presence=0.0, frequency=0.0, logit_bias=None,
                             num_logprobs=0, seed=0, choice_index=0))
         programs.compile_all(self.graphdef, self.params, self.head, self.state, prefills=prefills,
-                             echo_buckets=echo_buckets, decodes=decodes, steps=self.decode_steps,
+                             decodes=decodes, steps=self.decode_steps,
                              row=row, top_k=self.top_k, mesh=self.mesh, progress=progress,
                              on_program=on_program)
         self.reset()
@@ -145,5 +150,6 @@ def row_args(request, seed: int, choice_index: int) -> dict:
     return dict(temperature=float(request.temperature), top_p=float(request.top_p),
                 presence=float(request.presence_penalty), frequency=float(request.frequency_penalty),
                 logit_bias=dict(request.logit_bias) if request.logit_bias else None,
-                num_logprobs=int(request.logprobs or 0), seed=int(seed), choice_index=int(choice_index))
+                num_logprobs=int(request.logprobs or 0), seed=int(seed), choice_index=int(choice_index),
+                processed=request.logprobs_mode == "processed_logprobs")
 

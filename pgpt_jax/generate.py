@@ -41,7 +41,8 @@ def generate(model: GPT, prompt: Union[Prompt, Sequence[Prompt]], *, max_tokens:
              temperature: float = 1.0, top_p: float = 1.0, n: int = 1, best_of: Optional[int] = None,
              logprobs: Optional[int] = None, echo: bool = False, stop=None,
              presence_penalty: float = 0.0, frequency_penalty: float = 0.0, logit_bias=None,
-             seed: Optional[int] = None, suffix: Optional[str] = None, slots: int = 8, mesh=None):
+             seed: Optional[int] = None, suffix: Optional[str] = None, logprobs_mode: str = "raw_logprobs",
+             slots: int = 8, mesh=None):
     """Completes one prompt (a string or token ids) or a list of them, as the HTTP API would.
 
     Returns a list of `Choice`s (text, token_ids, finish_reason, logprobs in OpenAI's shape)
@@ -64,7 +65,7 @@ def generate(model: GPT, prompt: Union[Prompt, Sequence[Prompt]], *, max_tokens:
                           n=n, best_of=best_of, logprobs=logprobs, echo=echo, stop=stop,
                           presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
                           logit_bias={int(k): v for k, v in (logit_bias or {}).items()},
-                          seed=seed, echo_prompt=echo_prompt)
+                          seed=seed, echo_prompt=echo_prompt, logprobs_mode=logprobs_mode)
 
         def done(event, i=i):
             results[i] = event

@@ -60,14 +60,17 @@ class Attention(nnx.Module):
             # slower on CPU at 32 rows, docs/benchmarks.md).
             scores = jnp.sum(q[:, 0, :, None, :] * keys.astype(q.dtype), axis=-1)[:, :, None]
         else:
-            scores = jnp.einsum("BTNH,BNWH->BNTW", q, keys.astype(q.dtype))
+            # Heads ahead of tokens on both sides, as the cache holds them: dots in their
+            # natural [B, N] batch layout (XLA:CPU's batched dots ran a prefill's attention
+            # 25% slower with the transposes inside them; docs/benchmarks.md, "Scoring").
+            scores = jnp.einsum("BNTH,BNWH->BNTW", q.transpose(0, 2, 1, 3), keys.astype(q.dtype))
         scores = scores.astype(jnp.float32) * (H**-0.5)
         scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)  # [B, N, T, W]
         if T == 1:
             y = jnp.sum(probs[:, :, 0, :, None] * values.astype(q.dtype), axis=2)[:, None]
         else:
-            y = jnp.einsum("BNTW,BNWH->BTNH", probs, values.astype(q.dtype))
+            y = jnp.einsum("BNTW,BNWH->BNTH", probs, values.astype(q.dtype)).transpose(0, 2, 1, 3)
         y = y.reshape(B, T, D)
         return self.c_proj(y), (k_cache, v_cache)
 

@@ -3,8 +3,8 @@
 One `RequestOutput` per engine request holds the output side of its choices (`best_of`
 candidates): each token the device samples goes through `add_token`, which detokenizes it
 incrementally (never half a UTF-8 character), cuts the text at the first stop string it
-completes (across token boundaries too), and records the token's raw logprob, its top
-alternatives and its character offset. Streaming requests take `deltas()`: the text, token
+completes (across token boundaries too), and records the token's logprob (raw or
+processed, as the request asks), its top alternatives and its character offset. Streaming requests take `deltas()`: the text, token
 ids and logprobs not sent yet, holding back any tail that could still grow into a stop string.
 At the end, `result()` ranks best_of candidates and builds the OpenAI-shaped choices.
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import math
 from typing import Optional
 
 from pgpt_jax.request import Choice, Delta, Logprobs, Request, Result
@@ -107,7 +108,8 @@ class RequestOutput:
         return d
 
     def add_token(self, c: ChoiceOutput, tok: int, lp: float, top_ids, top_lps) -> None:
-        """One sampled token of choice `c` with its raw logprob and top K; may finish `c`."""
+        """One sampled token of choice `c` with its logprob and top K (raw or processed, as the
+        device computed them for this request); may finish `c`."""
         r = self.request
         c.generated += 1
         c.logprob_sum += lp
@@ -156,9 +158,12 @@ class RequestOutput:
         return bool(hits)
 
     def _top_dict(self, tok, tok_lp, top_ids, top_lps) -> dict:
-        """The top `request.logprobs` alternatives, plus the sampled token (up to k+1 entries)."""
+        """The top `request.logprobs` alternatives, plus the sampled token (up to k+1 entries).
+        An alternative of logprob -inf (processed logprobs: outside the nucleus) is left out:
+        JSON has no -inf, and the token could not have been drawn."""
         k = self.request.logprobs
-        d = {self.tokenizer.token_str(int(t)): float(v) for t, v in zip(top_ids[:k], top_lps[:k])}
+        d = {self.tokenizer.token_str(int(t)): float(v) for t, v in zip(top_ids[:k], top_lps[:k])
+             if v != -math.inf}
         d.setdefault(self.tokenizer.token_str(int(tok)), tok_lp)
         return d
 

@@ -3,9 +3,10 @@
 Each iteration the planner takes the registry's new requests, aborts and expired deadlines;
 starts the new requests (their output side; their choices wait for slots holding only token
 ids); asks the scheduler which waiting choices get which free slots; prefills the requests
-that get their first slot (one `Prefill` per group of same-bucket prompts; a request that
-wants prompt logprobs alone) and places each choice (`Place`); and shapes the decode of the occupied
-slots (`Decode`). The result is the ops (`executor.py`) and, for each, what process 0 does
+that get their first slot (one `Prefill` per group of same-bucket prompts) and places each
+choice (`Place`); and shapes the decode of the occupied slots (`Decode`). Requests that only
+score their prompt (prompt logprobs with max_tokens 0) need no slot: they wait in `scoring`
+and one prefill call of them runs each iteration, oldest first, beside the rest. The result is the ops (`executor.py`) and, for each, what process 0 does
 with its outputs (`meta`); in a multi-host run the ops are all that the other processes see.
 
 Prefills are kept by id until no request needs them: a request holds its prefill until its
@@ -43,6 +44,7 @@ class Planner:
         self._next_pid = 0
         self.yielded = 0  # background requests that gave their slots back to interactive work
         self._needs: deque = deque()  # (time, rows interactive work needed) over INTERACTIVE_HOLD_S
+        self.scoring: deque = deque()  # started requests that only score their prompt, oldest first
 
     def plan(self) -> tuple[list, list]:
         """This iteration's ops, and for each what process 0 does with its outputs."""
@@ -62,6 +64,7 @@ class Planner:
             self.end(entry, exc)
         for entry in aborts:
             self.end(entry, None)
+        self._score(ops, meta)
         self._admissions(ops, meta)
         if self.scheduler.active:
             window, rows = self.scheduler.decode_shape(self.decode_steps)
@@ -76,7 +79,7 @@ class Planner:
         if entry.output.max_new > 0:
             self.scheduler.enqueue(entry, entry.output.choices, background=r.background)
         elif r.wants_prompt_logprobs:
-            self.prefills([entry], True, ops, meta)  # the prompt's logprobs are the answer
+            self.scoring.append(entry)  # the prompt's logprobs are the answer (`_score`)
         else:  # max_tokens 0: the prompt is the whole answer; no slot, no device
             entry.output.end("length")
             self.end(entry, entry.output.result())
@@ -133,10 +136,22 @@ class Planner:
             self.yielded += 1
         return limit, int(need > 0), BATCH_ADMITS if need else sched.slots
 
+    def _score(self, ops: list, meta: list) -> None:
+        """One prefill call of the requests that only score their prompt: the oldest one's
+        bucket, as many rows as the call takes. One a call per iteration, so that a large
+        scoring job shares the engine with the requests that generate."""
+        pending = [e for e in self.scoring if not e.done]
+        if not pending:
+            self.scoring.clear()
+            return
+        _, _, chunk = self.scheduler.prefill_calls(pending, lambda e: len(e.request.prompt))[0]
+        self.scoring = deque(e for e in pending if e not in chunk)
+        self.prefills(chunk, True, ops, meta)
+
     def prefills(self, entries: list, want_logprobs: bool, ops: list, meta: list, alone: bool = False) -> None:
-        """One Prefill per group of same-bucket prompts (`Scheduler.prefill_calls`)."""
-        calls = self.scheduler.prefill_calls(entries, lambda e: len(e.request.prompt),
-                                             alone=alone or want_logprobs)
+        """One Prefill per group of same-bucket prompts (`Scheduler.prefill_calls`), with prompt
+        logprobs for every row when `want_logprobs`."""
+        calls = self.scheduler.prefill_calls(entries, lambda e: len(e.request.prompt), alone=alone)
         for bucket, rows, chunk in calls:
             self._next_pid += 1
             tokens = np.zeros((rows, bucket), np.int32)
@@ -147,7 +162,13 @@ class Planner:
                 self.release_prefill(entry)  # a retry alone replaces the shared call
                 entry.prefix = (self._next_pid, j)
             self._users[self._next_pid] = len(chunk)
-            ops.append(Prefill(self._next_pid, tokens, lengths, want_logprobs))
+            wanted = (0, 0)
+            if want_logprobs:  # what the rows read: top entries (echo's logprobs, prompt_logprobs), ranks
+                wanted = (max(max((r.logprobs or 0) if r.echo else 0, r.prompt_logprobs or 0)
+                              for r in (e.request for e in chunk)),
+                          int(any(e.request.prompt_logprobs is not None for e in chunk)))
+            keep = any(e.output.max_new > 0 for e in chunk)  # a choice will be placed from it
+            ops.append(Prefill(self._next_pid, tokens, lengths, want_logprobs, wanted, keep))
             meta.append(chunk)
 
     def _admissions(self, ops: list, meta: list) -> None:
@@ -155,7 +176,7 @@ class Planner:
         admitted = list(self.scheduler.admissions(done=lambda e: e.done, limit=limit, reserve=reserve, most=most))
         fresh = list(dict.fromkeys(e for e, _, _ in admitted if e.prefix is None))
         echo = [e for e in fresh if e.request.wants_prompt_logprobs]
-        self.prefills(echo, True, ops, meta)  # alone: logits at every prompt position
+        self.prefills(echo, True, ops, meta)  # logits at every prompt position: their own calls
         self.prefills([e for e in fresh if e not in echo], False, ops, meta)
         for entry, choice, slot in admitted:
             run = Running(entry, choice, slot)

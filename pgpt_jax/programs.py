@@ -15,7 +15,8 @@ Shape letters, used the same way in every module (model, sampling, programs, eng
     F  MLP hidden (4 D)    V  padded vocabulary     K  top-logprobs width (the engine's cap)
 
 Programs (what the engine calls, in order, for one request):
-  prefill    tokens i32[B, T] -> per-prompt KV and last logits (B prompts of one bucket share a call)
+  prefill    tokens i32[B, T] -> per-prompt KV and last logits (B prompts of one bucket share a call),
+             and with prompt logprobs those of every prompt position
   insert     one prompt's KV -> one slot of the state's cache
   start_row  that slot's sampling row, and its first token sampled from the prefill's logits
   decode     `steps` tokens for the first B slots, attention over the first W cache entries
@@ -242,15 +243,18 @@ def transposed_head(graphdef, params, *, mesh=None):
 
 
 @_program(static_argnames=("graphdef", "want_logprobs", "top_k", "mesh"))
-def prefill(graphdef, params, head, tokens, true_len, *, want_logprobs: bool, top_k: int, mesh=None):
+def prefill(graphdef, params, head, tokens, true_len, wanted, *, want_logprobs: bool, top_k: int, mesh=None):
     """tokens i32[B, T] (B prompts padded to a bucket T), true_len i32[B] -> their KV and logits.
 
     Returns (cache: per layer ([B, N, T, H], [B, N, T, H]), last_logits f32[B, V],
-    prompt logprobs f32[T-1] of row 0's tokens 1..T-1, top ids i32[T-1, K], top logprobs
-    f32[T-1, K], ranks i32[T-1] of those tokens (`sampling.token_ranks`)); the prompt-logprob
-    arrays are empty unless `want_logprobs` (then B is 1: logits for every prompt position
-    are the costly part of echo and prompt_logprobs). Prompts that arrive
-    together share one call: B rows of T tokens make one [B*T, D] matmul per weight.
+    prompt logprobs f32[B, T-1] of each row's tokens 1..T-1, top ids i32[B, T-1, K], top
+    logprobs f32[B, T-1, K], ranks i32[B, T-1] of those tokens (`sampling.token_ranks`)); the
+    prompt-logprob arrays are empty unless `want_logprobs` (echo and prompt_logprobs: logits
+    at every prompt position, the costly part). `wanted` i32[2] says, as values, what the
+    rows will read of them: how many top entries (0..K; columns past it are unspecified) and
+    whether ranks (else zeros), so that a call skips the passes over [B, T-1, V] nobody reads
+    without a program per combination. Prompts that arrive together share one call: B rows
+    of T tokens make one [B*T, D] matmul per weight.
     """
     model = nnx.merge(graphdef, params)
     B, T = tokens.shape
@@ -259,9 +263,8 @@ def prefill(graphdef, params, head, tokens, true_len, *, want_logprobs: bool, to
     last_hidden = jnp.take_along_axis(hidden, (true_len - 1)[:, None, None], axis=1)[:, 0]  # [B, D]
     last_logits = model.logits(last_hidden, head)
     if want_logprobs:
-        logits = model.logits(hidden[0, :-1], head)  # [T-1, V]: predicts tokens 1..T-1
-        lp, top_ids, top_lps = sampling.logprobs_of(logits, tokens[0, 1:], top_k, model.config.never_emitted)
-        ranks = sampling.token_ranks(logits, tokens[0, 1:], model.config.never_emitted)
+        lp, top_ids, top_lps, ranks = _prompt_logprobs(model, hidden[:, :-1], head, tokens[:, 1:], wanted,
+                                                       top_k, split_vocab=mesh is not None and mesh.shape["model"] > 1)
     else:
         lp, ranks = jnp.zeros((0,), jnp.float32), jnp.zeros((0,), jnp.int32)
         top_ids, top_lps = jnp.zeros((0, top_k), jnp.int32), jnp.zeros((0, top_k), jnp.float32)
@@ -271,6 +274,29 @@ def prefill(graphdef, params, head, tokens, true_len, *, want_logprobs: bool, to
         last_logits, lp, top_ids, top_lps, ranks = jax.lax.with_sharding_constraint(
             (last_logits, lp, top_ids, top_lps, ranks), sharding.replicated(mesh))
     return cache, last_logits, lp, top_ids, top_lps, ranks
+
+
+def _prompt_logprobs(model, hidden, head, ids, wanted, top_k: int, split_vocab: bool):
+    """hidden [B, T-1, D] -> what prefill returns of the logprobs of ids i32[B, T-1] (the
+    tokens each position predicts). Top 0 or 1 without ranks, scoring's ask, goes straight
+    from the LM head a block of columns at a time (`sampling.head_logprobs`); anything more
+    writes the [B, T-1, V] logits out and reduces them (`sampling.logprobs_of`, `token_ranks`).
+    Which, is decided by the values in `wanted`: both are in the program."""
+    never, B, T1 = model.config.never_emitted, ids.shape[0], ids.shape[1]
+    no_ranks = jnp.zeros((B, T1), jnp.int32)
+
+    def written_out():
+        logits = model.logits(hidden, head)  # [B, T-1, V]
+        lp, top_ids, top_lps = sampling.logprobs_of(logits, ids, top_k, never, wanted=wanted[0])
+        ranks = jax.lax.cond(wanted[1] > 0, lambda: sampling.token_ranks(logits, ids, never), lambda: no_ranks)
+        return lp, top_ids, top_lps, ranks
+
+    if split_vocab:  # the head's columns are split over devices: no blocks of them here
+        return written_out()
+    return jax.lax.cond((wanted[0] <= 1) & (wanted[1] == 0),
+                        lambda: (*sampling.head_logprobs(hidden, head, ids, top_k, model.config.vocab_size, never),
+                                 no_ranks),
+                        written_out)
 
 
 @_program(static_argnames=("mesh",), donate_argnums=(0,))
@@ -346,13 +372,12 @@ def decode(graphdef, params, head, state: DecodeState, *, steps: int, window: in
 # --------------------------------------------------------------------------- warm-up
 
 
-def compile_all(graphdef, params, head, state: DecodeState, *, prefills, echo_buckets, decodes, steps: int,
+def compile_all(graphdef, params, head, state: DecodeState, *, prefills, decodes, steps: int,
                 row: sampling.SamplingRows, top_k: int, mesh=None, progress: bool = False,
                 on_program=None) -> None:
     """Compiles every program once per shape so that serving compiles nothing: prefill for each
-    (rows, bucket) in `prefills` (and with prompt logprobs, one row, for each of
-    `echo_buckets`), insert after each, start_row once per row count, and decode for each
-    (rows, window) in `decodes`. `state` is donated along the way: the caller makes a fresh one.
+    (rows, bucket) in `prefills`, with and without prompt logprobs, insert after each,
+    start_row once per row count, and decode for each (rows, window) in `decodes`. `state` is donated along the way: the caller makes a fresh one.
     `on_program(done, total)` is called after each program (the server's warm-up metric).
 
     Prefill and decode are compiled ahead of time (`lower(...).compile()`, with the very
@@ -361,7 +386,7 @@ def compile_all(graphdef, params, head, state: DecodeState, *, prefills, echo_bu
     (a 1024-token prefill takes seconds on CPU). Insert and start_row are cheap and run, on
     zeros shaped and placed like prefill's outputs.
     """
-    jobs = [("echo", 1, b) for b in echo_buckets] + [("prefill", *p) for p in prefills]
+    jobs = [("echo", *p) for p in prefills] + [("prefill", *p) for p in prefills]
     jobs += [("decode", *d) for d in decodes]
     bar = None
     if progress:
@@ -376,8 +401,8 @@ def compile_all(graphdef, params, head, state: DecodeState, *, prefills, echo_bu
         else:
             # Host arrays, as the engine passes them: the same jit cache entries.
             compiled = prefill.lower(graphdef, params, head, np.zeros((rows, size), np.int32),
-                                     np.ones((rows,), np.int32), want_logprobs=kind == "echo",
-                                     top_k=top_k, mesh=mesh).compile()
+                                     np.ones((rows,), np.int32), np.zeros((2,), np.int32),
+                                     want_logprobs=kind == "echo", top_k=top_k, mesh=mesh).compile()
             if kind == "prefill":  # the echo variant's cache has the same shape as the plain one's
                 cache, last, *_ = _zeros_like(compiled.out_info)
                 state = insert(state, cache, np.int32(0), np.int32(0), mesh=mesh)

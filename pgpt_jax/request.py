@@ -19,6 +19,8 @@ import numpy as np
 from pgpt_jax.config import FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX
 
 SEED_RANGE = (-(2**63), 2**63 - 1)  # OpenAI: a signed 64-bit integer
+# vLLM's names: what the logprobs of sampled tokens are (docs/api.md, "Raw or processed logprobs")
+LOGPROBS_MODES = ("raw_logprobs", "processed_logprobs")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,10 +39,13 @@ class Limits:
     max_queued_tokens: Optional[int] = None  # prompt + max_tokens over waiting choices; None: 8 x slots x context
     request_timeout: Optional[float] = None  # seconds from submit to the last token (--request-timeout)
     queue_timeout: Optional[float] = None  # seconds a request may wait for its first slot (--queue-timeout)
+    logprobs_mode: str = "raw_logprobs"  # a request's logprobs_mode when it names none (--logprobs-mode)
 
     def __post_init__(self):
         if not 0 <= self.max_logprobs <= 20:
             raise ValueError("max_logprobs must be in 0..20")
+        if self.logprobs_mode not in LOGPROBS_MODES:
+            raise ValueError(f"logprobs_mode must be one of {', '.join(LOGPROBS_MODES)}")
 
     @property
     def max_engine_stops(self) -> int:
@@ -70,6 +75,7 @@ class Request:
     # interactive work waits (it then starts over with the same seed: the same output). It
     # has no deadlines and is outside the queue's budget (its submitter bounds it); no stream.
     background: bool = False
+    logprobs_mode: str = "raw_logprobs"  # vLLM's: sampled tokens' logprobs raw or processed (LOGPROBS_MODES)
 
     @property
     def wants_prompt_logprobs(self) -> bool:
@@ -221,6 +227,8 @@ def validate(request: Request, limits: Limits, vocab_size: int, context_length: 
             raise RequestError(f"prompt_logprobs must be between 0 and {limits.max_logprobs}.", "prompt_logprobs")
         if r.stream:
             raise RequestError("prompt_logprobs is not available when streaming.", "prompt_logprobs")
+    if r.logprobs_mode not in LOGPROBS_MODES:
+        raise RequestError(f"logprobs_mode must be one of {', '.join(LOGPROBS_MODES)}.", "logprobs_mode")
     if not 0 <= r.temperature <= 2:
         raise RequestError("temperature must be between 0 and 2.", "temperature")
     if not 0 <= r.top_p <= 1:

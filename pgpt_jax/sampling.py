@@ -7,7 +7,12 @@ program; only `top_k` (the logprobs cap) and the prefilter widths are static. Pe
 
 Penalties follow OpenAI: `mu[j] - c[j]*frequency - (c[j] > 0)*presence`, with c the counts
 of tokens this row has *generated*. Temperature 0 is the argmax of the processed logits.
-Reported logprobs are the model's raw ones (log_softmax of the logits, before any of that).
+Reported logprobs are, per row (`SamplingRows.processed`, vLLM's `logprobs_mode`), the
+model's raw ones (log_softmax of the logits, before any of that) or the processed ones: the
+log-probabilities of the distribution the token was drawn from (after bias, penalties,
+temperature and top_p; a greedy row's is the temperature-1 distribution after bias and
+penalties, untruncated). Under top_p a token outside the nucleus has a processed logprob of
+-inf; the host leaves such alternatives out (`outputs.py`).
 
 The nucleus is the shortest prefix of the tokens in descending order of processed logit,
 ties broken by lower token id (the order a stable sort gives), whose mass reaches top_p; it
@@ -76,6 +81,7 @@ class SamplingRows:
     bias: f32[B, V] dense logit_bias;  counts: i32[B, V] tokens generated so far by the row
     num_logprobs: i32[B] top logprobs wanted (0..top_k);  key: u32[B, 2] raw key data
     (`jax.random.key_data`) of fold_in(key(seed), choice_index), see `row_key`.
+    processed: bool[B] report processed logprobs rather than raw ones (see the module docstring).
     """
 
     temperature: jax.Array
@@ -86,6 +92,7 @@ class SamplingRows:
     counts: jax.Array
     num_logprobs: jax.Array
     key: jax.Array
+    processed: jax.Array
 
 
 def init_rows(slots: int, vocab: int) -> SamplingRows:
@@ -100,6 +107,7 @@ def init_rows(slots: int, vocab: int) -> SamplingRows:
         counts=jnp.zeros((slots, vocab), jnp.int32),
         num_logprobs=jnp.zeros((slots,), jnp.int32),
         key=jnp.zeros((slots, key_width), jnp.uint32),
+        processed=jnp.zeros((slots,), bool),
     )
 
 
@@ -118,7 +126,7 @@ def row_key(seed: int, choice_index: int) -> np.ndarray:
 
 def request_row(*, temperature: float, top_p: float, presence: float, frequency: float,
                 logit_bias: Optional[Mapping[int, float]], banned: Sequence[int], num_logprobs: int,
-                seed: int, choice_index: int, vocab: int) -> SamplingRows:
+                seed: int, choice_index: int, vocab: int, processed: bool = False) -> SamplingRows:
     """One row (host numpy arrays of leading size 1) for one choice of a request: what
     `programs.start_row` writes into a slot. `banned` tokens get a -inf bias (tokens the model
     must never produce); counts is None (a new row has generated nothing)."""
@@ -133,19 +141,95 @@ def request_row(*, temperature: float, top_p: float, presence: float, frequency:
     return SamplingRows(temperature=one(temperature, np.float32), top_p=one(top_p, np.float32),
                         presence=one(presence, np.float32), frequency=one(frequency, np.float32),
                         bias=bias, counts=None, num_logprobs=one(num_logprobs, np.int32),
-                        key=row_key(seed, choice_index)[None])
+                        key=row_key(seed, choice_index)[None], processed=one(processed, bool))
 
 
-def logprobs_of(logits, ids, k: int, never=()):
+def logprobs_of(logits, ids, k: int, never=(), wanted=None):
     """Raw log-probabilities: logits f32[..., V], ids i32[...] ->
     (logprob f32[...], top_ids i32[..., k], top_logprobs f32[..., k]), k static (may be 0).
-    Tokens in `never` (static: control tokens the model never produces) are left out of the top k."""
+    Tokens in `never` (static: control tokens the model never produces) are left out of the top k.
+
+    `wanted` (i32[], a value: no compile per value) is how many top entries the caller will
+    read; columns past it are unspecified. It spares prompt logprobs, where [..., V] holds a
+    row per prompt position, the passes it does not need: none for 0, and for 1 (scoring's
+    usual ask) the row max the log-softmax computes anyway plus one pass for its first index,
+    instead of lax.top_k. None: all k.
+    """
     vocab = Vocab(logits.shape[-1])
-    lse = _logsumexp(logits, vocab)
+    m = vocab.max(logits)
+    lse = _logsumexp(logits, vocab, m)
     logprob = jnp.take_along_axis(logits, ids[..., None], axis=-1)[..., 0] - lse
     shown = logits.at[..., jnp.asarray(never, jnp.int32)].set(-jnp.inf) if never else logits
-    top_ids, top_logprobs = _top_logprobs(shown, lse, k, vocab)
+    if wanted is None or k == 0:
+        top_ids, top_logprobs = _top_logprobs(shown, lse, k, vocab)
+        return logprob, top_ids, top_logprobs
+
+    def top_one():
+        best = vocab.max(shown) if never else m
+        first = _first_index_of(shown, best[..., None], vocab)
+        pad = lambda a: jnp.pad(a[..., None], [(0, 0)] * a.ndim + [(0, k - 1)])  # noqa: E731
+        return pad(first), pad(best - lse)
+
+    none = lambda: (jnp.zeros(logits.shape[:-1] + (k,), jnp.int32),  # noqa: E731
+                    jnp.zeros(logits.shape[:-1] + (k,), jnp.float32))
+    top_ids, top_logprobs = lax.switch(jnp.clip(wanted, 0, 2), [none, top_one,
+                                                                lambda: _top_logprobs(shown, lse, k, vocab)])
     return logprob, top_ids, top_logprobs
+
+
+HEAD_BLOCK = 1024  # columns of the LM head a `head_logprobs` step covers, at most (a divisor of V)
+
+
+def head_logprobs(hidden, head, ids, k: int, vocab_size: int, never=()):
+    """Raw logprobs of `ids` and the most likely token, straight from the LM head, without writing
+    the [..., V] logits out: hidden [..., D], head [D, V] (`model.lm_head`), ids i32[...] ->
+    (logprob f32[...], top_ids i32[..., k], top_logprobs f32[..., k]), the top entry in column 0
+    (later columns zero). The same numbers as `logprobs_of(logits, ids, k, never, wanted=1)` on
+    `GPT.logits(hidden, head)`: the same logits, their max and first index of the max (tokens
+    in `never` left out of it), log-sum-exp.
+
+    A `lax.fori_loop` over blocks of columns: each step multiplies by a [D, C] block of the
+    head and reduces the [..., C] logits while they are in cache (running max and sum of
+    exponentials, first index of the max, the token's own logit). On CPU, the reductions over
+    written-out [255, V] logits of one prompt ran at ~4.5 ns an element (they stream 51 MB
+    from memory, three times); a block at a time they cost about nothing beside the matmul
+    (docs/benchmarks.md, "Scoring"). Whole vocabulary only (no `model` split of V).
+    """
+    lead, D, V = ids.shape, hidden.shape[-1], head.shape[-1]
+    h = hidden.reshape(-1, D).astype(head.dtype)  # [N, D]
+    flat = ids.reshape(-1)
+    C = next(c for c in range(min(HEAD_BLOCK, V), 0, -1) if V % c == 0)
+    never = jnp.asarray(never, jnp.int32)
+
+    def step(i, carry):
+        m, s, best, first, own = carry
+        off = i * C
+        x = jnp.dot(h, lax.dynamic_slice_in_dim(head, off, C, axis=1)).astype(jnp.float32)  # [N, C]
+        col = lax.broadcasted_iota(jnp.int32, x.shape, 1) + off
+        x = jnp.where(col < vocab_size, x, -jnp.inf)  # padded vocabulary
+        shown = jnp.where(jnp.isin(col, never), -jnp.inf, x) if never.size else x
+        f = jnp.argmax(shown, axis=-1).astype(jnp.int32)  # first index of the block's max
+        b = jnp.take_along_axis(shown, f[:, None], axis=-1)[:, 0]
+        bm = jnp.max(x, axis=-1) if never.size else b  # the log-sum-exp counts every token
+        new_m = jnp.maximum(m, bm)
+        safe = jnp.where(jnp.isfinite(new_m), new_m, 0.0)
+        s = s * jnp.exp(m - safe) + jnp.sum(jnp.exp(x - safe[:, None]), axis=-1)
+        here = (flat >= off) & (flat < off + C)
+        mine = jnp.take_along_axis(x, jnp.clip(flat - off, 0, C - 1)[:, None], axis=-1)[:, 0]
+        better = b > best  # ties keep the earlier block: the lower id
+        return (new_m, s, jnp.where(better, b, best), jnp.where(better, f + off, first),
+                jnp.where(here, mine, own))
+
+    N = h.shape[0]
+    minus = jnp.full((N,), -jnp.inf, jnp.float32)
+    m, s, best, first, own = lax.fori_loop(
+        0, V // C, step, (minus, jnp.zeros((N,), jnp.float32), minus, jnp.zeros((N,), jnp.int32), minus))
+    lse = jnp.log(s) + jnp.where(jnp.isfinite(m), m, 0.0)
+    top_ids = jnp.zeros((N, k), jnp.int32)
+    top_logprobs = jnp.zeros((N, k), jnp.float32)
+    if k:
+        top_ids, top_logprobs = top_ids.at[:, 0].set(first), top_logprobs.at[:, 0].set(best - lse)
+    return ((own - lse).reshape(lead), top_ids.reshape(lead + (k,)), top_logprobs.reshape(lead + (k,)))
 
 
 def token_ranks(logits, ids, never=()):
@@ -162,8 +246,10 @@ def sample(logits, rows: SamplingRows, positions, *, top_k: int = 5,
     """One step for all rows. logits f32[B, V], positions i32[B] (where the new token goes) ->
     (tokens i32[B], logprob f32[B], top_ids i32[B, top_k], top_logprobs f32[B, top_k], rows).
 
-    logprob and top_logprobs are raw (log_softmax of `logits`); entries past a row's own
-    num_logprobs are unspecified (the host trims). The returned rows have
+    logprob and top_logprobs are raw (log_softmax of `logits`), or processed on the rows that
+    ask (`rows.processed`; then top_ids are the most likely tokens of the processed
+    distribution, -inf past the nucleus); entries past a row's own num_logprobs are
+    unspecified (the host trims). The returned rows have
     counts[s, tokens[s]] += 1. top_k, nucleus_k and rejection_tries are static; the last
     two change speed only, never which tokens can come out or with what probability.
     With a `mesh`, each device samples its own rows (rows split over `data`) and, when the
@@ -187,7 +273,8 @@ def sample(logits, rows: SamplingRows, positions, *, top_k: int = 5,
     vocab = Vocab(V, V // shards, axis if shards > 1 else None, row_axis)
     per_row, per_token = P(row_axis), P(row_axis, axis)
     row_specs = SamplingRows(temperature=per_row, top_p=per_row, presence=per_row, frequency=per_row,
-                             bias=per_token, counts=per_token, num_logprobs=per_row, key=P(row_axis, None))
+                             bias=per_token, counts=per_token, num_logprobs=per_row, key=P(row_axis, None),
+                             processed=per_row)
     top = P(row_axis, None)
     # check_vma=False: the merged results (tokens, top k) are the same on every shard by
     # construction, but jax types an all_gather's result as varying over the axis and would
@@ -230,6 +317,13 @@ def _sample(logits, rows: SamplingRows, positions, *, vocab: Vocab, top_k: int, 
         lambda: _top_logprobs(jnp.where(rows.bias == -jnp.inf, -jnp.inf, logits), lse, top_k, vocab),
         lambda: (jnp.zeros((B, top_k), jnp.int32), jnp.zeros((B, top_k), jnp.float32)),
     )
+    raw = (logprob, top_ids, top_logprobs)
+    logprob, top_ids, top_logprobs = lax.cond(
+        vocab.any(rows.processed),
+        lambda: jax.tree.map(lambda p, r: jnp.where(rows.processed.reshape((B,) + (1,) * (r.ndim - 1)), p, r),
+                             _processed_logprobs(x, x_max, rows, tokens, top_k, nucleus_k, vocab), raw),
+        lambda: raw,
+    )
     counts = vocab.add_one(rows.counts, tokens)  # in place when the caller donates rows
     return tokens, logprob, top_ids, top_logprobs, dataclasses.replace(rows, counts=counts)
 
@@ -250,6 +344,54 @@ def processed_logits(logits, rows: SamplingRows):
                     lambda: logits + rows.bias)
 
 
+def _processed_logprobs(x, x_max, rows: SamplingRows, tokens, top_k: int, nucleus_k: int, vocab: Vocab):
+    """Log-probabilities of the distribution each row's token was drawn from: processed logits
+    x [B, V] with their row max x_max [B, 1], tokens i32[B] -> (logprob f32[B], top ids
+    i32[B, top_k], top logprobs f32[B, top_k]), as `_sample` returns raw ones.
+
+    The distribution is softmax(x / T) restricted to the nucleus and renormalised; a greedy
+    row's is softmax(x) (its token was an argmax: a point mass would say nothing). The top
+    tokens, in nucleus order (lax.top_k's), are inside the nucleus while the cumulative mass
+    before them is short of top_p; past it their logprob is -inf. The nucleus' mass is read off
+    the prefilter when it ends there, or else found by sorting the row (row by row, as in
+    `_sample_rows`: the rare row whose nucleus is wider than the prefilter).
+    """
+    greedy = rows.temperature <= 0
+    inv_t = 1.0 / jnp.where(greedy, 1.0, jnp.maximum(rows.temperature, MIN_TEMPERATURE))[:, None]
+    total = vocab.sum(_weight(x, x_max, inv_t))  # [B]
+    nucleus = (rows.top_p < 1) & ~greedy
+    mass = (rows.top_p * total)[:, None]  # [B, 1]
+    width = min(max(top_k, nucleus_k), vocab.size)
+    values, ids = vocab.top_k(x, width)  # [B, width], nucleus order
+    cum = _cumsum(_weight(values, x_max, inv_t))
+    reached = cum >= mass
+    last = jnp.where(jnp.any(reached, axis=-1), jnp.argmax(reached, axis=-1), width)  # width: ends further on
+    kept = jnp.take_along_axis(cum, jnp.minimum(last, width - 1)[:, None], axis=-1)[:, 0]
+    settled = (last < width) | ~nucleus
+
+    def one_row(args):
+        settled, kept, x, x_max, inv_t, mass = args
+        return lax.cond(~vocab.any(~settled), lambda: kept,
+                        lambda: jnp.where(settled, kept, _nucleus_mass(x[None], x_max, inv_t, mass, vocab)))
+
+    kept = lax.cond(vocab.any(~settled), lambda: lax.map(one_row, (settled, kept, x, x_max, inv_t, mass)),
+                    lambda: kept)
+    log_kept = jnp.log(jnp.where(nucleus, kept, total))[:, None]  # [B, 1]
+    logprob = (vocab.take(x, tokens[:, None]) - x_max) * inv_t - log_kept
+    inside = (jnp.arange(width) <= last[:, None]) | ~nucleus[:, None]
+    top = jnp.where(inside, (values - x_max) * inv_t - log_kept, -jnp.inf)
+    return logprob[:, 0], ids[:, :top_k], top[:, :top_k]
+
+
+def _nucleus_mass(x, x_max, inv_t, mass, vocab: Vocab):
+    """The weight held by one row's nucleus, by a full sort: x [1, V], x_max, inv_t, mass [1]
+    (top_p x total weight) -> f32[]. Tied tokens weigh alike, so their order does not matter."""
+    w = _weight(-lax.sort(-vocab.gather(x), dimension=1), x_max, inv_t)[0]  # descending
+    cum = _cumsum(w[None])[0]
+    reached = cum >= mass[0]
+    return jnp.where(jnp.any(reached), cum[jnp.argmax(reached)], cum[-1])
+
+
 def _first_index_of(x, value, vocab: Vocab):
     """First index along the last axis where x == value [..., 1]: i32[...]; with the row max,
     the argmax. XLA:CPU runs jnp.argmax's (value, index) reduction unvectorised, about 3x
@@ -258,9 +400,9 @@ def _first_index_of(x, value, vocab: Vocab):
     return vocab.min(jnp.where(x == value, iota, jnp.inf)).astype(jnp.int32)
 
 
-def _logsumexp(logits, vocab: Vocab):
-    """f32[..., V] -> f32[...]; -inf entries contribute nothing."""
-    m = vocab.max(logits)[..., None]
+def _logsumexp(logits, vocab: Vocab, m=None):
+    """f32[..., V] -> f32[...]; -inf entries contribute nothing. `m`: the row max, if known."""
+    m = (vocab.max(logits) if m is None else m)[..., None]
     m = jnp.where(jnp.isfinite(m), m, 0.0)  # an all -inf row gives -inf, not NaN
     return jnp.log(vocab.sum(jnp.exp(logits - m))) + m[..., 0]
 

@@ -152,7 +152,8 @@ class Scheduler:
 
     def prefill_calls(self, items: list, length, alone: bool = False) -> list[tuple[int, int, list]]:
         """Groups `items` (with `length(item)` prompt tokens) into prefill calls: (bucket, rows,
-        items) with len(items) <= rows. `alone`: one item a call (echo with logprobs)."""
+        items) with len(items) <= rows, in the order of each bucket's first item. `alone`: one
+        item a call (a shared call that failed, retried prompt by prompt)."""
         by_bucket: dict = {}
         for item in items:
             by_bucket.setdefault(self.bucket(length(item)), []).append(item)

@@ -40,7 +40,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from pgpt_jax.request import SEED_RANGE, Limits, Request, fim_prompt
+from pgpt_jax.request import LOGPROBS_MODES, SEED_RANGE, Limits, Request, fim_prompt
 
 DEFAULT_PROMPT = "<|endoftext|>"
 CHAT_STOPS = ("\nUser:", "\nSystem:")  # the template's next turn: the reply is over
@@ -146,6 +146,7 @@ class _SamplingFields(_Body):
     user: Optional[str] = None
     seed: Optional[Seed] = None
     return_token_ids: Optional[bool] = None  # vLLM's: prompt and completion token ids in the answer
+    logprobs_mode: Optional[Literal[LOGPROBS_MODES]] = None  # vLLM's; None: the server's --logprobs-mode
 
 
 class CompletionBody(_SamplingFields):
@@ -386,7 +387,7 @@ def parse_completion(data: Any, info: ModelInfo, deployment: Optional[str] = Non
         n=n, best_of=best_of, logprobs=body.logprobs, echo=bool(body.echo), stop=_stops(body.stop, info.limits),
         presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
         logit_bias=_logit_bias(body.logit_bias, info), seed=body.seed, stream=stream,
-        prompt_logprobs=body.prompt_logprobs,
+        prompt_logprobs=body.prompt_logprobs, logprobs_mode=body.logprobs_mode or info.limits.logprobs_mode,
     )
     requests = []
     prompts = _prompts(body.prompt, info)
@@ -440,6 +441,7 @@ def parse_chat(data: Any, info: ModelInfo, deployment: Optional[str] = None) -> 
         n=n, logprobs=top, stop=_chat_stops(body.stop, info.limits),
         presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
         logit_bias=_logit_bias(body.logit_bias, info), seed=body.seed, stream=stream,
+        logprobs_mode=body.logprobs_mode or info.limits.logprobs_mode,
     )
     return Job("chat", model, [request], n=n, stream=stream, include_usage=include_usage, top_logprobs=top,
                return_token_ids=bool(body.return_token_ids))

@@ -213,6 +213,51 @@ def test_echo_logprobs_with_max_tokens_zero_match_forward(engine, tiny_model):
     assert lp.text_offset == [len(tok.decode(prompt[:i])) for i in range(len(prompt))]
 
 
+def same_logprobs(a, b, tol=1e-5):
+    if a is None or b is None:
+        assert a is b
+        return
+    assert (a.tokens, a.text_offset) == (b.tokens, b.text_offset)
+    assert a.token_logprobs == pytest.approx(b.token_logprobs, abs=tol)
+    assert [t and sorted(t) for t in a.top_logprobs] == [t and sorted(t) for t in b.top_logprobs]
+    for x, y in zip(a.top_logprobs, b.top_logprobs):
+        assert x is None or x == pytest.approx(y, abs=tol)
+
+
+def test_scoring_requests_share_prefill_calls_and_keep_nothing(engine):
+    # Prompt-logprob prefills batch like the others (rows of 4 at bucket 16): six prompts
+    # scored only (max_tokens 0) in two calls, each answer the same as when it runs alone,
+    # whatever the others ask (top 1, top 3, 0, prompt_logprobs with ranks); no KV kept.
+    prompts = [[100 + i, 7 * i + 1, 3, 900 + i] + [5] * i for i in range(6)]
+    asks = [dict(echo=True, logprobs=1), dict(echo=True, logprobs=3), dict(echo=True, logprobs=0),
+            dict(prompt_logprobs=2), dict(echo=True, logprobs=1, prompt_logprobs=0), dict(echo=True, logprobs=5)]
+    reqs = [Request(prompt=p, max_tokens=0, **a) for p, a in zip(prompts, asks)]
+    alone = [run(engine, r)[0][0] for r in reqs]
+    before = engine.prefill_calls
+    together, _ = run(engine, *reqs)
+    assert engine.prefill_calls - before == 2
+    for a, t, r in zip(alone, together, reqs):
+        assert t.prompt_logprobs == a.prompt_logprobs
+        # Top 1 alone goes straight from the LM head, the mixed call through written-out logits:
+        # the same numbers up to float rounding.
+        same_logprobs(t.choices[0].logprobs, a.choices[0].logprobs)
+        if r.echo:
+            k = r.logprobs
+            assert all(len(top) == k or len(top) == k + 1 for top in t.choices[0].logprobs.top_logprobs[1:])
+    assert together[3].prompt_logprobs[1][str(prompts[3][1])]["rank"] >= 1  # ranks were computed
+    assert not engine.executor.prefills  # scored prompts keep no KV, and nothing was left behind
+
+
+def test_a_scoring_job_runs_beside_generation(engine):
+    # Scoring takes one prefill call an iteration, next to the decode of a generating request.
+    gen = Request(prompt=PROMPTS[0], max_tokens=12, temperature=0.0, logit_bias=NO_EOS)
+    scoring = [Request(prompt=[200 + i] * 20, max_tokens=0, echo=True, logprobs=1) for i in range(9)]
+    results, _ = run(engine, gen, *scoring)
+    assert results[0].choices[0].token_ids == argmax_loop(engine.model, PROMPTS[0], 12)
+    assert all(len(r.choices[0].logprobs.tokens) == 20 for r in results[1:])
+    assert not engine.planner.scoring and not engine.executor.prefills
+
+
 def test_completion_text_offsets_start_after_prompt(engine):
     tok = engine.tokenizer
     res, _ = run(engine, Request(prompt=PROMPTS[0], max_tokens=5, temperature=0.0, logprobs=2, logit_bias=NO_EOS))

@@ -96,7 +96,8 @@ def test_row_key_and_defaults():
     np.testing.assert_array_equal(rows.presence, 0.0)
     np.testing.assert_array_equal(rows.num_logprobs, 0)
     assert rows.key.shape == (3, 2) and rows.key.dtype == jnp.uint32
-    assert len(jax.tree_util.tree_leaves(rows)) == 8  # a pytree of arrays, as jit needs
+    np.testing.assert_array_equal(rows.processed, False)  # raw logprobs unless a row asks
+    assert len(jax.tree_util.tree_leaves(rows)) == 9  # a pytree of arrays, as jit needs
 
 
 def test_penalties_and_bias_follow_openai_formula_exactly():
@@ -257,6 +258,69 @@ def test_empirical_distribution_matches_processed_softmax(path):
             assert longer > 10 and hist[order[m]] == 0, (path, t, p)  # one long: P < e^-10
 
 
+# Rows of one call, each (temperature, top_p): greedy (whose top_p does not apply), untruncated,
+# and nuclei that end inside the top-64 prefilter (peaked rows) or past it (flat rows).
+PROCESSED_GROUPS = [(0.0, 1.0), (0.0, 0.5), (1.0, 1.0), (0.5, 1.0), (2.0, 1.0), (1.0, 0.5), (2.0, 0.9),
+                    (0.7, 0.3)]
+
+
+def processed_reference(z, temperature, top_p):
+    """log-probabilities (f64[V], -inf outside the nucleus) of the distribution sampled from."""
+    with np.errstate(divide="ignore"):  # log(0) = -inf: a -inf logit, or past the nucleus
+        if temperature == 0:
+            return np.log(softmax(z))
+        return np.log(nucleus_probs(z / temperature, top_p))
+
+
+@pytest.mark.parametrize("path", ["default", "sort"])  # sort: the nucleus never ends in the prefilter
+def test_processed_logprobs_are_those_of_the_distribution_sampled_from(path):
+    rng = np.random.default_rng(8)
+    group = np.arange(S) % len(PROCESSED_GROUPS)
+    temperature, top_p = (np.array(c)[group] for c in zip(*PROCESSED_GROUPS))
+    scale = np.where(np.arange(S) % 16 < 8, 0.5, 4.0)  # flat and peaked rows in every group
+    logits = (rng.normal(size=(S, V)) * scale[:, None]).astype(np.float32)
+    logits[:, -20:] = -np.inf  # padded vocabulary
+    bias = np.zeros((S, V), np.float32)
+    bias[:, [5, 6]] = [2.0, -3.0]
+    bias[:, 7] = -np.inf  # a banned token: never among the alternatives
+    counts = rng.integers(0, 3, size=(S, V)).astype(np.int32)
+    rows = make_rows(temperature=temperature, top_p=top_p, bias=bias, counts=counts, frequency=0.4,
+                     presence=0.3, num_logprobs=5, processed=True)
+    tokens, logprob, top_ids, top_lp, _ = sample(jnp.asarray(logits), rows, jnp.arange(S), **PATHS[path])
+    raw = sample(jnp.asarray(logits), dataclasses.replace(rows, processed=jnp.zeros(S, bool)),
+                 jnp.arange(S), **PATHS[path])
+    np.testing.assert_array_equal(raw[0], tokens)  # the mode changes what is reported, not what is drawn
+    z_all = np.asarray(processed_logits(jnp.asarray(logits), rows), np.float64)
+    checked_cut = 0
+    for s in range(S):
+        want = processed_reference(z_all[s], temperature[s], top_p[s])
+        assert np.isfinite(want[tokens[s]])
+        np.testing.assert_allclose(logprob[s], want[tokens[s]], rtol=1e-4, atol=1e-4)
+        order = np.argsort(-z_all[s], kind="stable")[:5]
+        np.testing.assert_array_equal(top_ids[s], order)
+        finite = np.isfinite(want[order])
+        np.testing.assert_array_equal(np.isfinite(np.asarray(top_lp[s])), finite)  # -inf past the nucleus
+        np.testing.assert_allclose(np.asarray(top_lp[s])[finite], want[order][finite], rtol=1e-4, atol=1e-4)
+        checked_cut += int((~finite).any())
+        assert 7 not in top_ids[s].tolist()
+    assert checked_cut > 10  # some nuclei are shorter than 5 tokens
+    assert not np.allclose(logprob, raw[1])  # and the raw numbers differ
+
+
+def test_processed_logprob_with_a_dominant_bias_is_zero_and_raw_is_not():
+    logits = jnp.asarray(np.random.default_rng(9).normal(size=(S, V)), jnp.float32)
+    bias = np.zeros((S, V), np.float32)
+    bias[:, 42] = 100.0
+    rows = make_rows(bias=bias, num_logprobs=2, processed=np.arange(S) % 2 == 0,
+                     temperature=np.tile([0.0, 1.0, 2.0, 0.5], S // 4))
+    tokens, logprob, top_ids, top_lp, _ = sample(logits, rows, jnp.zeros((S,), jnp.int32))
+    np.testing.assert_array_equal(tokens, 42)
+    processed = np.arange(S) % 2 == 0
+    np.testing.assert_allclose(np.asarray(logprob)[processed], 0.0, atol=1e-5)
+    assert (np.asarray(logprob)[~processed] < -3).all()  # raw: the model's own, about log(1/V)
+    np.testing.assert_array_equal(np.asarray(top_ids)[processed, 0], 42)
+
+
 def test_row_is_independent_of_its_slot_and_of_other_rows():
     steps = 12
     rng = np.random.default_rng(5)
@@ -295,11 +359,36 @@ def test_new_parameter_values_do_not_recompile():
     bias[:, 11] = 100.0
     changed = make_rows(seeds=np.arange(S) + 9, temperature=np.linspace(0, 2, S),
                         top_p=np.linspace(0.01, 1, S), presence=0.5, frequency=0.5, bias=bias,
-                        num_logprobs=np.arange(S) % 6, counts=np.ones((S, V), np.int32))
+                        num_logprobs=np.arange(S) % 6, counts=np.ones((S, V), np.int32),
+                        processed=np.arange(S) % 2 == 0)
     second = sample(logits, changed, jnp.full((S,), 17, jnp.int32))
     assert sample._cache_size() == compiled
     np.testing.assert_array_equal(second[0], 11)
     assert not np.array_equal(first[0], second[0])
+
+
+@pytest.mark.parametrize("never", [(), (5, 2500, 17)])
+def test_head_logprobs_equal_logprobs_of_the_written_out_logits(monkeypatch, never):
+    # Blocks of 250 columns over a 3000-wide head (the last 10 padding): a tie for the max
+    # across two blocks (the lower id wins), a row of all-equal logits, banned tokens.
+    monkeypatch.setattr(sampling, "HEAD_BLOCK", 256)
+    rng = np.random.default_rng(10)
+    D, V, real = 16, 3000, 2990
+    hidden = rng.normal(size=(3, 7, D)).astype(np.float32)
+    head = rng.normal(size=(D, V)).astype(np.float32)
+    head[:, 100] = head[:, 2500] = 2 * hidden[1, 0]  # the max of row (1, 0), twice
+    hidden[0, 1] = 0.0
+    ids = rng.integers(0, real, (3, 7)).astype(np.int32)
+    logits = hidden @ head
+    logits[..., real:] = -np.inf
+    want = sampling.logprobs_of(jnp.asarray(logits), jnp.asarray(ids), 3, never, wanted=1)
+    got = jax.jit(lambda h, w, i: sampling.head_logprobs(h, w, i, 3, real, never))(hidden, head, ids)
+    np.testing.assert_allclose(got[0], want[0], atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(got[1])[..., 0], np.asarray(want[1])[..., 0])
+    np.testing.assert_allclose(np.asarray(got[2])[..., 0], np.asarray(want[2])[..., 0], atol=1e-5)
+    assert np.asarray(got[1])[0, 1, 0] == 0  # all equal: the first id
+    assert not np.isin(np.asarray(got[1])[..., 0], never).any()
+    assert np.asarray(got[1])[1, 0, 0] == 100  # the tie across blocks: the lower id (2500 is banned or later)
 
 
 def test_top_logprobs_cap_is_static_and_bounded():
