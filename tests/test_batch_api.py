@@ -158,20 +158,22 @@ def test_cancel_ends_every_line_exactly_once(srv):
 
 
 def test_interactive_requests_go_first_while_a_batch_runs(srv):
-    long = {"model": MODEL, "prompt": "b", "max_tokens": 100, "logit_bias": NO_EOS}
-    fid = upload(srv, "\n".join(line(f"q{i}", long) for i in range(6))).json()["id"]
+    # Lines as long as the context: none ends (freeing a slot) in the moment the test looks.
+    long = {"model": MODEL, "prompt": "b", "max_tokens": CONTEXT - 2, "logit_bias": NO_EOS}
+    fid = upload(srv, "\n".join(line(f"q{i}", long) for i in range(30))).json()["id"]  # seconds of work
     b = srv.http.post("/v1/batches", json={"input_file_id": fid, "endpoint": "/v1/completions",
                                            "completion_window": "24h"}).json()
     eng = srv.state.engine
     deadline = time.monotonic() + 60
-    while eng.active_slots < 2 and time.monotonic() < deadline:  # the batch holds both slots
+    while eng.active_slots < 2:  # the batch holds both slots
+        assert time.monotonic() < deadline
         time.sleep(0.01)
     yields = eng.batch_yields
     r = srv.http.post("/v1/completions", json={"model": MODEL, "prompt": "c", "max_tokens": 2})
     assert r.status_code == 200 and eng.batch_yields > yields
     metrics = srv.http.get("/metrics").text
     assert "pgpt_engine_batch_yields" in metrics and "pgpt_batch_lines_in_flight" in metrics
-    assert wait_done(srv, b["id"])["request_counts"]["completed"] == 6
+    assert wait_done(srv, b["id"])["request_counts"]["completed"] == 30
 
 
 def test_an_expired_batch_ends_its_unrun_lines(srv):
