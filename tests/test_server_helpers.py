@@ -119,6 +119,8 @@ class FakeEngine:
     def queue_depth(self) -> int:
         return 0
 
+    batch_yields = 0  # no batch work on the fake engine
+
     @property
     def requests_waiting(self) -> int:
         return 0
