@@ -4,8 +4,9 @@ One `RequestOutput` per engine request holds the output side of its choices (`be
 candidates): each token the device samples goes through `add_token`, which detokenizes it
 incrementally (never half a UTF-8 character), cuts the text at the first stop string it
 completes (across token boundaries too), and records the token's logprob (raw or
-processed, as the request asks), its top alternatives and its character offset. Streaming requests take `deltas()`: the text, token
-ids and logprobs not sent yet, holding back any tail that could still grow into a stop string.
+processed, as the request asks), its top alternatives and its character offset. Streaming
+requests take `deltas()`: the text, token ids and logprobs not sent yet, holding back any
+tail that could still grow into a stop string.
 At the end, `result()` ranks best_of candidates and builds the OpenAI-shaped choices.
 
 Plain Python over token ids and numbers: no JAX and no device. The engine decides when a

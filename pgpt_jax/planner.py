@@ -6,8 +6,9 @@ ids); asks the scheduler which waiting choices get which free slots; prefills th
 that get their first slot (one `Prefill` per group of same-bucket prompts) and places each
 choice (`Place`); and shapes the decode of the occupied slots (`Decode`). Requests that only
 score their prompt (prompt logprobs with max_tokens 0) need no slot: they wait in `scoring`
-and one prefill call of them runs each iteration, oldest first, beside the rest. The result is the ops (`executor.py`) and, for each, what process 0 does
-with its outputs (`meta`); in a multi-host run the ops are all that the other processes see.
+and one prefill call of them runs each iteration, oldest first, beside the rest. The result
+is the ops (`executor.py`) and, for each, what process 0 does with its outputs (`meta`); in a
+multi-host run the ops are all that the other processes see.
 
 Prefills are kept by id until no request needs them: a request holds its prefill until its
 last choice is placed or it ends (`release_prefill`), and the next plan drops (`Drop`) what

@@ -276,10 +276,65 @@ def prefill(graphdef, params, head, tokens, true_len, wanted, *, want_logprobs: 
     return cache, last_logits, lp, top_ids, top_lps, ranks
 
 
+HEAD_BLOCK = 1024  # columns of the LM head a `head_logprobs` step covers, at most (a divisor of V)
+
+
+def head_logprobs(hidden, head, ids, k: int, vocab_size: int, never=()):
+    """Raw logprobs of `ids` and the most likely token, straight from the LM head, without writing
+    the [..., V] logits out: hidden [..., D], head [D, V] (`model.lm_head`), ids i32[...] ->
+    (logprob f32[...], top_ids i32[..., k], top_logprobs f32[..., k]), the top entry in column 0
+    (later columns zero). The same numbers, up to float rounding, as `sampling.logprobs_of(
+    logits, ids, k, never, wanted=1)` on `GPT.logits(hidden, head)`: the same logits, their max
+    and first index of the max (tokens in `never` left out of it), log-sum-exp.
+
+    A `lax.fori_loop` over blocks of columns: each step multiplies by a [D, C] block of the
+    head and reduces the [..., C] logits while they are in cache (running max and sum of
+    exponentials, first index of the max, the token's own logit). On CPU, the reductions over
+    written-out [255, V] logits of one prompt ran at ~4.5 ns an element (they stream 51 MB
+    from memory, three times); a block at a time they cost about nothing beside the matmul
+    (docs/benchmarks.md, "Scoring"). Whole vocabulary only (no `model` split of V).
+    """
+    lead, D, V = ids.shape, hidden.shape[-1], head.shape[-1]
+    h = hidden.reshape(-1, D).astype(head.dtype)  # [N, D]
+    flat = ids.reshape(-1)
+    C = next(c for c in range(min(HEAD_BLOCK, V), 0, -1) if V % c == 0)
+    never = jnp.asarray(never, jnp.int32)
+
+    def step(i, carry):
+        m, s, best, first, own = carry
+        off = i * C
+        x = jnp.dot(h, jax.lax.dynamic_slice_in_dim(head, off, C, axis=1)).astype(jnp.float32)  # [N, C]
+        col = jax.lax.broadcasted_iota(jnp.int32, x.shape, 1) + off
+        x = jnp.where(col < vocab_size, x, -jnp.inf)  # padded vocabulary
+        shown = jnp.where(jnp.isin(col, never), -jnp.inf, x) if never.size else x
+        f = jnp.argmax(shown, axis=-1).astype(jnp.int32)  # first index of the block's max
+        b = jnp.take_along_axis(shown, f[:, None], axis=-1)[:, 0]
+        bm = jnp.max(x, axis=-1) if never.size else b  # the log-sum-exp counts every token
+        new_m = jnp.maximum(m, bm)
+        safe = jnp.where(jnp.isfinite(new_m), new_m, 0.0)
+        s = s * jnp.exp(m - safe) + jnp.sum(jnp.exp(x - safe[:, None]), axis=-1)
+        here = (flat >= off) & (flat < off + C)
+        mine = jnp.take_along_axis(x, jnp.clip(flat - off, 0, C - 1)[:, None], axis=-1)[:, 0]
+        better = b > best  # ties keep the earlier block: the lower id
+        return (new_m, s, jnp.where(better, b, best), jnp.where(better, f + off, first),
+                jnp.where(here, mine, own))
+
+    N = h.shape[0]
+    minus = jnp.full((N,), -jnp.inf, jnp.float32)
+    m, s, best, first, own = jax.lax.fori_loop(
+        0, V // C, step, (minus, jnp.zeros((N,), jnp.float32), minus, jnp.zeros((N,), jnp.int32), minus))
+    lse = jnp.log(s) + jnp.where(jnp.isfinite(m), m, 0.0)
+    top_ids = jnp.zeros((N, k), jnp.int32)
+    top_logprobs = jnp.zeros((N, k), jnp.float32)
+    if k:
+        top_ids, top_logprobs = top_ids.at[:, 0].set(first), top_logprobs.at[:, 0].set(best - lse)
+    return ((own - lse).reshape(lead), top_ids.reshape(lead + (k,)), top_logprobs.reshape(lead + (k,)))
+
+
 def _prompt_logprobs(model, hidden, head, ids, wanted, top_k: int, split_vocab: bool):
     """hidden [B, T-1, D] -> what prefill returns of the logprobs of ids i32[B, T-1] (the
     tokens each position predicts). Top 0 or 1 without ranks, scoring's ask, goes straight
-    from the LM head a block of columns at a time (`sampling.head_logprobs`); anything more
+    from the LM head a block of columns at a time (`head_logprobs`); anything more
     writes the [B, T-1, V] logits out and reduces them (`sampling.logprobs_of`, `token_ranks`).
     Which, is decided by the values in `wanted`: both are in the program."""
     never, B, T1 = model.config.never_emitted, ids.shape[0], ids.shape[1]
@@ -294,7 +349,7 @@ def _prompt_logprobs(model, hidden, head, ids, wanted, top_k: int, split_vocab: 
     if split_vocab:  # the head's columns are split over devices: no blocks of them here
         return written_out()
     return jax.lax.cond((wanted[0] <= 1) & (wanted[1] == 0),
-                        lambda: (*sampling.head_logprobs(hidden, head, ids, top_k, model.config.vocab_size, never),
+                        lambda: (*head_logprobs(hidden, head, ids, top_k, model.config.vocab_size, never),
                                  no_ranks),
                         written_out)
 
@@ -377,7 +432,8 @@ def compile_all(graphdef, params, head, state: DecodeState, *, prefills, decodes
                 on_program=None) -> None:
     """Compiles every program once per shape so that serving compiles nothing: prefill for each
     (rows, bucket) in `prefills`, with and without prompt logprobs, insert after each,
-    start_row once per row count, and decode for each (rows, window) in `decodes`. `state` is donated along the way: the caller makes a fresh one.
+    start_row once per row count, and decode for each (rows, window) in `decodes`. `state` is
+    donated along the way: the caller makes a fresh one.
     `on_program(done, total)` is called after each program (the server's warm-up metric).
 
     Prefill and decode are compiled ahead of time (`lower(...).compile()`, with the very

@@ -20,7 +20,7 @@ from pgpt_jax.request import Limits
 from server.protocol import ModelInfo, parse_chat, parse_completion
 from test_outputs import TOK
 from test_return_token_ids import chat, completion, post, small_server
-from test_server import EOS, MODEL, NO_EOS
+from test_server import EOS, NO_EOS
 from test_server_helpers import error_of
 
 PROMPT = "Once upon a time, in a land far away"

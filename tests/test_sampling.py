@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pgpt_jax import sampling
+from pgpt_jax import programs, sampling
 from pgpt_jax.sampling import init_rows, logprobs_of, processed_logits, row_key
 
 S, V = 256, 300
@@ -371,7 +371,7 @@ def test_new_parameter_values_do_not_recompile():
 def test_head_logprobs_equal_logprobs_of_the_written_out_logits(monkeypatch, never):
     # Blocks of 250 columns over a 3000-wide head (the last 10 padding): a tie for the max
     # across two blocks (the lower id wins), a row of all-equal logits, banned tokens.
-    monkeypatch.setattr(sampling, "HEAD_BLOCK", 256)
+    monkeypatch.setattr(programs, "HEAD_BLOCK", 256)
     rng = np.random.default_rng(10)
     D, V, real = 16, 3000, 2990
     hidden = rng.normal(size=(3, 7, D)).astype(np.float32)
@@ -382,7 +382,7 @@ def test_head_logprobs_equal_logprobs_of_the_written_out_logits(monkeypatch, nev
     logits = hidden @ head
     logits[..., real:] = -np.inf
     want = sampling.logprobs_of(jnp.asarray(logits), jnp.asarray(ids), 3, never, wanted=1)
-    got = jax.jit(lambda h, w, i: sampling.head_logprobs(h, w, i, 3, real, never))(hidden, head, ids)
+    got = jax.jit(lambda h, w, i: programs.head_logprobs(h, w, i, 3, real, never))(hidden, head, ids)
     np.testing.assert_allclose(got[0], want[0], atol=1e-5)
     np.testing.assert_array_equal(np.asarray(got[1])[..., 0], np.asarray(want[1])[..., 0])
     np.testing.assert_allclose(np.asarray(got[2])[..., 0], np.asarray(want[2])[..., 0], atol=1e-5)
