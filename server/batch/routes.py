@@ -181,13 +181,17 @@ class BatchRoutes:
             runner.wake()
         return json_response(batch)
 
-    async def get_batch(self, request: HTTPRequest) -> Response:
+    async def _batch(self, request: HTTPRequest) -> dict:
+        """The authorized request's batch (`batch_id` in the path), or a 404."""
         self.auth(request)
         batch_id = request.path_params["batch_id"]
         batch = await asyncio.to_thread(self.store.batch, batch_id)
         if batch is None:
             raise _not_found("batch", batch_id, "batch_id")
-        return json_response(batch)
+        return batch
+
+    async def get_batch(self, request: HTTPRequest) -> Response:
+        return json_response(await self._batch(request))
 
     async def list_batches(self, request: HTTPRequest) -> Response:
         self.auth(request)
@@ -203,11 +207,8 @@ class BatchRoutes:
                               "last_id": page[-1]["id"] if page else None, "has_more": more})
 
     async def cancel_batch(self, request: HTTPRequest) -> Response:
-        self.auth(request)
-        batch_id = request.path_params["batch_id"]
-        batch = await asyncio.to_thread(self.store.batch, batch_id)
-        if batch is None:
-            raise _not_found("batch", batch_id, "batch_id")
+        batch = await self._batch(request)
+        batch_id = batch["id"]
         if batch["status"] in ("validating", "in_progress"):
             await asyncio.to_thread(self.store.set_status, batch_id, "cancelling", "cancelling_at",
                                     ("validating", "in_progress"))
