@@ -6,7 +6,7 @@
     (`save_hf` / `hf_state_dict` write the same names back, for comparisons with HF and llama.cpp)
   - an HF hub id such as "openai-community/gpt2", fetched (or found in the local cache)
     with huggingface_hub;
-  - the embedded model's name, "pgpt-tiny", or None: `assets/pgpt-tiny/`, an orbax dir.
+  - the embedded model's name, "pgpt-code", or None: `assets/pgpt-code/`, an orbax dir.
 
 Weights are always placed onto `nnx.eval_shape(...)` of the model, so no parameter is first
 initialised randomly (for gpt2-xl that would be 1.5B wasted normal draws), and the target's
@@ -32,6 +32,8 @@ from pgpt_jax.config import EOS_ID, GPTConfig
 from pgpt_jax.model import GPT
 
 EMBEDDED_NAME = "pgpt-tiny"
+MAX_CHUNK_BYTES = 4 << 20
+TARGET_FILE_BYTES = 8 << 20
 EMBEDDED_DIR = Path(__file__).resolve().parent / "assets" / EMBEDDED_NAME
 HF_FILES = ["config.json", "model.safetensors", "model.safetensors.index.json"]
 # Causal-mask buffers that older transformers versions saved with the weights.
@@ -314,9 +316,12 @@ def save_checkpoint(model: GPT, path, *, overwrite: bool = False) -> Path:
     # A plain nested dict ({"h": {0: {"attn": {"c_attn": {"kernel": ...}}}}}) keeps the files
     # independent of how NNX flattens its Variable objects.
     params = nnx.to_pure_dict(nnx.state(model))
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(path / "params", params, force=overwrite)
-        ckptr.wait_until_finished()
+    # Arrays in chunks of <= 4 MB, data files of ~8 MB: a checkpoint can go in git (no file
+    # over 16 MB) and a big embedding is not one file.
+    save_args = jax.tree.map(lambda _: ocp.SaveArgs(chunk_byte_size=MAX_CHUNK_BYTES), params)
+    with ocp.PyTreeCheckpointer() as ckptr:
+        ckptr.save(path / "params", args=ocp.args.PyTreeSave(
+            params, save_args=save_args, ocdbt_target_data_file_size=TARGET_FILE_BYTES), force=overwrite)
     # config.json last: a dir that has it holds a complete checkpoint.
     (path / "config.json").write_text(model.config.to_json() + "\n")
     return path
@@ -388,7 +393,7 @@ def _load(source, dtype, shardings, progress: bool) -> GPT:
 
 
 def load_model(source=None, *, dtype=None, shardings=None) -> GPT:
-    """Our orbax dir, an HF GPT-2 dir, an HF hub id, or the embedded model ("pgpt-tiny" / None) -> GPT.
+    """Our orbax dir, an HF GPT-2 dir, an HF hub id, or the embedded model ("pgpt-code" / None) -> GPT.
 
     `dtype` casts the params and sets the config's dtype and param_dtype.
     """

@@ -11,6 +11,11 @@ GPT2_VOCAB = 50257
 # Fill-in-the-middle tokens live in the padded part of the vocabulary (models that have them only).
 FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE = 50257, 50258, 50259
 FIM_TOKENS = {"<|fim_prefix|>": FIM_PREFIX, "<|fim_suffix|>": FIM_SUFFIX, "<|fim_middle|>": FIM_MIDDLE}
+# Code models add BPE tokens for runs of 2..33 spaces after the FIM tokens (GPT-2 has one for a
+# single space only, so Python's indentation would be a token per space): ids 50260..50291.
+SPACE_RUNS = range(2, 34)
+SPACE_TOKEN_BASE = FIM_MIDDLE + 1
+CODE_VOCAB = SPACE_TOKEN_BASE + len(SPACE_RUNS)  # 50292
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,6 +27,7 @@ class GPTConfig:
     vocab_size: int = GPT2_VOCAB  # tokens the model may produce; 50260 with FIM tokens
     layer_norm_epsilon: float = 1e-5
     fim: bool = False  # model was trained with <|fim_prefix|>, <|fim_suffix|>, <|fim_middle|>
+    space_tokens: bool = False  # its tokenizer has the SPACE_RUNS tokens (needs fim: they follow)
     dtype: str = "float32"  # compute dtype (bfloat16 on TPU/GPU)
     param_dtype: str = "float32"
     name: str = "gpt2"
@@ -31,6 +37,8 @@ class GPTConfig:
             raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
         if self.fim and self.vocab_size < FIM_MIDDLE + 1:
             raise ValueError("a FIM model needs vocab_size >= 50260")
+        if self.space_tokens and not (self.fim and self.vocab_size >= CODE_VOCAB):
+            raise ValueError(f"space_tokens needs fim and vocab_size >= {CODE_VOCAB}")
 
     @property
     def head_dim(self) -> int:

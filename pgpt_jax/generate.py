@@ -8,7 +8,7 @@ from typing import Optional, Sequence, Union
 from pgpt_jax.engine import Engine
 from pgpt_jax.model import GPT
 from pgpt_jax.request import Choice, Limits, Request, fim_prompt
-from pgpt_jax.tokenizer import get_tokenizer
+from pgpt_jax.tokenizer import tokenizer_for
 
 Prompt = Union[str, Sequence[int]]
 
@@ -25,7 +25,7 @@ def engine_for(model: GPT, slots: int = 8, mesh=None) -> Engine:
     if key in _engines and _engines[key][0] is model:
         _engines.move_to_end(key)
         return _engines[key][1]
-    engine = Engine(model, get_tokenizer(fim=model.config.fim), slots=slots, mesh=mesh,
+    engine = Engine(model, tokenizer_for(model.config), slots=slots, mesh=mesh,
                     limits=Limits(max_logprobs=20, max_queue=1 << 30))
     _engines[key] = (model, engine)
     while len(_engines) > MAX_ENGINES:

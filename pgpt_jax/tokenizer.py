@@ -2,7 +2,11 @@
 
 The engine speaks token ids; this module is used at the edges (server, generate, cli) to
 turn text into ids and back. Models trained with fill-in-the-middle get three more special
-tokens (`config.FIM_TOKENS`), which live in the padded part of the vocabulary.
+tokens (`config.FIM_TOKENS`), which live in the padded part of the vocabulary; code models
+also get BPE tokens for runs of spaces (`config.SPACE_RUNS`, as OpenAI's Codex tokenizer
+has), which keep Python's indentation to one token a line. They are ordinary merges (two
+spaces, then longer runs), so decoding stays byte concatenation and every text round-trips
+exactly; on text without runs of spaces the ids are GPT-2's.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from collections.abc import Iterable
 
 import tiktoken
 
-from pgpt_jax.config import EOS_ID, FIM_TOKENS, GPT2_VOCAB
+from pgpt_jax.config import EOS_ID, FIM_TOKENS, SPACE_RUNS, SPACE_TOKEN_BASE, GPTConfig
 
 RANKS_FILE = "gpt2.tiktoken"
 RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
@@ -44,18 +48,28 @@ def _load_ranks() -> dict[bytes, int]:
     return ranks
 
 
-class Tokenizer:
-    """Text <-> GPT-2 token ids; `<|endoftext|>` (and the FIM tokens when `fim`) are special."""
+def _space_ranks() -> dict[bytes, int]:
+    """Runs of 2..33 spaces. BPE merges the lowest rank first, so a run of n spaces becomes
+    pairs, then the longest runs in the table: one token for n <= 33."""
+    return {b" " * n: SPACE_TOKEN_BASE + i for i, n in enumerate(SPACE_RUNS)}
 
-    def __init__(self, fim: bool = False):
-        self.fim = fim
+
+class Tokenizer:
+    """Text <-> GPT-2 token ids; `<|endoftext|>` (and the FIM tokens when `fim`) are special;
+    `spaces` adds the space-run tokens of code models (after the FIM tokens, so it needs `fim`)."""
+
+    def __init__(self, fim: bool = False, spaces: bool = False):
+        if spaces and not fim:
+            raise ValueError("the space-run tokens follow the FIM tokens: spaces needs fim")
+        self.fim, self.spaces = fim, spaces
         self.eos_id = EOS_ID
         special = {ENDOFTEXT: EOS_ID, **(FIM_TOKENS if fim else {})}
-        self.vocab_size = GPT2_VOCAB + (len(FIM_TOKENS) if fim else 0)
+        ranks = {**_load_ranks(), **(_space_ranks() if spaces else {})}
+        self.vocab_size = len(ranks) + len(special)
         self._enc = tiktoken.Encoding(
-            name="gpt2_fim" if fim else "gpt2",
+            name="gpt2_fim_spaces" if spaces else "gpt2_fim" if fim else "gpt2",
             pat_str=GPT2_PAT_STR,
-            mergeable_ranks=_load_ranks(),
+            mergeable_ranks=ranks,
             special_tokens=special,
             explicit_n_vocab=self.vocab_size,
         )
@@ -86,9 +100,14 @@ class Tokenizer:
 
 
 @functools.lru_cache(maxsize=None)
-def get_tokenizer(fim: bool = False) -> Tokenizer:
+def get_tokenizer(fim: bool = False, spaces: bool = False) -> Tokenizer:
     """One tokenizer per kind per process: building the BPE table takes ~0.1 s."""
-    return Tokenizer(fim=fim)
+    return Tokenizer(fim=fim, spaces=spaces)
+
+
+def tokenizer_for(config: GPTConfig) -> Tokenizer:
+    """The tokenizer a model was trained with."""
+    return get_tokenizer(fim=config.fim, spaces=config.space_tokens)
 
 
 class IncrementalDetokenizer:

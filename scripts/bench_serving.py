@@ -7,7 +7,7 @@ rate (open loop), and reports request throughput, output tokens/s, time to first
 (TTFT), time per output token (TPOT, after the first) and end-to-end latency
 (p50/p90/p99) as JSON:
 
-    python scripts/bench_serving.py load --base-url http://127.0.0.1:8000/v1 --model pgpt-tiny \\
+    python scripts/bench_serving.py load --base-url http://127.0.0.1:8000/v1 --model pgpt-code \\
         --concurrency 8 --num-requests 32 --prompt-tokens 32 --output-tokens 128
 
 `compare` answers "what does HTTP cost?": it builds one Engine (random weights of a

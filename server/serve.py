@@ -51,15 +51,17 @@ def load_model_for_serving(source: Optional[str], dtype: Optional[str], mesh=Non
 
 
 def default_model_name(source: Optional[str]) -> str:
-    return "pgpt-tiny" if source is None else source.rstrip("/")
+    from pgpt_jax.checkpoint import EMBEDDED_NAME
+
+    return EMBEDDED_NAME if source is None else source.rstrip("/")
 
 
 def _engine_from_args(args, mesh, limits: Limits, on_fatal=None):
     from pgpt_jax.engine import Engine
-    from pgpt_jax.tokenizer import get_tokenizer
+    from pgpt_jax.tokenizer import tokenizer_for
 
     model, what = load_model_for_serving(args.model, args.dtype, mesh)
-    engine = Engine(model, get_tokenizer(fim=model.config.fim), slots=args.slots,
+    engine = Engine(model, tokenizer_for(model.config), slots=args.slots,
                     decode_steps=args.decode_steps, limits=limits, mesh=mesh,
                     lockstep_timeout=args.lockstep_timeout, on_fatal=on_fatal,
                     batch_slack=getattr(args, "batch_slack", 1.25), xla_options=getattr(args, "xla_options", None))

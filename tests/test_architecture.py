@@ -56,3 +56,15 @@ def test_importing_the_package_changes_no_environment_variable():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_every_package_is_installed():
+    """`pip install .` (the container image) ships every package and subpackage: pyproject's
+    find patterns match them all (an explicit list once left server.batch out of the wheel)."""
+    import fnmatch
+
+    include = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    packages = [".".join(p.parent.relative_to(ROOT).parts)
+                for top in ("pgpt_jax", "server") for p in (ROOT / top).rglob("__init__.py")]
+    assert {"pgpt_jax", "server", "server.batch"} <= set(packages)
+    assert all(any(fnmatch.fnmatch(p, pat) for pat in include) for p in packages), packages

@@ -183,11 +183,12 @@ def test_convert_end_to_end(tmp_path, ref, capsys):
 
 
 def test_embedded_model(tmp_path, monkeypatch, hf_model):
-    monkeypatch.setattr(checkpoint, "EMBEDDED_DIR", tmp_path / "pgpt-tiny")
-    for source in (None, "pgpt-tiny"):
-        with pytest.raises(FileNotFoundError, match="embedded model 'pgpt-tiny' is not shipped yet"):
+    name = checkpoint.EMBEDDED_NAME
+    monkeypatch.setattr(checkpoint, "EMBEDDED_DIR", tmp_path / name)
+    for source in (None, name):
+        with pytest.raises(FileNotFoundError, match=f"embedded model '{name}' is not shipped yet"):
             load_model(source)
-    save_checkpoint(hf_model, tmp_path / "pgpt-tiny")
+    save_checkpoint(hf_model, tmp_path / name)
     assert load_model(None).config == hf_model.config
 
 

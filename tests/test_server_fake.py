@@ -15,6 +15,7 @@ import httpx
 import openai
 import pytest
 
+from pgpt_jax.checkpoint import EMBEDDED_NAME
 from pgpt_jax.config import FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX
 from server import protocol
 from server.app import create_app
@@ -267,7 +268,7 @@ def test_serve_refuses_what_it_cannot_load(capsys):
 def test_serve_names():
     from server.serve import default_model_name
 
-    assert default_model_name(None) == "pgpt-tiny"
+    assert default_model_name(None) == EMBEDDED_NAME
     assert default_model_name("/ckpt/my-model/") == "/ckpt/my-model"
     assert default_model_name("random:gpt2") == "random:gpt2"
 

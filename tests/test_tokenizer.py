@@ -96,3 +96,47 @@ def test_corrupt_ranks_file_is_refused(monkeypatch):
     monkeypatch.setattr(tokmod, "RANKS_SHA256", "0" * 64)
     with pytest.raises(RuntimeError, match="gpt2.tiktoken: sha256 is 306cd27f.*corrupt"):
         Tokenizer()
+
+
+# -- the code models' space-run tokens ---------------------------------------------------
+
+CODE_SNIPPET = (
+    "class Box:\n    def __init__(self, x):\n        if x:\n            self.x = x  # set\n\n"
+    "    def get(self):\n\treturn self.x    \n\n\n" + " " * 40 + "deep\n  \n"
+)
+
+
+def test_space_runs_are_one_token_each():
+    from pgpt_jax.config import CODE_VOCAB, SPACE_RUNS, SPACE_TOKEN_BASE
+
+    code = get_tokenizer(fim=True, spaces=True)
+    assert code.vocab_size == CODE_VOCAB == SPACE_TOKEN_BASE + len(SPACE_RUNS)
+    for n in SPACE_RUNS:
+        (only,) = code.encode(" " * n)  # a whole run is one token
+        assert only == SPACE_TOKEN_BASE + n - 2 and code.token_bytes(only) == b" " * n
+    # Indentation: the newline, one run token, then " word" (the pattern gives the run's last space to the word).
+    ids = code.encode("\n        return")
+    assert [code.token_bytes(i) for i in ids] == [b"\n", b" " * 7, b" return"]
+    plain = get_tokenizer(fim=True)
+    assert len(plain.encode("\n        return")) == 9  # GPT-2 alone: one token per space
+    with pytest.raises(ValueError, match="needs fim"):
+        Tokenizer(fim=False, spaces=True)
+
+
+def test_space_tokens_round_trip_exactly_and_leave_other_text_as_gpt2():
+    import pathlib
+    import sysconfig
+
+    code, plain = get_tokenizer(fim=True, spaces=True), get_tokenizer(fim=True)
+    texts = [CODE_SNIPPET, "Hello  world", " " * 100, "\t\t x\u00e9\U0001F600  \n"]
+    texts += [p.read_text(encoding="utf-8") for p in sorted(pathlib.Path(sysconfig.get_paths()["stdlib"]).glob("json/*.py"))]
+    for text in texts:
+        ids = code.encode(text)
+        assert code.decode(ids) == text
+        det = IncrementalDetokenizer(code)  # streaming gives the same text, token by token
+        assert "".join(det.add([i]) for i in ids) + det.flush() == text
+        assert len(ids) <= len(plain.encode(text))
+    single_spaced = "The json module: dump(obj, fp) writes JSON.\nSecond line, one space each."
+    assert code.encode(single_spaced) == plain.encode(single_spaced)  # GPT-2's ids where no run occurs
+    source = texts[-1]
+    assert len(code.encode(source)) < 0.8 * len(plain.encode(source))  # indentation no longer a token per space

@@ -1,1 +1,1 @@
-"""Corpus and training of the embedded model pgpt-tiny; lives in the repository, not in the installed package."""
+"""Corpus and training of the embedded model pgpt-code; lives in the repository, not in the installed package."""

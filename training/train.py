@@ -1,29 +1,33 @@
-"""Train pgpt-tiny, the embedded default model, on the standard library's documentation.
+"""Train pgpt-code, the embedded default model: a small Python code model with fill-in-the-middle.
 
-    python training/train_tiny.py                          # the shipped run: pgpt_jax/assets/pgpt-tiny/
-    python training/train_tiny.py --steps 20 --out /tmp/x   # a smoke run (~1 min)
+    python training/train.py                                  # the shipped run -> pgpt_jax/assets/pgpt-code/
+    python training/train.py --steps 20 --out /tmp/x --work /tmp/w   # a smoke run
+    python training/train.py --resume                         # continue a cut run from --work
 
-The shipped run took 45 minutes on 2 shared CPU cores; docs/model_card.md has its numbers.
+docs/model_card.md has the shipped run's numbers; training/evaluate.py measures it.
 
-The corpus (training/data.py) is what every Python installation has offline: the Language
-Reference topics of `help()` and the docstrings of the stdlib's modules, classes and
-functions. About 1/16 of the documents (by a hash of their name) are held out.
-Half of the training pieces are fill-in-the-middle examples (prefix-suffix-middle).
+The corpus is what every Python installation has offline: the standard library's `.py`
+source (training/code_data.py) and its documentation (training/data.py: the Language
+Reference topics and the modules' docstrings). About 1/16 of the modules, by a hash of
+their name, are held out of both. Half of the training pieces are fill-in-the-middle
+examples, prefix-suffix-middle and suffix-prefix-middle in equal parts. The tokenizer is
+GPT-2's plus the FIM tokens plus tokens for runs of 2..33 spaces (pgpt_jax/tokenizer.py):
+without them a space of indentation was 45% of the tokens of Python source.
 
 Optimiser: AdamW with linear warm-up and cosine decay, global-norm clipping, weight decay
-on matrices only. Training runs in float32; the checkpoint stores bfloat16 params (the
-GPT-2 vocabulary embedding is most of the model, and bfloat16 halves it to fit 16 MB),
-and the validation loss reported at the end is that of the saved bfloat16 weights.
+on matrices only. Training runs in float32; the checkpoint stores bfloat16 params, and the
+validation loss reported at the end is that of the saved bfloat16 weights.
 
-Where the time goes: with n_embd=128 the output layer over the 50,304-entry vocabulary is
-~80% of a step's FLOPs, yet the corpus uses only ~12k distinct tokens. So at most positions
-the loss takes the softmax over the ids that occur in the training rows (every target is
-among them), and at every `--full-stride`-th position over the whole vocabulary, which
-keeps pushing the never-seen tokens' logits down (they share the tied embedding, so
-nothing else would). The validation loss is always over the full vocabulary.
+The output layer over the 50,304-entry vocabulary costs as much as the 8 transformer
+layers, yet the corpus uses about half of the ids. So at most positions the loss takes the
+softmax over the ids that occur in the training rows (every target is among them), and at
+every `--full-stride`-th position over the whole vocabulary, which keeps pushing the
+never-seen tokens' logits down (they share the tied embedding, so nothing else would).
+The validation loss is always over the full vocabulary.
 
-Reproducible from `--seed`: the corpus order, the FIM cuts, the batches and the init all
-derive from it (two runs on one machine wrote bitwise-equal params).
+Every `--save-every` steps the float32 params, the optimiser state and the step go to
+`--work`; `--resume` continues from there with the same batches. Reproducible from
+`--seed`: the corpus order, the FIM cuts, the batches and the init all derive from it.
 """
 
 from __future__ import annotations
@@ -50,36 +54,43 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from pgpt_jax.checkpoint import restore_checkpoint, save_checkpoint  # noqa: E402
-from pgpt_jax.config import EOS_ID, FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX, GPTConfig  # noqa: E402
+from pgpt_jax.config import CODE_VOCAB, EOS_ID, FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX, GPTConfig  # noqa: E402
 from pgpt_jax.model import GPT, forward, init_cache  # noqa: E402
-from pgpt_jax.tokenizer import get_tokenizer  # noqa: E402
-from training import data  # noqa: E402
+from pgpt_jax.tokenizer import tokenizer_for  # noqa: E402
+from training import code_data, data  # noqa: E402
 
-DEFAULT_OUT = ROOT / "pgpt_jax" / "assets" / "pgpt-tiny"
+DEFAULT_OUT = ROOT / "pgpt_jax" / "assets" / "pgpt-code"
+DEFAULT_WORK = ROOT / "training" / "work"  # float32 state for --resume, the loss log (git-ignored)
 HELDOUT_FILE = "heldout.json"  # a small slice of the validation split and its unigram baseline
+MODEL_NAME = "pgpt-code"
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=str(DEFAULT_OUT))
+    p.add_argument("--work", default=str(DEFAULT_WORK))
+    p.add_argument("--resume", action="store_true", help="continue from the state in --work")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=1300)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=256, help="also the model's n_positions")
-    p.add_argument("--n-layer", type=int, default=6)
+    p.add_argument("--steps", type=int, default=420)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=1024, help="also the model's n_positions")
+    p.add_argument("--n-layer", type=int, default=8)
     p.add_argument("--n-head", type=int, default=4)
-    p.add_argument("--n-embd", type=int, default=128)
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--n-embd", type=int, default=256)
+    p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--min-lr-ratio", type=float, default=0.1)
-    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--warmup", type=int, default=40)
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--clip", type=float, default=1.0)
     p.add_argument("--fim-rate", type=float, default=0.5)
     p.add_argument("--full-stride", type=int, default=8,
                    help="every N-th position takes the softmax over the whole vocabulary")
-    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--eval-rows", type=int, default=16, help="validation rows for the periodic eval")
+    p.add_argument("--save-every", type=int, default=50)
     p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--stop-after", type=int, default=None,
+                   help="stop (state saved) after this step, e.g. to time a few steps")
     return p.parse_args(argv)
 
 
@@ -167,34 +178,59 @@ def greedy(model: GPT, prompt: list[int], n: int) -> list[int]:
 # ---------------------------------------------------------------------------------------
 
 
+def corpus(encode, T: int, unigram_vocab: int):
+    """-> (documents, train pieces, valid rows i32[R, T + 1], train tokens (plain), unigram nats)."""
+    docs = data.stdlib_documents() + code_data.source_documents()
+    train_pieces, valid_pieces = data.split_pieces(docs)
+    train_plain = code_data.token_stream(encode, train_pieces)
+    valid_stream = code_data.token_stream(encode, valid_pieces)
+    n_valid_rows = (len(valid_stream) - 1) // T
+    valid_rows = valid_stream[np.arange(n_valid_rows)[:, None] * T + np.arange(T + 1)[None, :]]
+    unigram = data.unigram_cross_entropy(train_plain, valid_rows[:, 1:].ravel(), unigram_vocab)
+    return docs, train_pieces, valid_rows, train_plain, unigram
+
+
+def save_state(work: pathlib.Path, step: int, params, opt_state) -> None:
+    """float32 params + optimiser state as one .npz of leaves (the tree comes from the code)."""
+    leaves = jax.tree.leaves((params, opt_state))
+    tmp = work / "state.tmp.npz"
+    np.savez(tmp, step=step, **{f"l{i}": np.asarray(x) for i, x in enumerate(leaves)})
+    os.replace(tmp, work / "state.npz")
+
+
+def load_state(work: pathlib.Path, params, opt_state):
+    with np.load(work / "state.npz") as z:
+        treedef = jax.tree.structure((params, opt_state))
+        leaves = [jnp.asarray(z[f"l{i}"]) for i in range(treedef.num_leaves)]
+        return int(z["step"]), *jax.tree.unflatten(treedef, leaves)
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     t_start = time.perf_counter()
     log = lambda msg: print(f"[{time.perf_counter() - t_start:7.1f}s] {msg}", flush=True)  # noqa: E731
     T, B = args.seq_len, args.batch
+    work = pathlib.Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
     cfg = GPTConfig(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, n_positions=T,
-                    vocab_size=50260, fim=True, name="pgpt-tiny")
-    tok = get_tokenizer(fim=True)
+                    vocab_size=CODE_VOCAB, fim=True, space_tokens=True, name=MODEL_NAME)
+    tok = tokenizer_for(cfg)
     encode = tok.encode
 
     # -- data ---------------------------------------------------------------------------
-    docs = data.stdlib_documents()
-    train_pieces, valid_pieces = data.split_pieces(docs)
+    docs, train_pieces, valid_rows, train_plain, unigram = corpus(encode, T, cfg.vocab_size)
+    n_valid_rows = len(valid_rows)
     n_valid_docs = sum(d.split == "valid" for d in docs)
-    train_plain = data.token_stream(encode, train_pieces)
-    valid_stream = data.token_stream(encode, valid_pieces)
-    n_valid_rows = (len(valid_stream) - 1) // T
-    valid_rows = valid_stream[np.arange(n_valid_rows)[:, None] * T + np.arange(T + 1)[None, :]]
-    unigram = data.unigram_cross_entropy(train_plain, valid_rows[:, 1:].ravel(), cfg.vocab_size)
-    log(f"corpus: {len(docs)} documents ({n_valid_docs} held out), {len(train_pieces)} train / "
-        f"{len(valid_pieces)} valid pieces, {len(train_plain):,} train / {len(valid_stream):,} valid tokens; "
+    log(f"corpus: {len(docs)} documents ({n_valid_docs} held out), {len(train_pieces)} train pieces, "
+        f"{len(train_plain):,} train / {n_valid_rows * T:,} valid tokens; "
         f"unigram baseline on validation {unigram:.3f} nats (ppl {math.exp(unigram):.0f})")
 
-    rows_per_epoch = len(data.epoch_rows(encode, train_pieces, T, epoch=0, seed=args.seed,
-                                         fim_rate=args.fim_rate))
+    rows = lambda e: code_data.epoch_rows(encode, train_pieces, T, epoch=e, seed=args.seed,  # noqa: E731
+                                          fim_rate=args.fim_rate)
+    train_rows = rows(0)
+    rows_per_epoch = len(train_rows)
     n_epochs = -(-args.steps * B // rows_per_epoch)
-    train_rows = np.concatenate([data.epoch_rows(encode, train_pieces, T, epoch=e, seed=args.seed,
-                                                 fim_rate=args.fim_rate) for e in range(n_epochs)])
+    train_rows = np.concatenate([train_rows] + [rows(e) for e in range(1, n_epochs)])
     kept = np.unique(np.concatenate([train_rows[: args.steps * B].ravel(),
                                      [EOS_ID, FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE]]))
     # Round up to whole SIMD tiles with unseen ids (a repeated id would count twice in the softmax).
@@ -218,35 +254,54 @@ def main(argv=None) -> dict:
                      optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=args.weight_decay,
                                  mask=decay_mask))
     opt_state = tx.init(params)
+    first = 0
+    history_file = work / "history.jsonl"
+    if args.resume and (work / "state.npz").exists():
+        first, params, opt_state = load_state(work, params, opt_state)
+        log(f"resumed at step {first} from {work}")
+    else:
+        history_file.write_text("")
     train_step = make_step(graphdef, tx, args.full_stride)
     nll_fn = make_eval(graphdef)
     kept_dev = jnp.asarray(kept)
     eval_rows = valid_rows[np.linspace(0, n_valid_rows - 1, min(args.eval_rows, n_valid_rows)).astype(int)]
     log(f"model: {n_params / 1e6:.2f}M params, {cfg}")
 
-    history = []
+    def record(entry):
+        with history_file.open("a") as f:
+            f.write(json.dumps(entry) + "\n")
+
     t_train, tokens_seen, window_t, window_tok = time.perf_counter(), 0, time.perf_counter(), 0
-    for step in range(args.steps):
-        rows = train_rows[step * B:(step + 1) * B]
-        x, y = rows[:, :-1], rows[:, 1:]
+    last = min(args.steps, args.stop_after or args.steps)
+    for step in range(first, last):
+        r = train_rows[step * B:(step + 1) * B]
+        x, y = r[:, :-1], r[:, 1:]
         params, opt_state, loss, gnorm = train_step(params, opt_state, x, y, index_of[y], kept_dev)
         tokens_seen += B * T
         window_tok += B * T
-        if (step + 1) % args.log_every == 0 or step == 0:
+        if (step + 1) % args.log_every == 0 or step == first:
             loss = float(loss)  # waits for the step
             now = time.perf_counter()
             log(f"step {step + 1:5d} loss {loss:.3f} grad-norm {float(gnorm):.2f} "
                 f"lr {float(schedule(step)):.2e} {window_tok / (now - window_t):6.0f} tok/s")
+            record({"step": step + 1, "tokens": (step + 1) * B * T, "train_loss": round(loss, 4)})
             window_t, window_tok = now, 0
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             t_eval = time.perf_counter()
             val = evaluate(nll_fn, params, eval_rows, B)
-            history.append({"step": step + 1, "tokens": tokens_seen, "val_loss": round(val, 4)})
+            record({"step": step + 1, "tokens": (step + 1) * B * T, "val_loss": round(val, 4)})
             log(f"eval step {step + 1}: validation loss {val:.3f} (ppl {math.exp(val):.1f}) on "
                 f"{len(eval_rows)} rows [{time.perf_counter() - t_eval:.1f}s]")
             window_t += time.perf_counter() - t_eval  # keep eval time out of tok/s
+        if (step + 1) % args.save_every == 0 or step + 1 == last:
+            save_state(work, step + 1, params, opt_state)
     train_seconds = time.perf_counter() - t_train
-    log(f"trained in {train_seconds / 60:.1f} min ({tokens_seen / train_seconds:.0f} tok/s overall)")
+    log(f"trained steps {first}..{last} in {train_seconds / 60:.1f} min "
+        f"({tokens_seen / max(train_seconds, 1e-9):.0f} tok/s)")
+    if last < args.steps:
+        log(f"stopped after step {last} (--stop-after); --resume continues")
+        return {}
+    history = [json.loads(line) for line in history_file.read_text().splitlines() if line]
 
     # -- save bfloat16 weights, reload them the way load_model does, measure them ----------
     saved_cfg = cfg.replace(param_dtype="bfloat16")
@@ -256,8 +311,6 @@ def main(argv=None) -> dict:
     loaded = restore_checkpoint(out)
     loaded_graphdef, loaded_params = nnx.split(loaded)
     nll16 = make_eval(loaded_graphdef)
-    val_bf16_sub = evaluate(nll16, loaded_params, eval_rows, B)
-    log(f"on the periodic-eval rows: float32 {history[-1]['val_loss']:.4f}, saved bfloat16 {val_bf16_sub:.4f}")
     val_bf16 = evaluate(nll16, loaded_params, valid_rows, B)
     log(f"validation loss on all {n_valid_rows} rows ({n_valid_rows * T:,} tokens), saved bfloat16 weights: "
         f"{val_bf16:.4f} (ppl {math.exp(val_bf16):.2f}); unigram {unigram:.4f} "
@@ -266,7 +319,7 @@ def main(argv=None) -> dict:
     # A small slice for the test: 8 rows of 128 tokens spread over the held-out split.
     pick = np.linspace(0, n_valid_rows - 1, 8).astype(int)
     slice_rows = valid_rows[pick, :129]
-    slice_loss = evaluate(nll16, loaded_params, slice_rows, 8)
+    slice_loss = evaluate(make_eval(loaded_graphdef), loaded_params, slice_rows, 8)
     slice_unigram = data.unigram_cross_entropy(train_plain, slice_rows[:, 1:].ravel(), cfg.vocab_size)
     (out / HELDOUT_FILE).write_text(json.dumps({
         "about": "8 rows of 129 tokens from the held-out split (inputs [:, :-1], targets [:, 1:]); "
@@ -277,29 +330,24 @@ def main(argv=None) -> dict:
         f"(margin {slice_unigram - slice_loss:.3f} nats)")
 
     samples = {}
-    for prompt in ["The json module", "Return a copy of the", "class collections.OrderedDict"]:
+    for prompt in ["import os\n\n\ndef ", "def parse_args(argv=None):\n    "]:
         samples[prompt] = tok.decode(greedy(loaded, encode(prompt), 48))
         log(f"greedy {prompt!r} -> {samples[prompt]!r}")
-    fim_prefix, fim_suffix = "str.strip([chars])\nReturn a copy of the string with ", " removed.\n"
-    ids = [FIM_PREFIX] + encode(fim_prefix) + [FIM_SUFFIX] + encode(fim_suffix) + [FIM_MIDDLE]
-    samples["fim"] = {"prefix": fim_prefix, "suffix": fim_suffix, "middle": tok.decode(greedy(loaded, ids, 24))}
-    log(f"FIM middle -> {samples['fim']['middle']!r}")
 
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     summary = {
         "config": saved_cfg.to_dict(), "params": n_params, "checkpoint_bytes": size,
-        "seed": args.seed, "steps": args.steps, "batch": B, "seq_len": T, "tokens": tokens_seen,
-        "train_minutes": round(train_seconds / 60, 2), "tok_per_s": round(tokens_seen / train_seconds),
+        "seed": args.seed, "steps": args.steps, "batch": B, "seq_len": T, "tokens": args.steps * B * T,
+        "train_minutes_this_process": round(train_seconds / 60, 2),
         "documents": len(docs), "valid_documents": n_valid_docs,
         "train_tokens": int(len(train_plain)), "valid_tokens": int(n_valid_rows * T),
-        "eval_rows_loss_f32": history[-1]["val_loss"], "eval_rows_loss_bf16": round(val_bf16_sub, 4),
-        "val_loss_bf16": round(val_bf16, 4),
-        "val_ppl_bf16": round(math.exp(val_bf16), 2), "unigram_loss": round(unigram, 4),
-        "unigram_ppl": round(math.exp(unigram), 1), "history": history, "samples": samples,
+        "val_loss_bf16": round(val_bf16, 4), "val_ppl_bf16": round(math.exp(val_bf16), 2),
+        "unigram_loss": round(unigram, 4), "unigram_ppl": round(math.exp(unigram), 1),
+        "history": history, "samples": samples,
         "python": platform.python_version(), "jax": jax.__version__, "args": vars(args),
     }
-    print(json.dumps(summary, indent=1), flush=True)
-    log(f"wrote {out} ({size / 1e6:.2f} MB)")
+    (work / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    log(f"wrote {out} ({size / 1e6:.2f} MB) and {work / 'summary.json'}")
     return summary
 
 

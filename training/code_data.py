@@ -1,0 +1,133 @@
+"""The code model's corpus: the standard library's own Python source, plus its documentation.
+
+Every Python installation carries its standard library as `.py` files (CPython 3.11: ~650
+files, ~11 MB outside the tests). This module reads them in sorted order, names each file
+after its module (`json/decoder.py` -> `module:json.decoder`, the name training/data.py
+gives the module's documentation, so a held-out module is held out in both corpora), and
+cuts each file into *pieces* of at most MAX_PIECE_CHARS characters at line boundaries.
+
+Left out: tests (`test`, `tests`, `idle_test` folders), `site-packages`, `pydoc_data`
+(the Language Reference text, which training/data.py renders as documentation) and the
+generated charmap tables of `encodings` (256-entry tables that would be 30% of the bytes).
+
+Fill-in-the-middle examples come in both orders of the FIM paper (Bavarian et al., 2022):
+prefix-suffix-middle, the one a request with `suffix` uses, and suffix-prefix-middle,
+
+    PSM: <|fim_prefix|> prefix <|fim_suffix|> suffix <|fim_middle|> middle
+    SPM: <|fim_prefix|> <|fim_suffix|> suffix <|fim_middle|> prefix middle
+
+with cut points either uniform over characters (a part may end inside a word, as it may
+in a request) or on line boundaries (the middle is one to three whole lines, the way an
+editor asks to fill a line).
+"""
+
+from __future__ import annotations
+
+import pathlib
+import sysconfig
+
+import numpy as np
+
+from pgpt_jax.config import EOS_ID, FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX
+from training.data import Document
+
+SKIP_PARTS = {"test", "tests", "idle_test", "site-packages", "pydoc_data", "__pycache__"}
+MAX_PIECE_CHARS = 3000  # ~1000 tokens with the space-run tokens: most pieces fit one row
+CHARMAP_MARK = "decoding_table = ("
+
+
+def module_name(rel: pathlib.PurePath) -> str:
+    """`json/decoder.py` -> `json.decoder`; `json/__init__.py` -> `json`."""
+    parts = list(rel.with_suffix("").parts)
+    if parts[-1] == "__init__" and len(parts) > 1:
+        parts.pop()
+    return ".".join(parts)
+
+
+def source_files(root: pathlib.Path | None = None) -> list[tuple[str, str]]:
+    """(module name, source text) of the stdlib's `.py` files, sorted by path."""
+    root = pathlib.Path(root or sysconfig.get_paths()["stdlib"])
+    out = []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root)
+        if SKIP_PARTS & set(rel.parts[:-1]):
+            continue
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        if CHARMAP_MARK in text or not text.strip():
+            continue
+        out.append((module_name(rel), text))
+    return out
+
+
+def cut_lines(text: str, limit: int = MAX_PIECE_CHARS) -> list[str]:
+    """Pieces of at most `limit` characters, cut between lines, preferably before a line that
+    starts at column 0 after a blank line (a top-level statement); a single longer line is
+    cut inside."""
+    lines = text.splitlines(keepends=True)
+    pieces, cur, size, good = [], [], 0, 0  # good: len(cur) at the last top-level boundary
+    for line in lines:
+        if size + len(line) > limit and cur:
+            cut = good if good * 2 > len(cur) else len(cur)
+            pieces.append("".join(cur[:cut]))
+            cur = cur[cut:]
+            size, good = sum(map(len, cur)), 0
+        if cur and line[:1].strip() and not cur[-1].strip():
+            good = len(cur)
+        cur.append(line)
+        size += len(line)
+        while size > limit and len(cur) == 1:  # one line longer than a piece
+            pieces.append(cur[0][:limit])
+            cur[0] = cur[0][limit:]
+            size = len(cur[0])
+    if cur and "".join(cur).strip():
+        pieces.append("".join(cur))
+    return [p for p in pieces if p.strip()]
+
+
+def source_documents(root: pathlib.Path | None = None) -> list[Document]:
+    return [Document(f"module:{name}", tuple(cut_lines(text))) for name, text in source_files(root)]
+
+
+def fim_cuts(text: str, rng: np.random.Generator) -> tuple[int, int]:
+    """Two character offsets lo <= hi: on line boundaries half of the time (middle = 1 to 3
+    whole lines), else uniform."""
+    starts = [0] + [i + 1 for i, c in enumerate(text) if c == "\n"]
+    if len(starts) > 2 and rng.random() < 0.5:
+        k = int(rng.integers(0, len(starts) - 1))
+        j = min(len(starts) - 1, k + int(rng.integers(1, 4)))
+        return starts[k], starts[j]
+    lo, hi = sorted(rng.integers(0, len(text) + 1, size=2))
+    return int(lo), int(hi)
+
+
+def fim_example(encode, text: str, rng: np.random.Generator) -> list[int]:
+    """PSM or SPM (even odds); each part encoded separately, as a request's prompt and suffix are."""
+    lo, hi = fim_cuts(text, rng)
+    prefix, middle, suffix = encode(text[:lo]), encode(text[lo:hi]), encode(text[hi:])
+    if rng.random() < 0.5:
+        return [FIM_PREFIX, *prefix, FIM_SUFFIX, *suffix, FIM_MIDDLE, *middle]
+    return [FIM_PREFIX, FIM_SUFFIX, *suffix, FIM_MIDDLE, *prefix, *middle]
+
+
+def token_stream(encode, pieces: list[str], *, fim_rate: float = 0.0,
+                 rng: np.random.Generator | None = None) -> np.ndarray:
+    """Pieces (in the given order) -> one int32 stream, each piece followed by <|endoftext|>."""
+    out = []
+    for piece in pieces:
+        out.extend(fim_example(encode, piece, rng) if fim_rate and rng.random() < fim_rate else encode(piece))
+        out.append(EOS_ID)
+    return np.asarray(out, np.int32)
+
+
+def epoch_rows(encode, pieces: list[str], seq_len: int, *, epoch: int, seed: int,
+               fim_rate: float) -> np.ndarray:
+    """One shuffled, FIM-transformed, packed pass -> i32[rows, seq_len + 1] (rows overlap by one
+    token, so every token is a target once; the tail that does not fill a row is dropped)."""
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(pieces))
+    stream = token_stream(encode, [pieces[i] for i in order], fim_rate=fim_rate, rng=rng)
+    n = (len(stream) - 1) // seq_len
+    return stream[np.arange(n)[:, None] * seq_len + np.arange(seq_len + 1)[None, :]]

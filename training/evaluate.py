@@ -1,0 +1,282 @@
+"""Held-out evaluation of the embedded code model (docs/model_card.md has the shipped figures).
+
+    python training/evaluate.py                          # pgpt_jax/assets/pgpt-code -> training/work/eval.json
+    python training/evaluate.py --old /tmp/pgpt-tiny     # also the previous model, on the same text
+    python training/evaluate.py --fixture tests/fixtures/pgpt_code_eval.json   # write the CI sample
+
+Everything is measured on modules the model never saw (training/data.py's hash split):
+
+- *Compression*: nats per token of each model under its own tokenizer on the same held-out
+  text (Python source, and separately the documentation text), in windows of the model's
+  context, next to the add-one unigram of the training split; and bits per byte, the figure
+  that compares models whose tokenizers differ.
+- *Single-line infill*: `--infill` non-blank held-out lines; the prompt is up to 600 tokens
+  before the line, the suffix up to 300 tokens after it (prefix-suffix-middle, as a request
+  with `suffix` sends it); greedy; the middle must equal the line (one trailing newline
+  allowed), within 64 tokens.
+- *Function bodies*: `--bodies` held-out functions with a docstring and a body; the prompt
+  is the `def` line(s) and the docstring; temperature 0.2, up to 160 tokens, cut at the first
+  line that dedents to the `def`'s level. It counts when the body ended within the budget
+  (by that dedent or <|endoftext|>), holds at least one statement, and `ast.parse` accepts
+  the prompt with it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import math
+import os
+import pathlib
+import sys
+import textwrap
+import time
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import pgpt_jax  # noqa: E402
+from pgpt_jax.checkpoint import load_model  # noqa: E402
+from pgpt_jax.model import forward, init_cache  # noqa: E402
+from pgpt_jax.request import fim_prompt  # noqa: E402
+from pgpt_jax.tokenizer import tokenizer_for  # noqa: E402
+from training import code_data, data  # noqa: E402
+
+PREFIX_TOKENS, SUFFIX_TOKENS, INFILL_MAX_TOKENS = 600, 300, 64
+BODY_MAX_TOKENS, BODY_TEMPERATURE = 160, 0.2
+
+
+def heldout_sources() -> list[tuple[str, str]]:
+    return [(n, t) for n, t in code_data.source_files() if data.is_validation(f"module:{n}")]
+
+
+# ---------------------------------------------------------------------------------------
+# Cases
+
+
+def infill_cases(sources, tok, count: int, seed: int = 0) -> list[dict]:
+    """`count` non-blank held-out lines with their prefix (<= 600 tokens) and suffix (<= 300)."""
+    where = [(m, i) for m, (_, text) in enumerate(sources)
+             for i, line in enumerate(text.splitlines()) if line.strip()]
+    rng = np.random.default_rng(seed)
+    cases = []
+    for k in sorted(rng.choice(len(where), size=min(count, len(where)), replace=False)):
+        m, i = where[k]
+        name, text = sources[m]
+        lines = text.splitlines(keepends=True)
+        before, after = "".join(lines[:i])[-8 * PREFIX_TOKENS:], "".join(lines[i + 1:])[:8 * SUFFIX_TOKENS]
+        prefix = tok.decode(tok.encode(before)[-PREFIX_TOKENS:])
+        suffix = tok.decode(tok.encode(after)[:SUFFIX_TOKENS])
+        cases.append({"module": name, "line_no": i + 1, "prefix": prefix, "suffix": suffix,
+                      "line": lines[i].rstrip("\n")})
+    return cases
+
+
+def body_cases(sources, count: int, seed: int = 0) -> list[dict]:
+    """`count` held-out functions with a docstring and a body: prompt = def line(s) + docstring."""
+    found = []
+    for name, text in sources:
+        try:
+            tree = ast.parse(text)
+        except SyntaxError:
+            continue
+        lines = text.splitlines(keepends=True)
+        for node in ast.walk(tree):
+            if (isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and len(node.body) > 1
+                    and ast.get_docstring(node) is not None):
+                prompt = "".join(lines[node.lineno - 1:node.body[0].end_lineno])
+                found.append({"module": name, "function": node.name, "line_no": node.lineno,
+                              "prompt": prompt})
+    rng = np.random.default_rng(seed)
+    return [found[k] for k in sorted(rng.choice(len(found), size=min(count, len(found)), replace=False))]
+
+
+# ---------------------------------------------------------------------------------------
+# Scores
+
+
+def infill_score(model, cases: list[dict], slots: int = 16) -> list[dict]:
+    tok = tokenizer_for(model.config)
+    prompts = [fim_prompt(tok.encode(c["prefix"]), tok.encode(c["suffix"]), True) for c in cases]
+    out = pgpt_jax.generate(model, prompts, max_tokens=INFILL_MAX_TOKENS, temperature=0.0, slots=slots)
+    results = []
+    for c, (choice,) in zip(cases, out):
+        middle = choice.text[:-1] if choice.text.endswith("\n") else choice.text
+        results.append({"middle": choice.text, "finish": choice.finish_reason,
+                        "exact": choice.finish_reason == "stop" and middle == c["line"]})
+    return results
+
+
+def cut_body(prompt: str, completion: str) -> tuple[str, bool]:
+    """The completion up to the first non-blank line indented no deeper than the `def`;
+    -> (body, found that line)."""
+    depth = len(prompt) - len(prompt.lstrip(" \t"))
+    lines = completion.splitlines(keepends=True)
+    for i, line in enumerate(lines):
+        starts_line = i > 0 or prompt.endswith("\n")
+        if starts_line and line.strip() and len(line) - len(line.lstrip(" \t")) <= depth:
+            return "".join(lines[:i]), True
+    return completion, False
+
+
+def body_parses(prompt: str, body: str) -> bool:
+    try:
+        tree = ast.parse(textwrap.dedent(prompt + body))
+    except SyntaxError:
+        return False
+    fn = tree.body[0] if tree.body else None
+    return isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)) and len(fn.body) > 1
+
+
+def body_score(model, cases: list[dict], seed: int = 0, slots: int = 32) -> list[dict]:
+    out = pgpt_jax.generate(model, [c["prompt"] for c in cases], max_tokens=BODY_MAX_TOKENS,
+                            temperature=BODY_TEMPERATURE, seed=seed, slots=slots)
+    results = []
+    for c, (choice,) in zip(cases, out):
+        body, dedented = cut_body(c["prompt"], choice.text)
+        ended = dedented or choice.finish_reason == "stop"
+        results.append({"completion": choice.text, "finish": choice.finish_reason, "ended": ended,
+                        "parses": ended and body_parses(c["prompt"], body)})
+    return results
+
+
+def nats_per_token(model, ids: list[int]) -> tuple[float, int]:
+    """Sum of next-token nats over `ids` in non-overlapping windows of the model's context."""
+    T = model.config.n_positions
+    fwd = jax.jit(lambda m, x: forward(m, x, jnp.arange(x.shape[1])[None], init_cache(m.config, 1, x.shape[1]))[0])
+    total, count = 0.0, 0
+    for start in range(0, len(ids) - 1, T):
+        window = ids[start:start + T + 1]
+        if len(window) < 2:
+            break
+        x = np.asarray(window[:-1] + [0] * (T - len(window) + 1), np.int32)[None]
+        logits = fwd(model, jnp.asarray(x))[0, : len(window) - 1]
+        y = jnp.asarray(window[1:])
+        nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, y[:, None], -1)[:, 0]
+        total += float(nll.sum())
+        count += len(window) - 1
+    return total, count
+
+
+def compression(model, texts: list[str], train_counts: np.ndarray) -> dict:
+    """nats/token, perplexity, bits/byte of `model` and of the add-one unigram on the joined texts."""
+    tok = tokenizer_for(model.config)
+    text = "".join(t + "<|endoftext|>" for t in texts)
+    ids = tok.encode(text)
+    total, count = nats_per_token(model, ids)
+    n_bytes = len(text.encode())
+    logp = np.log(train_counts + 1.0) - np.log(train_counts.sum() + len(train_counts))
+    uni = float(-logp[np.asarray(ids[1:])].sum())
+    return {"tokens": count, "bytes": n_bytes,
+            "model_nats_per_token": round(total / count, 4), "model_ppl": round(math.exp(total / count), 2),
+            "model_bits_per_byte": round(total / n_bytes / math.log(2), 4),
+            "unigram_nats_per_token": round(uni / count, 4), "unigram_ppl": round(math.exp(uni / count), 1),
+            "unigram_bits_per_byte": round(uni / n_bytes / math.log(2), 4)}
+
+
+def train_counts(tok, vocab: int) -> np.ndarray:
+    docs = data.stdlib_documents() + code_data.source_documents()
+    train, _ = data.split_pieces(docs)
+    stream = code_data.token_stream(tok.encode, train)
+    return np.bincount(stream, minlength=vocab)[:vocab].astype(np.float64)
+
+
+def plot_history(history_file: pathlib.Path, png: pathlib.Path) -> None:
+    """Training loss (every logged step) and held-out loss (each eval) against tokens seen."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in history_file.read_text().splitlines() if line]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    for key, label, style in [("train_loss", "training batch", "-"), ("val_loss", "held-out modules", "o-")]:
+        pts = [(r["tokens"] / 1e6, r[key]) for r in rows if key in r]
+        ax.plot(*zip(*pts), style, label=label, markersize=4)
+    ax.set_xlabel("tokens seen (millions)")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_ylim(top=min(8.0, ax.get_ylim()[1]))
+    ax.set_title("pgpt-code training (float32 weights)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=None, help="checkpoint dir (default: the embedded model)")
+    p.add_argument("--old", default=None, help="also measure this checkpoint's compression (e.g. pgpt-tiny)")
+    p.add_argument("--infill", type=int, default=500)
+    p.add_argument("--bodies", type=int, default=200)
+    p.add_argument("--text-bytes", type=int, default=120_000, help="held-out bytes of code, and of docs, to score")
+    p.add_argument("--out", default=str(ROOT / "training" / "work" / "eval.json"))
+    p.add_argument("--fixture", default=None, help="write the CI sample (40 infill lines, 24 bodies) here")
+    p.add_argument("--plot", default=None, metavar="PNG",
+                   help="also plot the loss curve of training/work/history.jsonl to PNG")
+    args = p.parse_args(argv)
+    if args.plot:
+        plot_history(ROOT / "training" / "work" / "history.jsonl", pathlib.Path(args.plot))
+    t0 = time.perf_counter()
+    log = lambda msg: print(f"[{time.perf_counter() - t0:7.1f}s] {msg}", flush=True)  # noqa: E731
+
+    model = load_model(args.model)
+    tok = tokenizer_for(model.config)
+    sources = heldout_sources()
+    log(f"{model.config.name}: {len(sources)} held-out modules")
+    report: dict = {"model": model.config.name, "heldout_modules": [n for n, _ in sources]}
+
+    code_text = "".join(t for _, t in sources)[: args.text_bytes]
+    docs = [d for d in data.stdlib_documents() if d.split == "valid"]
+    doc_text = "\n".join(p for d in docs for p in d.pieces)[: args.text_bytes]
+    for name, m in [("model", model)] + ([("old", load_model(args.old))] if args.old else []):
+        counts = train_counts(tokenizer_for(m.config), m.config.vocab_size)
+        report[f"compression_{name}"] = {"name": m.config.name, "code": compression(m, [code_text], counts),
+                                         "docs": compression(m, [doc_text], counts)}
+        log(f"compression {name}: {json.dumps(report[f'compression_{name}'])}")
+
+    cases = infill_cases(sources, tok, args.infill)
+    res = infill_score(model, cases)
+    exact = sum(r["exact"] for r in res)
+    report["infill"] = {"cases": len(cases), "exact": exact, "exact_rate": round(exact / len(cases), 4),
+                        "stopped": sum(r["finish"] == "stop" for r in res)}
+    log(f"infill: {exact}/{len(cases)} exact ({exact / len(cases):.1%})")
+
+    bodies = body_cases(sources, args.bodies)
+    bres = body_score(model, bodies)
+    ok = sum(r["parses"] for r in bres)
+    report["bodies"] = {"cases": len(bodies), "parse": ok, "parse_rate": round(ok / len(bodies), 4),
+                        "ended": sum(r["ended"] for r in bres)}
+    log(f"bodies: {ok}/{len(bodies)} parse ({ok / len(bodies):.1%}); "
+        f"{report['bodies']['ended']} ended within {BODY_MAX_TOKENS} tokens")
+    report["examples"] = {"infill": [dict(c, **r) for c, r in zip(cases[:10], res[:10])],
+                          "bodies": [dict(c, **r) for c, r in zip(bodies[:6], bres[:6])]}
+    pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    pathlib.Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+    log(f"wrote {args.out}")
+
+    if args.fixture:
+        step_i, step_b = max(1, len(cases) // 40), max(1, len(bodies) // 24)
+        pick_i, pick_b = list(range(0, len(cases), step_i))[:40], list(range(0, len(bodies), step_b))[:24]
+        fixture = {
+            "about": "written by training/evaluate.py: held-out infill lines and function prompts, "
+                     "with what the shipped model scored on them",
+            "infill": [cases[i] for i in pick_i], "infill_exact": sum(res[i]["exact"] for i in pick_i),
+            "bodies": [bodies[i] for i in pick_b], "bodies_parse": sum(bres[i]["parses"] for i in pick_b),
+            "body_seed": 0,
+        }
+        pathlib.Path(args.fixture).write_text(json.dumps(fixture, indent=1) + "\n")
+        log(f"wrote {args.fixture}: infill {fixture['infill_exact']}/{len(pick_i)}, "
+            f"bodies {fixture['bodies_parse']}/{len(pick_b)}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
