@@ -15,7 +15,8 @@ a run cut short still leaves what it measured):
 3. bandwidth: the device's copy bandwidth, bytes read + written by a jitted `x + 1` over a
    large array (best of several);
 4. for each preset (gpt2, gpt2-xl; random weights): our Engine (the server's) in bfloat16
-   with as many slots as the largest batch, its warm-up time and programs compiled, then
+   with as many slots as the largest batch and a 256-token context (`--context`; the
+   runs need 160), its warm-up time and programs compiled, then
    decode tokens/s at each batch (batch requests of `--prompt` tokens each generating
    `--new-tokens`, the smaller batches on the occupied prefix of the slots, as in serving)
    and the programs compiled after warm-up (0 when the shapes are all warmed); then HF
@@ -48,11 +49,11 @@ sys.path.insert(0, str(REPO))
 
 FAST_TESTS = ["tests/test_attention.py", "tests/test_devices.py", "tests/test_model.py", "tests/test_sampling.py"]
 TINY_TESTS = ["tests/test_devices.py::test_default_dtype_by_backend"]
-FULL = dict(presets=["gpt2", "gpt2-xl"], batches=[1, 8, 32, 128], prompt=32, new_tokens=128, bw_mib=2048,
+FULL = dict(presets=["gpt2", "gpt2-xl"], batches=[1, 8, 32, 128], prompt=32, new_tokens=128, context=256, bw_mib=2048,
             tests=FAST_TESTS, tests_timeout=150, engine={})
 # Prompt buckets from 64 only: half the programs to compile (the CPU run is a rehearsal).
-TINY = dict(presets=["tiny"], batches=[1, 2], prompt=8, new_tokens=8, bw_mib=16, tests=TINY_TESTS, tests_timeout=120,
-            engine=dict(min_bucket=64))
+TINY = dict(presets=["tiny"], batches=[1, 2], prompt=8, new_tokens=8, context=128, bw_mib=16, tests=TINY_TESTS,
+            tests_timeout=120, engine=dict(min_bucket=64))
 DTYPE = "bfloat16"
 
 
@@ -163,17 +164,22 @@ def param_count(cfg) -> int:
     return sum(math.prod(a.shape) for a in jax.tree.leaves(abstract))
 
 
-def ours(run: Run, preset: str, batches: list[int], prompt: int, new_tokens: int, **engine_args) -> dict:
-    """Our Engine in bfloat16, warmed once with max(batches) slots, then each batch."""
+def ours(run: Run, preset: str, batches: list[int], prompt: int, new_tokens: int, context: int,
+         **engine_args) -> dict:
+    """Our Engine in bfloat16 with max(batches) slots and a `context`-token context, warmed up
+    once (every program a server of that shape compiles), then each batch. A batch runs the
+    decode program of the smallest row bucket that holds it (`rows` in its result), as in serving."""
+    from pgpt_jax.config import GPTConfig
+
     from pgpt_jax import devices
     from pgpt_jax.bench import _run_batch
     from pgpt_jax.engine import Engine
     from pgpt_jax.model import init_model
     from pgpt_jax.tokenizer import get_tokenizer
 
-    model = init_model(preset, dtype=DTYPE)
+    model = init_model(GPTConfig.preset(preset, n_positions=context), dtype=DTYPE)
     arm = {"system": "pgpt-jax", "preset": preset, "dtype": DTYPE, "weight_bytes": devices.param_bytes(model),
-           "slots": max(batches), "results": []}
+           "slots": max(batches), "context": context, "results": []}
     eng = Engine(model, get_tokenizer(), slots=max(batches), decode_steps=8, **engine_args)
     arm["warmup_s"] = round(eng.warmup(), 2)
     arm["warmup_compiles"] = warm = eng.compile_count
@@ -184,7 +190,9 @@ def ours(run: Run, preset: str, batches: list[int], prompt: int, new_tokens: int
         _run_batch(eng, batch, prompt, 8, temperature=0.0)  # first call of this shape
         first = time.perf_counter() - t0
         rates = [_run_batch(eng, batch, prompt, new_tokens, temperature=0.0) for _ in range(2)]
-        arm["results"].append({"batch": batch, "tok_s": round(max(rates), 1), "first_call_s": round(first, 2)})
+        rows = next(r for r in eng.scheduler.row_buckets if r >= batch)
+        arm["results"].append({"batch": batch, "rows": rows, "tok_s": round(max(rates), 1),
+                               "first_call_s": round(first, 2)})
         print(f"gpu_bench: pgpt-jax {preset} batch {batch}: {max(rates):.1f} tok/s", flush=True)
     arm["compiles_after_warmup"] = eng.compile_count - warm
     return arm
@@ -253,6 +261,9 @@ def main(argv=None) -> int:
     p.add_argument("--budget-s", type=float, default=420.0, help="start no arm after this many seconds")
     p.add_argument("--presets", default=None, help="comma-separated (default: gpt2,gpt2-xl; tiny with --tiny)")
     p.add_argument("--batches", default=None, help="comma-separated (default: 1,8,32,128)")
+    p.add_argument("--context", type=int, default=None,
+                   help="our engine's context length (default 256: the runs need prompt + new tokens = 160; "
+                        "a longer one adds programs to warm up, not work to a step)")
     p.add_argument("--no-tests", action="store_true")
     p.add_argument("--no-hf", action="store_true")
     p.add_argument("--wheels", default=str(REPO / ".whl"), help="carried wheels to install first (if any)")
@@ -262,6 +273,8 @@ def main(argv=None) -> int:
         plan["presets"] = args.presets.split(",")
     if args.batches:
         plan["batches"] = [int(b) for b in args.batches.split(",")]
+    if args.context:
+        plan["context"] = args.context
 
     run = Run(Path(args.out), args.budget_s)
     run.doc["plan"] = {k: v for k, v in plan.items()}
@@ -285,7 +298,7 @@ def main(argv=None) -> int:
         cfg = GPTConfig.preset(preset)
         shape = (plan["batches"], plan["prompt"], plan["new_tokens"])
         if run.has_time(f"pgpt-jax {preset}"):
-            run.doc["arms"].append(ours(run, preset, *shape, **plan["engine"]))
+            run.doc["arms"].append(ours(run, preset, *shape, plan["context"], **plan["engine"]))
             run.save()
         for mode in ("static", "plain") if hf_ok else ():
             if run.has_time(f"hf-torch {mode} {preset}"):
