@@ -74,7 +74,8 @@ class SlotPlan:
         gib = 2**30
         kv = f"{self.slots} slots x {self.slot_bytes / 2**20:.1f} MiB = {self.slots * self.slot_bytes / gib:.2f} GiB"
         if self.budget_bytes is None:
-            return f"KV cache: {kv} (--slots {self.slots}: the device reports no memory limit to size it from)"
+            given = f"--slots {self.slots}" if self.how == "--slots" else f"{self.slots} slots by default"
+            return f"KV cache: {kv} ({given}: the device reports no memory limit to size them from)"
         over = " -- OVER the budget" if self.slots * self.slot_bytes > self.budget_bytes else ""
         source = "--slots" if self.how == "--slots" else "sized from device memory"
         return f"KV cache: {kv} ({source}; KV budget {self.budget_bytes / gib:.2f} GiB a device{over})"

@@ -53,7 +53,7 @@ def test_a_mesh_splits_slots_over_data_and_kv_over_model():
 def test_explicit_slots_and_unknown_memory():
     cpu = devices.plan_slots(GPT2, slots=None, memory=None)
     assert (cpu.slots, cpu.budget_bytes, cpu.how) == (devices.DEFAULT_SLOTS, None, "default")
-    assert "reports no memory limit" in cpu.describe()
+    assert "32 slots by default: the device reports no memory limit" in cpu.describe()
     given = devices.plan_slots(GPT2, slots=7, memory=None)
     assert given.slots == 7 and "--slots 7" in given.describe()
     # --slots wins over memory, and the log says when it is over the budget.
