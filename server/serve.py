@@ -56,14 +56,24 @@ def default_model_name(source: Optional[str]) -> str:
 
 def slots_for(model, args, mesh=None):
     """The slot plan (`devices.plan_slots`) for a loaded model and the flags --slots and
-    --memory-fraction."""
+    --memory-fraction. Multi-host, every process runs process 0's count (the programs must
+    match, and the memory each process sees in use may differ by a little)."""
+    import dataclasses
+
+    import jax
+
     from pgpt_jax import devices
 
     shape = dict(mesh.shape) if mesh is not None else {}
-    return devices.plan_slots(model.config, slots=args.slots, memory=devices.device_memory(),
+    plan = devices.plan_slots(model.config, slots=args.slots, memory=devices.device_memory(),
                               fraction=getattr(args, "memory_fraction", devices.DEFAULT_MEMORY_FRACTION),
                               weight_bytes=devices.param_bytes(model), data=shape.get("data", 1),
                               model=shape.get("model", 1))
+    if jax.process_count() > 1 and plan.how == "memory":
+        from jax.experimental import multihost_utils
+
+        plan = dataclasses.replace(plan, slots=int(multihost_utils.broadcast_one_to_all(plan.slots)))
+    return plan
 
 
 def _engine_from_args(args, mesh, limits: Limits, on_fatal=None):
