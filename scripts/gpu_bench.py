@@ -113,11 +113,13 @@ def versions() -> dict:
 
 
 def run_tests(files: list[str], timeout: float) -> dict:
-    """The fast subset under pytest, on this process's JAX backend."""
+    """The fast subset under pytest, on this process's JAX backend. float32 matmuls at full
+    precision: the tests hold float32 results to 1e-5, and a GPU's default may be TF32."""
     import jax
 
     backend = jax.default_backend()
-    env = {**os.environ, "JAX_PLATFORMS": {"gpu": "cuda"}.get(backend, backend)}
+    env = {**os.environ, "JAX_PLATFORMS": {"gpu": "cuda"}.get(backend, backend),
+           "JAX_DEFAULT_MATMUL_PRECISION": "highest"}
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files]
     t0 = time.perf_counter()
     try:
@@ -125,7 +127,7 @@ def run_tests(files: list[str], timeout: float) -> dict:
         rc, tail = out.returncode, (out.stdout + out.stderr)[-3000:]
     except subprocess.TimeoutExpired as e:
         rc, tail = "timeout", str(e.stdout or "")[-3000:]
-    return {"files": files, "rc": rc, "seconds": round(time.perf_counter() - t0, 1), "tail": tail}
+    return {"files": files, "jax_platforms": env["JAX_PLATFORMS"], "rc": rc, "seconds": round(time.perf_counter() - t0, 1), "tail": tail}
 
 
 def copy_bandwidth(mib: int) -> dict:
