@@ -13,9 +13,11 @@ import sys
 import threading
 import time
 
+import jax
 import numpy as np
 
 from pgpt_jax import programs
+from pgpt_jax.devices import default_dtype
 from pgpt_jax.engine import Engine
 from pgpt_jax.programs import prefill
 from pgpt_jax.model import init_model
@@ -101,7 +103,8 @@ def main(args, mesh=None) -> None:
     """`pgpt-jax bench` with parsed `args` on `mesh` (None: one device)."""
     out = open(args.json, "a") if args.json else None
     rows: list = []
-    model = init_model(args.preset, dtype=args.dtype, mesh=mesh)
+    dtype = args.dtype or default_dtype(jax.default_backend()) or "float32"
+    model = init_model(args.preset, dtype=dtype, mesh=mesh)
     tok = get_tokenizer()
     slot_counts = [int(s) for s in str(args.slots).split(",")]
     prompt_len = 32
@@ -146,7 +149,7 @@ def main(args, mesh=None) -> None:
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     _emit(rows, out, metric="peak_rss_mb", value=round(peak_mb))
 
-    print(f"\n{args.preset} {args.dtype}, prompt {prompt_len}, {args.new_tokens} new tokens, "
+    print(f"\n{args.preset} {dtype}, prompt {prompt_len}, {args.new_tokens} new tokens, "
           f"decode_steps {args.decode_steps}")
     print(f"{'metric':<14} {'where':<22} {'value':>10} {'hf':>10} {'ratio':>7}")
     for r in rows:

@@ -16,7 +16,8 @@ LIMITS = Limits()
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="orbax dir, HF dir, HF hub id, or embedded model name (default: the embedded model)")
-    p.add_argument("--dtype", default=None, help="compute/param dtype: float32 (CPU default) or bfloat16")
+    p.add_argument("--dtype", default=None,
+                   help="compute/param/KV dtype (default: bfloat16 on GPU/TPU, the model's own, float32, on CPU)")
     p.add_argument("--mesh", default=None, help="data=D,model=M over all devices (default: one device)")
     _add_cache_args(p)
 
@@ -25,6 +26,15 @@ def _add_options_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--xla-options", default="auto", metavar="SET",
                    help="XLA:CPU compiler options: auto (measure each set at warm-up, remembered per CPU beside "
                         "the compile cache) or a set: xla-default, no-ynn-fusion")
+
+
+def _add_slots_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--slots", type=int, default=None,
+                   help="sequences decoded at once (default: as many as --memory-fraction of the device holds, "
+                        "at most 256; 32 where the device reports no memory, as CPUs)")
+    p.add_argument("--memory-fraction", type=float, default=0.9,
+                   help="share of the device memory JAX may use that the model, its programs and the KV cache "
+                        "take, when sizing --slots (like vLLM's gpu_memory_utilization; default %(default)s)")
 
 
 def _add_cache_args(p: argparse.ArgumentParser) -> None:
@@ -50,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="also read from PGPT_API_KEY")
-    p.add_argument("--slots", type=int, default=32)
+    _add_slots_args(p)
     p.add_argument("--decode-steps", type=int, default=4)
     p.add_argument("--max-logprobs", type=int, default=LIMITS.max_logprobs)
     p.add_argument("--logprobs-mode", choices=LOGPROBS_MODES, default=LIMITS.logprobs_mode,
@@ -100,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True,
                    help="output JSONL (appended; the custom_ids already in it are skipped)")
     p.add_argument("--served-model-name", default=None, help="the name the lines' `model` must give")
-    p.add_argument("--slots", type=int, default=32)
+    _add_slots_args(p)
     p.add_argument("--decode-steps", type=int, default=4)
     p.add_argument("--max-logprobs", type=int, default=LIMITS.max_logprobs)
     p.add_argument("--window", type=int, default=0, help="lines on the engine at once (default 0: twice --slots)")
@@ -119,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", allow_abbrev=False, help="compile, prefill and decode benchmarks (JSON lines + table)")
     p.add_argument("--mesh", default=None, help="data=D,model=M over all devices (default: one device)")
     p.add_argument("--preset", default="gpt2")
-    p.add_argument("--dtype", default="float32")
+    p.add_argument("--dtype", default=None, help="default: bfloat16 on GPU/TPU, float32 on CPU")
     p.add_argument("--slots", default="1,8,32,64")
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--decode-steps", type=int, default=8)
@@ -166,11 +176,14 @@ def mesh_from_args(args):
 
 def _generate(args) -> None:
     """`pgpt-jax generate PROMPT`: prints each choice."""
+    import jax
+
     from pgpt_jax.checkpoint import load_model
+    from pgpt_jax.devices import default_dtype
     from pgpt_jax.generate import generate
 
     mesh = mesh_from_args(args)
-    model = load_model(args.model, dtype=args.dtype, shardings=mesh)
+    model = load_model(args.model, dtype=args.dtype or default_dtype(jax.default_backend()), shardings=mesh)
     slots = 8 if mesh is None else max(8, mesh.shape["data"])
     for c in generate(model, args.prompt, max_tokens=args.max_tokens, temperature=args.temperature,
                       top_p=args.top_p, n=args.n, seed=args.seed, slots=slots, mesh=mesh):

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from pgpt_jax import attention
 from pgpt_jax.config import GPTConfig
 
 KVCache = tuple[tuple[jax.Array, jax.Array], ...]
@@ -32,9 +33,12 @@ def _dtype(name: str):
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs, implementation: str = "auto"):
         kw = dict(dtype=_dtype(cfg.dtype), param_dtype=_dtype(cfg.param_dtype), rngs=rngs)
         self.n_head, self.head_dim = cfg.n_head, cfg.head_dim
+        # How attention is computed (pgpt_jax/attention.py); a static string, so it is part
+        # of the graphdef and of every program's cache key.
+        self.implementation = implementation
         self.c_attn = nnx.Linear(cfg.n_embd, 3 * cfg.n_embd, **kw)
         self.c_proj = nnx.Linear(cfg.n_embd, cfg.n_embd, **kw)
 
@@ -53,24 +57,7 @@ class Attention(nnx.Module):
         # The cache may hold more rows than x (decode runs the occupied prefix of the slots):
         # this block's rows are the cache's first B.
         keys, values = k_cache[:B, :, :window], v_cache[:B, :, :window]  # [B, N, W, H]
-        visible = jnp.arange(window)[None, None, None, :] <= positions[:, None, :, None]
-        if T == 1:
-            # Decode: multiply-and-reduce instead of einsum. XLA fuses the slices above into
-            # these reductions; as dots they are copied out of the cache first (measured 30%
-            # slower on CPU at 32 rows, docs/benchmarks.md).
-            scores = jnp.sum(q[:, 0, :, None, :] * keys.astype(q.dtype), axis=-1)[:, :, None]
-        else:
-            # Heads ahead of tokens on both sides, as the cache holds them: dots in their
-            # natural [B, N] batch layout (XLA:CPU's batched dots ran a prefill's attention
-            # 25% slower with the transposes inside them; docs/benchmarks.md, "Scoring").
-            scores = jnp.einsum("BNTH,BNWH->BNTW", q.transpose(0, 2, 1, 3), keys.astype(q.dtype))
-        scores = scores.astype(jnp.float32) * (H**-0.5)
-        scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)  # [B, N, T, W]
-        if T == 1:
-            y = jnp.sum(probs[:, :, 0, :, None] * values.astype(q.dtype), axis=2)[:, None]
-        else:
-            y = jnp.einsum("BNTW,BNWH->BNTH", probs, values.astype(q.dtype)).transpose(0, 2, 1, 3)
+        y = attention.attend(q, keys, values, positions, self.implementation)  # [B, T, N, H]
         y = y.reshape(B, T, D)
         return self.c_proj(y), (k_cache, v_cache)
 
@@ -159,6 +146,18 @@ class GPT(nnx.Module):
 def lm_head(model: GPT):
     """The tied embedding as a [D, V] array of its own (for `GPT.logits(hidden, head)`)."""
     return jnp.asarray(model.wte.embedding[...].T)
+
+
+def set_attention(model: GPT, implementation: str) -> GPT:
+    """Every layer's attention computed by `implementation` (one of `attention.IMPLEMENTATIONS`;
+    new models say "auto"), in place; returns the model. Programs made from it afterwards
+    (an Engine's) use it."""
+    if implementation not in attention.IMPLEMENTATIONS:
+        raise ValueError(f"unknown attention implementation {implementation!r}; "
+                         f"choose one of {attention.IMPLEMENTATIONS}")
+    for block in model.h:
+        block.attn.implementation = implementation
+    return model
 
 
 def split_qkv(params, cfg: GPTConfig):

@@ -56,12 +56,43 @@ def default_model_name(source: Optional[str]) -> str:
     return EMBEDDED_NAME if source is None else source.rstrip("/")
 
 
+def slots_for(model, args, mesh=None):
+    """The slot plan (`devices.plan_slots`) for a loaded model and the flags --slots and
+    --memory-fraction. Multi-host, every process runs process 0's count (the programs must
+    match, and the memory each process sees in use may differ by a little)."""
+    import dataclasses
+
+    import jax
+
+    from pgpt_jax import devices
+
+    shape = dict(mesh.shape) if mesh is not None else {}
+    plan = devices.plan_slots(model.config, slots=args.slots, memory=devices.device_memory(),
+                              fraction=getattr(args, "memory_fraction", devices.DEFAULT_MEMORY_FRACTION),
+                              weight_bytes=devices.param_bytes(model), data=shape.get("data", 1),
+                              model=shape.get("model", 1))
+    if jax.process_count() > 1 and plan.how == "memory":
+        from jax.experimental import multihost_utils
+
+        plan = dataclasses.replace(plan, slots=int(multihost_utils.broadcast_one_to_all(plan.slots)))
+    return plan
+
+
 def _engine_from_args(args, mesh, limits: Limits, on_fatal=None):
+    import jax
+
+    from pgpt_jax import devices
     from pgpt_jax.engine import Engine
     from pgpt_jax.tokenizer import tokenizer_for
 
-    model, what = load_model_for_serving(args.model, args.dtype, mesh)
-    engine = Engine(model, tokenizer_for(model.config), slots=args.slots,
+    dtype = args.dtype or devices.default_dtype(jax.default_backend())
+    model, what = load_model_for_serving(args.model, dtype, mesh)
+    try:
+        plan = slots_for(model, args, mesh)
+    except ValueError as e:
+        raise SystemExit(f"pgpt-jax: {e}")
+    print(f"pgpt-jax: {model.config.dtype} on {jax.default_backend()}; {plan.describe()}", file=sys.stderr, flush=True)
+    engine = Engine(model, tokenizer_for(model.config), slots=plan.slots,
                     decode_steps=args.decode_steps, limits=limits, mesh=mesh,
                     lockstep_timeout=args.lockstep_timeout, on_fatal=on_fatal,
                     batch_slack=getattr(args, "batch_slack", 1.25), xla_options=getattr(args, "xla_options", None))
