@@ -101,6 +101,7 @@ class Engine:
         # XLA:CPU options: None keeps the process's choice, "auto" measures at warm-up, else a set's name.
         self.xla_options = xla_options
         self.option_times: dict = {}  # rows -> {option set: seconds per decode call}, when measured
+        self.options_note = "XLA defaults"  # what choose_options decided, for the start-up line
 
     # ---------------------------------------------------------------- public API
 
@@ -235,13 +236,15 @@ class Engine:
             return
         if self.xla_options != "auto":
             programs.choose_options(self.xla_options)
-            log.info("XLA:CPU options: %s (forced)", self.xla_options)
+            self.options_note = f"XLA:CPU options {self.xla_options} (forced)"
+            log.info(self.options_note)
             return
         cfg = self.config
         key = f"{cfg.name}/{cfg.dtype}/slots={self.slots}/steps={self.decode_steps}/mesh={_mesh_shape(self.mesh)}"
         choice = programs.remembered_choice(key)
         if choice is not None:
             programs.choose_options(choice["default"], choice["decode"])
+            self.options_note = f"XLA:CPU options {_describe_choice(choice)} (remembered for this CPU)"
             log.info("XLA:CPU options for %s (remembered): %s", key, choice)
             return
         if jax.default_backend() != "cpu" or self.lockstep is not None or programs.user_sets_options():
@@ -252,6 +255,7 @@ class Engine:
         choice = {"default": decode[max(decode)], "decode": decode}
         programs.choose_options(choice["default"], decode)
         programs.remember_choice(key, choice)
+        self.options_note = f"XLA:CPU options {_describe_choice(choice)} (measured)"
         log.info("XLA:CPU options for %s (measured, seconds per decode call): %s -> %s", key,
                  {r: {n: round(s, 4) for n, s in t.items()} for r, t in self.option_times.items()}, choice)
 
@@ -461,3 +465,9 @@ def _compiles() -> int:
     from pgpt_jax.programs import compiles_so_far
 
     return compiles_so_far()
+
+
+def _describe_choice(choice: dict) -> str:
+    """{"default": name, "decode": {rows: name}} -> "xla-default; decode rows 1: no-ynn-fusion, ..."."""
+    decode = ", ".join(f"{rows}: {name}" for rows, name in sorted(choice["decode"].items(), key=lambda kv: int(kv[0])))
+    return f"{choice['default']}; decode by rows {decode}"

@@ -141,7 +141,8 @@ def serve(args, mesh=None, limits: Limits = Limits()) -> None:
             print(f"pgpt-jax: serving {what} as {name!r}", file=sys.stderr, flush=True)
             secs = engine.warmup(progress=True, on_program=lambda done, total: setattr(app.state.pgpt, "warmup",
                                                                                       (done, total)))
-            print(f"pgpt-jax: ready after {secs:.1f} s of warm-up (compiled {engine.compile_count} programs); "
+            print(f"pgpt-jax: ready after {secs:.1f} s of warm-up (compiled {engine.compile_count} programs; "
+                  f"{engine.options_note}); "
                   f"http://{args.host}:{args.port}/v1 {'(API key required)' if api_key else ''}",
                   file=sys.stderr, flush=True)
             return engine

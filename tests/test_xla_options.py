@@ -36,6 +36,7 @@ def test_auto_measures_every_set_per_row_bucket_and_remembers_the_choice(tiny_mo
     again = Engine(tiny_model, get_tokenizer(), slots=1, decode_steps=2, xla_options="auto")
     again.choose_options()
     assert again.option_times == {} and programs.chosen_options() == chosen
+    assert again.options_note.endswith("(remembered for this CPU)") and f"1: {chosen['decode'][1]}" in again.options_note
 
 
 def test_each_row_bucket_decodes_with_the_set_that_won_it(tiny_model, choices_file, monkeypatch):
@@ -44,6 +45,8 @@ def test_each_row_bucket_decodes_with_the_set_that_won_it(tiny_model, choices_fi
     monkeypatch.setattr(eng.executor, "time_option_sets", lambda rows, window: fake[rows])
     eng.choose_options()
     assert programs.chosen_options() == {"default": "xla-default", "decode": {1: "no-ynn-fusion", 2: "xla-default"}}
+    # what `pgpt-jax serve` prints when it is ready
+    assert eng.options_note == "XLA:CPU options xla-default; decode by rows 1: no-ynn-fusion, 2: xla-default (measured)"
     programs.decode._jits.clear()
     done = []
     eng.submit(Request(prompt=[1, 2], max_tokens=6, n=2, temperature=0.0), done.append)  # two rows: bucket 2
@@ -53,8 +56,10 @@ def test_each_row_bucket_decodes_with_the_set_that_won_it(tiny_model, choices_fi
 
 
 def test_a_forced_set_and_an_unknown_one(tiny_model, choices_file):
-    Engine(tiny_model, get_tokenizer(), slots=2, xla_options="xla-default").choose_options()
+    forced = Engine(tiny_model, get_tokenizer(), slots=2, xla_options="xla-default")
+    forced.choose_options()
     assert programs.chosen_options() == {"default": "xla-default", "decode": {}}
+    assert forced.options_note == "XLA:CPU options xla-default (forced)"
     assert not choices_file.exists()  # forced: nothing measured, nothing remembered
     with pytest.raises(ValueError, match="unknown XLA:CPU option set"):
         Engine(tiny_model, get_tokenizer(), slots=2, xla_options="fastest").choose_options()
