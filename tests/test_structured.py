@@ -211,3 +211,65 @@ def test_the_engine_refuses_a_bad_constraint_naming_its_field(engine):
     with pytest.raises(RequestError) as err:
         engine.check(Request(prompt=[1, 2], constraint=Constraint("regex", "(", "guided_regex")))
     assert err.value.param == "guided_regex" and "guided_regex" in err.value.message
+
+
+# ------------------------------------------------------------------ over HTTP (last: the server runs the engine's thread)
+
+
+@pytest.fixture(scope="module")
+def http(engine):
+    import httpx
+
+    from server.app import create_app
+    from test_server_helpers import ServerThread
+
+    app = create_app(engine, served_model_name="tiny-test", max_body_bytes=256 * 1024)
+    with ServerThread(app) as s, httpx.Client(base_url=s.base_url, timeout=120) as client:
+        yield client
+
+
+@pytest.mark.parametrize("extra,param", [
+    ({"structured_outputs": {"regex": "[a-"}}, "structured_outputs.regex"),
+    ({"guided_regex": "(unclosed"}, "guided_regex"),
+    ({"guided_json": {"type": "nonsense"}}, "guided_json"),
+    ({"structured_outputs": {"json": {"type": "string", "format": "no-such-format"}}}, "structured_outputs.json"),
+    ({"guided_choice": []}, "guided_choice"),
+    ({"guided_regex": "a", "guided_choice": ["a"]}, "guided_choice"),
+    ({"structured_outputs": {"regex": "a", "json": {}}}, "structured_outputs.regex"),
+])
+def test_bad_constraints_are_400s_naming_the_field(http, extra, param):
+    from test_server_helpers import error_of
+
+    r = http.post("/v1/completions", json={"model": "tiny-test", "prompt": "x", **extra})
+    assert r.status_code == 400, r.text
+    err = error_of(r)
+    assert err["param"] == param and err["type"] == "invalid_request_error", err
+
+
+def test_unsupported_schema_features_say_which(http):
+    r = http.post("/v1/completions", json={"model": "tiny-test", "prompt": "x",
+                                           "guided_json": {"type": "string", "format": "no-such-format"}})
+    assert r.status_code == 400 and "no-such-format" in r.json()["error"]["message"]
+
+
+def test_completions_and_chat_over_http(http):
+    r = http.post("/v1/completions", json={"model": "tiny-test", "prompt": "Pick:", "n": 5, "seed": 3,
+                                           "max_tokens": 100, "structured_outputs": {"json": POINTS}})
+    assert r.status_code == 200, r.text
+    for c in r.json()["choices"]:
+        assert c["finish_reason"] == "stop"
+        jsonschema.validate(json.loads(c["text"]), POINTS)
+    r = http.post("/v1/completions", json={"model": "tiny-test", "prompt": "Pick:", "n": 4, "seed": 3,
+                                           "guided_choice": CHOICES, "stream": True})
+    assert r.status_code == 200 and r.text.rstrip().endswith("data: [DONE]")
+    body = {"model": "tiny-test", "messages": [{"role": "user", "content": "A point?"}], "n": 3, "seed": 5,
+            "max_tokens": 100, "response_format": {"type": "json_schema",
+                                                   "json_schema": {"name": "points", "schema": POINTS, "strict": True}}}
+    r = http.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    for c in r.json()["choices"]:
+        jsonschema.validate(json.loads(c["message"]["content"]), POINTS)
+    r = http.post("/v1/chat/completions", json={**body, "response_format": {"type": "json_object"}, "max_tokens": 60})
+    assert r.status_code == 200, r.text
+    bad = http.post("/v1/chat/completions", json={**body, "response_format": {"type": "json_schema"}})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "response_format.json_schema"
