@@ -30,10 +30,8 @@ _JSON_DEFAULTS = {"whitespace_flexible": False}  # compact JSON: fewer tokens, w
 
 
 def mask_words(vocab: int) -> int:
-    """Words of a mask row for a padded vocabulary of `vocab` tokens (a multiple of 32)."""
-    if vocab % 32:
-        raise ValueError(f"the padded vocabulary ({vocab}) must be a multiple of 32")
-    return vocab // 32
+    """Words of a mask row for a padded vocabulary of `vocab` tokens: ceil(vocab / 32)."""
+    return -(-vocab // 32)
 
 
 class Grammar:

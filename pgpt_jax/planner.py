@@ -96,7 +96,7 @@ class Planner:
             if run is None or run.choice.matcher is None or run.choice.finish is not None:
                 continue
             if masks is None:
-                masks = np.zeros((self.scheduler.slots, self.vocab // 32), np.uint32)
+                masks = np.zeros((self.scheduler.slots, -(-self.vocab // 32)), np.uint32)
             run.choice.matcher.fill(masks[slot])
         return masks
 

@@ -119,10 +119,9 @@ def init_rows(slots: int, vocab: int) -> SamplingRows:
 
 
 def mask_words(vocab: int) -> int:
-    """u32 words of a mask row over V=vocab tokens (a multiple of 32)."""
-    if vocab % 32:
-        raise ValueError(f"the padded vocabulary ({vocab}) must be a multiple of 32")
-    return vocab // 32
+    """u32 words of a mask row over V=vocab tokens: ceil(V / 32). (A padded vocabulary is a
+    multiple of 64, so a `model` split of it splits the words evenly too.)"""
+    return -(-vocab // 32)
 
 
 def row_key(seed: int, choice_index: int) -> np.ndarray:
@@ -308,7 +307,7 @@ def _masked(x, rows: SamplingRows):
     On a split vocabulary each device holds the mask words of its own columns."""
     B, V = x.shape
     bits = (rows.mask[:, :, None] >> jnp.arange(32, dtype=jnp.uint32)) & 1  # [B, V/32, 32]
-    allowed = bits.reshape(B, V).astype(bool)
+    allowed = bits.reshape(B, -1)[:, :V].astype(bool)
     return jnp.where(rows.constrained[:, None] & ~allowed, -jnp.inf, x)
 
 
