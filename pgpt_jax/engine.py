@@ -43,13 +43,13 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from pgpt_jax import sharding
+from pgpt_jax import grammar, sharding
 from pgpt_jax.executor import Decode, Drop, Executor, Place, Prefill
 from pgpt_jax.model import GPT
 from pgpt_jax.multihost import Lockstep, Watchdog, follow
 from pgpt_jax.planner import Planner
 from pgpt_jax.registry import Entry, Handle, Registry
-from pgpt_jax.request import EngineUnavailable, Limits, Request, Result, validate
+from pgpt_jax.request import EngineUnavailable, Limits, Request, RequestError, Result, validate
 from pgpt_jax.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,8 @@ class Engine:
         self.registry = Registry(limits, budget, self._wake.set)
         self._pending: list = []  # dispatched work whose outputs are not processed yet
         self.planner = Planner(self.registry, self.scheduler, tokenizer=tokenizer,
-                               context_length=self.context_length, decode_steps=decode_steps, end=self._end)
+                               context_length=self.context_length, decode_steps=decode_steps, end=self._end,
+                               vocab=self.config.padded_vocab)
         self._moved: dict[tuple, tuple] = {}  # this plan's prefills retried alone: (pid, index) -> new
         self._thread: Optional[threading.Thread] = None
         self._running = False
@@ -156,6 +157,12 @@ class Engine:
     def check(self, request: Request) -> None:
         """Raises RequestError for what makes `request` impossible; names the OpenAI field."""
         validate(request, self.limits, self.config.vocab_size, self.context_length, self.never)
+        k = request.constraint
+        if k is not None:  # compiled here, on the caller's thread: the engine thread finds it cached
+            try:
+                grammar.compile(k.kind, k.spec, self.tokenizer, self.config.padded_vocab)
+            except ValueError as exc:
+                raise RequestError(f"Invalid {k.param}: {exc}", k.param) from None
 
     def submit(self, request: Request, callback: Callable) -> Handle:
         """Queues `request`; `callback(event)` runs on the engine thread (see request.py)."""
@@ -320,6 +327,9 @@ class Engine:
         """One iteration (see the module docstring). Returns False when there is no work to do now
         (batch work held back for interactive work does not count)."""
         self._moved.clear()
+        if self.planner.constrained():  # their next masks need the tokens dispatched last
+            while self._pending:
+                self._process(self._pending.pop(0))
         ops, meta = self.planner.plan()
         if self.lockstep is not None:
             self._stop_sent = not self._running

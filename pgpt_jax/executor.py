@@ -13,7 +13,9 @@ the same programs in the same order and the others decide nothing:
                                                 (`insert`), its sampling row and first token
                                                 (`start_row`); `row` is sampling.request_row's
                                                 arguments (a sparse bias, not [V] floats)
-  Decode(window, rows)                          `decode_steps` tokens for the first `rows` slots
+  Decode(window, rows, steps, masks)            `steps` tokens (0: `decode_steps`) for the first
+                                                `rows` slots; `masks` u32[rows, V/32] the next-token
+                                                masks of constrained rows (then steps is 1), or None
   Drop(pids)                                    forget prefills no choice will use again
 
 An `Executor` holds what the ops act on: the program params, the decode state, and the
@@ -24,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import numpy as np
@@ -55,6 +57,8 @@ class Place:
 class Decode:
     window: int
     rows: int
+    steps: int = 0  # 0: the engine's decode_steps
+    masks: Optional[np.ndarray] = None  # u32[rows, V/32]; None: no row of the call is constrained
 
 
 @dataclasses.dataclass
@@ -72,6 +76,7 @@ class Executor:
         self.state = programs.init_state(self.config, slots, mesh)
         self.never = list(self.config.never_emitted)  # control tokens: banned from every row
         self.prefills: dict[int, tuple] = {}  # pid -> (cache, last_logits)
+        self._no_masks: dict[int, np.ndarray] = {}  # rows -> zeros: decode's masks when none is constrained
 
     def row(self, row: dict) -> sampling.SamplingRows:
         return sampling.request_row(**row, banned=self.never, vocab=self.config.padded_vocab)
@@ -95,8 +100,13 @@ class Executor:
                 top_k=self.top_k, mesh=self.mesh)
             return outs
         if isinstance(op, Decode):
+            masks = op.masks
+            if masks is None:
+                masks = self._no_masks.get(op.rows)
+                if masks is None:
+                    masks = self._no_masks[op.rows] = programs.no_masks(op.rows, self.state)
             self.state, *outs = programs.decode(
-                self.graphdef, self.params, self.head, self.state, steps=self.decode_steps,
+                self.graphdef, self.params, self.head, self.state, masks, steps=op.steps or self.decode_steps,
                 window=op.window, rows=op.rows, top_k=self.top_k, mesh=self.mesh)
             return outs
         if isinstance(op, Drop):
@@ -145,11 +155,12 @@ class Executor:
         self.reset()
 
 
-def row_args(request, seed: int, choice_index: int) -> dict:
-    """`Place.row` for one choice of a request: what sampling.request_row needs, and no more."""
+def row_args(request, seed: int, choice_index: int, mask: Optional[np.ndarray] = None) -> dict:
+    """`Place.row` for one choice of a request: what sampling.request_row needs, and no more;
+    `mask` u32[V/32] the tokens a constrained choice may sample first."""
     return dict(temperature=float(request.temperature), top_p=float(request.top_p),
                 presence=float(request.presence_penalty), frequency=float(request.frequency_penalty),
                 logit_bias=dict(request.logit_bias) if request.logit_bias else None,
                 num_logprobs=int(request.logprobs or 0), seed=int(seed), choice_index=int(choice_index),
-                processed=request.logprobs_mode == "processed_logprobs")
+                processed=request.logprobs_mode == "processed_logprobs", mask=mask)
 

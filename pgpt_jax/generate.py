@@ -7,7 +7,7 @@ from typing import Optional, Sequence, Union
 
 from pgpt_jax.engine import Engine
 from pgpt_jax.model import GPT
-from pgpt_jax.request import Choice, Limits, Request, fim_prompt
+from pgpt_jax.request import Choice, Constraint, Limits, Request, fim_prompt
 from pgpt_jax.tokenizer import tokenizer_for
 
 Prompt = Union[str, Sequence[int]]
@@ -42,12 +42,13 @@ def generate(model: GPT, prompt: Union[Prompt, Sequence[Prompt]], *, max_tokens:
              logprobs: Optional[int] = None, echo: bool = False, stop=None,
              presence_penalty: float = 0.0, frequency_penalty: float = 0.0, logit_bias=None,
              seed: Optional[int] = None, suffix: Optional[str] = None, logprobs_mode: str = "raw_logprobs",
-             slots: int = 8, mesh=None):
+             constraint: Optional[Constraint] = None, slots: int = 8, mesh=None):
     """Completes one prompt (a string or token ids) or a list of them, as the HTTP API would.
 
     Returns a list of `Choice`s (text, token_ids, finish_reason, logprobs in OpenAI's shape)
     for one prompt, or one such list per prompt. Scoring a text is
-    `generate(model, text, max_tokens=0, echo=True, logprobs=k)`.
+    `generate(model, text, max_tokens=0, echo=True, logprobs=k)`. Structured output:
+    `constraint=Constraint("json", schema, "constraint")` (or "regex", "choice", "grammar").
     """
     single = _is_single(prompt)
     prompts = [prompt] if single else list(prompt)
@@ -65,7 +66,7 @@ def generate(model: GPT, prompt: Union[Prompt, Sequence[Prompt]], *, max_tokens:
                           n=n, best_of=best_of, logprobs=logprobs, echo=echo, stop=stop,
                           presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
                           logit_bias={int(k): v for k, v in (logit_bias or {}).items()},
-                          seed=seed, echo_prompt=echo_prompt, logprobs_mode=logprobs_mode)
+                          seed=seed, echo_prompt=echo_prompt, logprobs_mode=logprobs_mode, constraint=constraint)
 
         def done(event, i=i):
             results[i] = event

@@ -9,6 +9,10 @@ requests take `deltas()`: the text, token ids and logprobs not sent yet, holding
 tail that could still grow into a stop string.
 At the end, `result()` ranks best_of candidates and builds the OpenAI-shaped choices.
 
+Structured output: a constrained request's choices each hold a grammar matcher
+(`grammar.py`) that every token advances; the engine reads the next-token mask from it. A
+choice whose grammar admits nothing but EOS is complete and ends with "stop" at once.
+
 Plain Python over token ids and numbers: no JAX and no device. The engine decides when a
 choice's slot is freed; this module only says that the choice has finished, and why.
 """
@@ -20,6 +24,7 @@ import dataclasses
 import math
 from typing import Optional
 
+from pgpt_jax import grammar
 from pgpt_jax.request import Choice, Delta, Logprobs, Request, Result
 from pgpt_jax.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -42,12 +47,14 @@ class ChoiceOutput:
     finish: Optional[str] = None  # "stop" | "length" | "abort"
     echo_sent: bool = False
     final_sent: bool = False
+    matcher: Optional[grammar.Matcher] = None  # structured output: where the choice stands in its grammar
 
 
 class RequestOutput:
     """The output side of one request: its candidates, its echoed prompt, and their formatting."""
 
-    def __init__(self, request: Request, tokenizer: Tokenizer, *, max_new: int, context_length: int):
+    def __init__(self, request: Request, tokenizer: Tokenizer, *, max_new: int, context_length: int,
+                 vocab: Optional[int] = None):
         self.request, self.tokenizer = request, tokenizer
         self.max_new, self.context_length = max_new, context_length
         echo_ids = request.echo_prompt if request.echo_prompt is not None else request.prompt
@@ -57,6 +64,11 @@ class RequestOutput:
         self.prompt_logprobs: Optional[Logprobs] = None  # echo with logprobs, built once
         self.vllm_prompt_logprobs: Optional[list] = None  # vLLM's prompt_logprobs, built once
         self.choices = [ChoiceOutput(i, IncrementalDetokenizer(tokenizer)) for i in range(request.candidates)]
+        if request.constraint is not None:  # compiled (and cached) when the engine checked the request
+            k = request.constraint
+            compiled = grammar.compile(k.kind, k.spec, tokenizer, vocab)
+            for c in self.choices:
+                c.matcher = compiled.matcher()
 
     @property
     def finished(self) -> bool:
@@ -116,8 +128,10 @@ class RequestOutput:
         c.logprob_sum += lp
         cut_by_stop = False
         if tok == self.tokenizer.eos_id:
-            c.finish = "stop"  # EOS: its text is not returned
+            c.finish = "stop"  # EOS: its text is not returned (a constrained choice's mask allows it only at an end)
         else:
+            if c.matcher is not None and not c.matcher.advance(tok):
+                raise RuntimeError(f"the grammar refused token {tok}: {c.matcher.error()}")
             c.offsets.append(len(c.text))
             c.token_ids.append(tok)
             if r.logprobs is not None:
@@ -126,6 +140,8 @@ class RequestOutput:
             before = len(c.text)
             c.text += c.detok.add([tok])
             cut_by_stop = bool(r.stop) and self._match_stop(c, before)
+        if c.finish is None and c.matcher is not None and c.matcher.stopped():
+            c.finish = "stop"  # the grammar admits nothing more: the output is complete
         if c.finish is None and (c.generated >= self.max_new
                                  or len(r.prompt) + c.generated >= self.context_length):
             c.finish = "length"

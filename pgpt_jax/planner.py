@@ -10,6 +10,14 @@ and one prefill call of them runs each iteration, oldest first, beside the rest.
 is the ops (`executor.py`) and, for each, what process 0 does with its outputs (`meta`); in a
 multi-host run the ops are all that the other processes see.
 
+Structured output: a constrained choice's next-token mask depends on the token it sampled
+last, which the host must have read (and fed to the choice's matcher) before the next decode
+call goes out. So while a constrained choice runs, the engine reads every call's tokens
+before planning (`constrained`), decode runs one step a call, and the call carries the
+masks (`Decode.masks`, filled from the matchers here). A plan that places a constrained
+choice decodes nothing: that choice's first token (sampled by `start_row` under its
+grammar's start mask) is read first. Unconstrained requests plan as before.
+
 Prefills are kept by id until no request needs them: a request holds its prefill until its
 last choice is placed or it ends (`release_prefill`), and the next plan drops (`Drop`) what
 nobody holds any more.
@@ -19,7 +27,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -37,9 +45,10 @@ class Planner:
     engine's one way to end a request."""
 
     def __init__(self, registry: Registry, scheduler: Scheduler, *, tokenizer, context_length: int,
-                 decode_steps: int, end: Callable):
+                 decode_steps: int, end: Callable, vocab: Optional[int] = None):
         self.registry, self.scheduler, self.tokenizer = registry, scheduler, tokenizer
         self.context_length, self.decode_steps, self.end = context_length, decode_steps, end
+        self.vocab = vocab  # the padded vocabulary: mask rows are u32[vocab / 32]
         self._drops: list[int] = []  # prefills no request needs any more: dropped by the next plan
         self._users: dict[int, int] = {}  # prefill id -> requests that still need it
         self._next_pid = 0
@@ -66,12 +75,30 @@ class Planner:
         for entry in aborts:
             self.end(entry, None)
         self._score(ops, meta)
-        self._admissions(ops, meta)
-        if self.scheduler.active:
-            window, rows = self.scheduler.decode_shape(self.decode_steps)
-            ops.append(Decode(window, rows))
-            meta.append(self.scheduler.advance(self.decode_steps))
+        placed_constrained = self._admissions(ops, meta)
+        if self.scheduler.active and not placed_constrained:
+            masks = self._masks()
+            steps = self.decode_steps if masks is None else 1
+            window, rows = self.scheduler.decode_shape(steps)
+            ops.append(Decode(window, rows, steps, None if masks is None else masks[:rows]))
+            meta.append(self.scheduler.advance(steps))
         return ops, meta
+
+    def constrained(self) -> bool:
+        """A constrained choice holds a slot: the engine must read every call's tokens before planning."""
+        return any(run is not None and run.choice.matcher is not None for run in self.scheduler.owner)
+
+    def _masks(self) -> Optional[np.ndarray]:
+        """u32[slots, V/32]: the next-token masks of the constrained choices in slots (other
+        rows zero), or None when no slot holds one."""
+        masks = None
+        for slot, run in enumerate(self.scheduler.owner):
+            if run is None or run.choice.matcher is None or run.choice.finish is not None:
+                continue
+            if masks is None:
+                masks = np.zeros((self.scheduler.slots, -(-self.vocab // 32)), np.uint32)
+            run.choice.matcher.fill(masks[slot])
+        return masks
 
     def _start(self, entry: Entry, ops: list, meta: list) -> None:
         """A new request: its output side, then its choices wait for slots (holding only token ids)."""
@@ -87,7 +114,7 @@ class Planner:
 
     def _output(self, r):
         return RequestOutput(r, self.tokenizer, max_new=r.max_new(self.context_length),
-                             context_length=self.context_length)
+                             context_length=self.context_length, vocab=self.vocab)
 
     def _interactive_need(self) -> int:
         """The most rows interactive work needed (scheduler.interactive_need) within the last
@@ -172,8 +199,10 @@ class Planner:
             ops.append(Prefill(self._next_pid, tokens, lengths, want_logprobs, wanted, keep))
             meta.append(chunk)
 
-    def _admissions(self, ops: list, meta: list) -> None:
+    def _admissions(self, ops: list, meta: list) -> bool:
+        """Places waiting choices in free slots; True when a constrained one was placed."""
         limit, reserve, most = self._yield_background()
+        constrained = False
         admitted = list(self.scheduler.admissions(done=lambda e: e.done, limit=limit, reserve=reserve, most=most))
         fresh = list(dict.fromkeys(e for e, _, _ in admitted if e.prefix is None))
         echo = [e for e in fresh if e.request.wants_prompt_logprobs]
@@ -186,10 +215,13 @@ class Planner:
             self.scheduler.place(slot, run, length, background=entry.request.background)
             self.registry.placed(entry)
             pid, index = entry.prefix
-            ops.append(Place(pid, index, slot, length, row_args(entry.request, entry.seed, choice.index)))
+            mask = None if choice.matcher is None else choice.matcher.mask()  # the grammar's start
+            constrained = constrained or mask is not None
+            ops.append(Place(pid, index, slot, length, row_args(entry.request, entry.seed, choice.index, mask)))
             meta.append(run)
             if not entry.unplaced:
                 self.release_prefill(entry)  # its last choice is placed
+        return constrained
 
     def release_prefill(self, entry: Entry) -> None:
         """`entry` needs its prefill no more; the next plan drops a prefill nobody needs."""

@@ -392,13 +392,16 @@ def start_row(state: DecodeState, last_logits, index, slot, true_len, row: sampl
 
 
 @_program(static_argnames=("graphdef", "steps", "window", "rows", "top_k", "mesh"), donate_argnums=(3,))
-def decode(graphdef, params, head, state: DecodeState, *, steps: int, window: int, rows: int,
+def decode(graphdef, params, head, state: DecodeState, masks=None, *, steps: int, window: int, rows: int,
            top_k: int, mesh=None):
     """Runs `steps` decode steps for the first `rows` (B) slots in one program.
 
     Attention reads only the first `window` (W) cache entries and only the first B slots
     run (the host picks buckets that cover every occupied slot; free slots past B cost
-    nothing). Returns (state, tokens i32[steps, B], logprobs f32[steps, B],
+    nothing). masks u32[B, V/32]: the next-token masks of the constrained rows (the host's
+    matchers, from the tokens they sampled last), written into the rows before the first
+    step; other rows' are never read (None: the rows keep theirs). A constrained row's mask holds for one token, so the
+    host runs steps=1 while one is in the batch. Returns (state, tokens i32[steps, B], logprobs f32[steps, B],
     top ids i32[steps, B, K], top logprobs f32[steps, B, K]).
     """
     model = nnx.merge(graphdef, params)
@@ -414,14 +417,22 @@ def decode(graphdef, params, head, state: DecodeState, *, steps: int, window: in
             logits, sampling_rows, new_pos, top_k=top_k, mesh=mesh)
         return (cache, tok, new_pos, sampling_rows), (tok, lp, top_ids, top_lps)
 
-    carry = (state.cache, head_rows(state.tokens), head_rows(state.positions),
-             jax.tree.map(head_rows, state.rows))
+    first_rows = jax.tree.map(head_rows, state.rows)
+    if masks is not None:
+        first_rows = dataclasses.replace(first_rows, mask=masks.astype(jnp.uint32))
+    carry = (state.cache, head_rows(state.tokens), head_rows(state.positions), first_rows)
     (cache, tokens, positions, sampling_rows), outs = jax.lax.scan(one_step, carry, None, length=steps)
     put = lambda full, part: jax.lax.dynamic_update_slice_in_dim(full, part, 0, axis=0)  # noqa: E731
     state = DecodeState(cache, put(state.tokens, tokens), put(state.positions, positions),
                         jax.tree.map(put, state.rows, sampling_rows))
     state, outs = _constrain(state, outs, mesh)
     return (state, *outs)
+
+
+def no_masks(rows: int, state: DecodeState) -> np.ndarray:
+    """decode's `masks` when no row of the call is constrained: zeros u32[rows, V/32], a host
+    array as the engine passes them (the same jit cache entry), never read on the device."""
+    return np.zeros((rows, state.rows.mask.shape[1]), np.uint32)
 
 
 # --------------------------------------------------------------------------- warm-up
@@ -452,7 +463,7 @@ def compile_all(graphdef, params, head, state: DecodeState, *, prefills, decodes
     started = set()  # start_row compiles once per prefill row count
     for done, (kind, rows, size) in enumerate(jobs, start=1):
         if kind == "decode":
-            decode.lower(graphdef, params, head, state, steps=steps, window=size, rows=rows,
+            decode.lower(graphdef, params, head, state, no_masks(rows, state), steps=steps, window=size, rows=rows,
                          top_k=top_k, mesh=mesh).compile()
         else:
             # Host arrays, as the engine passes them: the same jit cache entries.
@@ -484,7 +495,7 @@ def time_option_sets(graphdef, params, head, cfg, slots: int, *, rows: int, wind
         fn, state, best = decode.with_options(name), init_state(cfg, slots, mesh), float("inf")
         for i in range(repeats + 1):
             t0 = time.perf_counter()
-            state, *outs = fn(graphdef, params, head, state, steps=steps, window=window, rows=rows, top_k=top_k,
+            state, *outs = fn(graphdef, params, head, state, no_masks(rows, state), steps=steps, window=window, rows=rows, top_k=top_k,
                               mesh=mesh)
             jax.block_until_ready(outs)
             if i:

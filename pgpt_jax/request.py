@@ -12,7 +12,7 @@ protocol layer (its 400s) and the CLI (its flags) all read it, so no limit is wr
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -53,6 +53,20 @@ class Limits:
         return self.max_stops + self.max_template_stops
 
 
+@dataclasses.dataclass(frozen=True)
+class Constraint:
+    """Structured output: what every choice's text must be (`grammar.py` compiles it).
+
+    kind: "json" (a JSON schema), "json_object" (any JSON object), "regex", "choice" (a list
+    of strings) or "grammar" (Lark); spec: the schema, regex, list or grammar text; param:
+    the request field it came from, which an error about it names.
+    """
+
+    kind: str
+    spec: Any
+    param: str
+
+
 @dataclasses.dataclass
 class Request:
     prompt: list[int]  # token ids the model sees (already FIM-arranged when a suffix is used)
@@ -76,6 +90,7 @@ class Request:
     # has no deadlines and is outside the queue's budget (its submitter bounds it); no stream.
     background: bool = False
     logprobs_mode: str = "raw_logprobs"  # vLLM's: sampled tokens' logprobs raw or processed (LOGPROBS_MODES)
+    constraint: Optional[Constraint] = None  # structured output: every choice matches it
 
     @property
     def wants_prompt_logprobs(self) -> bool:

@@ -82,6 +82,9 @@ class SamplingRows:
     num_logprobs: i32[B] top logprobs wanted (0..top_k);  key: u32[B, 2] raw key data
     (`jax.random.key_data`) of fold_in(key(seed), choice_index), see `row_key`.
     processed: bool[B] report processed logprobs rather than raw ones (see the module docstring).
+    mask: u32[B, V/32] tokens a constrained row may sample next, bit j of word w for token
+    32 w + j (`grammar.py`); read only for the rows with constrained: bool[B] set, and not at
+    all when no row is.
     """
 
     temperature: jax.Array
@@ -93,6 +96,8 @@ class SamplingRows:
     num_logprobs: jax.Array
     key: jax.Array
     processed: jax.Array
+    mask: jax.Array
+    constrained: jax.Array
 
 
 def init_rows(slots: int, vocab: int) -> SamplingRows:
@@ -108,7 +113,15 @@ def init_rows(slots: int, vocab: int) -> SamplingRows:
         num_logprobs=jnp.zeros((slots,), jnp.int32),
         key=jnp.zeros((slots, key_width), jnp.uint32),
         processed=jnp.zeros((slots,), bool),
+        mask=jnp.zeros((slots, mask_words(vocab)), jnp.uint32),
+        constrained=jnp.zeros((slots,), bool),
     )
+
+
+def mask_words(vocab: int) -> int:
+    """u32 words of a mask row over V=vocab tokens: ceil(V / 32). (A padded vocabulary is a
+    multiple of 64, so a `model` split of it splits the words evenly too.)"""
+    return -(-vocab // 32)
 
 
 def row_key(seed: int, choice_index: int) -> np.ndarray:
@@ -126,10 +139,12 @@ def row_key(seed: int, choice_index: int) -> np.ndarray:
 
 def request_row(*, temperature: float, top_p: float, presence: float, frequency: float,
                 logit_bias: Optional[Mapping[int, float]], banned: Sequence[int], num_logprobs: int,
-                seed: int, choice_index: int, vocab: int, processed: bool = False) -> SamplingRows:
+                seed: int, choice_index: int, vocab: int, processed: bool = False,
+                mask: Optional[np.ndarray] = None) -> SamplingRows:
     """One row (host numpy arrays of leading size 1) for one choice of a request: what
     `programs.start_row` writes into a slot. `banned` tokens get a -inf bias (tokens the model
-    must never produce); counts is None (a new row has generated nothing)."""
+    must never produce); counts is None (a new row has generated nothing). `mask` u32[V/32]:
+    the tokens a constrained choice may sample first (its grammar's start), None: no constraint."""
     bias = np.zeros((1, vocab), np.float32)
     for tok, val in (logit_bias or {}).items():
         bias[0, int(tok)] = val
@@ -141,7 +156,10 @@ def request_row(*, temperature: float, top_p: float, presence: float, frequency:
     return SamplingRows(temperature=one(temperature, np.float32), top_p=one(top_p, np.float32),
                         presence=one(presence, np.float32), frequency=one(frequency, np.float32),
                         bias=bias, counts=None, num_logprobs=one(num_logprobs, np.int32),
-                        key=row_key(seed, choice_index)[None], processed=one(processed, bool))
+                        key=row_key(seed, choice_index)[None], processed=one(processed, bool),
+                        mask=(np.zeros((1, mask_words(vocab)), np.uint32) if mask is None
+                              else np.asarray(mask, np.uint32).reshape(1, -1)),
+                        constrained=one(mask is not None, bool))
 
 
 def logprobs_of(logits, ids, k: int, never=(), wanted=None):
@@ -219,7 +237,7 @@ def sample(logits, rows: SamplingRows, positions, *, top_k: int = 5,
     per_row, per_token = P(row_axis), P(row_axis, axis)
     row_specs = SamplingRows(temperature=per_row, top_p=per_row, presence=per_row, frequency=per_row,
                              bias=per_token, counts=per_token, num_logprobs=per_row, key=P(row_axis, None),
-                             processed=per_row)
+                             processed=per_row, mask=per_token, constrained=per_row)
     top = P(row_axis, None)
     # check_vma=False: the merged results (tokens, top k) are the same on every shard by
     # construction, but jax types an all_gather's result as varying over the axis and would
@@ -274,10 +292,26 @@ def _sample(logits, rows: SamplingRows, positions, *, vocab: Vocab, top_k: int, 
 
 
 def processed_logits(logits, rows: SamplingRows):
-    """logits f32[B, V] + logit_bias - penalties (OpenAI's formula), before temperature: f32[B, V].
+    """logits f32[B, V] + logit_bias - penalties (OpenAI's formula), before temperature: f32[B, V];
+    then -inf where a constrained row's mask forbids the token.
 
     Every term added is finite, so a -inf logit stays -inf and nothing becomes NaN.
     """
+    x = _biased(logits, rows)
+    # The mask is unpacked only when some row is constrained: other batches never read it.
+    return lax.cond(jnp.any(rows.constrained), lambda: _masked(x, rows), lambda: x)
+
+
+def _masked(x, rows: SamplingRows):
+    """x f32[B, V] with -inf where rows.constrained and the token's bit in rows.mask is unset.
+    On a split vocabulary each device holds the mask words of its own columns."""
+    B, V = x.shape
+    bits = (rows.mask[:, :, None] >> jnp.arange(32, dtype=jnp.uint32)) & 1  # [B, V/32, 32]
+    allowed = bits.reshape(B, -1)[:, :V].astype(bool)
+    return jnp.where(rows.constrained[:, None] & ~allowed, -jnp.inf, x)
+
+
+def _biased(logits, rows: SamplingRows):
     def penalized():
         c = rows.counts
         return (logits + rows.bias

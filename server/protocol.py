@@ -40,7 +40,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from pgpt_jax.request import LOGPROBS_MODES, SEED_RANGE, Limits, Request, fim_prompt
+from pgpt_jax.request import LOGPROBS_MODES, SEED_RANGE, Constraint, Limits, Request, fim_prompt
 
 DEFAULT_PROMPT = "<|endoftext|>"
 CHAT_STOPS = ("\nUser:", "\nSystem:")  # the template's next turn: the reply is over
@@ -130,6 +130,32 @@ class StreamOptions(_Body):
     include_usage: Optional[bool] = None
 
 
+class StructuredOutputs(_Body):
+    """vLLM's `structured_outputs`: exactly one of these."""
+
+    json_: Optional[Union[dict, str, bool]] = Field(default=None, alias="json")  # a JSON schema (or its text)
+    regex: Optional[str] = None
+    choice: Optional[list[str]] = None
+    grammar: Optional[str] = None  # Lark syntax (llguidance's dialect)
+    json_object: Optional[bool] = None  # any JSON object
+
+
+class JSONSchemaFormat(_Body):
+    """OpenAI's response_format.json_schema."""
+
+    name: Optional[str] = None
+    description: Optional[str] = None
+    schema_: Optional[Union[dict, bool]] = Field(default=None, alias="schema")
+    strict: Optional[bool] = None  # the schema is always enforced, strict or not
+
+
+class ResponseFormat(_Body):
+    """OpenAI's chat response_format."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Optional[JSONSchemaFormat] = None
+
+
 class _SamplingFields(_Body):
     """Fields both endpoints share. None everywhere means "OpenAI's default"."""
 
@@ -147,6 +173,12 @@ class _SamplingFields(_Body):
     seed: Optional[Seed] = None
     return_token_ids: Optional[bool] = None  # vLLM's: prompt and completion token ids in the answer
     logprobs_mode: Optional[Literal[LOGPROBS_MODES]] = None  # vLLM's; None: the server's --logprobs-mode
+    # Structured output (vLLM's fields): at most one constraint a request (`_constraint`).
+    structured_outputs: Optional[StructuredOutputs] = None
+    guided_json: Optional[Union[dict, str, bool]] = None
+    guided_regex: Optional[str] = None
+    guided_choice: Optional[list[str]] = None
+    guided_grammar: Optional[str] = None
 
 
 class CompletionBody(_SamplingFields):
@@ -180,6 +212,7 @@ class ChatBody(_SamplingFields):
     max_completion_tokens: Optional[NonNegInt] = None
     logprobs: Optional[bool] = None
     top_logprobs: Optional[NonNegInt] = None
+    response_format: Optional[ResponseFormat] = None
 
 
 class TokenizeBody(_Body):
@@ -333,6 +366,37 @@ def _logit_bias(bias: Optional[dict[str, float]], info: ModelInfo) -> Optional[d
     return out
 
 
+_KINDS = {"json": "json_", "regex": "regex", "choice": "choice", "grammar": "grammar", "json_object": "json_object"}
+
+
+def _constraint(body: _SamplingFields) -> Optional[Constraint]:
+    """The request's structured-output constraint, from whichever field names one (vLLM's
+    `structured_outputs.*` and `guided_*`, OpenAI's chat `response_format`); two are a 400.
+    The engine compiles it (a bad schema or regex is a 400 naming the field)."""
+    found = []
+    so = body.structured_outputs
+    for kind, attr in _KINDS.items():
+        value = getattr(so, attr) if so is not None else None
+        if value is not None and not (kind == "json_object" and value is False):
+            found.append(Constraint(kind, None if kind == "json_object" else value, f"structured_outputs.{kind}"))
+    for kind in ("json", "regex", "choice", "grammar"):
+        value = getattr(body, f"guided_{kind}")
+        if value is not None:
+            found.append(Constraint(kind, value, f"guided_{kind}"))
+    fmt = getattr(body, "response_format", None)
+    if fmt is not None and fmt.type == "json_object":
+        found.append(Constraint("json_object", None, "response_format"))
+    elif fmt is not None and fmt.type == "json_schema":
+        if fmt.json_schema is None or fmt.json_schema.schema_ is None:
+            raise invalid("response_format of type 'json_schema' needs 'json_schema.schema'.",
+                          param="response_format.json_schema")
+        found.append(Constraint("json", fmt.json_schema.schema_, "response_format.json_schema.schema"))
+    if len(found) > 1:
+        raise invalid(f"Give one structured-output constraint, not several ({', '.join(k.param for k in found)}).",
+                      param=found[1].param)
+    return found[0] if found else None
+
+
 def _stream_flags(body: _SamplingFields) -> tuple[bool, bool]:
     stream = bool(body.stream)
     if body.stream_options is not None and not stream:
@@ -388,6 +452,7 @@ def parse_completion(data: Any, info: ModelInfo, deployment: Optional[str] = Non
         presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
         logit_bias=_logit_bias(body.logit_bias, info), seed=body.seed, stream=stream,
         prompt_logprobs=body.prompt_logprobs, logprobs_mode=body.logprobs_mode or info.limits.logprobs_mode,
+        constraint=_constraint(body),
     )
     requests = []
     prompts = _prompts(body.prompt, info)
@@ -442,6 +507,7 @@ def parse_chat(data: Any, info: ModelInfo, deployment: Optional[str] = None) -> 
         presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
         logit_bias=_logit_bias(body.logit_bias, info), seed=body.seed, stream=stream,
         logprobs_mode=body.logprobs_mode or info.limits.logprobs_mode,
+        constraint=_constraint(body),
     )
     return Job("chat", model, [request], n=n, stream=stream, include_usage=include_usage, top_logprobs=top,
                return_token_ids=bool(body.return_token_ids))

@@ -97,7 +97,9 @@ def test_row_key_and_defaults():
     np.testing.assert_array_equal(rows.num_logprobs, 0)
     assert rows.key.shape == (3, 2) and rows.key.dtype == jnp.uint32
     np.testing.assert_array_equal(rows.processed, False)  # raw logprobs unless a row asks
-    assert len(jax.tree_util.tree_leaves(rows)) == 9  # a pytree of arrays, as jit needs
+    assert rows.mask.shape == (3, 1) and rows.mask.dtype == jnp.uint32  # ceil(10 / 32) words
+    np.testing.assert_array_equal(rows.constrained, False)  # no structured output unless a row asks
+    assert len(jax.tree_util.tree_leaves(rows)) == 11  # a pytree of arrays, as jit needs
 
 
 def test_penalties_and_bias_follow_openai_formula_exactly():

@@ -67,6 +67,7 @@ def test_split_vocabulary_samples_like_one_device(report, mesh):
     np.testing.assert_allclose(got["logprobs"], single["logprobs"], atol=1e-5)
     np.testing.assert_allclose(got["top_logprobs"], single["top_logprobs"], atol=1e-5)
     assert 5 not in np.array(single["top_ids"])  # the banned token is never listed
+    assert single["masked_ok"] and got["masked_ok"]  # constrained rows sample only what their mask allows
     assert len({tuple(t) for t in np.array(single["tokens"]).T.tolist()}) == 8  # rows differ
 
 

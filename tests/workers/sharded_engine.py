@@ -87,8 +87,18 @@ def sample_on(mesh, steps=6):
     bias[1, 7] = 3.0
     counts = np.zeros((S, V), np.int32)
     counts[:, [9, 10, V - 3]] = 2
+    # Structured output on rows 1 and 6: a random tenth of the tokens allowed, and tokens on
+    # both sides of the 1x8 mesh's shard boundary at 192 (mask words split with the columns).
+    allowed = rng.random((S, V)) < 0.1
+    allowed[:, 188:197] = True
+    mask = np.packbits(allowed, axis=1, bitorder="little").view(np.uint32)  # [S, V/32]
+    constrained = np.zeros((S,), bool)
+    constrained[[1, 6]] = True
     rows = dataclasses.replace(
-        sampling.init_rows(S, V), bias=jnp.asarray(bias), counts=jnp.asarray(counts),
+        sampling.init_rows(S, V), mask=jnp.asarray(mask), constrained=jnp.asarray(constrained))
+    rows = dataclasses.replace(
+        rows, 
+        bias=jnp.asarray(bias), counts=jnp.asarray(counts),
         temperature=jnp.asarray([0.0, 1.0, 0.7, 1.3, 1.0, 1.0, 0.9, 2.0]),
         top_p=jnp.asarray([1.0, 1.0, 0.5, 0.95, 0.3, 0.9, 0.99, 0.8]),
         presence=jnp.full((S,), 0.3), frequency=jnp.full((S,), 0.2),
@@ -105,6 +115,7 @@ def sample_on(mesh, steps=6):
         for k, v in zip(out, (tok, lp, top_ids, top_lps)):
             out[k].append(np.asarray(v).tolist())
     out["counts"] = np.argwhere(np.asarray(rows.counts) != counts).tolist()
+    out["masked_ok"] = all(bool(allowed[s, t[s]]) for t in out["tokens"] for s in (1, 6))
     return out
 
 
