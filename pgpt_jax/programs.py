@@ -443,7 +443,8 @@ def compile_all(graphdef, params, head, state: DecodeState, *, prefills, decodes
                 on_program=None) -> None:
     """Compiles every program once per shape so that serving compiles nothing: prefill for each
     (rows, bucket) in `prefills`, with and without prompt logprobs, insert after each,
-    start_row once per row count, and decode for each (rows, window) in `decodes`. `state` is
+    start_row once per row count, and decode for each (rows, window) in `decodes` at `steps`
+    and at 1 step a call (structured output). `state` is
     donated along the way: the caller makes a fresh one.
     `on_program(done, total)` is called after each program (the server's warm-up metric).
 
@@ -454,16 +455,18 @@ def compile_all(graphdef, params, head, state: DecodeState, *, prefills, decodes
     zeros shaped and placed like prefill's outputs.
     """
     jobs = [("echo", *p) for p in prefills] + [("prefill", *p) for p in prefills]
-    jobs += [("decode", *d) for d in decodes]
+    # Decode at `steps` tokens a call, and at one (what runs while a constrained row needs
+    # its next mask from the token just sampled: planner.py).
+    jobs += [("decode", *d, n) for d in decodes for n in sorted({steps, 1}, reverse=True)]
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=len(jobs), desc="warm-up (compiling)", unit="program")
     started = set()  # start_row compiles once per prefill row count
-    for done, (kind, rows, size) in enumerate(jobs, start=1):
+    for done, (kind, rows, size, *n) in enumerate(jobs, start=1):
         if kind == "decode":
-            decode.lower(graphdef, params, head, state, no_masks(rows, state), steps=steps, window=size, rows=rows,
+            decode.lower(graphdef, params, head, state, no_masks(rows, state), steps=n[0], window=size, rows=rows,
                          top_k=top_k, mesh=mesh).compile()
         else:
             # Host arrays, as the engine passes them: the same jit cache entries.

@@ -13,7 +13,7 @@ from pgpt_jax import programs
 from pgpt_jax.engine import Engine
 from pgpt_jax.model import forward, init_cache, init_model
 from pgpt_jax.programs import decode, init_state
-from pgpt_jax.request import (Delta, EngineUnavailable, Limits, QueueFull, Request, RequestError, RequestTimeout,
+from pgpt_jax.request import (Constraint, Delta, EngineUnavailable, Limits, QueueFull, Request, RequestError, RequestTimeout,
                               Result)
 from pgpt_jax.tokenizer import get_tokenizer
 
@@ -338,8 +338,12 @@ def test_no_recompile_after_warmup(engine):
             (L - 20, 20, 1.0, 1.0, 3, None, 0, False, ("the", "of"), 0.0, 0.0, {50256: -100.0}, 3),
             (70, 0, 1.0, 1.0, 1, None, 3, True, (), 0.0, 0.0, None, None),
         ]]
+    # A constrained request decodes one step a call: those programs are warmed up too.
+    mixed.append(Request(prompt=[5] * 3, max_tokens=6, n=2, seed=4,
+                         constraint=Constraint("regex", "[ab]{1,5}", "structured_outputs.regex")))
     results, _ = run(engine, *mixed)
     assert all(isinstance(r, Result) for r in results)
+    assert all(c.text.strip("ab") == "" for c in results[-1].choices)
     assert engine.compile_count == count
 
 
