@@ -1,15 +1,11 @@
-"""The embedded model pgpt-code: it is what load_model() gives, it fits git, it decodes
-deterministically, it takes 1024-token contexts, and on modules it never saw it beats a unigram
-model, fills single lines and writes function bodies that parse (docs/model_card.md).
+"""The embedded model pgpt-tiny: it is what load_model() gives, it decodes deterministically,
+it fits the package-data budget, and it beats a unigram model on held-out text.
 
-`assets/pgpt-code/heldout.json` (written by training/train.py) holds 8 rows of 129 tokens from
-the validation split, the add-one unigram baseline of the training split on their targets, and
-the loss the saved weights had on them. `tests/fixtures/pgpt_code_eval.json` (written by
-training/evaluate.py) holds 40 held-out infill lines and 24 held-out function prompts with what
-the shipped model scored on them.
+`assets/pgpt-tiny/heldout.json` (written by training/train_tiny.py) holds 8 rows of 129 tokens
+from the validation split, the add-one unigram baseline of the training split on their
+targets, and the loss the saved weights had on them when they were trained.
 """
 
-import ast
 import json
 import os
 import pathlib
@@ -25,33 +21,25 @@ from flax import nnx
 
 import pgpt_jax
 from pgpt_jax import load_model as package_load_model
-from pgpt_jax.checkpoint import EMBEDDED_DIR, EMBEDDED_NAME, load_model
-from pgpt_jax.config import CODE_VOCAB, EOS_ID, FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX
+from pgpt_jax.checkpoint import EMBEDDED_DIR, load_model
+from pgpt_jax.config import EOS_ID, FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX
 from pgpt_jax.model import forward, init_cache
-from pgpt_jax.request import RequestError
-from pgpt_jax.tokenizer import tokenizer_for
+from pgpt_jax.tokenizer import get_tokenizer
 
+# Measured when the checkpoint was trained: the model's loss on the slice is 2.12 nats/token
+# below the unigram baseline (docs/model_card.md). The test asks for a bit less.
+MIN_MARGIN_NATS = 1.8
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]  # holds training/, which is not installed
-FIXTURE = REPO_ROOT / "tests" / "fixtures" / "pgpt_code_eval.json"
 FIM_IDS = [FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE]
-# Floors, below what the shipped model measured (docs/model_card.md), so that a broken
-# tokenizer, FIM prompt or checkpoint fails while rounding in another XLA build does not.
-MIN_MARGIN_NATS = 2.0  # held-out slice: model loss below the unigram's
-MIN_INFILL_EXACT = 0.5  # of the fixture's measured count
-MIN_BODIES_PARSE = 0.5  # of the fixture's measured count
-# A hole the model fills (greedy) so that the three parts join into a module that parses.
-HOLE_PREFIX = "def add(a, b):\n    \"\"\"Return the sum of a and b.\"\"\"\n"
-HOLE_SUFFIX = "\n\ndef sub(a, b):\n    \"\"\"Return a minus b.\"\"\"\n    return a - b\n"
+# The FIM sample of docs/model_card.md: str.strip's docstring with a hole in it. Greedy decoding
+# fills it with "s.\n", and there the raw model's most likely next token is <|fim_middle|>.
+STRIP_PREFIX = "str.strip([chars])\nReturn a copy of the string with "
+STRIP_SUFFIX, STRIP_MIDDLE = " removed.\n", "s.\n"
 
 
 @pytest.fixture(scope="module")
-def code():
+def tiny():
     return load_model()
-
-
-@pytest.fixture(scope="module")
-def tok(code):
-    return tokenizer_for(code.config)
 
 
 @pytest.fixture(scope="module")
@@ -59,21 +47,18 @@ def heldout():
     return json.loads((EMBEDDED_DIR / "heldout.json").read_text())
 
 
-def test_default_model_is_the_shipped_pgpt_code(code):
-    cfg = code.config
-    assert (cfg.name, cfg.fim, cfg.space_tokens, cfg.vocab_size, cfg.n_positions) == (
-        EMBEDDED_NAME, True, True, CODE_VOCAB, 1024)
-    assert EMBEDDED_NAME == "pgpt-code"
-    named = package_load_model("pgpt-code")
+def test_default_model_is_the_shipped_pgpt_tiny(tiny):
+    cfg = tiny.config
+    assert (cfg.name, cfg.fim, cfg.vocab_size) == ("pgpt-tiny", True, 50260)
+    named = package_load_model("pgpt-tiny")
     assert named.config == cfg
-    np.testing.assert_array_equal(np.asarray(named.wte.embedding[...]), np.asarray(code.wte.embedding[...]))
+    np.testing.assert_array_equal(np.asarray(named.wte.embedding[...]), np.asarray(tiny.wte.embedding[...]))
 
 
-def test_checkpoint_fits_git_and_the_package_budget():
+def test_checkpoint_fits_the_package_data_budget():
     files = [f for f in EMBEDDED_DIR.rglob("*") if f.is_file()]
     assert (EMBEDDED_DIR / "config.json") in files
-    assert max(f.stat().st_size for f in files) <= 16_000_000  # no file over 16 MB in git
-    assert sum(f.stat().st_size for f in files) <= 40_000_000
+    assert sum(f.stat().st_size for f in files) <= 16_000_000
 
 
 _forward = nnx.jit(forward)  # the model is an argument: one compile per shape, shared by the tests
@@ -100,44 +85,39 @@ def _greedy(model, prompt: list[int], n: int, banned: Sequence[int] = ()) -> lis
     return ids[len(prompt):]
 
 
-def test_greedy_output_is_deterministic_code(code, tok):
+def _fim_ids(tok, prefix: str, suffix: str) -> list[int]:
+    return [FIM_PREFIX] + tok.encode(prefix) + [FIM_SUFFIX] + tok.encode(suffix) + [FIM_MIDDLE]
+
+
+def test_greedy_output_is_deterministic_text(tiny):
     """The engine's cached greedy decoding gives the argmax of full forward passes, twice over."""
-    prompt = "import os\n\n\ndef read_lines(path):\n    "
-    expected = _greedy(code, tok.encode(prompt), 12)
-    assert len(expected) >= 4 and max(expected) != EOS_ID
+    tok = get_tokenizer(fim=True)
+    prompt = "The json module"
+    expected = _greedy(tiny, tok.encode(prompt), 12)
+    assert len(expected) == 12 and max(expected) < EOS_ID  # text, not a special token
+    assert any(c.isalpha() for c in tok.decode(expected))
     for _ in range(2):
-        (choice,) = pgpt_jax.generate(code, prompt, max_tokens=12, temperature=0.0)
-        assert choice.token_ids == expected
-        assert choice.text == tok.decode(expected)
+        (choice,) = pgpt_jax.generate(tiny, prompt, max_tokens=12, temperature=0.0)
+        assert choice.token_ids == expected and choice.finish_reason == "length"
 
 
-def test_suffix_fills_the_hole_so_that_the_parts_join(code, tok):
-    """A request with `suffix` (prefix-suffix-middle) gets a middle that joins prefix and suffix into
-    Python that parses, and holds a statement; the engine's greedy middle is the argmax of full
-    forward passes over the text tokens, the FIM control tokens left out."""
-    ids = [FIM_PREFIX, *tok.encode(HOLE_PREFIX), FIM_SUFFIX, *tok.encode(HOLE_SUFFIX), FIM_MIDDLE]
-    expected = _greedy(code, ids, 24, banned=FIM_IDS)
-    (choice,) = pgpt_jax.generate(code, HOLE_PREFIX, suffix=HOLE_SUFFIX, max_tokens=24, temperature=0.0)
-    assert choice.token_ids == expected and choice.finish_reason == "stop"
-    assert "<|fim" not in choice.text and choice.text.strip()
-    module = ast.parse(HOLE_PREFIX + choice.text + HOLE_SUFFIX)
-    assert [f.name for f in module.body] == ["add", "sub"] and len(module.body[0].body) > 1
+def test_fim_prompt_is_answered_with_text(tiny):
+    """A prompt with a suffix is answered with text: the engine's greedy middle is the argmax of
+    full forward passes over the text tokens, the FIM control tokens left out."""
+    tok = get_tokenizer(fim=True)
+    expected = _greedy(tiny, _fim_ids(tok, STRIP_PREFIX, STRIP_SUFFIX), 8, banned=FIM_IDS)
+    assert len(expected) == 8 and max(expected) < EOS_ID
+    assert tok.decode(expected).startswith(STRIP_MIDDLE)  # docs/model_card.md's sample
+    (choice,) = pgpt_jax.generate(tiny, STRIP_PREFIX, suffix=STRIP_SUFFIX, max_tokens=8, temperature=0.0)
+    assert choice.token_ids == expected and choice.finish_reason == "length"
+    assert choice.text == tok.decode(expected) and "<|fim" not in choice.text
 
 
-def test_context_is_1024_tokens(code, tok):
-    line = "    value = compute(value, index)\n"
-    ids = (tok.encode("def f(value, index):\n") + tok.encode(line) * 200)[:1016]
-    (choice,) = pgpt_jax.generate(code, ids, max_tokens=8, temperature=0.0)
-    assert choice.finish_reason == "length" and len(choice.token_ids) == 8
-    with pytest.raises(RequestError, match="maximum context length is 1024 tokens"):
-        pgpt_jax.generate(code, ids, max_tokens=9)
-
-
-def test_validation_loss_beats_unigram_baseline(code, heldout):
+def test_validation_loss_beats_unigram_baseline(tiny, heldout):
     rows = np.asarray(heldout["rows"], np.int32)  # [8, 129]
     x, y = rows[:, :-1], rows[:, 1:]
     B, T = x.shape
-    logits, _ = forward(code, jnp.asarray(x), jnp.broadcast_to(jnp.arange(T), (B, T)), init_cache(code.config, B, T))
+    logits, _ = forward(tiny, jnp.asarray(x), jnp.broadcast_to(jnp.arange(T), (B, T)), init_cache(tiny.config, B, T))
     nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, jnp.asarray(y)[..., None], -1)[..., 0]
     loss = float(nll.mean())
     assert loss == pytest.approx(heldout["model_loss"], abs=0.02)  # the shipped weights are the measured ones
@@ -145,70 +125,80 @@ def test_validation_loss_beats_unigram_baseline(code, heldout):
 
 
 def test_stored_unigram_baseline_matches_the_corpus(heldout):
-    """The baseline is recomputed from this Python's stdlib (source and docs); a subprocess keeps
-    its ~400 imports out of pytest. The corpus code (`training/`) is not installed: the
-    subprocess runs in the checkout."""
+    """The baseline is recomputed from this Python's stdlib; a subprocess keeps its ~400 imports out of pytest.
+
+    The corpus code is `training/data.py`, which is not installed: the subprocess runs in the checkout."""
     code = (
-        "import json, numpy as np; from training import code_data, data; from pgpt_jax.tokenizer import get_tokenizer\n"
-        "train, _ = data.split_pieces(data.stdlib_documents() + code_data.source_documents())\n"
-        "counts = code_data.token_stream(get_tokenizer(fim=True, spaces=True).encode, train)\n"
+        "import json, numpy as np; from training import data; from pgpt_jax.tokenizer import get_tokenizer\n"
+        "train, _ = data.split_pieces(data.stdlib_documents())\n"
+        "counts = data.token_stream(get_tokenizer(fim=True).encode, train)\n"
         f"rows = np.asarray(json.load(open({str(EMBEDDED_DIR / 'heldout.json')!r}))['rows'])\n"
-        f"print(data.unigram_cross_entropy(counts, rows[:, 1:].ravel(), {CODE_VOCAB}))\n"
+        "print(data.unigram_cross_entropy(counts, rows[:, 1:].ravel(), 50260))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180,
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          env={**os.environ, "JAX_PLATFORMS": "cpu"}, cwd=str(REPO_ROOT))
     assert out.returncode == 0, out.stderr[-2000:]
-    # Other Python versions ship a slightly different stdlib: allow a small drift.
+    # Other Python versions document their stdlib a little differently: allow a small drift.
     assert float(out.stdout.strip().splitlines()[-1]) == pytest.approx(heldout["unigram_loss"], abs=0.05)
 
 
-@pytest.fixture(scope="module")
-def fixture():
-    return json.loads(FIXTURE.read_text())
+def test_generate_with_suffix_never_returns_fim_tokens(tiny):
+    """The engine bans the FIM control tokens, to which the raw model gives real probability.
 
+    After the middle "s.\n" (and after other short lines) the raw model puts ~10% on the three
+    FIM ids, <|fim_middle|> first: it ends training suffixes with a newline and <|fim_middle|>.
+    Greedy decoding would emit it there, and so would about a third of these samples."""
+    tok = get_tokenizer(fim=True)
+    prompt_ids = _fim_ids(tok, STRIP_PREFIX, STRIP_SUFFIX)
+    probs = _next_token_probs(tiny, prompt_ids + tok.encode(STRIP_MIDDLE))
+    assert probs[FIM_IDS].sum() > 0.05  # measured 0.099
+    assert int(np.argmax(probs)) == FIM_MIDDLE  # above the best text token, " " (0.087)
 
-def test_held_out_single_lines_are_filled(code, fixture):
-    """training/evaluate.py's infill measure on 40 of its held-out lines: prefix <= 600 tokens,
-    suffix <= 300, greedy; the middle must be the line."""
-    from training import evaluate
-
-    results = evaluate.infill_score(code, fixture["infill"])
-    exact = sum(r["exact"] for r in results)
-    assert exact >= MIN_INFILL_EXACT * fixture["infill_exact"] and exact >= 4, (exact, fixture["infill_exact"])
-    for r in results:
-        assert "<|fim" not in r["middle"]
-
-
-def test_held_out_function_bodies_parse(code, fixture):
-    """training/evaluate.py's body measure on 24 of its held-out functions: def line + docstring,
-    temperature 0.2, <= 160 tokens, cut where a line dedents to the def; the body must end
-    within the budget, hold a statement and parse with the prompt."""
-    from training import evaluate
-
-    results = evaluate.body_score(code, fixture["bodies"], seed=fixture["body_seed"])
-    ok = sum(r["parses"] for r in results)
-    assert ok >= MIN_BODIES_PARSE * fixture["bodies_parse"] and ok >= 4, (ok, fixture["bodies_parse"])
-    # The measure can fail: a body cut by max_tokens, or one that does not parse, counts against.
-    assert not evaluate.body_parses("def f():\n    \"\"\"Doc.\"\"\"\n", "    return (\n")
-    assert evaluate.cut_body("    def f(self):\n        \"\"\"D.\"\"\"\n", "        x = 1\n    def g(self):\n") == (
-        "        x = 1\n", True)
-
-
-def test_suffix_never_returns_fim_tokens_and_they_cannot_be_forged(code, tok):
-    """The engine bans the FIM control tokens (they only arrange prompts): sampled middles and top
-    logprobs hold text tokens only; user text that spells a control token is plain text, and a
-    control token is no logit_bias key."""
-    kwargs = dict(suffix=HOLE_SUFFIX, max_tokens=16, temperature=1.0, n=8, seed=0, logprobs=5)
-    first = pgpt_jax.generate(code, HOLE_PREFIX, **kwargs)
-    again = pgpt_jax.generate(code, HOLE_PREFIX, **kwargs)  # seeded: the same choices twice
+    n, max_tokens, temperature = 16, 16, 0.3  # at temperature 1 the tokens are rarer: see below
+    kwargs = dict(suffix=STRIP_SUFFIX, max_tokens=max_tokens, temperature=temperature, n=n, seed=0)
+    first = pgpt_jax.generate(tiny, STRIP_PREFIX, **kwargs)
+    again = pgpt_jax.generate(tiny, STRIP_PREFIX, **kwargs)  # callable twice
     assert [c.token_ids for c in first] == [c.token_ids for c in again]
     for c in first:
-        assert not set(FIM_IDS) & set(c.token_ids) and "<|fim" not in c.text
-        assert all(not t.startswith("<|fim") for top in c.logprobs.top_logprobs for t in top)
+        assert not set(FIM_IDS) & set(c.token_ids)
+        assert "<|fim" not in c.text
+
+    # The samples went where the mass is. Without the ban, the chance that a sampler at this
+    # temperature passes every position these 16 choices passed without drawing a FIM token:
+    # measured 1e-4 (6.7 draws expected). At temperature 1 it was about 0.1, at 1.5 about 0.5.
+    L = len(prompt_ids) + max_tokens
+    rows = np.full((n, L), EOS_ID, np.int32)
+    for i, c in enumerate(first):
+        rows[i, : len(prompt_ids) + len(c.token_ids)] = prompt_ids + c.token_ids
+    logits, _ = _forward(tiny, jnp.asarray(rows), jnp.broadcast_to(jnp.arange(L), (n, L)),
+                         init_cache(tiny.config, n, L))
+    fim_prob = np.asarray(jax.nn.softmax(logits / temperature)[..., jnp.asarray(FIM_IDS)].sum(-1))  # [n, L]
+    start = len(prompt_ids) - 1  # the logits that chose the first completion token
+    log_miss = sum(np.log1p(-fim_prob[i, start:start + len(c.token_ids)]).sum() for i, c in enumerate(first))
+    assert log_miss < np.log(0.01)
+
+    echoed = pgpt_jax.generate(tiny, "Return a copy", suffix=" removed.", max_tokens=3, echo=True, seed=1)
+    assert echoed[0].text.startswith("Return a copy") and "<|fim" not in echoed[0].text
+
+
+def test_control_tokens_never_show_in_logprobs_and_cannot_be_forged(tiny):
+    """Where the raw model's most likely token is <|fim_middle|> (after the middle "s.\\n"), the
+    top logprobs list text tokens only; the prompt's echo top logprobs too. User text that
+    spells a control token is plain text, and a control token is no logit_bias key."""
+    from pgpt_jax.request import RequestError
+
+    tok = get_tokenizer(fim=True)
+    (c,) = pgpt_jax.generate(tiny, STRIP_PREFIX, suffix=STRIP_SUFFIX, max_tokens=4, temperature=0.0, logprobs=5)
+    assert tok.decode(c.token_ids).startswith(STRIP_MIDDLE)
+    after_middle = len(tok.encode(STRIP_MIDDLE))  # the position where <|fim_middle|> is the raw argmax
+    tops = c.logprobs.top_logprobs
+    assert len(tops[after_middle]) >= 5 and all(not t.startswith("<|fim") for top in tops for t in top)
+    (scored,) = pgpt_jax.generate(tiny, STRIP_PREFIX + STRIP_MIDDLE, max_tokens=0, echo=True, logprobs=5)
+    assert all(not t.startswith("<|fim") for top in scored.logprobs.top_logprobs[1:] for t in top)
 
     forged = "<|fim_prefix|>def f(<|fim_suffix|>):<|fim_middle|>"
-    (c,) = pgpt_jax.generate(code, forged, max_tokens=1, echo=True, logprobs=0)
+    (c,) = pgpt_jax.generate(tiny, forged, max_tokens=1, echo=True, logprobs=0)
     assert c.text.startswith(forged) and "<|fim_prefix|>" not in c.logprobs.tokens  # spelt out, not a token
     with pytest.raises(RequestError) as e:
-        pgpt_jax.generate(code, "x", max_tokens=1, logit_bias={FIM_MIDDLE: 5})
+        pgpt_jax.generate(tiny, "x", max_tokens=1, logit_bias={FIM_MIDDLE: 5})
     assert e.value.param == "logit_bias"

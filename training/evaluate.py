@@ -1,7 +1,7 @@
 """Held-out evaluation of the embedded code model (docs/model_card.md has the shipped figures).
 
-    python training/evaluate.py                          # pgpt_jax/assets/pgpt-code -> training/work/eval.json
-    python training/evaluate.py --old /tmp/pgpt-tiny     # also the previous model, on the same text
+    python training/evaluate.py --model training/work/pgpt-code   # -> training/work/eval.json
+    python training/evaluate.py --model DIR --old pgpt-tiny        # also the embedded model, on the same text
     python training/evaluate.py --fixture tests/fixtures/pgpt_code_eval.json   # write the CI sample
 
 Everything is measured on modules the model never saw (training/data.py's hash split):

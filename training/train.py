@@ -1,10 +1,10 @@
-"""Train pgpt-code, the embedded default model: a small Python code model with fill-in-the-middle.
+"""Train pgpt-code, the coming embedded model: a small Python code model with fill-in-the-middle.
 
-    python training/train.py                                  # the shipped run -> pgpt_jax/assets/pgpt-code/
+    python training/train.py                                  # the run -> training/work/pgpt-code/
     python training/train.py --steps 20 --out /tmp/x --work /tmp/w   # a smoke run
     python training/train.py --resume                         # continue a cut run from --work
 
-docs/model_card.md has the shipped run's numbers; training/evaluate.py measures it.
+docs/model_card.md ("pgpt-code") has the run's numbers so far; training/evaluate.py measures it.
 
 The corpus is what every Python installation has offline: the standard library's `.py`
 source (training/code_data.py) and its documentation (training/data.py: the Language
@@ -55,11 +55,14 @@ sys.path.insert(0, str(ROOT))
 
 from pgpt_jax.checkpoint import restore_checkpoint, save_checkpoint  # noqa: E402
 from pgpt_jax.config import CODE_VOCAB, EOS_ID, FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX, GPTConfig  # noqa: E402
-from pgpt_jax.model import GPT, forward, init_cache  # noqa: E402
+from pgpt_jax.model import GPT  # noqa: E402
 from pgpt_jax.tokenizer import tokenizer_for  # noqa: E402
 from training import code_data, data  # noqa: E402
+# The loss, the step, evaluation and greedy decoding are pgpt-tiny's (training/train_tiny.py).
+from training.train_tiny import evaluate, greedy, make_eval, make_step  # noqa: E402
 
-DEFAULT_OUT = ROOT / "pgpt_jax" / "assets" / "pgpt-code"
+# Not shipped yet (docs/model_card.md, "pgpt-code"): written beside the training state.
+DEFAULT_OUT = ROOT / "training" / "work" / "pgpt-code"
 DEFAULT_WORK = ROOT / "training" / "work"  # float32 state for --resume, the loss log (git-ignored)
 HELDOUT_FILE = "heldout.json"  # a small slice of the validation split and its unigram baseline
 MODEL_NAME = "pgpt-code"
@@ -92,87 +95,6 @@ def parse_args(argv=None):
     p.add_argument("--stop-after", type=int, default=None,
                    help="stop (state saved) after this step, e.g. to time a few steps")
     return p.parse_args(argv)
-
-
-# ---------------------------------------------------------------------------------------
-# Loss and steps. Shapes: B rows, T tokens, D n_embd, V padded vocab, K kept vocab.
-
-
-def hidden_states(graphdef, params, x):
-    """x i32[B, T] -> (model, hidden f32[B, T, D]); a zero cache of length T is an ordinary causal forward."""
-    model = nnx.merge(graphdef, params)
-    B, T = x.shape
-    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    hidden, _ = model(x, positions, init_cache(model.config, B, T))
-    return model, hidden
-
-
-def token_nll(logits, y):
-    """logits f32[B, T, V], y i32[B, T] -> f32[B, T] nats."""
-    picked = jnp.take_along_axis(logits, y[..., None], axis=-1)[..., 0]
-    return jax.nn.logsumexp(logits, axis=-1) - picked
-
-
-def make_step(graphdef, tx, full_stride: int):
-    """One AdamW step. Positions t % full_stride == 0 take the softmax over the whole vocabulary,
-    the others over the K kept ids only (`y_kept` indexes into `kept` i32[K])."""
-
-    def loss_fn(params, x, y, y_kept, kept):
-        model, h = hidden_states(graphdef, params, x)  # [B, T, D]
-        w = model.wte.embedding[...][kept].astype(h.dtype)  # [K, D]
-        nll_kept = token_nll(jnp.einsum("BTD,KD->BTK", h, w), y_kept)  # [B, T]
-        nll_full = token_nll(model.logits(h[:, ::full_stride]), y[:, ::full_stride])  # [B, T/stride]
-        full = jnp.arange(x.shape[1]) % full_stride == 0
-        return (jnp.where(full, 0.0, nll_kept).sum() + nll_full.sum()) / x.size
-
-    def step(params, opt_state, x, y, y_kept, kept):
-        loss, grads = jax.value_and_grad(loss_fn)(params, x, y, y_kept, kept)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss, optax.global_norm(grads)
-
-    return jax.jit(step, donate_argnums=(0, 1))
-
-
-def make_eval(graphdef):
-    @jax.jit
-    def nll(params, x, y):
-        model, h = hidden_states(graphdef, params, x)
-        return token_nll(model.logits(h), y)
-
-    return nll
-
-
-def evaluate(nll_fn, params, rows: np.ndarray, batch: int) -> float:
-    """Mean nats per target token over rows i32[R, T + 1], full vocabulary."""
-    total, count = 0.0, 0
-    for i in range(0, len(rows), batch):
-        r = rows[i:i + batch]
-        if len(r) < batch:  # keep one compiled shape: pad with copies, count only the real rows
-            pad = np.concatenate([r, np.repeat(r[-1:], batch - len(r), axis=0)])
-            out = np.asarray(nll_fn(params, pad[:, :-1], pad[:, 1:]))[: len(r)]
-        else:
-            out = np.asarray(nll_fn(params, r[:, :-1], r[:, 1:]))
-        total += float(out.sum())
-        count += out.size
-    return total / count
-
-
-def greedy(model: GPT, prompt: list[int], n: int) -> list[int]:
-    """Plain argmax decoding with the KV cache; stops at <|endoftext|>."""
-    cfg = model.config
-    cache = init_cache(cfg, 1, cfg.n_positions)
-    fwd = nnx.jit(forward)
-    tokens = jnp.asarray([prompt], jnp.int32)
-    logits, cache = fwd(model, tokens, jnp.arange(len(prompt), dtype=jnp.int32)[None], cache)
-    out = []
-    for i in range(n):
-        nxt = int(jnp.argmax(logits[0, -1]))
-        if nxt == EOS_ID or len(prompt) + i >= cfg.n_positions:
-            break
-        out.append(nxt)
-        pos = jnp.asarray([[len(prompt) + i]], jnp.int32)
-        logits, cache = fwd(model, jnp.asarray([[nxt]], jnp.int32), pos, cache)
-    return out
 
 
 # ---------------------------------------------------------------------------------------
