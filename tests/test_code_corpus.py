@@ -1,0 +1,85 @@
+"""The code model's corpus and measures (training/code_data.py, training/evaluate.py): pieces cut
+between lines, both FIM orders, the held-out split shared with the docs corpus, and the
+function-body measure that can fail."""
+
+import ast
+import textwrap
+
+import numpy as np
+
+from pgpt_jax.config import EOS_ID, FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX
+from pgpt_jax.tokenizer import get_tokenizer
+from training import code_data, data, evaluate
+
+TOK = get_tokenizer(fim=True, spaces=True)
+SOURCE = "".join(f"def f{i}(x):\n    return x + {i}\n\n\n" for i in range(200))
+
+
+def test_pieces_are_cut_between_lines_and_preferably_before_top_level_statements():
+    pieces = code_data.cut_lines(SOURCE, limit=300)
+    assert "".join(pieces) == SOURCE  # nothing lost, nothing repeated
+    assert all(len(p) <= 300 for p in pieces) and len(pieces) > 10
+    assert all(p.startswith("def ") for p in pieces)  # whole functions: cut after the blank lines
+    assert code_data.cut_lines("x" * 700, limit=300) == ["x" * 300, "x" * 300, "x" * 100]  # one long line
+
+
+def test_module_names_and_the_split_follow_the_docs_corpus():
+    from pathlib import PurePath
+
+    assert code_data.module_name(PurePath("json/decoder.py")) == "json.decoder"
+    assert code_data.module_name(PurePath("json/__init__.py")) == "json"
+    files = code_data.source_files()
+    names = {n for n, _ in files}
+    assert {"json.decoder", "collections", "asyncio.streams"} <= names
+    assert not any(n.startswith("test.") or ".tests" in n or "idle_test" in n for n in names)
+    assert "encodings.cp1252" not in names and "encodings.utf_8" in names  # charmap tables left out, codecs kept
+    held = {n for n in names if data.is_validation(f"module:{n}")}
+    assert "asyncio.streams" in held and "json.decoder" not in held  # the modules the docs corpus holds out
+
+
+def test_fim_examples_come_in_both_orders_and_keep_every_token():
+    rng = np.random.default_rng(0)
+    text = SOURCE[:400]
+    seen = set()
+    for _ in range(60):
+        ids = code_data.fim_example(TOK.encode, text, rng)
+        assert ids[0] == FIM_PREFIX and ids.count(FIM_SUFFIX) == ids.count(FIM_MIDDLE) == 1
+        s, m = ids.index(FIM_SUFFIX), ids.index(FIM_MIDDLE)
+        if s == 1:  # suffix-prefix-middle: the prefix and middle run on after <|fim_middle|>
+            seen.add("SPM")
+            suffix, rest = TOK.decode(ids[2:m]), TOK.decode(ids[m + 1:])
+            assert rest + suffix == text
+        else:  # prefix-suffix-middle
+            seen.add("PSM")
+            prefix, suffix, middle = TOK.decode(ids[1:s]), TOK.decode(ids[s + 1:m]), TOK.decode(ids[m + 1:])
+            assert prefix + middle + suffix == text
+    assert seen == {"PSM", "SPM"}
+    stream = code_data.token_stream(TOK.encode, [text, text], fim_rate=0.0)
+    assert list(stream).count(EOS_ID) == 2
+
+
+def test_the_function_body_measure_can_fail():
+    prompt = 'def f(x):\n    """Twice x."""\n'
+    assert evaluate.body_parses(prompt, "    return 2 * x\n")
+    assert not evaluate.body_parses(prompt, "    return (2 *\n")  # does not parse
+    assert not evaluate.body_parses(prompt, "")  # no statement beyond the docstring
+    body, ended = evaluate.cut_body(prompt, "    y = 2 * x\n    return y\ndef g():\n    pass\n")
+    assert (body, ended) == ("    y = 2 * x\n    return y\n", True)
+    assert evaluate.cut_body(prompt, "    y = 2 * x\n    z = (")[1] is False  # cut by max_tokens: counts against
+    method = '    def f(self):\n        """D."""\n'
+    assert evaluate.cut_body(method, "        x = 1\n    def g(self):\n") == ("        x = 1\n", True)
+    assert evaluate.body_parses(method, "        return 1\n")
+
+
+def test_infill_cases_hold_prefix_line_and_suffix_of_held_out_source():
+    sources = evaluate.heldout_sources()
+    cases = evaluate.infill_cases(sources, TOK, 5, seed=1)
+    text = dict(sources)
+    for c in cases:
+        assert c["line"].strip() and c["line"] in text[c["module"]].splitlines()
+        assert c["prefix"] + c["line"] + "\n" + c["suffix"] in text[c["module"]]
+        assert len(TOK.encode(c["prefix"])) <= evaluate.PREFIX_TOKENS + 2
+    bodies = evaluate.body_cases(sources, 5, seed=1)
+    for b in bodies:  # a def line and its docstring: a whole function already, with no statement yet
+        (fn,) = ast.parse(textwrap.dedent(b["prompt"])).body
+        assert fn.name == b["function"] and len(fn.body) == 1 and ast.get_docstring(fn) is not None
