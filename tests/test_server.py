@@ -341,7 +341,8 @@ def _cases():
     out.append((CH, {"logprobs": True, "top_logprobs": 6}, 400, "top_logprobs"))
     out.append((CH, {"logprobs": True, "top_logprobs": -1}, 400, "top_logprobs"))
     bad(CH, "prompt", ["hi"])  # a completions field on chat
-    bad(CH, "response_format", [{"type": "json_object"}])
+    bad(CH, "response_format", [{"type": "xml"}, "json", 5, {"type": "json_schema"},
+                                {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}}])
     return out
 
 
