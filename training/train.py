@@ -32,7 +32,6 @@ Every `--save-every` steps the float32 params, the optimiser state and the step 
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -46,7 +45,6 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -54,12 +52,13 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from pgpt_jax.checkpoint import restore_checkpoint, save_checkpoint  # noqa: E402
-from pgpt_jax.config import CODE_VOCAB, EOS_ID, FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX, GPTConfig  # noqa: E402
+from pgpt_jax.config import CODE_VOCAB, GPTConfig  # noqa: E402
 from pgpt_jax.model import GPT  # noqa: E402
 from pgpt_jax.tokenizer import tokenizer_for  # noqa: E402
 from training import code_data, data  # noqa: E402
-# The loss, the step, evaluation and greedy decoding are pgpt-tiny's (training/train_tiny.py).
-from training.train_tiny import evaluate, greedy, make_eval, make_step  # noqa: E402
+# The loss, the step, the optimiser, evaluation and greedy decoding are pgpt-tiny's (training/train_tiny.py).
+from training import train_tiny  # noqa: E402
+from training.train_tiny import evaluate, greedy, kept_vocabulary, make_eval, make_step, optimizer  # noqa: E402
 
 # Not shipped yet (docs/model_card.md, "pgpt-code"): written beside the training state.
 DEFAULT_OUT = ROOT / "training" / "work" / "pgpt-code"
@@ -69,29 +68,12 @@ MODEL_NAME = "pgpt-code"
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default=str(DEFAULT_OUT))
+    p = train_tiny.parser(__doc__.splitlines()[0], DEFAULT_OUT)
+    p.set_defaults(steps=420, batch=4, seq_len=1024, n_layer=8, n_head=4, n_embd=256, lr=2e-3, warmup=40,
+                   eval_every=50)
     p.add_argument("--work", default=str(DEFAULT_WORK))
     p.add_argument("--resume", action="store_true", help="continue from the state in --work")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=420)
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--seq-len", type=int, default=1024, help="also the model's n_positions")
-    p.add_argument("--n-layer", type=int, default=8)
-    p.add_argument("--n-head", type=int, default=4)
-    p.add_argument("--n-embd", type=int, default=256)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--min-lr-ratio", type=float, default=0.1)
-    p.add_argument("--warmup", type=int, default=40)
-    p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--clip", type=float, default=1.0)
-    p.add_argument("--fim-rate", type=float, default=0.5)
-    p.add_argument("--full-stride", type=int, default=8,
-                   help="every N-th position takes the softmax over the whole vocabulary")
-    p.add_argument("--eval-every", type=int, default=50)
-    p.add_argument("--eval-rows", type=int, default=16, help="validation rows for the periodic eval")
     p.add_argument("--save-every", type=int, default=50)
-    p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--stop-after", type=int, default=None,
                    help="stop (state saved) after this step, e.g. to time a few steps")
     return p.parse_args(argv)
@@ -153,13 +135,7 @@ def main(argv=None) -> dict:
     rows_per_epoch = len(train_rows)
     n_epochs = -(-args.steps * B // rows_per_epoch)
     train_rows = np.concatenate([train_rows] + [rows(e) for e in range(1, n_epochs)])
-    kept = np.unique(np.concatenate([train_rows[: args.steps * B].ravel(),
-                                     [EOS_ID, FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE]]))
-    # Round up to whole SIMD tiles with unseen ids (a repeated id would count twice in the softmax).
-    unseen = np.setdiff1d(np.arange(cfg.vocab_size), kept)[: -len(kept) % 64]
-    kept = np.sort(np.concatenate([kept, unseen])).astype(np.int32)
-    index_of = np.zeros(cfg.padded_vocab, np.int32)
-    index_of[kept] = np.arange(len(kept))
+    kept, index_of = kept_vocabulary(train_rows[: args.steps * B], cfg)
     log(f"training: {args.steps} steps x {B} x {T} = {args.steps * B * T:,} tokens "
         f"({args.steps * B / rows_per_epoch:.2f} epochs); kept vocabulary {len(kept)} of {cfg.padded_vocab}, "
         f"full-vocabulary softmax at every {args.full_stride}th position")
@@ -168,13 +144,7 @@ def main(argv=None) -> dict:
     model = GPT(cfg, rngs=nnx.Rngs(args.seed))
     graphdef, params = nnx.split(model)
     n_params = sum(x.size for x in jax.tree.leaves(params))
-    warmup = min(args.warmup, args.steps // 5)  # short smoke runs still get a decay phase
-    schedule = optax.warmup_cosine_decay_schedule(0.0, args.lr, warmup, args.steps,
-                                                  end_value=args.lr * args.min_lr_ratio)
-    decay_mask = jax.tree.map(lambda p: p.ndim >= 2, params)
-    tx = optax.chain(optax.clip_by_global_norm(args.clip),
-                     optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=args.weight_decay,
-                                 mask=decay_mask))
+    tx, schedule = optimizer(args, params)
     opt_state = tx.init(params)
     first = 0
     history_file = work / "history.jsonl"

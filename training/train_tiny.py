@@ -60,8 +60,13 @@ HELDOUT_FILE = "heldout.json"  # a small slice of the validation split and its u
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default=str(DEFAULT_OUT))
+    return parser().parse_args(argv)
+
+
+def parser(description: str = __doc__.splitlines()[0], out=DEFAULT_OUT) -> argparse.ArgumentParser:
+    """The run's flags, with pgpt-tiny's values as defaults (train.py sets its own)."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--out", default=str(out))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=1300)
     p.add_argument("--batch", type=int, default=8)
@@ -80,7 +85,7 @@ def parse_args(argv=None):
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--eval-rows", type=int, default=16, help="validation rows for the periodic eval")
     p.add_argument("--log-every", type=int, default=10)
-    return p.parse_args(argv)
+    return p
 
 
 # ---------------------------------------------------------------------------------------
@@ -146,6 +151,30 @@ def evaluate(nll_fn, params, rows: np.ndarray, batch: int) -> float:
     return total / count
 
 
+def kept_vocabulary(rows: np.ndarray, cfg: GPTConfig) -> tuple[np.ndarray, np.ndarray]:
+    """The ids the training rows use (and the control tokens), rounded up to whole SIMD tiles
+    with unseen ids (a repeated id would count twice in the softmax) -> (kept i32[K], index_of
+    i32[V]: an id's column among the kept, for targets)."""
+    kept = np.unique(np.concatenate([rows.ravel(), [EOS_ID, FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE]]))
+    unseen = np.setdiff1d(np.arange(cfg.vocab_size), kept)[: -len(kept) % 64]
+    kept = np.sort(np.concatenate([kept, unseen])).astype(np.int32)
+    index_of = np.zeros(cfg.padded_vocab, np.int32)
+    index_of[kept] = np.arange(len(kept))
+    return kept, index_of
+
+
+def optimizer(args, params):
+    """AdamW (weight decay on matrices only) after global-norm clipping, with linear warm-up and
+    cosine decay over args.steps -> (transformation, schedule)."""
+    warmup = min(args.warmup, args.steps // 5)  # short smoke runs still get a decay phase
+    schedule = optax.warmup_cosine_decay_schedule(0.0, args.lr, warmup, args.steps,
+                                                  end_value=args.lr * args.min_lr_ratio)
+    decay_mask = jax.tree.map(lambda p: p.ndim >= 2, params)
+    tx = optax.chain(optax.clip_by_global_norm(args.clip),
+                     optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=args.weight_decay, mask=decay_mask))
+    return tx, schedule
+
+
 def greedy(model: GPT, prompt: list[int], n: int) -> list[int]:
     """Plain argmax decoding with the KV cache; stops at <|endoftext|>."""
     cfg = model.config
@@ -195,13 +224,7 @@ def main(argv=None) -> dict:
     n_epochs = -(-args.steps * B // rows_per_epoch)
     train_rows = np.concatenate([data.epoch_rows(encode, train_pieces, T, epoch=e, seed=args.seed,
                                                  fim_rate=args.fim_rate) for e in range(n_epochs)])
-    kept = np.unique(np.concatenate([train_rows[: args.steps * B].ravel(),
-                                     [EOS_ID, FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE]]))
-    # Round up to whole SIMD tiles with unseen ids (a repeated id would count twice in the softmax).
-    unseen = np.setdiff1d(np.arange(cfg.vocab_size), kept)[: -len(kept) % 64]
-    kept = np.sort(np.concatenate([kept, unseen])).astype(np.int32)
-    index_of = np.zeros(cfg.padded_vocab, np.int32)
-    index_of[kept] = np.arange(len(kept))
+    kept, index_of = kept_vocabulary(train_rows[: args.steps * B], cfg)
     log(f"training: {args.steps} steps x {B} x {T} = {args.steps * B * T:,} tokens "
         f"({args.steps * B / rows_per_epoch:.2f} epochs); kept vocabulary {len(kept)} of {cfg.padded_vocab}, "
         f"full-vocabulary softmax at every {args.full_stride}th position")
@@ -210,13 +233,7 @@ def main(argv=None) -> dict:
     model = GPT(cfg, rngs=nnx.Rngs(args.seed))
     graphdef, params = nnx.split(model)
     n_params = sum(x.size for x in jax.tree.leaves(params))
-    warmup = min(args.warmup, args.steps // 5)  # short smoke runs still get a decay phase
-    schedule = optax.warmup_cosine_decay_schedule(0.0, args.lr, warmup, args.steps,
-                                                  end_value=args.lr * args.min_lr_ratio)
-    decay_mask = jax.tree.map(lambda p: p.ndim >= 2, params)
-    tx = optax.chain(optax.clip_by_global_norm(args.clip),
-                     optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=args.weight_decay,
-                                 mask=decay_mask))
+    tx, schedule = optimizer(args, params)
     opt_state = tx.init(params)
     train_step = make_step(graphdef, tx, args.full_stride)
     nll_fn = make_eval(graphdef)
