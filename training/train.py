@@ -58,7 +58,7 @@ from pgpt_jax.tokenizer import tokenizer_for  # noqa: E402
 from training import code_data, data  # noqa: E402
 # The loss, the step, the optimiser, evaluation and greedy decoding are pgpt-tiny's (training/train_tiny.py).
 from training import train_tiny  # noqa: E402
-from training.train_tiny import evaluate, greedy, kept_vocabulary, make_eval, make_step, optimizer  # noqa: E402
+from training.train_tiny import evaluate, greedy, kept_vocabulary, make_eval, make_step, model_and_optimizer  # noqa: E402
 
 # Not shipped yet (docs/model_card.md, "pgpt-code"): written beside the training state.
 DEFAULT_OUT = ROOT / "training" / "work" / "pgpt-code"
@@ -141,11 +141,8 @@ def main(argv=None) -> dict:
         f"full-vocabulary softmax at every {args.full_stride}th position")
 
     # -- model and optimiser --------------------------------------------------------------
-    model = GPT(cfg, rngs=nnx.Rngs(args.seed))
-    graphdef, params = nnx.split(model)
+    graphdef, params, tx, schedule, opt_state = model_and_optimizer(cfg, args)
     n_params = sum(x.size for x in jax.tree.leaves(params))
-    tx, schedule = optimizer(args, params)
-    opt_state = tx.init(params)
     first = 0
     history_file = work / "history.jsonl"
     if args.resume and (work / "state.npz").exists():

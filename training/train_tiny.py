@@ -175,6 +175,13 @@ def optimizer(args, params):
     return tx, schedule
 
 
+def model_and_optimizer(cfg: GPTConfig, args):
+    """A fresh model from `args.seed` and its optimiser -> (graphdef, params, tx, schedule, opt_state)."""
+    graphdef, params = nnx.split(GPT(cfg, rngs=nnx.Rngs(args.seed)))
+    tx, schedule = optimizer(args, params)
+    return graphdef, params, tx, schedule, tx.init(params)
+
+
 def greedy(model: GPT, prompt: list[int], n: int) -> list[int]:
     """Plain argmax decoding with the KV cache; stops at <|endoftext|>."""
     cfg = model.config
@@ -230,11 +237,8 @@ def main(argv=None) -> dict:
         f"full-vocabulary softmax at every {args.full_stride}th position")
 
     # -- model and optimiser --------------------------------------------------------------
-    model = GPT(cfg, rngs=nnx.Rngs(args.seed))
-    graphdef, params = nnx.split(model)
+    graphdef, params, tx, schedule, opt_state = model_and_optimizer(cfg, args)
     n_params = sum(x.size for x in jax.tree.leaves(params))
-    tx, schedule = optimizer(args, params)
-    opt_state = tx.init(params)
     train_step = make_step(graphdef, tx, args.full_stride)
     nll_fn = make_eval(graphdef)
     kept_dev = jnp.asarray(kept)
