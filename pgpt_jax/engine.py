@@ -10,7 +10,10 @@ registry's lock-guarded inbox (`registry.py`). Each iteration of the host loop (
      prefilled when its first choice gets a slot (n/best_of choices share it; prompts of
      one bucket admitted together share one call), each choice is placed (`insert` its KV,
      `start_row` its sampling row and first token), and the occupied prefix of the slots
-     decodes `decode_steps` tokens. The plan is a list of ops (`executor.py`);
+     decodes `decode_steps` tokens (or, while a constrained choice runs, one token in two
+     halves: the planner's `Forward`, then its `Sample` once the host has read the tokens
+     dispatched earlier and filled the masks while the forward ran). The plan is a list of
+     ops (`executor.py`);
   2. in a multi-host run, broadcasts the ops (`multihost.py`): the other processes replay
      them and decide nothing;
   3. executes the ops (`Executor`);
@@ -44,7 +47,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from pgpt_jax import grammar, sharding
-from pgpt_jax.executor import Decode, Drop, Executor, Place, Prefill
+from pgpt_jax.executor import Decode, Drop, Executor, Forward, Place, Prefill, Sample
 from pgpt_jax.model import GPT
 from pgpt_jax.multihost import Lockstep, Watchdog, follow
 from pgpt_jax.planner import Planner
@@ -88,6 +91,7 @@ class Engine:
                                context_length=self.context_length, decode_steps=decode_steps, end=self._end,
                                vocab=self.config.padded_vocab)
         self._moved: dict[tuple, tuple] = {}  # this plan's prefills retried alone: (pid, index) -> new
+        self._forwarded: Optional[dict] = None  # this step's Forward ran: {slot: owner} for its Sample
         self._thread: Optional[threading.Thread] = None
         self._running = False
         self._stop_why = "The engine stopped."
@@ -327,14 +331,21 @@ class Engine:
         """One iteration (see the module docstring). Returns False when there is no work to do now
         (batch work held back for interactive work does not count)."""
         self._moved.clear()
-        if self.planner.constrained():  # their next masks need the tokens dispatched last
-            while self._pending:
-                self._process(self._pending.pop(0))
+        self._forwarded = None
         ops, meta = self.planner.plan()
         if self.lockstep is not None:
             self._stop_sent = not self._running
             self.lockstep.send(ops, stop=self._stop_sent)
         self._execute(ops, meta)
+        if self._forwarded is not None:
+            # A constrained step's forward runs: read every token dispatched before it (the
+            # matchers take them), then its sampling goes out under the masks they give.
+            while self._pending:
+                self._process(self._pending.pop(0))
+            sample = [self.planner.sample()]
+            if self.lockstep is not None and not self._stop_sent:  # (a stopping group has left)
+                self.lockstep.send(sample)
+            self._execute(sample, [self._forwarded])
         # Process everything dispatched before the newest decode while the device runs it.
         keep = 1 if self._pending and self._pending[-1][0] == "decode" else 0
         while len(self._pending) > keep:
@@ -376,7 +387,9 @@ class Engine:
                         self._end(entry, entry.output.result())
             elif isinstance(op, Place):
                 self._pending.append(("insert", {0: m}, out))  # column 0 of this item stands for its slot
-            elif isinstance(op, Decode):
+            elif isinstance(op, Forward):
+                self._forwarded = m  # its Sample follows (step)
+            elif isinstance(op, (Decode, Sample)):
                 self.decode_calls += 1
                 self._pending.append(("decode", m, out))
 

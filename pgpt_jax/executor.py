@@ -13,9 +13,13 @@ the same programs in the same order and the others decide nothing:
                                                 (`insert`), its sampling row and first token
                                                 (`start_row`); `row` is sampling.request_row's
                                                 arguments (a sparse bias, not [V] floats)
-  Decode(window, rows, steps, masks)            `steps` tokens (0: `decode_steps`) for the first
-                                                `rows` slots; `masks` u32[rows, V/32] the next-token
-                                                masks of constrained rows (then steps is 1), or None
+  Decode(window, rows, steps)                   `steps` tokens (0: `decode_steps`) for the first
+                                                `rows` slots; no row constrained
+  Forward(window, rows)                         the model half of one decode step (logits kept
+                                                here), while a constrained row runs
+  Sample(masks)                                 the sampling half, for the rows of the last
+                                                Forward; `masks` {slot: u32[V/32]} the next-token
+                                                masks of the constrained ones (sent apart: planner.py)
   Drop(pids)                                    forget prefills no choice will use again
 
 An `Executor` holds what the ops act on: the program params, the decode state, and the
@@ -58,7 +62,17 @@ class Decode:
     window: int
     rows: int
     steps: int = 0  # 0: the engine's decode_steps
-    masks: Optional[np.ndarray] = None  # u32[rows, V/32]; None: no row of the call is constrained
+
+
+@dataclasses.dataclass
+class Forward:
+    window: int
+    rows: int
+
+
+@dataclasses.dataclass
+class Sample:
+    masks: dict  # slot -> u32[V/32]: the constrained rows' next-token masks (others are not read)
 
 
 @dataclasses.dataclass
@@ -76,7 +90,7 @@ class Executor:
         self.state = programs.init_state(self.config, slots, mesh)
         self.never = list(self.config.never_emitted)  # control tokens: banned from every row
         self.prefills: dict[int, tuple] = {}  # pid -> (cache, last_logits)
-        self._no_masks: dict[int, np.ndarray] = {}  # rows -> zeros: decode's masks when none is constrained
+        self.logits = None  # the last Forward's logits, for the Sample that follows it
 
     def row(self, row: dict) -> sampling.SamplingRows:
         return sampling.request_row(**row, banned=self.never, vocab=self.config.padded_vocab)
@@ -100,14 +114,24 @@ class Executor:
                 top_k=self.top_k, mesh=self.mesh)
             return outs
         if isinstance(op, Decode):
-            masks = op.masks
-            if masks is None:
-                masks = self._no_masks.get(op.rows)
-                if masks is None:
-                    masks = self._no_masks[op.rows] = programs.no_masks(op.rows, self.state)
             self.state, *outs = programs.decode(
-                self.graphdef, self.params, self.head, self.state, masks, steps=op.steps or self.decode_steps,
+                self.graphdef, self.params, self.head, self.state, steps=op.steps or self.decode_steps,
                 window=op.window, rows=op.rows, top_k=self.top_k, mesh=self.mesh)
+            return outs
+        if isinstance(op, Forward):
+            self.logits = None
+            self.state, self.logits = programs.forward(self.graphdef, self.params, self.head, self.state,
+                                                       window=op.window, rows=op.rows, mesh=self.mesh)
+            return None
+        if isinstance(op, Sample):
+            logits, self.logits = self.logits, None
+            if logits is None:
+                raise RuntimeError("a Sample op without the Forward it follows")
+            masks = programs.no_masks(logits.shape[0], self.state)
+            for slot, row in op.masks.items():
+                if slot < len(masks):
+                    masks[slot] = row
+            self.state, *outs = programs.sample_next(self.state, logits, masks, top_k=self.top_k, mesh=self.mesh)
             return outs
         if isinstance(op, Drop):
             for pid in op.pids:

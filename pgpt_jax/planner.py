@@ -11,12 +11,15 @@ is the ops (`executor.py`) and, for each, what process 0 does with its outputs (
 multi-host run the ops are all that the other processes see.
 
 Structured output: a constrained choice's next-token mask depends on the token it sampled
-last, which the host must have read (and fed to the choice's matcher) before the next decode
-call goes out. So while a constrained choice runs, the engine reads every call's tokens
-before planning (`constrained`), decode runs one step a call, and the call carries the
-masks (`Decode.masks`, filled from the matchers here). A plan that places a constrained
-choice decodes nothing: that choice's first token (sampled by `start_row` under its
-grammar's start mask) is read first. Unconstrained requests plan as before.
+last, which the host must have read (and fed to the choice's matcher) before that step's
+sampling. So while a constrained choice holds a slot, a plan decodes one step, in two
+halves: it ends with `Forward` (the model over every occupied slot: its input tokens are
+already on the device), then the engine reads every token dispatched so far while the device
+runs it, and only then asks `sample()` for the `Sample` op, with the masks filled from the
+matchers. Filling the masks overlaps the forward pass; the device waits only for the
+sampling's small transfer. A choice placed by the same plan is forwarded with the others:
+its first token (sampled by `start_row` under its grammar's start mask) is read in between
+too. Unconstrained requests plan as before: `decode_steps` tokens a call.
 
 Prefills are kept by id until no request needs them: a request holds its prefill until its
 last choice is placed or it ends (`release_prefill`), and the next plan drops (`Drop`) what
@@ -31,7 +34,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from pgpt_jax.executor import Decode, Drop, Place, Prefill, row_args
+from pgpt_jax.executor import Decode, Drop, Forward, Place, Prefill, Sample, row_args
 from pgpt_jax.outputs import RequestOutput
 from pgpt_jax.registry import Entry, Registry, Running
 from pgpt_jax.scheduler import Scheduler
@@ -75,30 +78,30 @@ class Planner:
         for entry in aborts:
             self.end(entry, None)
         self._score(ops, meta)
-        placed_constrained = self._admissions(ops, meta)
-        if self.scheduler.active and not placed_constrained:
-            masks = self._masks()
-            steps = self.decode_steps if masks is None else 1
+        self._admissions(ops, meta)
+        if self.scheduler.active:
+            constrained = self.constrained()
+            steps = 1 if constrained else self.decode_steps
             window, rows = self.scheduler.decode_shape(steps)
-            ops.append(Decode(window, rows, steps, None if masks is None else masks[:rows]))
+            ops.append(Forward(window, rows) if constrained else Decode(window, rows, steps))
             meta.append(self.scheduler.advance(steps))
         return ops, meta
 
     def constrained(self) -> bool:
-        """A constrained choice holds a slot: the engine must read every call's tokens before planning."""
+        """A constrained choice holds a slot: decode goes one step at a time, in two halves."""
         return any(run is not None and run.choice.matcher is not None for run in self.scheduler.owner)
 
-    def _masks(self) -> Optional[np.ndarray]:
-        """u32[slots, V/32]: the next-token masks of the constrained choices in slots (other
-        rows zero), or None when no slot holds one."""
-        masks = None
+    def sample(self) -> Sample:
+        """The sampling half of the step whose `Forward` the last plan ended with, once the
+        engine has fed every token read so far to the matchers: the next-token masks of the
+        constrained choices still running, by slot (the other rows need none)."""
+        masks = {}
         for slot, run in enumerate(self.scheduler.owner):
-            if run is None or run.choice.matcher is None or run.choice.finish is not None:
+            if run is None or run.choice.matcher is None or run.choice.finish is not None or run.entry.done:
                 continue
-            if masks is None:
-                masks = np.zeros((self.scheduler.slots, -(-self.vocab // 32)), np.uint32)
+            masks[slot] = np.zeros((-(-self.vocab // 32),), np.uint32)
             run.choice.matcher.fill(masks[slot])
-        return masks
+        return Sample(masks)
 
     def _start(self, entry: Entry, ops: list, meta: list) -> None:
         """A new request: its output side, then its choices wait for slots (holding only token ids)."""
@@ -199,10 +202,9 @@ class Planner:
             ops.append(Prefill(self._next_pid, tokens, lengths, want_logprobs, wanted, keep))
             meta.append(chunk)
 
-    def _admissions(self, ops: list, meta: list) -> bool:
-        """Places waiting choices in free slots; True when a constrained one was placed."""
+    def _admissions(self, ops: list, meta: list) -> None:
+        """Places waiting choices in free slots."""
         limit, reserve, most = self._yield_background()
-        constrained = False
         admitted = list(self.scheduler.admissions(done=lambda e: e.done, limit=limit, reserve=reserve, most=most))
         fresh = list(dict.fromkeys(e for e, _, _ in admitted if e.prefix is None))
         echo = [e for e in fresh if e.request.wants_prompt_logprobs]
@@ -216,12 +218,10 @@ class Planner:
             self.registry.placed(entry)
             pid, index = entry.prefix
             mask = None if choice.matcher is None else choice.matcher.mask()  # the grammar's start
-            constrained = constrained or mask is not None
             ops.append(Place(pid, index, slot, length, row_args(entry.request, entry.seed, choice.index, mask)))
             meta.append(run)
             if not entry.unplaced:
                 self.release_prefill(entry)  # its last choice is placed
-        return constrained
 
     def release_prefill(self, entry: Entry) -> None:
         """`entry` needs its prefill no more; the next plan drops a prefill nobody needs."""

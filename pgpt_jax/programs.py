@@ -20,6 +20,10 @@ Programs (what the engine calls, in order, for one request):
   insert     one prompt's KV -> one slot of the state's cache
   start_row  that slot's sampling row, and its first token sampled from the prefill's logits
   decode     `steps` tokens for the first B slots, attention over the first W cache entries
+
+While a constrained row (structured output) runs, decode goes in two halves, one token a
+call: `forward` (the model, logits left on the device) and `sample_next` (sampling under
+the masks the host filled meanwhile).
 """
 
 from __future__ import annotations
@@ -130,7 +134,7 @@ class _Program:
         return self._jits[name]
 
     def _pick(self, kwargs: dict):
-        name = _choice["decode"].get(kwargs.get("rows")) if self.__name__ == "decode" else None
+        name = _choice["decode"].get(kwargs.get("rows")) if self.__name__ in ("decode", "forward") else None
         return self.with_options(name or _choice["default"])
 
     def __call__(self, *args, **kwargs):
@@ -392,47 +396,77 @@ def start_row(state: DecodeState, last_logits, index, slot, true_len, row: sampl
 
 
 @_program(static_argnames=("graphdef", "steps", "window", "rows", "top_k", "mesh"), donate_argnums=(3,))
-def decode(graphdef, params, head, state: DecodeState, masks=None, *, steps: int, window: int, rows: int,
-           top_k: int, mesh=None):
+def decode(graphdef, params, head, state: DecodeState, *, steps: int, window: int, rows: int, top_k: int, mesh=None):
     """Runs `steps` decode steps for the first `rows` (B) slots in one program.
 
     Attention reads only the first `window` (W) cache entries and only the first B slots
     run (the host picks buckets that cover every occupied slot; free slots past B cost
-    nothing). masks u32[B, V/32]: the next-token masks of the constrained rows (the host's
-    matchers, from the tokens they sampled last), written into the rows before the first
-    step; other rows' are never read (None: the rows keep theirs). A constrained row's mask holds for one token, so the
-    host runs steps=1 while one is in the batch. Returns (state, tokens i32[steps, B], logprobs f32[steps, B],
-    top ids i32[steps, B, K], top logprobs f32[steps, B, K]).
+    nothing). No row may be constrained: a constrained row's next mask needs the host
+    between steps (`forward` and `sample_next` run those). Returns (state, tokens
+    i32[steps, B], logprobs f32[steps, B], top ids i32[steps, B, K], top logprobs f32[steps, B, K]).
     """
     model = nnx.merge(graphdef, params)
-    last = model.config.n_positions - 1
-    head_rows = lambda a: a[:rows]  # noqa: E731
 
     def one_step(carry, _):
         cache, tokens, positions, sampling_rows = carry
-        hidden, cache = model(tokens[:, None], positions[:, None], cache, window)
-        logits = model.logits(hidden[:, 0], head)  # [B, V]
-        new_pos = jnp.minimum(positions + 1, last)  # free slots may run on; clamp them
+        logits, cache, new_pos = _forward(model, head, cache, tokens, positions, window)
         tok, lp, top_ids, top_lps, sampling_rows = sampling.sample(
             logits, sampling_rows, new_pos, top_k=top_k, mesh=mesh)
         return (cache, tok, new_pos, sampling_rows), (tok, lp, top_ids, top_lps)
 
-    first_rows = jax.tree.map(head_rows, state.rows)
-    if masks is not None:
-        first_rows = dataclasses.replace(first_rows, mask=masks.astype(jnp.uint32))
-    carry = (state.cache, head_rows(state.tokens), head_rows(state.positions), first_rows)
+    first = lambda a: a[:rows]  # noqa: E731
+    carry = (state.cache, first(state.tokens), first(state.positions), jax.tree.map(first, state.rows))
     (cache, tokens, positions, sampling_rows), outs = jax.lax.scan(one_step, carry, None, length=steps)
-    put = lambda full, part: jax.lax.dynamic_update_slice_in_dim(full, part, 0, axis=0)  # noqa: E731
-    state = DecodeState(cache, put(state.tokens, tokens), put(state.positions, positions),
-                        jax.tree.map(put, state.rows, sampling_rows))
+    state = DecodeState(cache, _put(state.tokens, tokens), _put(state.positions, positions),
+                        jax.tree.map(_put, state.rows, sampling_rows))
     state, outs = _constrain(state, outs, mesh)
     return (state, *outs)
 
 
-def no_masks(rows: int, state: DecodeState) -> np.ndarray:
-    """decode's `masks` when no row of the call is constrained: zeros u32[rows, V/32], a host
-    array as the engine passes them (the same jit cache entry), never read on the device."""
-    return np.zeros((rows, state.rows.mask.shape[1]), np.uint32)
+def _forward(model, head, cache, tokens, positions, window: int):
+    """One token of each of B rows through the model: (logits f32[B, V], cache, next positions)."""
+    hidden, cache = model(tokens[:, None], positions[:, None], cache, window)
+    logits = model.logits(hidden[:, 0], head)  # [B, V]
+    new_pos = jnp.minimum(positions + 1, model.config.n_positions - 1)  # free slots may run on; clamp them
+    return logits, cache, new_pos
+
+
+def _put(full, part):
+    """`part` [B, ...] written over the first B rows of `full` [S, ...]."""
+    return jax.lax.dynamic_update_slice_in_dim(full, part, 0, axis=0)
+
+
+@_program(static_argnames=("graphdef", "window", "rows", "mesh"), donate_argnums=(3,))
+def forward(graphdef, params, head, state: DecodeState, *, window: int, rows: int, mesh=None):
+    """The first half of a decode step that waits for masks: the first `rows` (B) slots' last
+    tokens through the model (their KV written, positions advanced), sampling nothing.
+
+    Structured output: a constrained row's next mask depends on the token it sampled last,
+    which the host reads while this runs (its input token is already on the device), so that
+    filling the masks overlaps the forward pass; `sample_next` then samples under them.
+    Returns (state, logits f32[B, V]), the logits left on the device for `sample_next`.
+    """
+    model = nnx.merge(graphdef, params)
+    logits, cache, new_pos = _forward(model, head, state.cache, state.tokens[:rows], state.positions[:rows], window)
+    state = dataclasses.replace(state, cache=cache, positions=_put(state.positions, new_pos))
+    if mesh is not None:
+        state = jax.lax.with_sharding_constraint(state, sharding.state_shardings(state, mesh))
+    return state, logits
+
+
+@_program(static_argnames=("top_k", "mesh"), donate_argnums=(0,))
+def sample_next(state: DecodeState, logits, masks, *, top_k: int, mesh=None):
+    """The second half: samples the B rows `forward` ran from its logits f32[B, V] under masks
+    u32[B, V/32], the next-token masks of the constrained rows among them (other rows' are
+    never read). Returns what `decode` returns at steps=1."""
+    rows = logits.shape[0]
+    first = jax.tree.map(lambda a: a[:rows], state.rows)
+    first = dataclasses.replace(first, mask=masks.astype(jnp.uint32))
+    tok, lp, top_ids, top_lps, sampling_rows = sampling.sample(logits, first, state.positions[:rows], top_k=top_k,
+                                                               mesh=mesh)
+    state = dataclasses.replace(state, tokens=_put(state.tokens, tok), rows=jax.tree.map(_put, state.rows, sampling_rows))
+    state, outs = _constrain(state, tuple(a[None] for a in (tok, lp, top_ids, top_lps)), mesh)
+    return (state, *outs)
 
 
 # --------------------------------------------------------------------------- warm-up
@@ -443,9 +477,9 @@ def compile_all(graphdef, params, head, state: DecodeState, *, prefills, decodes
                 on_program=None) -> None:
     """Compiles every program once per shape so that serving compiles nothing: prefill for each
     (rows, bucket) in `prefills`, with and without prompt logprobs, insert after each,
-    start_row once per row count, and decode for each (rows, window) in `decodes` at `steps`
-    and at 1 step a call (structured output). `state` is
-    donated along the way: the caller makes a fresh one.
+    start_row once per row count, decode for each (rows, window) in `decodes` at `steps`, and
+    the one-step halves of a constrained decode (forward for each (rows, window), sample_next
+    once per rows). `state` is donated along the way: the caller makes a fresh one.
     `on_program(done, total)` is called after each program (the server's warm-up metric).
 
     Prefill and decode are compiled ahead of time (`lower(...).compile()`, with the very
@@ -455,19 +489,25 @@ def compile_all(graphdef, params, head, state: DecodeState, *, prefills, decodes
     zeros shaped and placed like prefill's outputs.
     """
     jobs = [("echo", *p) for p in prefills] + [("prefill", *p) for p in prefills]
-    # Decode at `steps` tokens a call, and at one (what runs while a constrained row needs
-    # its next mask from the token just sampled: planner.py).
-    jobs += [("decode", *d, n) for d in decodes for n in sorted({steps, 1}, reverse=True)]
+    # Decode at `steps` tokens a call, and its two halves (what runs while a constrained row
+    # needs its next mask from the token just sampled: planner.py), sample_next once per rows.
+    jobs += [(kind, *d) for d in decodes for kind in ("decode", "forward")]
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=len(jobs), desc="warm-up (compiling)", unit="program")
-    started = set()  # start_row compiles once per prefill row count
-    for done, (kind, rows, size, *n) in enumerate(jobs, start=1):
+    started, sampled = set(), set()  # start_row compiles once per prefill row count, sample_next per rows
+    for done, (kind, rows, size) in enumerate(jobs, start=1):
         if kind == "decode":
-            decode.lower(graphdef, params, head, state, no_masks(rows, state), steps=n[0], window=size, rows=rows,
-                         top_k=top_k, mesh=mesh).compile()
+            decode.lower(graphdef, params, head, state, steps=steps, window=size, rows=rows, top_k=top_k,
+                         mesh=mesh).compile()
+        elif kind == "forward":
+            compiled = forward.lower(graphdef, params, head, state, window=size, rows=rows, mesh=mesh).compile()
+            if rows not in sampled:
+                sampled.add(rows)
+                logits = _zeros_like(compiled.out_info[1])
+                sample_next.lower(state, logits, no_masks(rows, state), top_k=top_k, mesh=mesh).compile()
         else:
             # Host arrays, as the engine passes them: the same jit cache entries.
             compiled = prefill.lower(graphdef, params, head, np.zeros((rows, size), np.int32),
@@ -489,6 +529,12 @@ def compile_all(graphdef, params, head, state: DecodeState, *, prefills, decodes
         bar.close()
 
 
+def no_masks(rows: int, state: DecodeState) -> np.ndarray:
+    """Zeros u32[rows, V/32]: `sample_next`'s masks when none of its rows is constrained, a
+    host array as the engine passes them (the same jit cache entry)."""
+    return np.zeros((rows, state.rows.mask.shape[1]), np.uint32)
+
+
 def time_option_sets(graphdef, params, head, cfg, slots: int, *, rows: int, window: int, steps: int, top_k: int,
                      mesh=None, repeats: int = 3) -> dict[str, float]:
     """Seconds per decode call of `rows` rows compiled under each XLA:CPU option set (the
@@ -498,7 +544,7 @@ def time_option_sets(graphdef, params, head, cfg, slots: int, *, rows: int, wind
         fn, state, best = decode.with_options(name), init_state(cfg, slots, mesh), float("inf")
         for i in range(repeats + 1):
             t0 = time.perf_counter()
-            state, *outs = fn(graphdef, params, head, state, no_masks(rows, state), steps=steps, window=window, rows=rows, top_k=top_k,
+            state, *outs = fn(graphdef, params, head, state, steps=steps, window=window, rows=rows, top_k=top_k,
                               mesh=mesh)
             jax.block_until_ready(outs)
             if i:

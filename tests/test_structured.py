@@ -183,6 +183,27 @@ def test_unconstrained_neighbours_sample_what_they_sample_alone(engine):
     assert [c.token_ids for c in beside.choices] == [c.token_ids for c in alone.choices]
 
 
+def test_the_host_reads_tokens_and_fills_masks_while_the_forward_runs(engine, monkeypatch):
+    """A constrained step goes out in two halves: the forward first, then, while it runs, the
+    host reads the tokens sampled before it and fills the masks, then the sampling."""
+    events = []
+    run_op, process, sample = engine.executor.run, engine._process, engine.planner.sample
+    monkeypatch.setattr(engine.executor, "run", lambda op: (events.append(type(op).__name__), run_op(op))[1])
+    monkeypatch.setattr(engine, "_process", lambda item: (events.append("read " + item[0]), process(item))[1])
+    monkeypatch.setattr(engine.planner, "sample", lambda: (events.append("masks"), sample())[1])
+    free = Request(prompt=TOK.encode("Once upon"), max_tokens=12, logit_bias={EOS: -100})
+    run(engine, free, constrained("regex", EMAIL, n=3))
+    assert "Decode" not in events[:events.index("Sample")]  # no multi-step call while constrained rows run
+    sampled = [i for i, e in enumerate(events) if e == "Sample"]
+    assert len(sampled) >= 5
+    for before, i in zip(sampled, sampled[1:]):
+        between = events[before + 1:i]
+        forward = between.index("Forward")
+        # After the forward went out: the last sampling's tokens are read, then the masks filled.
+        assert "read decode" in between[forward:] and between[-1] == "masks", between
+        assert "read decode" not in between[:forward], between
+
+
 def test_a_seed_gives_the_same_outputs_and_best_of_ranks_matching_candidates(engine):
     req = constrained("json", POINTS, n=4, best_of=6, seed=123)
     (a,), _ = run(engine, req)
