@@ -421,7 +421,10 @@ def _sample_rows(x, x_max, rows: SamplingRows, step_keys, nucleus_k: int, tries:
         # Ties in lax.top_k's order (lower index first): the nucleus order.
         values, ids = vocab.top_k(x, min(nucleus_k, vocab.size))
         drawn, covered = _nucleus_draw(_weight(values, x_max, inv_t), ids, mass, u[:, 0, 0])
-        return jnp.where(covered, drawn, tokens), covered
+        # Only nucleus rows take the prefilter's draw: a top_p=1 row whose top tokens hold all
+        # its mass (a constrained row, say) would otherwise sample another token from the same
+        # uniform depending on whether a neighbour has top_p < 1.
+        return jnp.where(covered & nucleus, drawn, tokens), covered
 
     tokens, settled = lax.cond(vocab.any(nucleus), prefiltered,
                                lambda: (tokens, jnp.ones((B,), bool)))

@@ -13,7 +13,10 @@
    waited for before the host goes on (what the engine did before the halves: the device
    idles while the host works), in the same process. The figure is the milliseconds between
    consecutive dispatches of all `slots` rows (a decode, or a forward half), divided by the
-   steps each carried (host work included), median over the run.
+   steps each carried (host work included), median over the run; and, for the constrained
+   runs, the milliseconds from a forward half's dispatch to its sampling half's: the host's
+   token reads and mask filling (overlapped: the forward runs meanwhile), or the forward
+   itself and then that host work (forward waited for).
 """
 
 from __future__ import annotations
@@ -99,7 +102,7 @@ def decode_figures(preset: str, slots: int, tokens: int) -> dict:
     from pgpt_jax.engine import Engine
     import jax
 
-    from pgpt_jax.executor import Decode, Forward
+    from pgpt_jax.executor import Decode, Forward, Sample
     from pgpt_jax.model import init_model
     from pgpt_jax.request import Constraint, Limits, Request
 
@@ -111,9 +114,13 @@ def decode_figures(preset: str, slots: int, tokens: int) -> dict:
     run = eng.executor.run
     serial = [False]
 
+    host: list = []  # seconds from a forward's dispatch to its sample's: the host's reads and masks
+
     def timed(op):
         if isinstance(op, (Decode, Forward)) and op.rows == slots:
             stamps.append((time.perf_counter(), getattr(op, "steps", 1) or eng.decode_steps))
+        if isinstance(op, Sample) and stamps:
+            host.append(time.perf_counter() - stamps[-1][0])
         out = run(op)
         if serial[0] and isinstance(op, Forward):
             jax.block_until_ready(eng.executor.logits)
@@ -124,6 +131,7 @@ def decode_figures(preset: str, slots: int, tokens: int) -> dict:
 
     def one(constraint, wait_forward: bool = False) -> dict:
         stamps.clear()
+        host.clear()
         serial[0] = wait_forward
         req = Request(prompt=prompt, max_tokens=tokens, n=slots, seed=1, logit_bias={tok.eos_id: -100.0},
                       constraint=constraint)
@@ -135,6 +143,7 @@ def decode_figures(preset: str, slots: int, tokens: int) -> dict:
         per_step = [(b - a) / steps for (a, steps), (b, _) in zip(stamps, stamps[1:])][2:]  # past the compiles
         gen = done[0].completion_tokens
         return {"ms_per_step": 1e3 * statistics.median(per_step), "steps_timed": sum(s for _, s in stamps[3:]),
+                "ms_forward_to_sample": 1e3 * statistics.median(host[2:]) if len(host) > 2 else None,
                 "wall_s": wall, "tokens": gen, "finish": sorted({c.finish_reason for c in done[0].choices})}
 
     one(None)  # compiles the 4-step programs

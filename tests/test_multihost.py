@@ -46,7 +46,8 @@ def test_processes_in_lockstep_decide_nothing_and_match_one_process(processes, s
             p.kill()
     expect, got = single_process_scenario, outs[0]
     assert got["stop_string"] == expect["stop_string"] and got["stop"]["result"][0]["finish"] == "stop"
-    for name in ("base", "stop", "top_p", "logprobs"):
+    assert all(c["finish"] == "stop" for c in got["regex"]["result"])  # the constraint ended them
+    for name in ("base", "stop", "top_p", "logprobs", "regex"):
         assert [(c["tokens"], c["finish"]) for c in got[name]["result"]] == \
             [(c["tokens"], c["finish"]) for c in expect[name]["result"]], name
     np.testing.assert_allclose(got["logprobs"]["result"][0]["logprobs"], expect["logprobs"]["result"][0]["logprobs"],

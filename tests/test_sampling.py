@@ -353,6 +353,20 @@ def test_row_is_independent_of_its_slot_and_of_other_rows():
     assert [t for t, _ in run(0, 7, quiet)] != [t for t, _ in a]  # the seed drives the draws
 
 
+def test_a_whole_distribution_row_ignores_the_nucleus_its_neighbours_need():
+    """A top_p=1 row whose few tokens hold all its mass (as under a grammar's mask) samples the
+    same whether or not another row of the batch needs a nucleus: its draw is always the
+    whole distribution's, never the nucleus prefilter's (another token of the same uniform)."""
+    logits = np.full((S, V), -1e4, np.float32)
+    logits[:, [3, 150, 299]] = [0.0, 0.4, -0.3]  # [0, 128) / [128, 256) / [256, 300): three blocks
+    rows = dict(seeds=np.arange(S), temperature=np.ones(S))
+    alone = draw(logits, make_rows(**rows, top_p=np.ones(S)), 4)
+    beside = draw(logits, make_rows(**rows, top_p=np.where(np.arange(S) % 2, 0.5, 1.0)), 4)
+    whole = np.arange(S) % 2 == 0
+    np.testing.assert_array_equal(beside[:, whole], alone[:, whole])
+    assert set(np.unique(alone)) == {3, 150, 299}
+
+
 def test_new_parameter_values_do_not_recompile():
     logits = jnp.asarray(np.random.default_rng(6).normal(size=(S, V)), jnp.float32)
     first = sample(logits, make_rows(), jnp.zeros((S,), jnp.int32))

@@ -4,7 +4,8 @@ replay process 0's ops until it stops.
 
 The scenario, one batch in flight at once: a greedy request cut by a stop string, a seeded
 top_p request with n=2, a stream aborted (as by a client that leaves) after its third delta, a
-stream whose deadline passes after its second delta, and a greedy request with logprobs. Every
+stream whose deadline passes after its second delta, a greedy request with logprobs, and a
+seeded request constrained by a regex (its masks travel in a second broadcast). Every
 decision is process 0's, so the outcomes must equal the single-process run's.
 
 usage: multihost_engine.py single | PORT PROCESS_ID NUM_PROCESSES
@@ -24,7 +25,7 @@ import jax  # noqa: E402
 from pgpt_jax import sharding  # noqa: E402
 from pgpt_jax.engine import Engine  # noqa: E402
 from pgpt_jax.model import init_model  # noqa: E402
-from pgpt_jax.request import Delta, Request, Result  # noqa: E402
+from pgpt_jax.request import Constraint, Delta, Request, Result  # noqa: E402
 from pgpt_jax.tokenizer import get_tokenizer  # noqa: E402
 
 NO_EOS = {50256: -100.0}
@@ -79,6 +80,8 @@ def scenario(eng: Engine) -> dict:
         "abort": (Request(prompt=B, max_tokens=None, stream=True, seed=1, logit_bias=NO_EOS), abort_after_three),
         "deadline": (Request(prompt=A, max_tokens=None, stream=True, seed=2, logit_bias=NO_EOS), expire_after_two),
         "logprobs": (Request(prompt=B, max_tokens=8, temperature=0.0, logprobs=1, logit_bias=NO_EOS), None),
+        "regex": (Request(prompt=A, max_tokens=8, temperature=1.0, seed=3, n=2,
+                          constraint=Constraint("regex", "[ab]{1,5}", "structured_outputs.regex")), None),
     })
     for _ in range(100):  # the abort ends it at process 0's next iteration
         if handles["abort"].done:

@@ -23,7 +23,7 @@ from jax.sharding import NamedSharding  # noqa: E402
 from pgpt_jax import programs, sampling, sharding  # noqa: E402
 from pgpt_jax.engine import Engine  # noqa: E402
 from pgpt_jax.model import init_model  # noqa: E402
-from pgpt_jax.request import Request  # noqa: E402
+from pgpt_jax.request import Constraint, Request  # noqa: E402
 from pgpt_jax.tokenizer import get_tokenizer  # noqa: E402
 
 PROMPTS = [[464, 2068, 7586], [15496, 11, 616, 1438, 318, 1757, 290], [40, 1101, 257, 1332, 13] * 3]  # one prompt bucket: fewer compiles
@@ -42,6 +42,9 @@ def run(mesh):
             for p in PROMPTS]
     reqs += [Request(prompt=p, max_tokens=8, temperature=1.0, top_p=0.9, seed=11, n=2,
                      presence_penalty=0.5, logit_bias={50256: -100.0}) for p in PROMPTS]
+    # Constrained rows decode in two halves (programs.forward, programs.sample_next) on the mesh too.
+    reqs += [Request(prompt=PROMPTS[0], max_tokens=8, temperature=1.0, seed=3, n=2,
+                     constraint=Constraint("regex", "[ab]{1,5}", "structured_outputs.regex"))]
     results = [None] * len(reqs)
     for i, r in enumerate(reqs):
         eng.submit(r, lambda ev, i=i: results.__setitem__(i, ev))
