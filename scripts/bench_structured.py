@@ -13,10 +13,10 @@
    waited for before the host goes on (what the engine did before the halves: the device
    idles while the host works), in the same process. The figure is the milliseconds between
    consecutive dispatches of all `slots` rows (a decode, or a forward half), divided by the
-   steps each carried (host work included), median over the run; and, for the constrained
-   runs, the milliseconds from a forward half's dispatch to its sampling half's: the host's
-   token reads and mask filling (overlapped: the forward runs meanwhile), or the forward
-   itself and then that host work (forward waited for).
+   steps each carried (host work included), median over the run; and whether the device
+   waits for the host's masks: overlapped, how many sampling halves went out while their
+   forward still ran (the device then never waits); forward waited for, the host's time from
+   the forward's end to the sampling's dispatch (the device's idle time per step).
 """
 
 from __future__ import annotations
@@ -114,16 +114,23 @@ def decode_figures(preset: str, slots: int, tokens: int) -> dict:
     run = eng.executor.run
     serial = [False]
 
-    host: list = []  # seconds from a forward's dispatch to its sample's: the host's reads and masks
+    # Does the device wait for the host's masks? Overlapped: whether each sampling half went out
+    # while its forward still ran. Forward waited for: the host's time from the forward's end
+    # to the sampling's dispatch, which the device spends idle.
+    running, idle, ready_at = [], [], [0.0]
 
     def timed(op):
         if isinstance(op, (Decode, Forward)) and op.rows == slots:
             stamps.append((time.perf_counter(), getattr(op, "steps", 1) or eng.decode_steps))
-        if isinstance(op, Sample) and stamps:
-            host.append(time.perf_counter() - stamps[-1][0])
+        if isinstance(op, Sample):
+            if serial[0]:
+                idle.append(time.perf_counter() - ready_at[0])
+            else:
+                running.append(not eng.executor.logits.is_ready())
         out = run(op)
         if serial[0] and isinstance(op, Forward):
             jax.block_until_ready(eng.executor.logits)
+            ready_at[0] = time.perf_counter()
         return out
 
     eng.executor.run = timed
@@ -131,7 +138,8 @@ def decode_figures(preset: str, slots: int, tokens: int) -> dict:
 
     def one(constraint, wait_forward: bool = False) -> dict:
         stamps.clear()
-        host.clear()
+        running.clear()
+        idle.clear()
         serial[0] = wait_forward
         req = Request(prompt=prompt, max_tokens=tokens, n=slots, seed=1, logit_bias={tok.eos_id: -100.0},
                       constraint=constraint)
@@ -143,7 +151,8 @@ def decode_figures(preset: str, slots: int, tokens: int) -> dict:
         per_step = [(b - a) / steps for (a, steps), (b, _) in zip(stamps, stamps[1:])][2:]  # past the compiles
         gen = done[0].completion_tokens
         return {"ms_per_step": 1e3 * statistics.median(per_step), "steps_timed": sum(s for _, s in stamps[3:]),
-                "ms_forward_to_sample": 1e3 * statistics.median(host[2:]) if len(host) > 2 else None,
+                "samples_sent_while_forward_ran": f"{sum(running)}/{len(running)}" if running else None,
+                "ms_device_idle_per_step": 1e3 * statistics.median(idle) if idle else None,
                 "wall_s": wall, "tokens": gen, "finish": sorted({c.finish_reason for c in done[0].choices})}
 
     one(None)  # compiles the 4-step programs
