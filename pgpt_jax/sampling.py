@@ -130,11 +130,29 @@ def row_key(seed: int, choice_index: int) -> np.ndarray:
     Every bit of the signed 64-bit seed counts: threefry's key data is the seed's high and low
     32-bit words, which `jax.random.key(seed)` would cut to the low word without 64-bit mode
     (seeds 5 and 5 + 2**32 would sample alike). Seeds in [0, 2**32) keep their old keys.
+
+    Computed on the host (`_threefry2x32`, what `jax.random.fold_in` computes for threefry
+    keys): a device computation here would queue behind the programs in flight, and reading
+    its result made placing a new request wait for its prefill (and every earlier call).
     """
     u = seed % 2**64
-    key = jax.random.wrap_key_data(np.array([u >> 32, u & 0xFFFFFFFF], np.uint32))
-    key = jax.random.fold_in(key, choice_index)
-    return np.asarray(jax.random.key_data(key))
+    # fold_in(key, data) is threefry2x32 of the counter (0, data) under the key.
+    return np.array(_threefry2x32((u >> 32, u & 0xFFFFFFFF), (0, choice_index % 2**32)), np.uint32)
+
+
+def _threefry2x32(key: tuple[int, int], count: tuple[int, int]) -> tuple[int, int]:
+    """Threefry-2x32 with 20 rounds (Salmon et al., "Parallel random numbers: as easy as 1, 2,
+    3", SC 2011), as JAX's PRNG defines it: one block of two 32-bit words."""
+    m = 0xFFFFFFFF
+    ks = (key[0], key[1], key[0] ^ key[1] ^ 0x1BD11BDA)
+    x0, x1 = (count[0] + ks[0]) & m, (count[1] + ks[1]) & m
+    for i in range(5):
+        for r in ((13, 15, 26, 6), (17, 29, 16, 24))[i % 2]:
+            x0 = (x0 + x1) & m
+            x1 = (((x1 << r) | (x1 >> (32 - r))) & m) ^ x0
+        x0 = (x0 + ks[(i + 1) % 3]) & m
+        x1 = (x1 + ks[(i + 2) % 3] + i + 1) & m
+    return x0, x1
 
 
 def request_row(*, temperature: float, top_p: float, presence: float, frequency: float,

@@ -87,6 +87,13 @@ def chi2(counts, probs):
 def test_row_key_and_defaults():
     key = jax.random.fold_in(jax.random.key(1234), 3)
     np.testing.assert_array_equal(row_key(1234, 3), jax.random.key_data(key))
+    # The host's threefry is JAX's fold_in for every 64-bit seed and choice index.
+    for seed in (0, 5, 2**32 + 5, 2**63 - 1, -1, -(2**63), 987654321987):
+        for index in (0, 1, 255, 2**31 + 7):
+            u = seed % 2**64
+            want = jax.random.fold_in(jax.random.wrap_key_data(np.array([u >> 32, u & 0xFFFFFFFF], np.uint32)),
+                                      index)
+            np.testing.assert_array_equal(row_key(seed, index), jax.random.key_data(want))
     assert not np.array_equal(row_key(1234, 3), row_key(1234, 4))
     np.testing.assert_array_equal(make_rows(seeds=[77] * S).key[0], row_key(77, 0))
     rows = init_rows(3, 10)
