@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import threading
 import time
 from typing import Any, Iterable, Optional
@@ -56,18 +57,32 @@ def write(row: dict) -> None:
         f.write(line)
 
 
-def _watch(arrays: Any, done) -> None:
-    """Calls `done(t)` with the time `arrays` are ready, from a thread of its own."""
+WATCHERS = 4  # threads waiting for programs' outputs: a later program is timed while an earlier one runs
+_todo: "queue.SimpleQueue" = queue.SimpleQueue()
+_watchers: list = []
+
+
+def _wait_loop() -> None:
     import jax
 
-    def wait() -> None:
+    while True:
+        arrays, done = _todo.get()
         try:
             jax.block_until_ready(arrays)
         except Exception:  # noqa: BLE001 - the engine reports the failure; the timeline only misses a mark
-            return
+            continue
         done(time.perf_counter())
 
-    threading.Thread(target=wait, daemon=True, name="pgpt-timeline").start()
+
+def _watch(arrays: Any, done) -> None:
+    """Calls `done(t)` with the time `arrays` are ready, from one of the watcher threads (started
+    once: starting a thread per program cost the engine thread up to a scheduler slice each)."""
+    if not _watchers:
+        with _lock:
+            while len(_watchers) < WATCHERS:
+                _watchers.append(threading.Thread(target=_wait_loop, daemon=True, name="pgpt-timeline"))
+                _watchers[-1].start()
+    _todo.put((arrays, done))
 
 
 def ran(op, meta, t0: float, out, executor) -> None:
@@ -83,6 +98,8 @@ def ran(op, meta, t0: float, out, executor) -> None:
         kept = executor.prefills.get(op.pid)
         if kept is not None and entries:
             _watch(kept[1], lambda t: [mark(e.marks, "prefill_done", t) for e in entries])
+        for e in entries:
+            mark(e.marks, "prefill_timed")  # what the timeline itself took
     elif isinstance(op, Place):
         m = meta.entry.marks
         if m is not None and "place_dispatch" not in m:

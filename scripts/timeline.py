@@ -53,6 +53,7 @@ CHAIN = [
     ("placed", "planned into a slot"),
     ("prefill_dispatch", "prefill dispatched"),
     ("prefill_return", "prefill dispatch returned (host)"),
+    ("prefill_timed", "the timeline's own bookkeeping done"),
     ("place_dispatch", "insert+start_row dispatched"),
     ("place_return", "insert+start_row dispatch returned (host)"),
     ("decode_dispatch", "first decode program dispatched"),
