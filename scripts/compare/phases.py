@@ -188,7 +188,7 @@ def start_server(system: str, a, port: int, weights: Path, gguf: dict, log_path:
     env = None
     if system == "pgpt":
         cmd = [sys.executable, "-m", "pgpt_jax.cli", "serve", "--model", str(weights), "--port", str(port),
-               "--slots", str(max(a.concurrency)), "--served-model-name", system]
+               "--slots", str(max(a.concurrency)), "--served-model-name", system, *a.pgpt_args.split()]
         ready = f"http://127.0.0.1:{port}/health"
     elif system == "vllm":
         cmd = [a.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(weights),

@@ -139,6 +139,8 @@ def print_summary(S: dict) -> list[str]:
         lines.append(f"serving, closed loop, streaming, {meta.get('prompt_tokens')}-token prompts, "
                      f"{meta.get('serving_output_tokens')} output tokens a request, EOS banned, temperature "
                      f"{meta.get('serving_temperature', 1.0)}")
+        if meta.get("pgpt_args"):
+            lines.append(f"  pgpt-jax: serve flags {meta['pgpt_args']}")
         for r in S["peers"]:
             lines.append(f"  {LABELS.get(r['system'], r['system'])}: {r.get('vllm')}, {r.get('torch')}, "
                          f"{r.get('transformers')}; dtype {r.get('dtype')}; flags {' '.join(r.get('flags', []))}; "
