@@ -46,7 +46,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from pgpt_jax import grammar, sharding
+from pgpt_jax import grammar, sharding, timeline
 from pgpt_jax.executor import Decode, Drop, Executor, Forward, Place, Prefill, Sample
 from pgpt_jax.model import GPT
 from pgpt_jax.multihost import Lockstep, Watchdog, follow
@@ -367,7 +367,10 @@ class Engine:
                     continue
                 op.pid, op.index = self._moved.get((op.pid, op.index), (op.pid, op.index))
             try:
+                t0 = time.perf_counter()
                 out = self.executor.run(op)
+                if timeline.ON:
+                    timeline.ran(op, m, t0, out, self.executor)
                 if isinstance(op, Prefill) and op.want_logprobs:
                     out = tuple(np.asarray(a) for a in out)  # errors of the call surface here
             except Exception as exc:
@@ -433,6 +436,8 @@ class Engine:
             self._device_fault(exc, [run.entry for run in owners.values()])
             return
         if kind == "insert":  # [1] -> [steps=1, rows=1]
+            if timeline.ON:
+                timeline.read(owners)
             toks, lps = toks.reshape(1, 1), lps.reshape(1, 1)
             top_ids, top_lps = top_ids.reshape(1, 1, -1), top_lps.reshape(1, 1, -1)
         touched = {}

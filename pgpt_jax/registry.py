@@ -34,6 +34,7 @@ import threading
 import time
 from typing import Callable, Optional, Sequence
 
+from pgpt_jax import timeline
 from pgpt_jax.outputs import ChoiceOutput, RequestOutput
 from pgpt_jax.request import EngineUnavailable, Limits, QueueFull, Request, RequestTimeout
 
@@ -59,6 +60,7 @@ class Entry:
     done: bool = False  # ended (set only by Registry.end)
     aborted: bool = False  # the client left (set from any thread; only silences callbacks)
     counted: bool = False  # in this registry's budget and counters (accepted by `submit`, not background)
+    marks: Optional[dict] = None  # timeline.py's timestamps (PGPT_TIMELINE), else None
 
 
 @dataclasses.dataclass(eq=False)
@@ -83,6 +85,11 @@ class Handle:
     @property
     def done(self) -> bool:
         return self._entry.done
+
+    @property
+    def marks(self) -> Optional[dict]:
+        """The engine's timeline marks of this request (timeline.py), or None when it is off."""
+        return self._entry.marks
 
 
 class Registry:
@@ -110,7 +117,9 @@ class Registry:
             seed = r.seed if r.seed is not None else random.getrandbits(63)
             timeouts = (None, None) if r.background else (self.limits.request_timeout, self.limits.queue_timeout)
             entries.append(Entry(0, r, cb, seed, cost=len(r.prompt) + max_new(r),
-                                 deadline=_after(now, timeouts[0]), queue_deadline=_after(now, timeouts[1])))
+                                 deadline=_after(now, timeouts[0]), queue_deadline=_after(now, timeouts[1]),
+                                 marks=timeline.marks()))
+            timeline.mark(entries[-1].marks, "queued")
         counted = [e for e in entries if not e.request.background]
         choices = sum(e.request.candidates for e in counted)
         tokens = sum(e.cost * e.request.candidates for e in counted)
@@ -162,10 +171,12 @@ class Registry:
         for e in entries:
             e.unplaced = e.request.candidates
             self.entries[e.rid] = e
+            timeline.mark(e.marks, "taken")
 
     def placed(self, entry: Entry) -> None:
         """One choice of `entry` got a slot: it leaves the queue's budget."""
         entry.unplaced -= 1
+        timeline.mark(entry.marks, "placed")
         with self.lock:
             if entry.counted:
                 self.queued_choices -= 1
@@ -192,6 +203,7 @@ class Registry:
         """Calls the request's callback; an aborted request hears nothing but an error."""
         if entry.aborted and not isinstance(event, BaseException):
             return
+        timeline.mark(entry.marks, "delivered")
         try:
             entry.callback(event)
         except Exception:  # a broken callback must not take the engine down

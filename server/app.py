@@ -33,6 +33,7 @@ from starlette.requests import Request as HTTPRequest
 from starlette.responses import Response
 from starlette.routing import Route
 
+from pgpt_jax import timeline
 from pgpt_jax.request import Limits
 from server import protocol, responses
 from server.batch.routes import DEFAULT_MAX_FILE_BYTES, BatchRoutes
@@ -208,14 +209,18 @@ async def _accept(request: HTTPRequest) -> tuple[ServerState, bytes]:
 
 async def _generation(request: HTTPRequest, parse) -> Response:
     """Authorize, read and validate the body with `parse`, then run it on the engine."""
+    marks = timeline.marks()
+    timeline.mark(marks, "arrive")
     st, raw = await _accept(request)
+    timeline.mark(marks, "body")
     deployment = request.path_params.get("deployment")
     # JSON parsing and tokenising (a 4 MB prompt takes a good part of a second) run in a worker
     # thread, so the event loop keeps serving every other stream meanwhile.
     job = await asyncio.to_thread(lambda: parse(protocol.parse_json(raw), st.info, deployment))
+    timeline.mark(marks, "parsed")
     o = st.options
     return await run_job(request, st.ready_engine(), job, metrics=st.metrics, runs=st.runs,
-                         ping_interval=o.ping_interval, stream_buffer=o.stream_buffer)
+                         ping_interval=o.ping_interval, stream_buffer=o.stream_buffer, marks=marks)
 
 
 async def completions(request: HTTPRequest) -> Response:

@@ -28,6 +28,7 @@ from typing import Any, Callable, Optional
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import Response, StreamingResponse
 
+from pgpt_jax import timeline
 from pgpt_jax.request import Delta, EngineUnavailable, QueueFull, RequestError, RequestTimeout, Result
 from server import responses
 from server.metrics import Metrics
@@ -80,8 +81,10 @@ async def _disconnected(receive) -> None:
 class _Run:
     """A Job's engine requests in flight, and the bounded queue their callbacks feed."""
 
-    def __init__(self, job: Job, engine, loop: asyncio.AbstractEventLoop, runs: set, buffer: int):
+    def __init__(self, job: Job, engine, loop: asyncio.AbstractEventLoop, runs: set, buffer: int,
+                 marks: Optional[dict] = None):
         self.job, self.engine, self.loop, self.runs, self.buffer = job, engine, loop, runs, buffer
+        self.marks = marks  # timeline.py's server-side marks (PGPT_TIMELINE), else None
         self.events: deque = deque()
         self.ready = asyncio.Event()
         self.handles: list = []
@@ -92,6 +95,7 @@ class _Run:
         """All prompts or none (a bad third prompt must not leave the first two generating for nobody)."""
         callbacks = [functools.partial(self._post, i) for i in range(len(self.job.requests))]
         self.handles = self.engine.submit_all(self.job.requests, callbacks)
+        timeline.mark(self.marks, "accepted")
         self.open = set(range(len(self.job.requests)))
         self.runs.add(self)
 
@@ -113,6 +117,8 @@ class _Run:
             self.open = {i}  # the overflow is the one event left to see
         else:
             self.events.append((i, event))
+            if self.marks is not None and isinstance(event, Delta):
+                timeline.mark(self.marks, "on_loop")
         self.ready.set()
 
     async def next_batch(self, timeout: Optional[float] = None) -> list:
@@ -178,6 +184,7 @@ async def _stream_events(metrics: Metrics, run: _Run, ping_interval: float):
     fmt = responses.StreamFormatter(job)
     results: list[Optional[Result]] = [None] * len(job.requests)
     first = None
+    writes = [] if run.marks is not None else None  # timeline: [time, tokens] of each SSE write
     try:
         while run.open:
             batch = await run.next_batch(timeout=ping_interval)
@@ -201,6 +208,11 @@ async def _stream_events(metrics: Metrics, run: _Run, ping_interval: float):
                     yield b"".join(out)
                     return
             if out:
+                if writes is not None:
+                    writes.append([time.perf_counter(), sum(len(e.token_ids) for _, e in batch
+                                                            if isinstance(e, Delta))])
+                    if first is not None:
+                        timeline.mark(run.marks, "first_write", writes[-1][0])
                 yield b"".join(out)
         if job.include_usage:
             yield _sse(responses.usage_chunk(job, results))
@@ -210,6 +222,8 @@ async def _stream_events(metrics: Metrics, run: _Run, ping_interval: float):
             per_choice = sum(r.completion_tokens for r in results) / (len(results) * job.n)
             if per_choice > 1:
                 metrics.tpot.observe((time.perf_counter() - first) / (per_choice - 1))
+        if writes is not None:
+            timeline.record(run.marks, run.handles[0].marks, writes, job.requests[0].seed)
     finally:
         run.close()
 
@@ -244,10 +258,11 @@ class _EventStream(StreamingResponse):
 
 
 async def run_job(request: HTTPRequest, engine, job: Job, *, metrics: Metrics, runs: set,
-                  ping_interval: float = 5.0, stream_buffer: int = 256) -> Response:
+                  ping_interval: float = 5.0, stream_buffer: int = 256, marks: Optional[dict] = None) -> Response:
     """Submits `job`'s requests and answers: JSON when all are done, or an event stream.
-    `runs` is the server's set of runs in flight (a drain waits for it to empty)."""
-    run = _Run(job, engine, asyncio.get_running_loop(), runs, stream_buffer)
+    `runs` is the server's set of runs in flight (a drain waits for it to empty); `marks`
+    the request's timeline so far (timeline.py; None when it is off)."""
+    run = _Run(job, engine, asyncio.get_running_loop(), runs, stream_buffer, marks)
     try:
         run.submit()
     except (RequestError, QueueFull, EngineUnavailable) as exc:

