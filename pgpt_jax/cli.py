@@ -61,7 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="also read from PGPT_API_KEY")
     _add_slots_args(p)
-    p.add_argument("--decode-steps", type=int, default=4)
+    p.add_argument("--decode-steps", type=int, default=None,
+                   help="decode steps a call (default: 1 on CPU, 4 on GPU/TPU; the planner runs 1 near a "
+                        "row's end or while work waits)")
     p.add_argument("--max-logprobs", type=int, default=LIMITS.max_logprobs)
     p.add_argument("--logprobs-mode", choices=LOGPROBS_MODES, default=LIMITS.logprobs_mode,
                    help="logprobs of sampled tokens for requests that do not say (docs/api.md)")

@@ -33,6 +33,15 @@ def default_dtype(backend: str) -> Optional[str]:
     return "bfloat16" if backend in ACCELERATORS else None
 
 
+def default_decode_steps(backend: str) -> int:
+    """Decode steps a serving call runs when --decode-steps is not given: 1 on CPU, where a
+    step is long next to the host's work for a call and one step a call cut TTFT at 1 and 8
+    streams by about half at no cost per token (docs/benchmarks.md, issue 20); 4 on a GPU or
+    TPU, whose steps are short enough for the host's per-call work to show (the planner still
+    runs 1 step when a row is near its end or work waits: planner.Planner._steps)."""
+    return 4 if backend in ACCELERATORS else 1
+
+
 def device_memory(device=None) -> Optional[tuple[int, int]]:
     """(bytes_limit, bytes_in_use) of `device` (default: this process's first), or None when
     the backend reports no limit (CPU)."""

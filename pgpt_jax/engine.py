@@ -346,8 +346,10 @@ class Engine:
             if self.lockstep is not None and not self._stop_sent:  # (a stopping group has left)
                 self.lockstep.send(sample)
             self._execute(sample, [self._forwarded])
-        # Process everything dispatched before the newest decode while the device runs it.
-        keep = 1 if self._pending and self._pending[-1][0] == "decode" else 0
+        # Process everything dispatched before the newest decode while the device runs it (all
+        # of it when this plan sent no decode: the rows' last tokens are in flight).
+        decoded = any(isinstance(op, (Decode, Forward)) for op in ops)
+        keep = 1 if decoded and self._pending and self._pending[-1][0] == "decode" else 0
         while len(self._pending) > keep:
             self._process(self._pending.pop(0))
         if not self.scheduler.active:

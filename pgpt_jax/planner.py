@@ -81,11 +81,33 @@ class Planner:
         self._admissions(ops, meta)
         if self.scheduler.active:
             constrained = self.constrained()
-            steps = 1 if constrained else self.decode_steps
-            window, rows = self.scheduler.decode_shape(steps)
-            ops.append(Forward(window, rows) if constrained else Decode(window, rows, steps))
-            meta.append(self.scheduler.advance(steps))
+            steps = 1 if constrained else self._steps()
+            if steps:
+                window, rows = self.scheduler.decode_shape(steps)
+                ops.append(Forward(window, rows) if constrained else Decode(window, rows, steps))
+                owners = self.scheduler.advance(steps)
+                for run in owners.values():
+                    run.dispatched += steps
+                meta.append(owners)
         return ops, meta
+
+    def _steps(self) -> int:
+        """Decode steps for this plan's call, trading tokens per call against latency:
+          0  every running choice gets its last token (max_tokens) from calls already sent: a
+             call more would only delay the next plan (stop strings and EOS can end one
+             sooner; its tokens past the end are dropped as before);
+          1  a row is fewer than `decode_steps` tokens from its max_tokens, or choices wait
+             for a slot: their turn comes at the next plan, so a short call lets it come sooner;
+          `decode_steps` otherwise (every row steady).
+        On CPU `decode_steps` is 1 by default (`devices.default_decode_steps`), so the choice is
+        only between 0 and 1 there."""
+        left = [run.entry.output.max_new - run.dispatched for run in self.scheduler.owner
+                if run is not None and run.live and not run.entry.done]
+        if max(left, default=0) <= 0:
+            return 0
+        if min(left) < self.decode_steps or self.scheduler.waiting:
+            return 1
+        return self.decode_steps
 
     def constrained(self) -> bool:
         """A constrained choice holds a slot: decode goes one step at a time, in two halves."""

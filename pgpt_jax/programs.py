@@ -477,8 +477,9 @@ def compile_all(graphdef, params, head, state: DecodeState, *, prefills, decodes
                 on_program=None) -> None:
     """Compiles every program once per shape so that serving compiles nothing: prefill for each
     (rows, bucket) in `prefills`, with and without prompt logprobs, insert after each,
-    start_row once per row count, decode for each (rows, window) in `decodes` at `steps`, and
-    the one-step halves of a constrained decode (forward for each (rows, window), sample_next
+    start_row once per row count, decode for each (rows, window) in `decodes` at `steps` (and
+    at 1 when `steps` is more: the planner's short calls), and the one-step halves of a
+    constrained decode (forward for each (rows, window), sample_next
     once per rows). `state` is donated along the way: the caller makes a fresh one.
     `on_program(done, total)` is called after each program (the server's warm-up metric).
 
@@ -491,16 +492,18 @@ def compile_all(graphdef, params, head, state: DecodeState, *, prefills, decodes
     jobs = [("echo", *p) for p in prefills] + [("prefill", *p) for p in prefills]
     # Decode at `steps` tokens a call, and its two halves (what runs while a constrained row
     # needs its next mask from the token just sampled: planner.py), sample_next once per rows.
-    jobs += [(kind, *d) for d in decodes for kind in ("decode", "forward")]
+    # Decode at one step too when `steps` is more (the planner's short calls: planner._steps).
+    jobs += [(kind, *d, n) for d in decodes for kind, n in
+             [("decode", steps), ("forward", 1)] + ([("decode", 1)] if steps > 1 else [])]
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=len(jobs), desc="warm-up (compiling)", unit="program")
     started, sampled = set(), set()  # start_row compiles once per prefill row count, sample_next per rows
-    for done, (kind, rows, size) in enumerate(jobs, start=1):
+    for done, (kind, rows, size, *n) in enumerate(jobs, start=1):
         if kind == "decode":
-            decode.lower(graphdef, params, head, state, steps=steps, window=size, rows=rows, top_k=top_k,
+            decode.lower(graphdef, params, head, state, steps=n[0], window=size, rows=rows, top_k=top_k,
                          mesh=mesh).compile()
         elif kind == "forward":
             compiled = forward.lower(graphdef, params, head, state, window=size, rows=rows, mesh=mesh).compile()

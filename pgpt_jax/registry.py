@@ -71,6 +71,7 @@ class Running:
     choice: ChoiceOutput
     slot: int
     live: bool = True  # False once it gave its slot back to interactive work (its tokens are dropped)
+    dispatched: int = 1  # tokens the device will have made for it by the calls sent so far (start_row's first)
 
 
 class Handle:

@@ -7,8 +7,8 @@ nothing compiles after warm-up:
   - prefill rows: prompts of one bucket that arrive together share a call of 1, 4 or 16
     rows, as long as rows x bucket stays within `max_prefill_tokens` (past that the matmuls
     are large enough alone, and every extra shape is one more compile);
-  - decode rows: decode runs the occupied prefix of the slots, in buckets of 1, 4, 16, ...
-    up to `slots` (free slots are taken lowest first, so one stream pays for one row); a
+  - decode rows: decode runs the occupied prefix of the slots, in buckets of 1, 4, 8, 16,
+    64, ... up to `slots` (free slots are taken lowest first, so one stream pays for one row); a
     data axis that splits the slots over devices makes every program run all of them;
   - attention windows: 128, 256, ... up to the context, the smallest that covers the
     longest occupied row after this call's steps.
@@ -26,6 +26,11 @@ from __future__ import annotations
 
 from collections import deque
 from typing import Any, Iterable, Optional
+
+
+# Decode row buckets (then `slots`): powers of 4 with 8 between 4 and 16, where a closed loop
+# of 8 streams sits (on a 2-core Zen 5, one GPT-2 step of 8 rows took 49.5 ms, of 16 59 ms).
+ROW_BUCKETS = (1, 4, 8, 16, 64, 256, 1024, 4096)
 
 
 def buckets(limit: int, smallest: int) -> tuple[int, ...]:
@@ -48,8 +53,7 @@ class Scheduler:
         self.prefill_rows = {
             b: tuple(p for p in (1, 4, 16) if p == 1 or (p * b <= max_prefill_tokens and p <= slots))
             for b in self.buckets}
-        self.row_buckets = (slots,) if split_slots else \
-            tuple(4**i for i in range(8) if 4**i < slots) + (slots,)
+        self.row_buckets = (slots,) if split_slots else tuple(r for r in ROW_BUCKETS if r < slots) + (slots,)
         self.owner: list[Optional[Any]] = [None] * slots  # what generates in each slot
         self.batch = [False] * slots  # whether that is background (batch) work
         self.batch_slack = batch_slack

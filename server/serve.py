@@ -93,7 +93,8 @@ def _engine_from_args(args, mesh, limits: Limits, on_fatal=None):
         raise SystemExit(f"pgpt-jax: {e}")
     print(f"pgpt-jax: {model.config.dtype} on {jax.default_backend()}; {plan.describe()}", file=sys.stderr, flush=True)
     engine = Engine(model, tokenizer_for(model.config), slots=plan.slots,
-                    decode_steps=args.decode_steps, limits=limits, mesh=mesh,
+                    decode_steps=args.decode_steps or devices.default_decode_steps(jax.default_backend()),
+                    limits=limits, mesh=mesh,
                     lockstep_timeout=args.lockstep_timeout, on_fatal=on_fatal,
                     batch_slack=getattr(args, "batch_slack", 1.25), xla_options=getattr(args, "xla_options", None))
     return engine, what

@@ -11,6 +11,7 @@ import pytest
 
 from pgpt_jax import programs
 from pgpt_jax.engine import Engine
+from pgpt_jax.executor import Decode
 from pgpt_jax.model import forward, init_cache, init_model
 from pgpt_jax.programs import decode, init_state
 from pgpt_jax.request import (Constraint, Delta, EngineUnavailable, Limits, QueueFull, Request, RequestError, RequestTimeout,
@@ -510,3 +511,26 @@ def test_no_recompile_after_warmup_with_params_already_placed():
         results, _ = run(eng, Request(prompt=[5, 6, 7], max_tokens=4, temperature=0.7, seed=1))
         assert isinstance(results[0], Result)
     assert eng.compile_count == count
+
+
+def test_decode_calls_stop_at_max_tokens_and_shorten_near_the_end(engine, monkeypatch):
+    """The planner sends no decode call once every row's last token (max_tokens) is in flight,
+    and a 1-step call when a row is closer to its end than `decode_steps` (3 here) or a
+    choice waits for a slot; steady rows run 3 steps a call."""
+    calls = []
+    real = engine.executor.run
+    monkeypatch.setattr(engine.executor, "run",
+                        lambda op: (calls.append(op.steps) if isinstance(op, Decode) else None, real(op))[1])
+    kw = dict(prompt=PROMPTS[0], temperature=0.0, logit_bias={50256: -100.0})
+    (r,), _ = run(engine, Request(max_tokens=9, **kw))
+    assert len(r.choices[0].token_ids) == 9
+    assert calls == [3, 3, 1, 1]  # 1 (the prefill's) + 3 + 3, then 1 at a time: 9, none past it
+    calls.clear()
+    run(engine, Request(max_tokens=1, **kw))
+    assert calls == []  # the first token, sampled with the prefill, was all it needed
+    calls.clear()
+    # 9 choices for 8 slots: while one waits, calls are 1 step, so that its slot comes soonest.
+    (r,), _ = run(engine, Request(max_tokens=7, n=9, seed=1, **{**kw, "temperature": 1.0}))
+    assert all(len(c.token_ids) == 7 for c in r.choices)
+    first_wave = calls[: calls.index(3)] if 3 in calls else calls
+    assert first_wave and set(first_wave) == {1}

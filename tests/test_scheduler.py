@@ -8,7 +8,7 @@ def test_shape_sets():
     assert buckets(128, 16) == (16, 32, 64, 128) and buckets(100, 16) == (16, 32, 64, 100)
     s = Scheduler(32, 1024, max_prefill_tokens=1024)
     assert s.buckets[:3] == (16, 32, 64) and s.windows == (128, 256, 512, 1024)
-    assert s.row_buckets == (1, 4, 16, 32)
+    assert s.row_buckets == (1, 4, 8, 16, 32) and Scheduler(300, 1024).row_buckets == (1, 4, 8, 16, 64, 256, 300)
     assert s.prefill_rows[16] == (1, 4, 16) and s.prefill_rows[64] == (1, 4, 16) and s.prefill_rows[512] == (1,)
     assert Scheduler(8, 128, split_slots=True).row_buckets == (8,)  # a data axis: every slot runs
 
@@ -39,7 +39,7 @@ def test_decode_shape_covers_the_occupied_prefix_and_the_longest_row():
     s.place(0, "a", 100)
     assert s.decode_shape(steps=4) == (128, 1)
     s.place(5, "b", 300)
-    assert s.decode_shape(steps=4) == (512, 16)
+    assert s.decode_shape(steps=4) == (512, 8)
     s.release(5, owner="someone else")  # not its owner: nothing happens
     assert s.active == 2
     s.release(5)
@@ -51,12 +51,12 @@ def test_batch_work_holds_only_the_rows_interactive_decodes_pay_for():
     s = Scheduler(32, 1024, batch_slack=1.25)
     assert s.interactive_need() == 0 and s.background_limit(0) == 32
     assert s.background_limit(1) == 1  # no costs measured: the interactive bucket only
-    s.decode_cost = {1: 1.0, 4: 1.1, 16: 1.6, 32: 3.0}
+    s.decode_cost = {1: 1.0, 4: 1.1, 8: 1.3, 16: 1.6, 32: 3.0}
     s.place(0, "chat", 10)
     assert s.interactive_need() == 1 and s.background_limit(1) == 4  # 4 rows cost 1.1x one: within the slack
     for slot in range(1, 5):
         s.place(slot, f"chat{slot}", 10)
-    assert s.background_limit(s.interactive_need()) == 16  # 5 rows need 16; 32 would cost 1.9x that
+    assert s.background_limit(s.interactive_need()) == 16  # 5 rows need 8; 16 costs 1.23x that, 32 2.3x
     s.place(20, "late", 10)
     assert s.interactive_need() == 21 and s.background_limit(21) == 32  # a row up there: 32 rows anyway
     # Batch choices are admitted only below the limit; interactive ones anywhere.
