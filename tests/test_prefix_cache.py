@@ -1,0 +1,150 @@
+"""Prefix cache: the same tokens and logprobs with and without it (greedy, seeded sampling,
+n/best_of, echo), hits within one plan and across plans, eviction in a tiny pool, the
+counters, faults that fail only their requests, and nothing compiled after warm-up."""
+
+import numpy as np
+import pytest
+
+from pgpt_jax import programs
+from pgpt_jax.engine import Engine
+from pgpt_jax.prefix_cache import BLOCK_TOKENS, PrefixIndex, chain
+from pgpt_jax.request import Delta, Limits, Request, Result
+from pgpt_jax.tokenizer import get_tokenizer
+
+NO_EOS = {50256: -100.0}
+Q = BLOCK_TOKENS
+rng = np.random.default_rng(0)
+BASE = [int(t) for t in rng.integers(100, 5000, size=100)]  # a shared prefix: 3 whole blocks and more
+
+
+def make(model, blocks: int, **kw) -> Engine:
+    eng = Engine(model, get_tokenizer(), slots=4, decode_steps=3, limits=Limits(max_logprobs=3),
+                 prefix_cache_blocks=blocks, **kw)
+    eng.warmup()
+    return eng
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_model):
+    return make(tiny_model, 0), make(tiny_model, 64)
+
+
+def run(engine, *requests):
+    results = [None] * len(requests)
+
+    def cb(i):
+        def f(ev):
+            if not isinstance(ev, Delta):
+                results[i] = ev
+        return f
+
+    for i, r in enumerate(requests):
+        engine.submit(r, cb(i))
+    engine.run_until_idle()
+    return results
+
+
+def choices(result):
+    assert isinstance(result, Result), result
+    return [(c.token_ids, c.logprobs.token_logprobs if c.logprobs else None, c.finish_reason)
+            for c in result.choices]
+
+
+def same(a, b):
+    """Tokens and finish reasons equal; logprobs equal up to float rounding (the cached
+    prefix's KV came from another call shape: the same sums, maybe in another order)."""
+    assert len(a) == len(b)
+    for (ta, la, fa), (tb, lb, fb) in zip(a, b):
+        assert ta == tb and fa == fb
+        if la is not None:
+            np.testing.assert_allclose(np.array(la, dtype=float), np.array(lb, dtype=float), atol=1e-5)
+
+
+def requests():
+    """Prompts that share prefixes (with each other and across calls), one a whole number of
+    blocks long, one shorter than a block; greedy, seeded, n/best_of, echo + logprobs."""
+    kw = dict(max_tokens=6, logit_bias=NO_EOS, logprobs=2)
+    return [
+        Request(prompt=BASE + [7, 8, 9], temperature=0.0, **kw),
+        Request(prompt=BASE + [11] * 20, temperature=1.0, seed=3, **kw),
+        Request(prompt=BASE[:2 * Q], temperature=0.0, **kw),  # exactly two blocks
+        Request(prompt=BASE[:Q + 5], temperature=0.8, seed=5, n=2, best_of=3, **kw),
+        Request(prompt=BASE[:10], temperature=0.0, **kw),  # shorter than a block
+        Request(prompt=BASE + [7, 8], temperature=1.0, seed=9, echo=True, **kw),  # prompt logprobs: bypass
+        Request(prompt=BASE + [1, 2, 3, 4], temperature=0.7, seed=1, n=3, **kw),
+    ]
+
+
+def test_same_outputs_and_logprobs_with_and_without_the_cache(engines):
+    off, on = engines
+    want = [choices(r) for r in run(off, *requests())]
+    # Once all together (hits inside one plan: the first of a prefix prefills it, the
+    # others read its blocks), then once more (hits across plans), then one by one.
+    for got in (run(on, *requests()), run(on, *requests()), [run(on, r)[0] for r in requests()]):
+        for w, g in zip(want, got):
+            same(w, choices(g))
+    assert on.prefix_cache.hit_blocks > 0 and on.prefix_cache_hit_rate > 0
+    assert on.prefix_cache_blocks_used > 0 and off.prefix_cache_blocks_used == 0
+
+
+def test_no_recompile_after_warmup_with_the_cache(engines):
+    _, on = engines
+    count = on.compile_count
+    rs = requests() + [Request(prompt=[5] * (on.context_length - 8), max_tokens=8, logit_bias=NO_EOS),
+                       Request(prompt=[5] * (on.context_length - 40), max_tokens=8, logit_bias=NO_EOS)]
+    run(on, *rs)
+    run(on, *rs)
+    assert on.compile_count == count
+
+
+def test_index_lru_eviction_and_pinning():
+    idx = PrefixIndex(3, block_tokens=4)
+    a, b = list(range(13)), [50] * 9
+    assert idx.allocate(a) == {0: 0, 1: 1, 2: 2}
+    assert idx.match(a) == [0, 1, 2] and idx.match(a[:12]) == [0, 1]  # not the block of the last token
+    assert idx.allocate(b) == {}  # everything pinned by this plan: no room
+    idx.unpin_all()
+    assert idx.allocate(b) == {0: 2, 1: 1}  # a chain's last blocks go first
+    assert idx.match(a) == [0] and idx.used == 3
+    idx.forget([0])
+    assert idx.match(a) == [] and idx.used == 2
+    idx.clear()
+    assert idx.used == 0 and idx.match(b) == []
+    assert len(chain(a, 4)) == 3 and chain(a, 4)[0][0] != chain(b, 4)[0][0]
+
+
+def test_tiny_pool_evicts_and_stays_exact(tiny_model, engines):
+    off, _ = engines
+    small = make(tiny_model, 3)  # room for one prompt's blocks
+    prompts = [[int(t) for t in rng.integers(100, 5000, size=70)] + [i] for i in range(4)]
+    rs = lambda: [Request(prompt=p, max_tokens=4, temperature=0.0, logprobs=1, logit_bias=NO_EOS)  # noqa: E731
+                  for p in prompts]
+    want = [choices(r) for r in run(off, *rs())]
+    for _ in range(2):
+        for w, g in zip(want, [run(small, r)[0] for r in rs()]):
+            same(w, choices(g))
+    assert small.prefix_cache_blocks_used <= 3
+    for w, g in zip(want, [run(small, r)[0] for r in rs()[-1:]]):  # the last one is still cached
+        same(want[-1], choices(g))
+    assert small.prefix_cache.hit_blocks >= 2
+
+
+def test_a_failing_cached_prefill_fails_only_its_request(engines, monkeypatch):
+    off, on = engines
+    p = BASE + [42, 43]
+    run(on, Request(prompt=p, max_tokens=2))  # its blocks are cached now
+    real = programs.extend
+    calls = []
+
+    def flaky(*a, **k):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("injected")
+        return real(*a, **k)
+
+    monkeypatch.setattr(programs, "extend", flaky)
+    bad, good = run(on, Request(prompt=p, max_tokens=3), Request(prompt=BASE + [44], max_tokens=3, temperature=0.0,
+                                                                  logit_bias=NO_EOS))
+    assert isinstance(bad, RuntimeError) and isinstance(good, Result)
+    same(choices(run(off, Request(prompt=BASE + [44], max_tokens=3, temperature=0.0, logit_bias=NO_EOS))[0]),
+         choices(good))
