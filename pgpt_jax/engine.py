@@ -8,7 +8,8 @@ registry's lock-guarded inbox (`registry.py`). Each iteration of the host loop (
   1. plans (process 0 decides everything): takes new requests, aborts and expired
      deadlines; pairs waiting choices with free slots (`scheduler.py`); a request is
      prefilled when its first choice gets a slot (n/best_of choices share it; prompts of
-     one bucket admitted together share one call), each choice is placed (`insert` its KV,
+     one bucket admitted together share one call; with the prefix cache a prompt whose
+     first blocks are cached prefills only the rest), each choice is placed (`insert` its KV,
      `start_row` its sampling row and first token), and the occupied prefix of the slots
      decodes `decode_steps` tokens. The plan is a list of ops (`executor.py`);
   2. in a multi-host run, broadcasts the ops (`multihost.py`): the other processes replay
@@ -154,6 +155,18 @@ class Engine:
     def prefix_cache_blocks_used(self) -> int:
         """Pool blocks holding a cached prompt block (0 without a prefix cache)."""
         return self.prefix_cache.used if self.prefix_cache is not None else 0
+
+    @property
+    def prefix_cache_blocks(self) -> int:
+        return self.prefix_cache.blocks if self.prefix_cache is not None else 0
+
+    @property
+    def prefix_cache_hit_tokens(self) -> int:
+        return self.prefix_cache.hit_tokens if self.prefix_cache is not None else 0
+
+    @property
+    def prefix_cache_queried_tokens(self) -> int:
+        return self.prefix_cache.queried_tokens if self.prefix_cache is not None else 0
 
     @property
     def prefix_cache_hit_rate(self) -> float:

@@ -37,7 +37,7 @@ from typing import Any, Optional
 import jax
 import numpy as np
 
-from pgpt_jax import programs, sampling
+from pgpt_jax import pool_programs, programs, sampling
 
 
 @dataclasses.dataclass
@@ -100,8 +100,8 @@ class Executor:
         (token, logprob, top ids, top logprobs), Decode -> the same over [steps, rows]."""
         if isinstance(op, Prefill):
             if op.reads is not None:
-                cache = programs.gather_blocks(self.pool, op.reads, length=op.length, mesh=self.mesh)
-                cache, last = programs.extend(self.graphdef, self.params, self.head, cache, op.tokens, op.start,
+                cache = pool_programs.gather_blocks(self.pool, op.reads, length=op.length, mesh=self.mesh)
+                cache, last = pool_programs.extend(self.graphdef, self.params, self.head, cache, op.tokens, op.start,
                                               op.lengths, mesh=self.mesh)
                 prompt_logprobs = ()
             else:
@@ -109,7 +109,7 @@ class Executor:
                     self.graphdef, self.params, self.head, op.tokens, op.lengths, np.asarray(op.wanted, np.int32),
                     want_logprobs=op.want_logprobs, top_k=self.top_k, mesh=self.mesh)
             if op.writes is not None:
-                self.pool = programs.save_blocks(self.pool, cache, op.writes, mesh=self.mesh)
+                self.pool = pool_programs.save_blocks(self.pool, cache, op.writes, mesh=self.mesh)
             if op.keep:
                 self.prefills[op.pid] = (cache, last)
             return tuple(prompt_logprobs)
@@ -145,7 +145,7 @@ class Executor:
     def _new_pool(self):
         if not self.prefix_blocks:
             return None
-        return programs.init_pool(self.config, self.prefix_blocks, self.block_tokens, self.mesh)
+        return pool_programs.init_pool(self.config, self.prefix_blocks, self.block_tokens, self.mesh)
 
     def pool_lost(self) -> bool:
         """True when a failed save consumed the donated pool."""
@@ -183,10 +183,22 @@ class Executor:
         then starts from a fresh state."""
         row = self.row(dict(temperature=1.0, top_p=1.0, presence=0.0, frequency=0.0, logit_bias=None,
                             num_logprobs=0, seed=0, choice_index=0))
+        more = (len(prefills) + len(extends)) if self.pool is not None else 0  # the prefix cache's programs
+        total = [0]  # programs.compile_all's count of programs
+
+        def report(done: int, of: int) -> None:
+            total[0] = of
+            if on_program is not None:
+                on_program(done, of + more)
+
         programs.compile_all(self.graphdef, self.params, self.head, self.state, prefills=prefills,
                              decodes=decodes, steps=self.decode_steps,
-                             row=row, top_k=self.top_k, mesh=self.mesh, progress=progress,
-                             on_program=on_program, pool=self.pool, extends=extends)
+                             row=row, top_k=self.top_k, mesh=self.mesh, progress=progress, on_program=report)
+        if self.pool is not None:
+            pool_programs.compile_all(self.graphdef, self.params, self.head, self.pool, prefills=prefills,
+                                      extends=extends, mesh=self.mesh,
+                                      on_program=lambda done: on_program and on_program(total[0] + done,
+                                                                                        total[0] + more))
         self.reset()
 
 

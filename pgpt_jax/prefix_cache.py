@@ -1,7 +1,7 @@
 """The prefix cache's index: which whole prompt blocks have their KV in the device pool, and where.
 
 Host-only bookkeeping (process 0's planner owns it; no device, no text). The device side is
-a pool of `blocks` KV blocks of BLOCK_TOKENS tokens each (`programs.init_pool`); this index
+a pool of `blocks` KV blocks of BLOCK_TOKENS tokens each (`pool_programs.init_pool`); this index
 maps a block's *key* to its pool id. A key stands for a whole prefix, not one block's
 tokens: block j of a prompt is keyed by (key of block j-1, tokens of block j), a hash chain,
 so a hit on block j means every token before it matched too (and the KV, which depends on

@@ -20,6 +20,8 @@ Programs (what the engine calls, in order, for one request):
   insert     one prompt's KV -> one slot of the state's cache
   start_row  that slot's sampling row, and its first token sampled from the prefill's logits
   decode     `steps` tokens for the first B slots, attention over the first W cache entries
+
+The prefix cache's programs (a pool of KV blocks, `extend`) are in `pool_programs.py`.
 """
 
 from __future__ import annotations
@@ -354,82 +356,6 @@ def _prompt_logprobs(model, hidden, head, ids, wanted, top_k: int, split_vocab: 
                         written_out)
 
 
-# --------------------------------------------------------------------------- prefix pool
-
-
-def init_pool(cfg, blocks: int, block_tokens: int, mesh: Optional[Mesh] = None) -> tuple:
-    """The prefix cache's device pool: per layer (k, v), each [P, N, Q, H] (P blocks of Q
-    tokens), zeros; heads over `model` like the prefill caches (`sharding.pool_sharding`)."""
-    def make():
-        return init_cache(cfg, blocks, block_tokens)
-
-    if mesh is None:
-        return jax.device_put(make(), jax.local_devices()[0])
-    return jax.jit(make, out_shardings=sharding.pool_sharding(mesh))()
-
-
-@_program(static_argnames=("length", "mesh"))
-def gather_blocks(pool, reads, *, length: int, mesh=None):
-    """A prefill cache whose first entries come from the pool: reads i32[B, M] pool ids ->
-    per layer ([B, N, T, H], ...) with T = `length`, block m of row b at positions
-    [m Q, (m+1) Q), zeros past M Q. Ids past a row's cached prefix are read and overwritten
-    (or never attended to) by the `extend` that follows."""
-    B, M = reads.shape
-
-    def one(p):
-        blocks = jnp.take(p, reads.reshape(-1), axis=0, mode="clip")  # [B M, N, Q, H]
-        _, N, Q, H = blocks.shape
-        c = blocks.reshape(B, M, N, Q, H).transpose(0, 2, 1, 3, 4).reshape(B, N, M * Q, H)
-        return jnp.pad(c, ((0, 0), (0, 0), (0, length - M * Q), (0, 0)))
-
-    cache = tuple((one(k), one(v)) for k, v in pool)
-    if mesh is not None:
-        cache = jax.lax.with_sharding_constraint(cache, NamedSharding(mesh, PartitionSpec(None, "model", None, None)))
-    return cache
-
-
-@_program(static_argnames=("graphdef", "mesh"), donate_argnums=(3,))
-def extend(graphdef, params, head, cache, tokens, start, true_len, *, mesh=None):
-    """Prefill that goes on from a cache already holding each row's first `start` positions:
-    tokens i32[B, R] at positions start[b] + [0, R) attend to the cache's entries up to their
-    own position (the cached ones and each other) and are written into it. cache per layer
-    ([B, N, T, H], ...), donated; true_len i32[B] counts the cached tokens too. Returns
-    (cache, last_logits f32[B, V]) as `prefill` does: the same numbers, up to float
-    rounding, as a prefill of the whole prompt. Padding tokens past a row's true length must
-    stay within T (start + R <= T): their writes would be dropped, their positions not.
-
-    The prefix cache's hits run it after `gather_blocks`; any prefix cache of the right shape
-    will do (chunked prefill: a prompt's earlier chunks)."""
-    model = nnx.merge(graphdef, params)
-    B, R = tokens.shape
-    positions = start[:, None] + jnp.arange(R, dtype=jnp.int32)[None, :]
-    hidden, cache = model(tokens, positions, cache)
-    last = jnp.take_along_axis(hidden, (true_len - start - 1)[:, None, None], axis=1)[:, 0]  # [B, D]
-    last_logits = model.logits(last, head)
-    if mesh is not None:
-        cache = jax.lax.with_sharding_constraint(cache, NamedSharding(mesh, PartitionSpec(None, "model", None, None)))
-        last_logits = jax.lax.with_sharding_constraint(last_logits, sharding.replicated(mesh))
-    return cache, last_logits
-
-
-@_program(static_argnames=("mesh",), donate_argnums=(0,))
-def save_blocks(pool, cache, writes, *, mesh=None):
-    """Copies whole blocks of a prefill's cache (per layer ([B, N, T, H], ...)) into the pool:
-    writes i32[B, M] says where block m of row b goes (an id past the pool: nowhere). The
-    pool is donated and updated in place."""
-    B, M = writes.shape
-
-    def one(p, c):
-        _, N, Q, H = p.shape
-        blocks = c[:, :, :M * Q].reshape(B, N, M, Q, H).transpose(0, 2, 1, 3, 4).reshape(B * M, N, Q, H)
-        return p.at[writes.reshape(-1)].set(blocks.astype(p.dtype), mode="drop")
-
-    pool = tuple((one(pk, ck), one(pv, cv)) for (pk, pv), (ck, cv) in zip(pool, cache))
-    if mesh is not None:
-        pool = jax.lax.with_sharding_constraint(pool, sharding.pool_sharding(mesh))
-    return pool
-
-
 @_program(static_argnames=("mesh",), donate_argnums=(0,))
 def insert(state: DecodeState, prompt_cache, index, slot, *, mesh=None):
     """Copies prompt `index` of a prefill's KV (per layer ([B, N, T, H], ...)) into `slot`.
@@ -516,15 +442,13 @@ def no_masks(rows: int, state: DecodeState) -> np.ndarray:
 
 def compile_all(graphdef, params, head, state: DecodeState, *, prefills, decodes, steps: int,
                 row: sampling.SamplingRows, top_k: int, mesh=None, progress: bool = False,
-                on_program=None, pool=None, extends=()) -> None:
+                on_program=None) -> None:
     """Compiles every program once per shape so that serving compiles nothing: prefill for each
     (rows, bucket) in `prefills`, with and without prompt logprobs, insert after each,
     start_row once per row count, and decode for each (rows, window) in `decodes` at `steps`
     and at 1 step a call (structured output). `state` is
     donated along the way: the caller makes a fresh one.
     `on_program(done, total)` is called after each program (the server's warm-up metric).
-    With a prefix pool (`init_pool`), also save_blocks after each prefill shape, and
-    gather_blocks + extend for each (rows, T, R) in `extends` (a T-long cache, R new tokens).
 
     Prefill and decode are compiled ahead of time (`lower(...).compile()`, with the very
     arguments a call passes, so the call finds the same executable) and not run: running
@@ -536,7 +460,6 @@ def compile_all(graphdef, params, head, state: DecodeState, *, prefills, decodes
     # Decode at `steps` tokens a call, and at one (what runs while a constrained row needs
     # its next mask from the token just sampled: planner.py).
     jobs += [("decode", *d, n) for d in decodes for n in sorted({steps, 1}, reverse=True)]
-    jobs += [("extend", *e) for e in (extends if pool is not None else ())]
     bar = None
     if progress:
         from tqdm import tqdm
@@ -544,13 +467,7 @@ def compile_all(graphdef, params, head, state: DecodeState, *, prefills, decodes
         bar = tqdm(total=len(jobs), desc="warm-up (compiling)", unit="program")
     started = set()  # start_row compiles once per prefill row count
     for done, (kind, rows, size, *n) in enumerate(jobs, start=1):
-        if kind == "extend":
-            block = pool[0][0].shape[2]
-            cache = _zeros_like(gather_blocks.lower(pool, np.zeros((rows, size // block), np.int32), length=size,
-                                                    mesh=mesh).compile().out_info)
-            extend.lower(graphdef, params, head, cache, np.zeros((rows, n[0]), np.int32), np.zeros((rows,), np.int32),
-                         np.ones((rows,), np.int32), mesh=mesh).compile()
-        elif kind == "decode":
+        if kind == "decode":
             decode.lower(graphdef, params, head, state, no_masks(rows, state), steps=n[0], window=size, rows=rows,
                          top_k=top_k, mesh=mesh).compile()
         else:
@@ -560,9 +477,6 @@ def compile_all(graphdef, params, head, state: DecodeState, *, prefills, decodes
                                      want_logprobs=kind == "echo", top_k=top_k, mesh=mesh).compile()
             if kind == "prefill":  # the echo variant's cache has the same shape as the plain one's
                 cache, last, *_ = _zeros_like(compiled.out_info)
-                if pool is not None and size >= pool[0][0].shape[2]:
-                    save_blocks.lower(pool, cache, np.zeros((rows, size // pool[0][0].shape[2]), np.int32),
-                                      mesh=mesh).compile()
                 state = insert(state, cache, np.int32(0), np.int32(0), mesh=mesh)
                 if rows not in started:
                     started.add(rows)

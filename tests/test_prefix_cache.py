@@ -5,7 +5,7 @@ counters, faults that fail only their requests, and nothing compiled after warm-
 import numpy as np
 import pytest
 
-from pgpt_jax import programs
+from pgpt_jax import pool_programs
 from pgpt_jax.engine import Engine
 from pgpt_jax.prefix_cache import BLOCK_TOKENS, PrefixIndex, chain
 from pgpt_jax.request import Delta, Limits, Request, Result
@@ -133,7 +133,7 @@ def test_a_failing_cached_prefill_fails_only_its_request(engines, monkeypatch):
     off, on = engines
     p = BASE + [42, 43]
     run(on, Request(prompt=p, max_tokens=2))  # its blocks are cached now
-    real = programs.extend
+    real = pool_programs.extend
     calls = []
 
     def flaky(*a, **k):
@@ -142,7 +142,7 @@ def test_a_failing_cached_prefill_fails_only_its_request(engines, monkeypatch):
             raise RuntimeError("injected")
         return real(*a, **k)
 
-    monkeypatch.setattr(programs, "extend", flaky)
+    monkeypatch.setattr(pool_programs, "extend", flaky)
     bad, good = run(on, Request(prompt=p, max_tokens=3), Request(prompt=BASE + [44], max_tokens=3, temperature=0.0,
                                                                   logit_bias=NO_EOS))
     assert isinstance(bad, RuntimeError) and isinstance(good, Result)
