@@ -151,28 +151,13 @@ class Engine:
         slot's rows of the preallocated cache, so this is the share of slots in use."""
         return self.scheduler.active / self.slots
 
-    @property
-    def prefix_cache_blocks_used(self) -> int:
-        """Pool blocks holding a cached prompt block (0 without a prefix cache)."""
-        return self.prefix_cache.used if self.prefix_cache is not None else 0
-
-    @property
-    def prefix_cache_blocks(self) -> int:
-        return self.prefix_cache.blocks if self.prefix_cache is not None else 0
-
-    @property
-    def prefix_cache_hit_tokens(self) -> int:
-        return self.prefix_cache.hit_tokens if self.prefix_cache is not None else 0
-
-    @property
-    def prefix_cache_queried_tokens(self) -> int:
-        return self.prefix_cache.queried_tokens if self.prefix_cache is not None else 0
-
-    @property
-    def prefix_cache_hit_rate(self) -> float:
-        """Prompt tokens served from the prefix cache / prompt tokens looked up, 0..1."""
-        c = self.prefix_cache
-        return c.hit_tokens / c.queried_tokens if c is not None and c.queried_tokens else 0.0
+    # The prefix cache for /metrics (zeros without one): pool blocks in all and holding a
+    # cached prompt block; prompt tokens looked up and served from it, and their ratio.
+    prefix_cache_blocks = property(lambda self: self.prefix_cache.blocks if self.prefix_cache else 0)
+    prefix_cache_blocks_used = property(lambda self: self.prefix_cache.used if self.prefix_cache else 0)
+    prefix_cache_queried_tokens = property(lambda self: self.prefix_cache.queried_tokens if self.prefix_cache else 0)
+    prefix_cache_hit_tokens = property(lambda self: self.prefix_cache.hit_tokens if self.prefix_cache else 0)
+    prefix_cache_hit_rate = property(lambda self: self.prefix_cache_hit_tokens / max(self.prefix_cache_queried_tokens, 1))
 
     @property
     def alive(self) -> bool:
@@ -389,8 +374,7 @@ class Engine:
                 if m.entry.done:  # its prefill failed here (alone, so no other process runs it)
                     continue
                 op.pid, op.index = self._moved.get((op.pid, op.index), (op.pid, op.index))
-            if isinstance(op, Prefill) and op.reads is not None and self._bad_blocks and self.lockstep is None and (
-                    None in self._bad_blocks or self._bad_blocks & set(op.reads[0, : op.start[0] // BLOCK_TOKENS].tolist())):
+            if isinstance(op, Prefill) and self._reads_lost(op):
                 self._retry_alone(op, m)  # what it would read was never saved: prefill it whole
                 continue
             try:
@@ -440,6 +424,13 @@ class Engine:
         for entry in chunk:
             if not entry.unplaced:  # every choice of it was planned already: drop the new one next
                 self.planner.release_prefill(entry)
+
+    def _reads_lost(self, op: Prefill) -> bool:
+        """One process: whether `op` reads pool blocks whose save failed earlier in this plan."""
+        if op.reads is None or not self._bad_blocks or self.lockstep is not None:
+            return False
+        reads = {int(b) for row, start in zip(op.reads, op.start) for b in row[: start // BLOCK_TOKENS]}
+        return None in self._bad_blocks or bool(self._bad_blocks & reads)
 
     def _lost_blocks(self, op: Prefill) -> None:
         """A prefill that was to save blocks failed: the index forgets them (all of them, with

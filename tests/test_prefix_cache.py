@@ -148,3 +148,42 @@ def test_a_failing_cached_prefill_fails_only_its_request(engines, monkeypatch):
     assert isinstance(bad, RuntimeError) and isinstance(good, Result)
     same(choices(run(off, Request(prompt=BASE + [44], max_tokens=3, temperature=0.0, logit_bias=NO_EOS))[0]),
          choices(good))
+
+
+def test_a_failed_save_is_never_read(engines, monkeypatch):
+    """Two prompts of one plan share a prefix nobody cached: the first is prefilled whole and
+    saves its blocks, the second reads them. When the first fails, the second is prefilled
+    whole instead (and equals the uncached answer); when a failed save consumed the pool, the
+    pool and the index start again empty."""
+    import jax
+
+    from pgpt_jax import programs
+
+    off, on = engines
+    shared = [int(t) for t in rng.integers(100, 5000, size=70)]
+    r = lambda tail: Request(prompt=shared + tail, max_tokens=3, temperature=0.0, logit_bias=NO_EOS)  # noqa: E731
+    want = choices(run(off, r([1]), r([2]))[1])
+    real, calls = programs.prefill, []
+
+    def first_fails(*a, **k):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("injected")
+        return real(*a, **k)
+
+    monkeypatch.setattr(programs, "prefill", first_fails)
+    bad, good = run(on, r([1]), r([2]))
+    assert isinstance(bad, RuntimeError) and len(calls) == 2  # the second was prefilled whole
+    same(want, choices(good))
+    monkeypatch.setattr(programs, "prefill", real)
+
+    def consumes_the_pool(pool, *a, **k):
+        for x in jax.tree.leaves(pool):
+            x.delete()
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(pool_programs, "save_blocks", consumes_the_pool)
+    assert isinstance(run(on, r([3]))[0], RuntimeError)
+    assert on.prefix_cache_blocks_used == 0 and not on.executor.pool_lost()
+    monkeypatch.undo()
+    same(want, choices(run(on, r([2]))[0]))
