@@ -238,7 +238,8 @@ class Engine:
         self.choose_options()
         prefills = [(rows, b) for b in sched.buckets for rows in sched.prefill_rows[b]]
         decodes = [(rows, w) for w in sched.windows for rows in sched.row_buckets]
-        extends = [(1, T, R) for T, R in sched.extend_shapes(BLOCK_TOKENS)] if self.prefix_cache else []
+        extends = [(rows, T, R) for T, R in sched.extend_shapes(BLOCK_TOKENS) for rows in sched.prefill_rows[T]
+                   if self.prefix_cache]
         self.executor.warmup(prefills, decodes, progress=progress, on_program=on_program, extends=extends)
         if self.lockstep is not None:
             self.lockstep.warmup()

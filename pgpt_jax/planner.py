@@ -199,10 +199,10 @@ class Planner:
 
     def _cached(self, entries: list, ops: list, meta: list) -> None:
         """Prefills through the prefix cache. A prompt whose cached blocks leave a rest worth
-        a program of its own (`Scheduler.extend_shape`) reads them and prefills the rest,
-        one prompt a call. Others are prefilled whole, in shared calls as before, saving their
-        blocks; a prompt that would find more blocks once those are saved waits for them:
-        its call comes after theirs."""
+        a program of its own (`Scheduler.extend_shape`) reads them and prefills the rest;
+        such prompts of one shape share calls as whole prefills of their bucket do. Others are
+        prefilled whole, in shared calls as before, saving their blocks; a prompt that would
+        find more blocks once those are saved waits for them: its call comes after theirs."""
         Q, sched = self.cache.block_tokens, self.scheduler
         hits, plain, later = [], [], []
         coming: set = set()  # keys of blocks the whole prefills of this plan will save
@@ -224,31 +224,46 @@ class Planner:
         for e in plain:
             self.cache.record(e.request.prompt, 0)
         self._calls(plain, False, ops, meta)
+        # Every reader matched before any of them allocates: a block one reader saves is never
+        # read by another reader of the same call. `later` ones find what the calls above save.
+        groups: dict = {}
         for e in hits + later:
             p = e.request.prompt
-            ids = self.cache.match(p)  # `later` ones find what the calls above save
+            ids = self.cache.match(p)
             shape = sched.extend_shape(len(p), len(ids) * Q)
             self.cache.record(p, len(ids) if shape else 0)
-            if shape is None:  # the pool had no room for what it waited for
-                self._calls([e], False, ops, meta)
-                continue
-            T, R = shape
-            start = len(ids) * Q
-            tokens = np.zeros((1, R), np.int32)
-            tokens[0, : len(p) - start] = p[start:]
-            reads = np.zeros((1, T // Q), np.int32)
-            reads[0, : len(ids)] = ids
-            pid = self._new_prefill([e])
-            ops.append(Prefill(pid, tokens, np.array([len(p)], np.int32), writes=self._writes([e], T),
-                               start=np.array([start], np.int32), reads=reads, length=T))
-            meta.append([e])
+            groups.setdefault(shape, []).append((e, ids))
+        self._calls([e for e, _ in groups.pop(None, [])], False, ops, meta)  # the pool had no room for them
+        for (T, R), group in groups.items():
+            most = sched.prefill_rows[T][-1]
+            for i in range(0, len(group), most):
+                self._extend(group[i:i + most], T, R, ops, meta)
 
-    def _writes(self, chunk: list, bucket: int) -> Optional[np.ndarray]:
-        """Prefill.writes for a call of `chunk` in `bucket`: pool ids for each prompt's whole
-        blocks not cached yet (allocated now, so later prompts of this plan find them)."""
+    def _extend(self, chunk: list, T: int, R: int, ops: list, meta: list) -> None:
+        """One Prefill of (entry, pool ids of its cached blocks) pairs that read those blocks
+        into a T-long cache and compute the rest of their prompts (R tokens at most)."""
+        Q = self.cache.block_tokens
+        rows = next(p for p in self.scheduler.prefill_rows[T] if p >= len(chunk))
+        tokens, reads = np.zeros((rows, R), np.int32), np.zeros((rows, T // Q), np.int32)
+        start, lengths = np.zeros((rows,), np.int32), np.ones((rows,), np.int32)  # padding rows: read nothing
+        for j, (e, ids) in enumerate(chunk):
+            p = e.request.prompt
+            start[j], lengths[j] = len(ids) * Q, len(p)
+            tokens[j, : len(p) - start[j]] = p[start[j]:]
+            reads[j, : len(ids)] = ids
+        entries = [e for e, _ in chunk]
+        pid = self._new_prefill(entries)
+        ops.append(Prefill(pid, tokens, lengths, writes=self._writes(entries, T, rows), start=start, reads=reads,
+                           length=T))
+        meta.append(entries)
+
+    def _writes(self, chunk: list, bucket: int, rows: int) -> Optional[np.ndarray]:
+        """Prefill.writes for a call of `rows` rows, `chunk` first, in `bucket`: pool ids for
+        each prompt's whole blocks not cached yet (allocated now, so that later prompts of
+        this plan find them); padding rows save nothing."""
         if self.cache is None or bucket < self.cache.block_tokens:
             return None
-        writes = np.full((len(chunk), bucket // self.cache.block_tokens), self.cache.blocks, np.int32)
+        writes = np.full((rows, bucket // self.cache.block_tokens), self.cache.blocks, np.int32)
         for j, entry in enumerate(chunk):
             for block, pool_id in self.cache.allocate(entry.request.prompt).items():
                 writes[j, block] = pool_id
@@ -274,12 +289,7 @@ class Planner:
             for j, entry in enumerate(chunk):
                 tokens[j, : len(entry.request.prompt)] = entry.request.prompt
                 lengths[j] = len(entry.request.prompt)
-            writes = None
-            if not (want_logprobs or alone):
-                writes = self._writes(chunk, bucket)
-                if writes is not None and len(chunk) < rows:  # padding rows save nothing
-                    writes = np.concatenate([writes, np.full((rows - len(chunk), writes.shape[1]),
-                                                             self.cache.blocks, np.int32)])
+            writes = None if want_logprobs or alone else self._writes(chunk, bucket, rows)
             wanted = (0, 0)
             if want_logprobs:  # what the rows read: top entries (echo's logprobs, prompt_logprobs), ranks
                 wanted = (max(max((r.logprobs or 0) if r.echo else 0, r.prompt_logprobs or 0)

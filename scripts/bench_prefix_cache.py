@@ -58,7 +58,7 @@ def warm(engine: Engine, length: int, new: int) -> None:
     if engine.prefix_cache is not None:
         start = (length - 1) // BLOCK_TOKENS * BLOCK_TOKENS
         shape = sched.extend_shape(length, start)
-        extends = [(1, *shape)] if shape else []
+        extends = [(rows, *shape) for rows in sched.prefill_rows[shape[0]]] if shape else []
     engine.executor.warmup([(rows, bucket) for rows in sched.prefill_rows[bucket]],
                            [(rows, window) for rows in sched.row_buckets], extends=extends)
     # One untimed request of the same length (a prompt that shares nothing with the timed

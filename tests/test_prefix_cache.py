@@ -129,25 +129,29 @@ def test_tiny_pool_evicts_and_stays_exact(tiny_model, engines):
     assert small.prefix_cache.hit_blocks >= 2
 
 
-def test_a_failing_cached_prefill_fails_only_its_request(engines, monkeypatch):
+def test_a_failing_cached_prefill_fails_only_its_requests(engines, monkeypatch):
+    """A hit whose extend raises fails its request when it ran alone; a shared call that
+    raises is retried prompt by prompt, whole, and each gets the uncached answer."""
     off, on = engines
     p = BASE + [42, 43]
     run(on, Request(prompt=p, max_tokens=2))  # its blocks are cached now
-    real = pool_programs.extend
-    calls = []
+    real, calls = pool_programs.extend, []
 
-    def flaky(*a, **k):
+    def first_fails(*a, **k):
         calls.append(1)
-        if len(calls) == 1:
+        if len(calls) in (1, 2):
             raise RuntimeError("injected")
         return real(*a, **k)
 
-    monkeypatch.setattr(pool_programs, "extend", flaky)
-    bad, good = run(on, Request(prompt=p, max_tokens=3), Request(prompt=BASE + [44], max_tokens=3, temperature=0.0,
-                                                                  logit_bias=NO_EOS))
-    assert isinstance(bad, RuntimeError) and isinstance(good, Result)
-    same(choices(run(off, Request(prompt=BASE + [44], max_tokens=3, temperature=0.0, logit_bias=NO_EOS))[0]),
-         choices(good))
+    monkeypatch.setattr(pool_programs, "extend", first_fails)
+    assert isinstance(run(on, Request(prompt=p, max_tokens=3))[0], RuntimeError)
+    rs = lambda: [Request(prompt=BASE + [t], max_tokens=3, temperature=0.0, logit_bias=NO_EOS)  # noqa: E731
+                  for t in (44, 45)]
+    got = run(on, *rs())  # one call of both: raises, then each is prefilled whole
+    assert len(calls) == 2
+    for w, g in zip(run(off, *rs()), got):
+        same(choices(w), choices(g))
+    assert run(on, *rs()) and len(calls) == 3  # the cache serves them again
 
 
 def test_a_failed_save_is_never_read(engines, monkeypatch):
