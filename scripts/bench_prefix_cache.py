@@ -14,7 +14,8 @@ row buckets at its window, and with the cache the hit's gather/extend shape), ah
 and without running them; `compiles_during_run` says whether the timed run compiled anything
 anyway. Also checks that both runs produced the same tokens.
 
-Prints a JSON line per run and a summary line with the ratios.
+Prints a JSON line per run and a summary line with the ratios. `--save-cost` instead times
+what the cache adds to a prefill that hits nothing: saving its blocks into the pool.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from pathlib import Path
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from pgpt_jax.engine import Engine  # noqa: E402
@@ -101,6 +103,33 @@ def run(engine: Engine, ps: list[list[int]], new: int) -> tuple[dict, list]:
             "compiles_during_run": engine.compile_count - compiles}, tokens
 
 
+def save_cost(preset: str, length: int, repeats: int = 5) -> dict:
+    """Seconds of a whole prefill of `length` tokens (one row) and of saving its whole blocks
+    into the pool (what every prefill adds with the cache on), the fastest of `repeats`."""
+    from pgpt_jax import pool_programs, programs
+
+    model = init_model(preset)
+    graphdef, params, head = programs.program_params(model)
+    bucket = next(b for b in (16 * 2**i for i in range(12)) if b >= length)
+    pool = pool_programs.init_pool(model.config, 256, BLOCK_TOKENS)
+    tokens = np.random.default_rng(0).integers(0, EOS, (1, bucket)).astype(np.int32)
+    writes = np.arange(bucket // BLOCK_TOKENS, dtype=np.int32)[None] % 256
+    best = {"prefill_s": float("inf"), "save_blocks_s": float("inf")}
+    for i in range(repeats + 1):
+        t0 = time.perf_counter()
+        cache, last, *_ = programs.prefill(graphdef, params, head, tokens, np.array([length], np.int32),
+                                           np.zeros((2,), np.int32), want_logprobs=False, top_k=1)
+        jax.block_until_ready(last)
+        t1 = time.perf_counter()
+        pool = pool_programs.save_blocks(pool, cache, writes)
+        jax.block_until_ready(pool)
+        t2 = time.perf_counter()
+        if i:  # the first call compiles
+            best = {"prefill_s": min(best["prefill_s"], t1 - t0), "save_blocks_s": min(best["save_blocks_s"], t2 - t1)}
+    return {"preset": preset, "length": length, "bucket": bucket, **{k: round(v, 4) for k, v in best.items()},
+            "save_over_prefill": round(best["save_blocks_s"] / best["prefill_s"], 4)}
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="gpt2")
@@ -112,7 +141,12 @@ def main(argv=None) -> None:
     ap.add_argument("--new", type=int, default=16)
     ap.add_argument("--prefix-cache-blocks", type=int, default=256, help="the cache-on run's pool")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--save-cost", action="store_true",
+                    help="only time one whole prefill of prefix+tail tokens against saving its blocks")
     args = ap.parse_args(argv)
+    if args.save_cost:
+        print(json.dumps(save_cost(args.preset, args.prefix + args.tail)), flush=True)
+        return
 
     model = init_model(args.preset)
     ps = prompts(args.requests, args.prefix, args.tail, args.seed)
