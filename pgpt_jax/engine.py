@@ -22,7 +22,9 @@ registry's lock-guarded inbox (`registry.py`). Each iteration of the host loop (
 
 Faults. On one process, a device call that raises fails the requests it ran (a shared
 prefill is retried prompt by prompt first) and the others go on; if it consumed the donated
-state, every running request fails and a fresh state replaces it. In a multi-host run any
+state, every running request fails and a fresh state replaces it. A failed prefill's prefix
+cache blocks are forgotten, and a later prefill of the iteration that would read them runs
+whole (a consumed pool starts again empty). In a multi-host run any
 fault, and a group that stops answering (`lockstep_timeout`), is fatal: every request gets
 an error and `on_fatal` is called (the server exits non-zero so the group restarts). Every
 ending goes through `_end` (then `Registry.end`), so a request ends exactly once. If the
