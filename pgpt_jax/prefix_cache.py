@@ -5,9 +5,9 @@ a pool of `blocks` KV blocks of BLOCK_TOKENS tokens each (`pool_programs.init_po
 maps a block's *key* to its pool id. A key stands for a whole prefix, not one block's
 tokens: block j of a prompt is keyed by (key of block j-1, tokens of block j), a hash chain,
 so a hit on block j means every token before it matched too (and the KV, which depends on
-all of them and on their positions, is the one this prompt would compute). Each entry keeps
-its parent and its tokens and a lookup compares them, so a hash collision can never serve
-another prompt's KV.
+all of them and on their positions, is the one this prompt would compute). Keys are 128-bit
+BLAKE2b digests, and each entry also keeps its parent's key and its own tokens, which a
+lookup compares: a wrong hit would need two different prefixes whose keys collide.
 
 Eviction is least recently used, over blocks nobody pins. A plan pins what it reads or
 writes (`match`, `allocate`) until `unpin_all()` at the end of the plan: the ops of one plan
