@@ -196,3 +196,19 @@ def test_a_failed_save_is_never_read(engines, monkeypatch):
     assert on.prefix_cache_blocks_used == 0 and not on.executor.pool_lost()
     monkeypatch.undo()
     same(want, choices(run(on, r([2]))[0]))
+
+
+def test_hit_shapes():
+    """A hit computes the rest of its prompt into the whole prompt's bucket, only where the
+    rest is at most half of it and its padding stays inside it; warm-up covers every such shape."""
+    from pgpt_jax.scheduler import Scheduler
+
+    s = Scheduler(4, 1024)
+    assert s.extend_shape(800, 768) == (1024, 32)
+    assert s.extend_shape(800, 0) is None
+    assert s.extend_shape(100, 32) is None  # a rest of 68 tokens: bucket 128 > 64
+    assert s.extend_shape(250, 160) is None  # 160 + a 128-token rest bucket runs past 256
+    shapes = s.extend_shapes(Q)
+    assert len(shapes) == 20
+    assert all(s.extend_shape(n, m * Q) in shapes for n in range(2, 1025, 7) for m in range(1, (n - 1) // Q + 1)
+               if s.extend_shape(n, m * Q))
