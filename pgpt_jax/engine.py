@@ -159,7 +159,8 @@ class Engine:
     prefix_cache_blocks_used = property(lambda self: self.prefix_cache.used if self.prefix_cache else 0)
     prefix_cache_queried_tokens = property(lambda self: self.prefix_cache.queried_tokens if self.prefix_cache else 0)
     prefix_cache_hit_tokens = property(lambda self: self.prefix_cache.hit_tokens if self.prefix_cache else 0)
-    prefix_cache_hit_rate = property(lambda self: self.prefix_cache_hit_tokens / max(self.prefix_cache_queried_tokens, 1))
+    prefix_cache_hit_rate = property(
+        lambda self: self.prefix_cache_hit_tokens / max(self.prefix_cache_queried_tokens, 1))
 
     @property
     def alive(self) -> bool:
