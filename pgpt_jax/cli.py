@@ -37,6 +37,15 @@ def _add_slots_args(p: argparse.ArgumentParser) -> None:
                         "take, when sizing --slots (like vLLM's gpu_memory_utilization; default %(default)s)")
 
 
+DEFAULT_PREFIX_CACHE_BLOCKS = 256  # 8192 tokens; see docs/operating.md, "Prefix cache"
+
+
+def _add_prefix_cache_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prefix-cache-blocks", type=int, default=DEFAULT_PREFIX_CACHE_BLOCKS, metavar="N",
+                   help="KV of N whole 32-token prompt blocks kept on the device for prompts that share a "
+                        "prefix (0: no prefix cache; default %(default)s, 8 contexts of 1024 tokens)")
+
+
 def _add_cache_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile-cache", default=None, metavar="DIR",
                    help="persistent XLA compilation cache (default: ~/.cache/pgpt-jax/xla/<cpu>)")
@@ -61,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="also read from PGPT_API_KEY")
     _add_slots_args(p)
+    _add_prefix_cache_arg(p)
     p.add_argument("--decode-steps", type=int, default=None,
                    help="decode steps a call (default: 1 on CPU, 4 on GPU/TPU; the planner runs 1 near a "
                         "row's end or while work waits)")
@@ -113,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output JSONL (appended; the custom_ids already in it are skipped)")
     p.add_argument("--served-model-name", default=None, help="the name the lines' `model` must give")
     _add_slots_args(p)
+    _add_prefix_cache_arg(p)
     p.add_argument("--decode-steps", type=int, default=4)
     p.add_argument("--max-logprobs", type=int, default=LIMITS.max_logprobs)
     p.add_argument("--window", type=int, default=0, help="lines on the engine at once (default 0: twice --slots)")

@@ -92,7 +92,7 @@ class SlotPlan:
 
 def plan_slots(cfg: GPTConfig, *, slots: Optional[int], memory: Optional[tuple[int, int]],
                fraction: float = DEFAULT_MEMORY_FRACTION, weight_bytes: int = 0, dtype=None,
-               data: int = 1, model: int = 1, max_slots: int = MAX_SLOTS) -> SlotPlan:
+               data: int = 1, model: int = 1, max_slots: int = MAX_SLOTS, pool_tokens: int = 0) -> SlotPlan:
     """How many slots to run (see the module docstring).
 
     memory: (bytes_limit, bytes_in_use) of one device (`device_memory()`), None when unknown;
@@ -101,7 +101,8 @@ def plan_slots(cfg: GPTConfig, *, slots: Optional[int], memory: Optional[tuple[i
     of the params (at most the weights again: the engine lays c_attn and the LM head out
     anew) and a prefill's float32 logits over the vocabulary (four [PREFILL_TOKENS, V]
     buffers). A mesh of `data` x `model` devices splits slots over `data` and heads (so
-    each slot's KV) over `model`; `weight_bytes` is the whole model's. Memory-sized counts
+    each slot's KV) over `model`; `weight_bytes` is the whole model's. The prefix cache's
+    pool of `pool_tokens` tokens of KV (split over `model` like a slot's) is reserved too. Memory-sized counts
     are rounded down to a multiple of 8 (when at least 8) and of `data`, at most `max_slots`.
     """
     if not 0 < fraction <= 1:
@@ -111,6 +112,7 @@ def plan_slots(cfg: GPTConfig, *, slots: Optional[int], memory: Optional[tuple[i
         return SlotPlan(slots or DEFAULT_SLOTS, per_slot, None, "--slots" if slots else "default")
     limit, in_use = memory
     reserve = weight_bytes // model + 4 * PREFILL_TOKENS * cfg.padded_vocab * 4
+    reserve += pool_tokens * (slot_bytes(cfg, dtype) - 8 * cfg.padded_vocab) // cfg.n_positions // model
     budget = max(int(fraction * limit) - in_use - reserve, 0)
     if slots:
         return SlotPlan(slots, per_slot, budget, "--slots")

@@ -8,7 +8,8 @@ registry's lock-guarded inbox (`registry.py`). Each iteration of the host loop (
   1. plans (process 0 decides everything): takes new requests, aborts and expired
      deadlines; pairs waiting choices with free slots (`scheduler.py`); a request is
      prefilled when its first choice gets a slot (n/best_of choices share it; prompts of
-     one bucket admitted together share one call), each choice is placed (`insert` its KV,
+     one bucket admitted together share one call; with the prefix cache a prompt whose
+     first blocks are cached prefills only the rest), each choice is placed (`insert` its KV,
      `start_row` its sampling row and first token), and the occupied prefix of the slots
      decodes `decode_steps` tokens (or, while a constrained choice runs, one token in two
      halves: the planner's `Forward`, then its `Sample` once the host has read the tokens
@@ -24,7 +25,9 @@ registry's lock-guarded inbox (`registry.py`). Each iteration of the host loop (
 
 Faults. On one process, a device call that raises fails the requests it ran (a shared
 prefill is retried prompt by prompt first) and the others go on; if it consumed the donated
-state, every running request fails and a fresh state replaces it. In a multi-host run any
+state, every running request fails and a fresh state replaces it. A failed prefill's prefix
+cache blocks are forgotten, and a later prefill of the iteration that would read them runs
+whole (a consumed pool starts again empty). In a multi-host run any
 fault, and a group that stops answering (`lockstep_timeout`), is fatal: every request gets
 an error and `on_fatal` is called (the server exits non-zero so the group restarts). Every
 ending goes through `_end` (then `Registry.end`), so a request ends exactly once. If the
@@ -51,6 +54,7 @@ from pgpt_jax.executor import Decode, Drop, Executor, Forward, Place, Prefill, S
 from pgpt_jax.model import GPT
 from pgpt_jax.multihost import Lockstep, Watchdog, follow
 from pgpt_jax.planner import Planner
+from pgpt_jax.prefix_cache import BLOCK_TOKENS, PrefixIndex
 from pgpt_jax.registry import Entry, Handle, Registry
 from pgpt_jax.request import EngineUnavailable, Limits, Request, RequestError, Result, validate
 from pgpt_jax.scheduler import Scheduler
@@ -71,7 +75,7 @@ class Engine:
                  limits: Limits = Limits(), min_bucket: int = 16, min_window: int = 128,
                  max_prefill_tokens: int = 1024, mesh: Optional[Mesh] = None,
                  lockstep_timeout: float = 30.0, on_fatal: Optional[Callable[[BaseException], None]] = None,
-                 batch_slack: float = 1.25, xla_options: Optional[str] = None):
+                 batch_slack: float = 1.25, xla_options: Optional[str] = None, prefix_cache_blocks: int = 0):
         self.model, self.tokenizer, self.config = model, tokenizer, model.config
         self.context_length = self.config.n_positions
         self.slots, self.decode_steps, self.limits, self.mesh = slots, decode_steps, limits, mesh
@@ -81,7 +85,10 @@ class Engine:
                                    split_slots=mesh is not None and mesh.shape["data"] > 1, batch_slack=batch_slack)
         if mesh is not None:
             sharding.check_mesh(mesh, self.config, slots)
-        self.executor = Executor(model, slots=slots, decode_steps=decode_steps, top_k=self.top_k, mesh=mesh)
+        # The prefix cache: an index on process 0's host, a pool of KV blocks on the devices.
+        self.prefix_cache = PrefixIndex(prefix_cache_blocks) if prefix_cache_blocks > 0 else None
+        self.executor = Executor(model, slots=slots, decode_steps=decode_steps, top_k=self.top_k, mesh=mesh,
+                                 prefix_blocks=max(prefix_cache_blocks, 0), block_tokens=BLOCK_TOKENS)
         self.never = self.executor.never
         self._wake = threading.Event()
         budget = limits.max_queued_tokens or 8 * slots * self.context_length
@@ -89,9 +96,10 @@ class Engine:
         self._pending: list = []  # dispatched work whose outputs are not processed yet
         self.planner = Planner(self.registry, self.scheduler, tokenizer=tokenizer,
                                context_length=self.context_length, decode_steps=decode_steps, end=self._end,
-                               vocab=self.config.padded_vocab)
+                               vocab=self.config.padded_vocab, cache=self.prefix_cache)
         self._moved: dict[tuple, tuple] = {}  # this plan's prefills retried alone: (pid, index) -> new
         self._forwarded: Optional[dict] = None  # this step's Forward ran: {slot: owner} for its Sample
+        self._bad_blocks: set = set()  # this plan's pool blocks whose save failed (None in it: all)
         self._thread: Optional[threading.Thread] = None
         self._running = False
         self._stop_why = "The engine stopped."
@@ -148,6 +156,15 @@ class Engine:
         """The share of the KV cache held by requests, 0..1: each running choice holds one
         slot's rows of the preallocated cache, so this is the share of slots in use."""
         return self.scheduler.active / self.slots
+
+    # The prefix cache for /metrics (zeros without one): pool blocks in all and holding a
+    # cached prompt block; prompt tokens looked up and served from it, and their ratio.
+    prefix_cache_blocks = property(lambda self: self.prefix_cache.blocks if self.prefix_cache else 0)
+    prefix_cache_blocks_used = property(lambda self: self.prefix_cache.used if self.prefix_cache else 0)
+    prefix_cache_queried_tokens = property(lambda self: self.prefix_cache.queried_tokens if self.prefix_cache else 0)
+    prefix_cache_hit_tokens = property(lambda self: self.prefix_cache.hit_tokens if self.prefix_cache else 0)
+    prefix_cache_hit_rate = property(
+        lambda self: self.prefix_cache_hit_tokens / max(self.prefix_cache_queried_tokens, 1))
 
     @property
     def alive(self) -> bool:
@@ -228,7 +245,9 @@ class Engine:
         self.choose_options()
         prefills = [(rows, b) for b in sched.buckets for rows in sched.prefill_rows[b]]
         decodes = [(rows, w) for w in sched.windows for rows in sched.row_buckets]
-        self.executor.warmup(prefills, decodes, progress=progress, on_program=on_program)
+        extends = [(rows, T, R) for T, R in sched.extend_shapes(BLOCK_TOKENS) for rows in sched.prefill_rows[T]
+                   if self.prefix_cache]
+        self.executor.warmup(prefills, decodes, progress=progress, on_program=on_program, extends=extends)
         if self.lockstep is not None:
             self.lockstep.warmup()
         else:  # what a decode call of each row bucket costs: how far batch work may widen it
@@ -326,11 +345,15 @@ class Engine:
         self._pending.clear()
         if not refuse:
             self.executor.reset()
+            if self.prefix_cache is not None and self.executor.pool_lost():
+                self.executor.reset_pool()
+                self.prefix_cache.clear()
 
     def step(self) -> bool:
         """One iteration (see the module docstring). Returns False when there is no work to do now
         (batch work held back for interactive work does not count)."""
         self._moved.clear()
+        self._bad_blocks.clear()
         self._forwarded = None
         ops, meta = self.planner.plan()
         if self.lockstep is not None:
@@ -368,6 +391,9 @@ class Engine:
                 if m.entry.done:  # its prefill failed here (alone, so no other process runs it)
                     continue
                 op.pid, op.index = self._moved.get((op.pid, op.index), (op.pid, op.index))
+            if isinstance(op, Prefill) and self._reads_lost(op):
+                self._retry_alone(op, m)  # what it would read was never saved: prefill it whole
+                continue
             try:
                 t0 = time.perf_counter()
                 out = self.executor.run(op)
@@ -400,20 +426,48 @@ class Engine:
 
     def _prefill_fault(self, op: Prefill, chunk: list, exc: Exception) -> None:
         """One process: a prefill raised. A shared call is retried prompt by prompt, so that only
-        the request that causes the fault fails."""
+        the request that causes the fault fails. The pool blocks it was to save hold nothing:
+        forgotten, and later prefills of this plan that would read them run whole."""
+        self._lost_blocks(op)
         if len(chunk) > 1:
-            ops, meta = [], []
-            old = [(op.pid, j) for j in range(len(chunk))]
-            self.planner.prefills(chunk, op.want_logprobs, ops, meta, alone=True)
-            for was, entry in zip(old, chunk):
-                self._moved[was] = entry.prefix  # this plan's Place ops read the new prefill
-            self._execute(ops, meta)
-            for entry in chunk:
-                if not entry.unplaced:  # every choice of it was planned already: drop the new one next
-                    self.planner.release_prefill(entry)
+            self._retry_alone(op, chunk)
             return
         log.error("prefill failed: %r", exc)
         self._end(chunk[0], exc)
+
+    def _retry_alone(self, op: Prefill, chunk: list) -> None:
+        """Prefills `chunk` again, whole and one prompt a call, without the prefix cache."""
+        ops, meta = [], []
+        old = [(op.pid, j) for j in range(len(chunk))]
+        self.planner.prefills(chunk, op.want_logprobs, ops, meta, alone=True)
+        for was, entry in zip(old, chunk):
+            self._moved[was] = entry.prefix  # this plan's Place ops read the new prefill
+        self._execute(ops, meta)
+        for entry in chunk:
+            if not entry.unplaced:  # every choice of it was planned already: drop the new one next
+                self.planner.release_prefill(entry)
+
+    def _reads_lost(self, op: Prefill) -> bool:
+        """One process: whether `op` reads pool blocks whose save failed earlier in this plan."""
+        if op.reads is None or not self._bad_blocks or self.lockstep is not None:
+            return False
+        reads = {int(b) for row, start in zip(op.reads, op.start) for b in row[: start // BLOCK_TOKENS]}
+        return None in self._bad_blocks or bool(self._bad_blocks & reads)
+
+    def _lost_blocks(self, op: Prefill) -> None:
+        """A prefill that was to save blocks failed: the index forgets them (all of them, with
+        a fresh pool, if the failed save consumed the donated one)."""
+        cache = self.prefix_cache
+        if cache is None:
+            return
+        if self.executor.pool_lost():
+            self.executor.reset_pool()
+            cache.clear()
+            self._bad_blocks.add(None)
+        elif op.writes is not None:
+            lost = {int(b) for b in op.writes.reshape(-1) if b < cache.blocks}
+            cache.forget(lost)
+            self._bad_blocks |= lost
 
     def _device_fault(self, exc: Exception, touched: list) -> None:
         """One process: a call with slots raised. The requests it ran fail; if it consumed the

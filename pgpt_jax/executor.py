@@ -6,9 +6,15 @@ plain host data that process 0 broadcasts as is (multihost.py), so that every pr
 the same programs in the same order and the others decide nothing:
 
   Prefill(pid, tokens, lengths, want_logprobs,  prompts of one bucket -> their KV and last
-          wanted, keep)                         logits, kept under prefill id `pid` (unless no
-                                                choice will be placed from it: `keep` False);
-                                                `wanted`: what the rows read of prompt logprobs
+          wanted, keep, start, reads, writes,   logits, kept under prefill id `pid` (unless no
+          length)                               choice will be placed from it: `keep` False);
+                                                `wanted`: what the rows read of prompt logprobs.
+                                                Prefix cache: with `reads`, the rows' first
+                                                `start` tokens come from those pool blocks
+                                                (`gather_blocks`) and `tokens` are the rest
+                                                (`extend`, into a `length`-long cache); with
+                                                `writes`, whole blocks go into the pool
+                                                (`save_blocks`) once it ran
   Place(pid, index, slot, length, row)          prompt `index` of prefill `pid` into `slot`
                                                 (`insert`), its sampling row and first token
                                                 (`start_row`); `row` is sampling.request_row's
@@ -35,7 +41,7 @@ from typing import Any, Optional
 import jax
 import numpy as np
 
-from pgpt_jax import programs, sampling
+from pgpt_jax import pool_programs, programs, sampling
 
 
 @dataclasses.dataclass
@@ -46,6 +52,10 @@ class Prefill:
     want_logprobs: bool = False
     wanted: tuple = (0, 0)  # prompt logprobs: top entries any row reads (0..K), whether any reads ranks
     keep: bool = True  # False: every prompt is scored only (max_tokens 0), no KV to keep
+    start: Optional[np.ndarray] = None  # i32[B]: tokens each row reads from the pool (with reads)
+    reads: Optional[np.ndarray] = None  # i32[B, length/Q]: pool ids of each row's cached blocks, then any
+    writes: Optional[np.ndarray] = None  # i32[B, T/Q]: pool id each whole block is saved to (past the pool: none)
+    length: int = 0  # with reads: the cache length T (the whole prompt's bucket); tokens are [B, R]
 
 
 @dataclasses.dataclass
@@ -83,11 +93,14 @@ class Drop:
 class Executor:
     """Runs ops on one process's share of the device state (see the module docstring)."""
 
-    def __init__(self, model, *, slots: int, decode_steps: int, top_k: int, mesh=None):
+    def __init__(self, model, *, slots: int, decode_steps: int, top_k: int, mesh=None, prefix_blocks: int = 0,
+                 block_tokens: int = 32):
         self.config, self.slots, self.decode_steps, self.top_k, self.mesh = (
             model.config, slots, decode_steps, top_k, mesh)
         self.graphdef, self.params, self.head = programs.program_params(model, mesh)
         self.state = programs.init_state(self.config, slots, mesh)
+        self.prefix_blocks, self.block_tokens = prefix_blocks, block_tokens
+        self.pool = self._new_pool()  # the prefix cache's KV blocks (None: no prefix cache)
         self.never = list(self.config.never_emitted)  # control tokens: banned from every row
         self.prefills: dict[int, tuple] = {}  # pid -> (cache, last_logits)
         self.logits = None  # the last Forward's logits, for the Sample that follows it
@@ -100,9 +113,17 @@ class Executor:
         Prefill -> (prompt logprobs, top ids, top logprobs, ranks; each [B, ...]), Place -> the first token's
         (token, logprob, top ids, top logprobs), Decode -> the same over [steps, rows]."""
         if isinstance(op, Prefill):
-            cache, last, *prompt_logprobs = programs.prefill(
-                self.graphdef, self.params, self.head, op.tokens, op.lengths, np.asarray(op.wanted, np.int32),
-                want_logprobs=op.want_logprobs, top_k=self.top_k, mesh=self.mesh)
+            if op.reads is not None:
+                cache = pool_programs.gather_blocks(self.pool, op.reads, length=op.length, mesh=self.mesh)
+                cache, last = pool_programs.extend(self.graphdef, self.params, self.head, cache, op.tokens, op.start,
+                                              op.lengths, mesh=self.mesh)
+                prompt_logprobs = ()
+            else:
+                cache, last, *prompt_logprobs = programs.prefill(
+                    self.graphdef, self.params, self.head, op.tokens, op.lengths, np.asarray(op.wanted, np.int32),
+                    want_logprobs=op.want_logprobs, top_k=self.top_k, mesh=self.mesh)
+            if op.writes is not None:
+                self.pool = pool_programs.save_blocks(self.pool, cache, op.writes, mesh=self.mesh)
             if op.keep:
                 self.prefills[op.pid] = (cache, last)
             return tuple(prompt_logprobs)
@@ -145,6 +166,19 @@ class Executor:
             self.prefills.clear()
         self.state = programs.init_state(self.config, self.slots, self.mesh)
 
+    def _new_pool(self):
+        if not self.prefix_blocks:
+            return None
+        return pool_programs.init_pool(self.config, self.prefix_blocks, self.block_tokens, self.mesh)
+
+    def pool_lost(self) -> bool:
+        """True when a failed save consumed the donated pool."""
+        return self.pool is not None and any(a.is_deleted() for a in jax.tree.leaves(self.pool))
+
+    def reset_pool(self) -> None:
+        """A pool of zeros (the planner's index must forget every block too)."""
+        self.pool = self._new_pool()
+
     def state_lost(self) -> bool:
         """True when a failed call consumed the donated state."""
         return any(a.is_deleted() for a in jax.tree.leaves(self.state))
@@ -168,14 +202,27 @@ class Executor:
         self.reset()
         return times
 
-    def warmup(self, prefills, decodes, progress: bool = False, on_program=None) -> None:
-        """Compiles every program for these shapes, then starts from a fresh state."""
+    def warmup(self, prefills, decodes, progress: bool = False, on_program=None, extends=()) -> None:
+        """Compiles every program for these shapes (`extends`: (rows, T, R) prefix-cache hits),
+        then starts from a fresh state."""
         row = self.row(dict(temperature=1.0, top_p=1.0, presence=0.0, frequency=0.0, logit_bias=None,
                             num_logprobs=0, seed=0, choice_index=0))
+        more = (len(prefills) + len(extends)) if self.pool is not None else 0  # the prefix cache's programs
+        total = [0]  # programs.compile_all's count of programs
+
+        def report(done: int, of: int) -> None:
+            total[0] = of
+            if on_program is not None:
+                on_program(done, of + more)
+
         programs.compile_all(self.graphdef, self.params, self.head, self.state, prefills=prefills,
                              decodes=decodes, steps=self.decode_steps,
-                             row=row, top_k=self.top_k, mesh=self.mesh, progress=progress,
-                             on_program=on_program)
+                             row=row, top_k=self.top_k, mesh=self.mesh, progress=progress, on_program=report)
+        if self.pool is not None:
+            pool_programs.compile_all(self.graphdef, self.params, self.head, self.pool, prefills=prefills,
+                                      extends=extends, mesh=self.mesh,
+                                      on_program=lambda done: on_program and on_program(total[0] + done,
+                                                                                        total[0] + more))
         self.reset()
 
 

@@ -21,6 +21,14 @@ sampling's small transfer. A choice placed by the same plan is forwarded with th
 its first token (sampled by `start_row` under its grammar's start mask) is read in between
 too. Unconstrained requests plan as before: `decode_steps` tokens a call.
 
+Prefix cache (`prefix_cache.py`, when the engine has one): a fresh prompt whose first whole
+blocks are in the pool prefills only the rest (`Prefill.reads`), and every prefill saves its
+whole blocks that are not there yet (`Prefill.writes`). Prompts of one plan that share a
+prefix nobody cached yet: the first is prefilled whole, the others after it read its blocks.
+Which blocks are read and written is decided here, so every process replays the same.
+Prompts whose prompt logprobs are wanted bypass the cache (prefilled whole, as before: their
+logprobs need every position's logits), and so do retries of a failed prefill.
+
 Prefills are kept by id until no request needs them: a request holds its prefill until its
 last choice is placed or it ends (`release_prefill`), and the next plan drops (`Drop`) what
 nobody holds any more.
@@ -36,6 +44,7 @@ import numpy as np
 
 from pgpt_jax.executor import Decode, Drop, Forward, Place, Prefill, Sample, row_args
 from pgpt_jax.outputs import RequestOutput
+from pgpt_jax.prefix_cache import PrefixIndex, chain
 from pgpt_jax.registry import Entry, Registry, Running
 from pgpt_jax.scheduler import Scheduler
 
@@ -48,7 +57,8 @@ class Planner:
     engine's one way to end a request."""
 
     def __init__(self, registry: Registry, scheduler: Scheduler, *, tokenizer, context_length: int,
-                 decode_steps: int, end: Callable, vocab: Optional[int] = None):
+                 decode_steps: int, end: Callable, vocab: Optional[int] = None,
+                 cache: Optional[PrefixIndex] = None):
         self.registry, self.scheduler, self.tokenizer = registry, scheduler, tokenizer
         self.context_length, self.decode_steps, self.end = context_length, decode_steps, end
         self.vocab = vocab  # the padded vocabulary: mask rows are u32[vocab / 32]
@@ -58,6 +68,7 @@ class Planner:
         self.yielded = 0  # background requests that gave their slots back to interactive work
         self._needs: deque = deque()  # (time, rows interactive work needed) over INTERACTIVE_HOLD_S
         self.scoring: deque = deque()  # started requests that only score their prompt, oldest first
+        self.cache = cache  # the prefix cache's index, or None
 
     def plan(self) -> tuple[list, list]:
         """This iteration's ops, and for each what process 0 does with its outputs."""
@@ -89,6 +100,8 @@ class Planner:
                 for run in owners.values():
                     run.dispatched += steps
                 meta.append(owners)
+        if self.cache is not None:
+            self.cache.unpin_all()  # the ops are in order: later plans may reuse what these read
         return ops, meta
 
     def _steps(self) -> int:
@@ -203,25 +216,112 @@ class Planner:
 
     def prefills(self, entries: list, want_logprobs: bool, ops: list, meta: list, alone: bool = False) -> None:
         """One Prefill per group of same-bucket prompts (`Scheduler.prefill_calls`), with prompt
-        logprobs for every row when `want_logprobs`."""
+        logprobs for every row when `want_logprobs`; with a prefix cache, see `_cached`."""
+        if self.cache is not None and not want_logprobs and not alone:
+            self._cached(entries, ops, meta)
+        else:
+            self._calls(entries, want_logprobs, ops, meta, alone)
+
+    def _cached(self, entries: list, ops: list, meta: list) -> None:
+        """Prefills through the prefix cache. A prompt whose cached blocks leave a rest worth
+        a program of its own (`Scheduler.extend_shape`) reads them and prefills the rest;
+        such prompts of one shape share calls as whole prefills of their bucket do. Others are
+        prefilled whole, in shared calls as before, saving their blocks; a prompt that would
+        find more blocks once those are saved waits for them: its call comes after theirs."""
+        Q, sched = self.cache.block_tokens, self.scheduler
+        hits, plain, later = [], [], []
+        coming: set = set()  # keys of blocks the whole prefills of this plan will save
+        for e in entries:
+            p = e.request.prompt
+            found = len(self.cache.match(p))
+            if sched.extend_shape(len(p), found * Q):
+                hits.append(e)
+                continue
+            keys = [k for k, _ in chain(p[:(len(p) - 1) // Q * Q], Q)]
+            n = found
+            while n < len(keys) and keys[n] in coming:
+                n += 1
+            if n > found and sched.extend_shape(len(p), n * Q):
+                later.append(e)
+            else:
+                plain.append(e)
+                coming.update(k for k, _ in chain(p, Q))
+        for e in plain:
+            self.cache.record(e.request.prompt, 0)
+        self._calls(plain, False, ops, meta)
+        # Every reader matched before any of them allocates: a block one reader saves is never
+        # read by another reader of the same call. `later` ones find what the calls above save.
+        groups: dict = {}
+        for e in hits + later:
+            p = e.request.prompt
+            ids = self.cache.match(p)
+            shape = sched.extend_shape(len(p), len(ids) * Q)
+            self.cache.record(p, len(ids) if shape else 0)
+            groups.setdefault(shape, []).append((e, ids))
+        self._calls([e for e, _ in groups.pop(None, [])], False, ops, meta)  # the pool had no room for them
+        for (T, R), group in groups.items():
+            most = sched.prefill_rows[T][-1]
+            for i in range(0, len(group), most):
+                self._extend(group[i:i + most], T, R, ops, meta)
+
+    def _extend(self, chunk: list, T: int, R: int, ops: list, meta: list) -> None:
+        """One Prefill of (entry, pool ids of its cached blocks) pairs that read those blocks
+        into a T-long cache and compute the rest of their prompts (R tokens at most)."""
+        Q = self.cache.block_tokens
+        rows = next(p for p in self.scheduler.prefill_rows[T] if p >= len(chunk))
+        tokens, reads = np.zeros((rows, R), np.int32), np.zeros((rows, T // Q), np.int32)
+        start, lengths = np.zeros((rows,), np.int32), np.ones((rows,), np.int32)  # padding rows: read nothing
+        for j, (e, ids) in enumerate(chunk):
+            p = e.request.prompt
+            start[j], lengths[j] = len(ids) * Q, len(p)
+            tokens[j, : len(p) - start[j]] = p[start[j]:]
+            reads[j, : len(ids)] = ids
+        entries = [e for e, _ in chunk]
+        pid = self._new_prefill(entries)
+        ops.append(Prefill(pid, tokens, lengths, writes=self._writes(entries, T, rows), start=start, reads=reads,
+                           length=T))
+        meta.append(entries)
+
+    def _writes(self, chunk: list, bucket: int, rows: int) -> Optional[np.ndarray]:
+        """Prefill.writes for a call of `rows` rows, `chunk` first, in `bucket`: pool ids for
+        each prompt's whole blocks not cached yet (allocated now, so that later prompts of
+        this plan find them); padding rows save nothing."""
+        if self.cache is None or bucket < self.cache.block_tokens:
+            return None
+        writes = np.full((rows, bucket // self.cache.block_tokens), self.cache.blocks, np.int32)
+        for j, entry in enumerate(chunk):
+            for block, pool_id in self.cache.allocate(entry.request.prompt).items():
+                writes[j, block] = pool_id
+        return writes if (writes < self.cache.blocks).any() else None
+
+    def _new_prefill(self, chunk: list) -> int:
+        """A new prefill id, held by each entry of `chunk` as (id, its row)."""
+        self._next_pid += 1
+        for j, entry in enumerate(chunk):
+            self.release_prefill(entry)  # a retry alone replaces the shared call
+            entry.prefix = (self._next_pid, j)
+        self._users[self._next_pid] = len(chunk)
+        return self._next_pid
+
+    def _calls(self, entries: list, want_logprobs: bool, ops: list, meta: list, alone: bool = False) -> None:
+        """Whole prefills, one call per group of same-bucket prompts; they save their blocks
+        into the prefix cache unless prompt logprobs are wanted or they are retries (`alone`)."""
         calls = self.scheduler.prefill_calls(entries, lambda e: len(e.request.prompt), alone=alone)
         for bucket, rows, chunk in calls:
-            self._next_pid += 1
+            pid = self._new_prefill(chunk)
             tokens = np.zeros((rows, bucket), np.int32)
             lengths = np.ones((rows,), np.int32)  # padding rows: one token, never read
             for j, entry in enumerate(chunk):
                 tokens[j, : len(entry.request.prompt)] = entry.request.prompt
                 lengths[j] = len(entry.request.prompt)
-                self.release_prefill(entry)  # a retry alone replaces the shared call
-                entry.prefix = (self._next_pid, j)
-            self._users[self._next_pid] = len(chunk)
+            writes = None if want_logprobs or alone else self._writes(chunk, bucket, rows)
             wanted = (0, 0)
             if want_logprobs:  # what the rows read: top entries (echo's logprobs, prompt_logprobs), ranks
                 wanted = (max(max((r.logprobs or 0) if r.echo else 0, r.prompt_logprobs or 0)
                               for r in (e.request for e in chunk)),
                           int(any(e.request.prompt_logprobs is not None for e in chunk)))
             keep = any(e.output.max_new > 0 for e in chunk)  # a choice will be placed from it
-            ops.append(Prefill(self._next_pid, tokens, lengths, want_logprobs, wanted, keep))
+            ops.append(Prefill(pid, tokens, lengths, want_logprobs, wanted, keep, writes=writes))
             meta.append(chunk)
 
     def _admissions(self, ops: list, meta: list) -> None:

@@ -24,6 +24,8 @@ Programs (what the engine calls, in order, for one request):
 While a constrained row (structured output) runs, decode goes in two halves, one token a
 call: `forward` (the model, logits left on the device) and `sample_next` (sampling under
 the masks the host filled meanwhile).
+
+The prefix cache's programs (a pool of KV blocks, `extend`) are in `pool_programs.py`.
 """
 
 from __future__ import annotations

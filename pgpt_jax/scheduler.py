@@ -169,6 +169,20 @@ class Scheduler:
                 calls.append((bucket, next(p for p in self.prefill_rows[bucket] if p >= len(chunk)), chunk))
         return calls
 
+    def extend_shape(self, length: int, start: int) -> Optional[tuple[int, int]]:
+        """(T, R) of a prefill that reads the first `start` tokens of a `length`-token prompt
+        from the prefix cache and computes the rest: T the whole prompt's bucket (its cache's
+        length), R the bucket of the rest. None when that saves too little to be worth a
+        program (R over T/2) or the rest's padding would run past the cache (start + R > T)."""
+        T, R = self.bucket(length), self.bucket(max(length - start, 1))
+        if start <= 0 or 2 * R > T or start + R > T:
+            return None
+        return T, R
+
+    def extend_shapes(self, block: int) -> list[tuple[int, int]]:
+        """Every (T, R) `extend_shape` can give when cached prefixes are whole blocks of `block` tokens."""
+        return [(T, R) for T in self.buckets if T > block for R in self.buckets if 2 * R <= T]
+
     # ------------------------------------------------------------------ decode
 
     def decode_shape(self, steps: int) -> tuple[int, int]:

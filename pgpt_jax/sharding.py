@@ -153,6 +153,12 @@ def cache_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, spec(CACHE_AXES))
 
 
+def pool_sharding(mesh: Mesh) -> NamedSharding:
+    """The prefix cache's pool [P, N, Q, H] (and a prefill's cache [B, N, T, H]): heads over
+    `model`, blocks (rows) on every data shard, since any slot may read any block."""
+    return NamedSharding(mesh, spec((None, "heads", "seq", "head_dim")))
+
+
 def state_shardings(state, mesh: Mesh):
     """Shardings for the engine's DecodeState: the cache and every per-slot row by slot."""
     def one(path, leaf):

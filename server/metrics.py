@@ -53,7 +53,13 @@ class Metrics:
         for name, doc in (("queue_depth", "Choices waiting for a slot."),
                           ("active_slots", "Slots generating now (batch work included)."),
                           ("batch_yields", "Times batch work gave its slots back to interactive work."),
-                          ("compile_count", "XLA compilations by the engine (flat after warm-up).")):
+                          ("compile_count", "XLA compilations by the engine (flat after warm-up)."),
+                          ("prefix_cache_hit_rate", "Prefix cache: prompt tokens served from it / prompt tokens "
+                                                    "looked up, since start (0..1)."),
+                          ("prefix_cache_hit_tokens", "Prefix cache: prompt tokens served from it, since start."),
+                          ("prefix_cache_queried_tokens", "Prefix cache: prompt tokens looked up, since start."),
+                          ("prefix_cache_blocks_used", "Prefix cache: pool blocks holding a cached prompt block."),
+                          ("prefix_cache_blocks", "Prefix cache: pool blocks in all (0: no prefix cache).")):
             Gauge(f"pgpt_engine_{name}", doc, registry=r).set_function(engine_value(name))
         Gauge("pgpt_ready", "1 once the model is loaded and warmed up.", registry=r).set_function(
             lambda: float(engine() is not None))

@@ -65,11 +65,13 @@ def slots_for(model, args, mesh=None):
     import jax
 
     from pgpt_jax import devices
+    from pgpt_jax.prefix_cache import BLOCK_TOKENS
 
     shape = dict(mesh.shape) if mesh is not None else {}
     plan = devices.plan_slots(model.config, slots=args.slots, memory=devices.device_memory(),
                               fraction=getattr(args, "memory_fraction", devices.DEFAULT_MEMORY_FRACTION),
                               weight_bytes=devices.param_bytes(model), data=shape.get("data", 1),
+                              pool_tokens=getattr(args, "prefix_cache_blocks", 0) * BLOCK_TOKENS,
                               model=shape.get("model", 1))
     if jax.process_count() > 1 and plan.how == "memory":
         from jax.experimental import multihost_utils
@@ -96,7 +98,8 @@ def _engine_from_args(args, mesh, limits: Limits, on_fatal=None):
                     decode_steps=args.decode_steps or devices.default_decode_steps(jax.default_backend()),
                     limits=limits, mesh=mesh,
                     lockstep_timeout=args.lockstep_timeout, on_fatal=on_fatal,
-                    batch_slack=getattr(args, "batch_slack", 1.25), xla_options=getattr(args, "xla_options", None))
+                    batch_slack=getattr(args, "batch_slack", 1.25), xla_options=getattr(args, "xla_options", None),
+                    prefix_cache_blocks=getattr(args, "prefix_cache_blocks", 0))
     return engine, what
 
 

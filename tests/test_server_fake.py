@@ -247,6 +247,7 @@ def test_metrics(fake):
     text = httpx.get(fake.base_url + "/metrics", headers=headers()).text
     for name in ("pgpt_http_requests_total", "pgpt_prompt_tokens_total", "pgpt_generation_tokens_total",
                  "pgpt_engine_queue_depth", "pgpt_engine_active_slots", "pgpt_engine_compile_count",
+                 "pgpt_engine_prefix_cache_hit_rate", "pgpt_engine_prefix_cache_blocks_used",
                  "pgpt_time_to_first_token_seconds_bucket", "pgpt_time_per_output_token_seconds_bucket",
                  "pgpt_request_latency_seconds_bucket", "pgpt_warmup_programs_total",
                  "vllm:num_requests_waiting", "vllm:num_requests_running", "vllm:kv_cache_usage_perc",

@@ -120,6 +120,8 @@ class FakeEngine:
         return 0
 
     batch_yields = 0  # no batch work on the fake engine
+    prefix_cache_hit_rate = prefix_cache_hit_tokens = prefix_cache_queried_tokens = 0  # no prefix cache
+    prefix_cache_blocks_used = prefix_cache_blocks = 0
 
     @property
     def requests_waiting(self) -> int:
