@@ -32,13 +32,13 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO / "scripts"), str(REPO)]
 
 import bench_serving  # noqa: E402
+from compare.phases import wait_http  # noqa: E402
 
 # The request's marks in the order they are met; prefill/insert dispatch returns before the device
 # has finished them, so *_done and first_sampled come after the host's marks of the same plan.
@@ -65,21 +65,6 @@ CHAIN = [
     ("first_write", "first SSE write handed to uvicorn"),
     ("client_first", "client read the first token"),
 ]
-
-
-def wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> None:
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited with code {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=5) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(1.0)
-    raise RuntimeError(f"{url} not ready after {timeout:.0f} s")
 
 
 async def one(client, url: str, body: dict) -> dict:
@@ -214,7 +199,7 @@ def main(argv=None) -> None:
     summaries = []
     try:
         t0 = time.time()
-        wait_ready(f"http://127.0.0.1:{a.port}/health", proc, a.timeout)
+        wait_http(f"http://127.0.0.1:{a.port}/health", proc, a.timeout)
         print(f"ready in {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
 
         def bodies(n: int, base: int) -> list[dict]:
