@@ -160,7 +160,9 @@ def test_cancel_ends_every_line_exactly_once(srv):
 def test_interactive_requests_go_first_while_a_batch_runs(srv):
     # Lines as long as the context: none ends (freeing a slot) in the moment the test looks.
     long = {"model": MODEL, "prompt": "b", "max_tokens": CONTEXT - 2, "logit_bias": NO_EOS}
-    fid = upload(srv, "\n".join(line(f"q{i}", long) for i in range(30))).json()["id"]  # seconds of work
+    # Enough lines for seconds of work on a fast CPU too (30 took under 2 s on a Zen 5, over
+    # before the batch held both slots while an earlier interactive need was still held).
+    fid = upload(srv, "\n".join(line(f"q{i}", long) for i in range(150))).json()["id"]
     b = srv.http.post("/v1/batches", json={"input_file_id": fid, "endpoint": "/v1/completions",
                                            "completion_window": "24h"}).json()
     eng = srv.state.engine
@@ -173,7 +175,7 @@ def test_interactive_requests_go_first_while_a_batch_runs(srv):
     assert r.status_code == 200 and eng.batch_yields > yields
     metrics = srv.http.get("/metrics").text
     assert "pgpt_engine_batch_yields" in metrics and "pgpt_batch_lines_in_flight" in metrics
-    assert wait_done(srv, b["id"])["request_counts"]["completed"] == 30
+    assert wait_done(srv, b["id"])["request_counts"]["completed"] == 150
 
 
 def test_an_expired_batch_ends_its_unrun_lines(srv):
