@@ -2,7 +2,7 @@
 same tokens and logprobs whatever runs beside it.
 
 One 32-slot engine on the tiny model serves the whole grid, so each program shape compiles
-once: prompts of one bucket (16) prefilled alone or 4 to a call, decodes of 1, 4, 16 and
+once: prompts of one bucket (16) prefilled alone or 4 to a call, decodes of 1, 4, 8, 16 and
 32 rows. Five target requests (sampled with top_p and n=2, best_of, greedy, penalties,
 logit_bias; all with logprobs) are run alone first: that is the reference. Then each
 situation of the grid runs them again and compares: beside neighbours whose every parameter
@@ -297,7 +297,8 @@ def test_single_choice_targets_in_a_four_row_decode(engine, reference, trace):
         outs = run(engine, fillers(2, start=20 + 2 * i, max_tokens=12) + [target(name)])
         assert_reproduced(views_of_result(outs[-1].result), reference[name], f"4-row decode, {name}")
         assert trace.slots[name] == {2}
-    assert trace.decode_rows == {4}
+    # 4 rows while the target runs (a 1-row call may follow when only a neighbour is left).
+    assert max(trace.decode_rows) == 4
 
 
 def test_targets_ahead_of_neighbours_that_finish_first(engine, reference, trace):
@@ -331,9 +332,10 @@ def test_targets_one_by_one_into_a_running_batch(engine, reference, trace):
 
 
 def test_each_target_alone_vs_all_together(engine, reference, trace):
-    # The five prompts share two prefill calls (4 rows and 1) and one decode; nothing else runs.
+    # The five prompts share two prefill calls (4 rows and 1) and one decode of their 8
+    # choices (the 8-row bucket); nothing else runs.
     outs = run(engine, [target(n) for n in ORDER])
-    assert [trace.prefill_rows[n] for n in ORDER] == [{4}] * 4 + [{1}] and trace.decode_rows == {16}
+    assert [trace.prefill_rows[n] for n in ORDER] == [{4}] * 4 + [{1}] and trace.decode_rows == {8}
     for name, out in zip(ORDER, outs):
         assert_reproduced(views_of_result(out.result), reference[name], f"together, {name}")
 
