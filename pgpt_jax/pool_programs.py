@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from pgpt_jax import sharding
 from pgpt_jax.model import init_cache
@@ -55,7 +55,7 @@ def gather_blocks(pool, reads, *, length: int, mesh=None):
 
     cache = tuple((one(k), one(v)) for k, v in pool)
     if mesh is not None:
-        cache = jax.lax.with_sharding_constraint(cache, NamedSharding(mesh, PartitionSpec(None, "model", None, None)))
+        cache = jax.lax.with_sharding_constraint(cache, sharding.pool_sharding(mesh))
     return cache
 
 
@@ -78,7 +78,7 @@ def extend(graphdef, params, head, cache, tokens, start, true_len, *, mesh=None)
     last = jnp.take_along_axis(hidden, (true_len - start - 1)[:, None, None], axis=1)[:, 0]  # [B, D]
     last_logits = model.logits(last, head)
     if mesh is not None:
-        cache = jax.lax.with_sharding_constraint(cache, NamedSharding(mesh, PartitionSpec(None, "model", None, None)))
+        cache = jax.lax.with_sharding_constraint(cache, sharding.pool_sharding(mesh))
         last_logits = jax.lax.with_sharding_constraint(last_logits, sharding.replicated(mesh))
     return cache, last_logits
 

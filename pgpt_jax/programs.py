@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding
 
 from pgpt_jax import sampling, sharding
 from pgpt_jax.model import init_cache, lm_head, split_qkv
@@ -276,7 +276,7 @@ def prefill(graphdef, params, head, tokens, true_len, wanted, *, want_logprobs: 
         top_ids, top_lps = jnp.zeros((0, top_k), jnp.int32), jnp.zeros((0, top_k), jnp.float32)
     if mesh is not None:
         cache = jax.lax.with_sharding_constraint(
-            cache, NamedSharding(mesh, PartitionSpec(None, "model", None, None)))
+            cache, sharding.pool_sharding(mesh))
         last_logits, lp, top_ids, top_lps, ranks = jax.lax.with_sharding_constraint(
             (last_logits, lp, top_ids, top_lps, ranks), sharding.replicated(mesh))
     return cache, last_logits, lp, top_ids, top_lps, ranks

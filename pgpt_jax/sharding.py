@@ -154,8 +154,9 @@ def cache_sharding(mesh: Mesh) -> NamedSharding:
 
 
 def pool_sharding(mesh: Mesh) -> NamedSharding:
-    """The prefix cache's pool [P, N, Q, H] (and a prefill's cache [B, N, T, H]): heads over
-    `model`, blocks (rows) on every data shard, since any slot may read any block."""
+    """The prefix cache's pool [P, N, Q, H], and a prefill's cache [B, N, T, H] (what fills it
+    and what `insert` reads): heads over `model`, rows on every data shard, since any slot may
+    read any block or prompt."""
     return NamedSharding(mesh, spec((None, "heads", "seq", "head_dim")))
 
 
