@@ -467,13 +467,13 @@ def test_queue_full_is_429(srv, tiny_model):
     engine = Engine(tiny_model, get_tokenizer(), **ENGINE_SHAPES, limits=Limits(max_queue=1))
     with ServerThread(create_app(engine, served_model_name=MODEL)) as s:
         http = httpx.Client(base_url=s.base_url, timeout=60)
-        # n=48 on 8 slots: 8 choices generate, 40 wait, so the queue (limit 1) is over-full for
-        # six waves of the context's length (two took under a second on a Zen 5: gone before the
+        # n=128 on 8 slots: 8 choices generate, 120 wait, so the queue (limit 1) is over-full for
+        # sixteen waves of the context's length (two took under a second on a Zen 5: gone before the
         # gauges below were read); whatever arrives meanwhile must be refused, not queued.
-        hog = {"model": MODEL, "prompt": "a", "max_tokens": CONTEXT - 1, "n": 48, "logit_bias": NO_EOS}
+        hog = {"model": MODEL, "prompt": "a", "max_tokens": CONTEXT - 1, "n": 128, "logit_bias": NO_EOS}
         with http.stream("POST", C, json={**hog, "stream": True}) as r:
             next(r.iter_lines())
-            assert engine.active_slots == 8 and engine.queue_depth == 40
+            assert engine.active_slots == 8 and engine.queue_depth == 120
             gauges = {line.split(" ")[0]: float(line.split(" ")[1]) for line in http.get("/metrics").text.splitlines()
                       if line.startswith("vllm:")}
             assert gauges == {"vllm:num_requests_waiting": 0, "vllm:num_requests_running": 1,
