@@ -16,7 +16,7 @@ import time
 import jax
 import numpy as np
 
-from pgpt_jax import programs
+from pgpt_jax import xla_options
 from pgpt_jax.devices import default_dtype
 from pgpt_jax.engine import Engine
 from pgpt_jax.programs import prefill
@@ -132,8 +132,8 @@ def main(args, mesh=None) -> None:
     for slots in slot_counts:
         eng = Engine(model, tok, slots=slots, decode_steps=args.decode_steps, mesh=mesh, xla_options=options)
         eng.choose_options()  # the option sets for this engine's row buckets (measured once per CPU)
-        _emit(rows, out, metric="xla_options", slots=slots, value=programs.chosen_options()["decode"].get(slots)
-              or programs.chosen_options()["default"])
+        _emit(rows, out, metric="xla_options", slots=slots, value=xla_options.chosen_options()["decode"].get(slots)
+              or xla_options.chosen_options()["default"])
         for mode, kw in (("greedy", dict(temperature=0.0)), ("top_p=0.9", dict(temperature=1.0, top_p=0.9))):
             _run_batch(eng, slots, prompt_len, 8, **kw)  # compiles what this shape needs
             rates = [_run_batch(eng, slots, prompt_len, args.new_tokens, **kw) for _ in range(2)]

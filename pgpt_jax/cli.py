@@ -165,9 +165,9 @@ def compile_cache_from_args(args) -> None:
     """Turns on the persistent compilation cache unless --no-compile-cache."""
     if getattr(args, "no_compile_cache", True):
         return
-    from pgpt_jax import programs
+    from pgpt_jax import xla_options
 
-    programs.use_compile_cache(args.compile_cache or programs.default_compile_cache_dir())
+    xla_options.use_compile_cache(args.compile_cache or xla_options.default_compile_cache_dir())
 
 
 def limits_from_args(args) -> Limits:

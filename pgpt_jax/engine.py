@@ -256,35 +256,35 @@ class Engine:
         return time.perf_counter() - t0
 
     def choose_options(self) -> None:
-        """XLA:CPU option sets for this engine's programs (programs.CPU_OPTION_SETS): forced by
+        """XLA:CPU option sets for this engine's programs (xla_options.CPU_OPTION_SETS): forced by
         name, or with "auto" remembered for this CPU and shape, else measured: each decode row
         bucket under each set, the fastest kept (the largest bucket's for the other programs).
         A multi-host group never measures (its processes must compile the same programs)."""
-        from pgpt_jax import programs
+        from pgpt_jax import xla_options
 
         if self.xla_options is None:
             return
         if self.xla_options != "auto":
-            programs.choose_options(self.xla_options)
+            xla_options.choose_options(self.xla_options)
             self.options_note = f"XLA:CPU options {self.xla_options} (forced)"
             log.info(self.options_note)
             return
         cfg = self.config
         key = f"{cfg.name}/{cfg.dtype}/slots={self.slots}/steps={self.decode_steps}/mesh={_mesh_shape(self.mesh)}"
-        choice = programs.remembered_choice(key)
+        choice = xla_options.remembered_choice(key)
         if choice is not None:
-            programs.choose_options(choice["default"], choice["decode"])
+            xla_options.choose_options(choice["default"], choice["decode"])
             self.options_note = f"XLA:CPU options {_describe_choice(choice)} (remembered for this CPU)"
             log.info("XLA:CPU options for %s (remembered): %s", key, choice)
             return
-        if jax.default_backend() != "cpu" or self.lockstep is not None or programs.user_sets_options():
+        if jax.default_backend() != "cpu" or self.lockstep is not None or xla_options.user_sets_options():
             return
         window = self.scheduler.windows[0]
         self.option_times = {rows: self.executor.time_option_sets(rows, window) for rows in self.scheduler.row_buckets}
         decode = {rows: min(t, key=t.get) for rows, t in self.option_times.items()}
         choice = {"default": decode[max(decode)], "decode": decode}
-        programs.choose_options(choice["default"], decode)
-        programs.remember_choice(key, choice)
+        xla_options.choose_options(choice["default"], decode)
+        xla_options.remember_choice(key, choice)
         self.options_note = f"XLA:CPU options {_describe_choice(choice)} (measured)"
         log.info("XLA:CPU options for %s (measured, seconds per decode call): %s -> %s", key,
                  {r: {n: round(s, 4) for n, s in t.items()} for r, t in self.option_times.items()}, choice)
@@ -546,7 +546,7 @@ def _mesh_shape(mesh: Optional[Mesh]) -> str:
 
 
 def _compiles() -> int:
-    from pgpt_jax.programs import compiles_so_far
+    from pgpt_jax.xla_options import compiles_so_far
 
     return compiles_so_far()
 

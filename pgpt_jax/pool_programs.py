@@ -26,7 +26,8 @@ from jax.sharding import Mesh
 
 from pgpt_jax import sharding
 from pgpt_jax.model import init_cache
-from pgpt_jax.programs import _program, _zeros_like
+from pgpt_jax.programs import _zeros_like
+from pgpt_jax.xla_options import program as _program
 
 def init_pool(cfg, blocks: int, block_tokens: int, mesh: Optional[Mesh] = None) -> tuple:
     """The prefix cache's device pool: per layer (k, v), each [P, N, Q, H] (P blocks of Q

@@ -176,9 +176,9 @@ def main() -> None:
     args = p.parse_args()
     args.slacks = [float(x) for x in args.slacks.split(",")]
     if not args.no_compile_cache:
-        from pgpt_jax import programs
+        from pgpt_jax import xla_options
 
-        programs.use_compile_cache(programs.default_compile_cache_dir())
+        xla_options.use_compile_cache(xla_options.default_compile_cache_dir())
     model, what = load_model_for_serving(args.model, None)
     engine = Engine(model, get_tokenizer(), slots=args.slots, decode_steps=args.decode_steps,
                     batch_slack=args.slacks[0])

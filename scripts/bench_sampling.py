@@ -30,7 +30,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from pgpt_jax import programs, sampling  # noqa: E402
+from pgpt_jax import sampling, xla_options  # noqa: E402
 from pgpt_jax.model import forward, init_cache, init_model  # noqa: E402
 
 
@@ -53,7 +53,7 @@ def decode_call(model, slots: int, window: int):
         logits, cache = forward(nnx.merge(graphdef, state), tokens, positions, cache, window)
         return logits[:, 0], cache
 
-    step = jax.jit(step, donate_argnums=(3,), compiler_options=programs.compiler_options())
+    step = jax.jit(step, donate_argnums=(3,), compiler_options=xla_options.compiler_options())
     box = {"cache": init_cache(model.config, slots, window)}
     tokens = jnp.zeros((slots, 1), jnp.int32)
 
@@ -119,7 +119,7 @@ def main(argv=None):
     cases = [("greedy", "flat"), ("temperature", "flat"), ("top_p", "peaked"),
              ("top_p", "flat"), ("everything", "peaked"), ("everything", "flat")]
     # One program per shape: the configurations differ only in values.
-    step = jax.jit(sampling.sample, donate_argnums=(1,), compiler_options=programs.compiler_options())
+    step = jax.jit(sampling.sample, donate_argnums=(1,), compiler_options=xla_options.compiler_options())
     results = {}
     for slots in args.slots:
         decode = decode_call(model, slots, args.window)

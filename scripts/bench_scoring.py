@@ -214,14 +214,14 @@ def profile(ours: Ours, a) -> dict:
     """Device ms per call of the prefill programs at the scoring shape (best of 3)."""
     import jax
 
-    from pgpt_jax import programs
+    from pgpt_jax import programs, xla_options
 
     e = ours.engine
     bucket = e.scheduler.bucket(a.tokens)
     rows = e.scheduler.prefill_rows[bucket][-1]
     tokens = np.random.default_rng(1).integers(0, EOS, (rows, bucket)).astype(np.int32)
     lengths = np.full((rows,), a.tokens, np.int32)
-    head_t = jax.jit(lambda h, w: h @ w, compiler_options=programs.compiler_options())
+    head_t = jax.jit(lambda h, w: h @ w, compiler_options=xla_options.compiler_options())
     hidden = jax.numpy.zeros((rows * (bucket - 1), e.config.n_embd), jax.numpy.float32)
     calls = {
         "prefill, no logprobs": lambda: programs.prefill(e.graphdef, e.params, e.head, tokens, lengths,
@@ -295,9 +295,9 @@ def weights_dir(work: Path, preset: str) -> Path:
 
 def run(a) -> dict:
     if a.compile_cache:
-        from pgpt_jax import programs
+        from pgpt_jax import xla_options
 
-        programs.use_compile_cache(os.path.expanduser(a.compile_cache))
+        xla_options.use_compile_cache(os.path.expanduser(a.compile_cache))
     work = Path(a.work_dir).expanduser()
     work.mkdir(parents=True, exist_ok=True)
     weights = weights_dir(work, a.preset)

@@ -1,4 +1,4 @@
-"""Decode tokens/s under each XLA:CPU option set (pgpt_jax.programs.CPU_OPTION_SETS), at batch
+"""Decode tokens/s under each XLA:CPU option set (pgpt_jax.xla_options.CPU_OPTION_SETS), at batch
 1, 8 and 32: what `--xla-options auto` measures at warm-up, as a table for docs/benchmarks.md.
 
     python scripts/bench_xla_options.py --preset gpt2 --rounds 3
@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pgpt_jax import programs  # noqa: E402
+from pgpt_jax import programs, xla_options  # noqa: E402
 from pgpt_jax.model import init_model  # noqa: E402
 
 
@@ -42,7 +42,7 @@ def main() -> None:
     graphdef, params, head = programs.program_params(model)
     rows_list = [int(r) for r in args.rows.split(",")]
     slots = max(rows_list)
-    seconds: dict = {(r, n): [] for r in rows_list for n in programs.CPU_OPTION_SETS}
+    seconds: dict = {(r, n): [] for r in rows_list for n in xla_options.CPU_OPTION_SETS}
     for _ in range(args.rounds):
         for rows in rows_list:
             times = programs.time_option_sets(graphdef, params, head, model.config, slots, rows=rows, window=128,
@@ -50,11 +50,11 @@ def main() -> None:
             for name, t in times.items():
                 seconds[(rows, name)].append(t)
     print(f"CPU: {cpu()}; {args.preset}, {args.steps} decode steps a call, window 128")
-    print(f"{'rows':>5} " + " ".join(f"{n:>16}" for n in programs.CPU_OPTION_SETS) + "   fastest")
+    print(f"{'rows':>5} " + " ".join(f"{n:>16}" for n in xla_options.CPU_OPTION_SETS) + "   fastest")
     for rows in rows_list:
-        rates = {n: rows * args.steps / statistics.median(seconds[(rows, n)]) for n in programs.CPU_OPTION_SETS}
+        rates = {n: rows * args.steps / statistics.median(seconds[(rows, n)]) for n in xla_options.CPU_OPTION_SETS}
         best = max(rates, key=rates.get)
-        print(f"{rows:>5} " + " ".join(f"{rates[n]:>12.1f} t/s" for n in programs.CPU_OPTION_SETS) + f"   {best}")
+        print(f"{rows:>5} " + " ".join(f"{rates[n]:>12.1f} t/s" for n in xla_options.CPU_OPTION_SETS) + f"   {best}")
         print(json.dumps({"rows": rows, "tokens_per_s": {n: round(v, 1) for n, v in rates.items()}, "fastest": best}))
 
 

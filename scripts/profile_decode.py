@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from pgpt_jax import model as model_lib, programs, sampling
+from pgpt_jax import model as model_lib, programs, sampling, xla_options
 from pgpt_jax.model import init_model, lm_head
 
 
@@ -70,7 +70,7 @@ def decode_program(model, slots: int, steps: int, window: int, variant: str):
         setattr(owner, name, new)
     try:
         # A fresh jit per variant, compiled while the patch is in place.
-        fn = jax.jit(programs.decode.__wrapped__, compiler_options=programs.compiler_options(),
+        fn = jax.jit(programs.decode.__wrapped__, compiler_options=xla_options.compiler_options(),
                      static_argnames=("graphdef", "steps", "window", "rows", "top_k", "mesh"),
                      donate_argnums=(3,))
         state = programs.init_state(model.config, slots)
@@ -89,7 +89,7 @@ def matmul_program(model, slots: int, steps: int):
                b.mlp.c_proj.kernel[...]) for b in model.h]
     head = lm_head(model)
 
-    @functools.partial(jax.jit, compiler_options=programs.compiler_options())
+    @functools.partial(jax.jit, compiler_options=xla_options.compiler_options())
     def chain(x):
         for _ in range(steps):
             for wa, wp, wf, wo in blocks:
