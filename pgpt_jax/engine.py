@@ -158,8 +158,9 @@ class Engine:
     @property
     def kv_cache_usage(self) -> float:
         """The share of the KV cache held by requests, 0..1: each running choice holds one
-        slot's rows of the preallocated cache, so this is the share of slots in use."""
-        return self.scheduler.active / self.slots
+        slot's rows of the preallocated cache, so this is the share of slots in use (reserved
+        for a prompt still prefilled in chunks too)."""
+        return sum(o is not None for o in self.scheduler.owner) / self.slots
 
     # The prefix cache for /metrics (zeros without one): pool blocks in all and holding a
     # cached prompt block; prompt tokens looked up and served from it, and their ratio.

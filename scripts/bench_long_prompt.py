@@ -11,13 +11,18 @@ token " the" so that each streams the moment it is read) decode steadily; once e
   steady TPOT   the streams' inter-token gaps from their `--skip`-th token to the long
                 prompt's arrival (p50, p99)
   during TPOT   their gaps that overlap the long prompt's prefill, [arrival, its first
-                token] (p50, p99, max)
+                token] (p50, p99, max), split into
+    placing gap   the one gap per stream that spans the long prompt's first token: the last
+                  chunk (or the whole prefill), the Place, and the first decode with the long
+                  row in it, whose attention window is then 1024 for every row (p50)
+    between       the others: the decode calls the chunks ran beside (p50, p99)
   TTFT          the long prompt's: arrival to its first token
 
 and `during_p99_over_steady_p50`, the figure the target (at most 1.5) is about. Each run is
 preceded by one untimed round of the same workload (it compiles what the run needs);
 `compiles_during_run` says whether the timed run compiled anything anyway. `chunk_s` and
-`decode_s` are one chunk's `extend` and one 32-row decode call timed alone, after the run.
+`decode_s` are one chunk's `extend` and one 32-row decode call timed alone, after the run
+(`decode_1024_s` the same decode at a 1024-token window).
 Prints a JSON line per run and a summary line.
 """
 
@@ -85,7 +90,7 @@ def round_of(engine: Engine, args, rng) -> dict:
         h.abort()
     while engine.requests_running or engine.requests_waiting:
         time.sleep(0.01)
-    steady, during = [], []
+    steady, during, placing = [], [], []
     for s in streams:
         ts = s.times
         for a, b in zip(ts[args.skip:], ts[args.skip + 1:]):
@@ -93,11 +98,18 @@ def round_of(engine: Engine, args, rng) -> dict:
                 steady.append(b - a)
             elif a < t_first:  # the gap overlaps [arrival, first token]
                 during.append(b - a)
+                if b > t_first:  # ... and spans the first token: the last chunk (or the whole
+                    placing.append(b - a)  # prefill), its placing, the first decode with its row
+    between = sorted(during)
+    for g in placing:
+        between.remove(g)
+    ms = lambda x: round(1e3 * x, 1)  # noqa: E731
     return {"ttft_long_s": round(t_first - t_arrive, 3),
-            "steady_tpot_p50_ms": round(1e3 * pct(steady, 50), 1), "steady_tpot_p99_ms": round(1e3 * pct(steady, 99), 1),
-            "during_tpot_p50_ms": round(1e3 * pct(during, 50), 1), "during_tpot_p99_ms": round(1e3 * pct(during, 99), 1),
-            "during_tpot_max_ms": round(1e3 * max(during, default=float("nan")), 1),
-            "during_gaps": len(during), "compiles_during_run": engine.compile_count - compiles}
+            "steady_tpot_p50_ms": ms(pct(steady, 50)), "steady_tpot_p99_ms": ms(pct(steady, 99)),
+            "during_tpot_p50_ms": ms(pct(during, 50)), "during_tpot_p99_ms": ms(pct(during, 99)),
+            "during_tpot_max_ms": ms(max(during, default=float("nan"))), "during_gaps": len(during),
+            "between_tpot_p50_ms": ms(pct(between, 50)), "between_tpot_p99_ms": ms(pct(between, 99)),
+            "placing_gap_p50_ms": ms(pct(placing, 50)), "compiles_during_run": engine.compile_count - compiles}
 
 
 def alone(engine: Engine, chunk: int, length: int, repeats: int = 3) -> dict:
@@ -112,9 +124,9 @@ def alone(engine: Engine, chunk: int, length: int, repeats: int = 3) -> dict:
                                        np.zeros((1,), np.int32), np.full((1,), chunk, np.int32))
             jax.block_until_ready(out)
             best = min(best, time.perf_counter() - t0)
-    window = engine.scheduler.windows[0]
-    decode = ex.time_decodes([(engine.slots, window)], repeats)[engine.slots]
-    return {"chunk_s": round(best, 4) if chunk else None, "decode_s": round(decode, 4)}
+    decode, wide = (ex.time_decodes([(engine.slots, w)], repeats)[engine.slots]
+                    for w in (engine.scheduler.windows[0], engine.scheduler.bucket(length)))
+    return {"chunk_s": round(best, 4) if chunk else None, "decode_s": round(decode, 4), "decode_1024_s": round(wide, 4)}
 
 
 def main(argv=None) -> None:
@@ -123,7 +135,7 @@ def main(argv=None) -> None:
     ap.add_argument("--slots", type=int, default=32)
     ap.add_argument("--streams", type=int, default=31)
     ap.add_argument("--long", type=int, default=1000)
-    ap.add_argument("--chunks", default="0,16,64,256", help="prefill chunk sizes to run (0: off)")
+    ap.add_argument("--chunks", default="0,16,64,256,512", help="prefill chunk sizes to run (0: off)")
     ap.add_argument("--steady", type=int, default=20, help="tokens each stream has before the long prompt")
     ap.add_argument("--skip", type=int, default=5, help="each stream's first gaps left out (admission)")
     ap.add_argument("--stream-tokens", type=int, default=105, help="max_tokens of the streams (window 128)")
@@ -145,11 +157,13 @@ def main(argv=None) -> None:
         engine.stop()
         row.update(alone(engine, chunk, engine.scheduler.bucket(args.long)))
         row["during_p99_over_steady_p50"] = round(row["during_tpot_p99_ms"] / row["steady_tpot_p50_ms"], 2)
+        row["between_p99_over_steady_p50"] = round(row["between_tpot_p99_ms"] / row["steady_tpot_p50_ms"], 2)
         print(json.dumps(row), flush=True)
         rows[chunk] = row
         del engine
         gc.collect()
     print(json.dumps({"summary": {str(c): {"during_p99_over_steady_p50": r["during_p99_over_steady_p50"],
+                                           "between_p99_over_steady_p50": r["between_p99_over_steady_p50"],
                                            "ttft_long_s": r["ttft_long_s"]} for c, r in rows.items()}}), flush=True)
 
 
