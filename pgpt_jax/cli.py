@@ -46,14 +46,14 @@ def _add_prefix_cache_arg(p: argparse.ArgumentParser) -> None:
                         "prefix (0: no prefix cache; default %(default)s, 8 contexts of 1024 tokens)")
 
 
-DEFAULT_PREFILL_CHUNK = 0  # see docs/operating.md, "Chunked prefill"
+DEFAULT_PREFILL_CHUNK = 256  # see docs/operating.md, "Chunked prefill"
 
 
 def _add_prefill_chunk_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK, metavar="N",
                    help="prefill prompts longer than N tokens N tokens an engine iteration, beside the running "
-                        "streams' decode (a prompt bucket: 16, 32, 64, ...; 0: every prompt whole; "
-                        "default %(default)s)")
+                        "streams' decode (a prompt bucket: 16, 32, 64, ...; 0, or the context length or "
+                        "more: every prompt whole; default %(default)s)")
 
 
 def _add_cache_args(p: argparse.ArgumentParser) -> None:

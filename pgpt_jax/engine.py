@@ -9,7 +9,9 @@ registry's lock-guarded inbox (`registry.py`). Each iteration of the host loop (
      deadlines; pairs waiting choices with free slots (`scheduler.py`); a request is
      prefilled when its first choice gets a slot (n/best_of choices share it; prompts of
      one bucket admitted together share one call; with the prefix cache a prompt whose
-     first blocks are cached prefills only the rest), each choice is placed (`insert` its KV,
+     first blocks are cached prefills only the rest; with `prefill_chunk` a longer prompt
+     prefills one chunk an iteration, its choices placed after the last one: planner.py),
+     each choice is placed (`insert` its KV,
      `start_row` its sampling row and first token), and the occupied prefix of the slots
      decodes `decode_steps` tokens (or, while a constrained choice runs, one token in two
      halves: the planner's `Forward`, then its `Sample` once the host has read the tokens
@@ -24,7 +26,8 @@ registry's lock-guarded inbox (`registry.py`). Each iteration of the host loop (
      tokens the device made past a finish are discarded.
 
 Faults. On one process, a device call that raises fails the requests it ran (a shared
-prefill is retried prompt by prompt first) and the others go on; if it consumed the donated
+prefill is retried prompt by prompt first; a failing chunk fails its one request) and the
+others go on; if it consumed the donated
 state, every running request fails and a fresh state replaces it. A failed prefill's prefix
 cache blocks are forgotten, and a later prefill of the iteration that would read them runs
 whole (a consumed pool starts again empty). In a multi-host run any
@@ -86,6 +89,8 @@ class Engine:
                                    split_slots=mesh is not None and mesh.shape["data"] > 1, batch_slack=batch_slack)
         if mesh is not None:
             sharding.check_mesh(mesh, self.config, slots)
+        if prefill_chunk >= self.context_length:
+            prefill_chunk = 0  # no prompt is longer
         if prefill_chunk and prefill_chunk not in self.scheduler.buckets:
             raise ValueError(f"prefill_chunk must be 0 or a prompt bucket {self.scheduler.buckets}, not {prefill_chunk}")
         self.prefill_chunk = prefill_chunk  # prompts longer than this prefill in chunks of it (planner.py)
@@ -254,6 +259,7 @@ class Engine:
                    if self.prefix_cache]
         # Chunked prefill: one row of `prefill_chunk` tokens over each longer prompt's cache,
         # which starts empty or (with the prefix cache) from the pool's blocks.
+        # (With a pool, its extends run them after gather_blocks or empty_cache: one program.)
         chunks = [(T, self.prefill_chunk) for T in sched.chunk_buckets(self.prefill_chunk)] if self.prefill_chunk else []
         if self.prefix_cache:
             extends += [(1, T, C) for T, C in chunks if (1, T, C) not in extends]

@@ -264,8 +264,8 @@ class Executor:
                                       extends=extends, mesh=self.mesh,
                                       on_program=lambda done: on_program and on_program(total[0] + done,
                                                                                         total[0] + more))
-        pool_programs.compile_chunks(self.graphdef, self.params, self.head, self.config, chunks=chunks, mesh=self.mesh,
-                                     on_program=lambda done: on_program and on_program(total[0] + pooled + done,
+        pool_programs.compile_chunks(self.graphdef, self.params, self.head, self.config, chunks=chunks,
+                                     extends=self.pool is None, mesh=self.mesh, on_program=lambda done: on_program and on_program(total[0] + pooled + done,
                                                                                        total[0] + more))
         self.reset()
 

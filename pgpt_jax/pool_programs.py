@@ -146,14 +146,16 @@ def compile_all(graphdef, params, head, pool, *, prefills, extends, mesh=None, o
             on_program(done)
 
 
-def compile_chunks(graphdef, params, head, config, *, chunks, mesh=None, on_program=None) -> None:
-    """Compiles (ahead of time, as `compile_all`) what a chunked prefill runs with or without a
-    pool: empty_cache and extend of one row for each (T, C) in `chunks` (a cache of T tokens,
-    C tokens a chunk; the pool's gather_blocks + extend are `compile_all`'s `extends`).
-    `on_program(done)` after each."""
+def compile_chunks(graphdef, params, head, config, *, chunks, extends: bool = True, mesh=None,
+                   on_program=None) -> None:
+    """Compiles (ahead of time, as `compile_all`) what a chunked prefill runs: empty_cache, and
+    with `extends` the extend of one row, for each (T, C) in `chunks` (a cache of T tokens, C
+    tokens a chunk; with a pool, `compile_all`'s `extends` hold those, after gather_blocks:
+    the same program). `on_program(done)` after each."""
     for done, (size, rest) in enumerate(chunks, start=1):
         cache = _zeros_like(_empty_cache.lower(config=config, rows=1, length=size, mesh=mesh).compile().out_info)
-        extend.lower(graphdef, params, head, cache, np.zeros((1, rest), np.int32), np.zeros((1,), np.int32),
-                     np.ones((1,), np.int32), mesh=mesh).compile()
+        if extends:
+            extend.lower(graphdef, params, head, cache, np.zeros((1, rest), np.int32), np.zeros((1,), np.int32),
+                         np.ones((1,), np.int32), mesh=mesh).compile()
         if on_program is not None:
             on_program(done)

@@ -85,7 +85,9 @@ def round_of(engine: Engine, args, rng) -> dict:
                           stream=True), long)
     long.ended.wait()
     t_first = long.times[0] if long.times else time.perf_counter()
-    time.sleep(0.5)  # the gap that spans the prefill's end is read
+    deadline = time.perf_counter() + 30
+    while time.perf_counter() < deadline and not all(s.times and s.times[-1] > t_first for s in streams):
+        time.sleep(0.01)  # every stream's gap that spans the long prompt's first token has ended
     for h in handles:
         h.abort()
     while engine.requests_running or engine.requests_waiting:

@@ -251,6 +251,8 @@ def test_the_prefix_cache_saves_a_chunked_prompts_blocks(engines):
 def test_prefill_chunk_must_be_a_bucket(tiny_model):
     with pytest.raises(ValueError, match="prefill_chunk"):
         Engine(tiny_model, get_tokenizer(), slots=2, min_bucket=32, prefill_chunk=48)
+    # serve's default (256) on a model whose context is shorter: nothing to chunk
+    assert Engine(tiny_model, get_tokenizer(), slots=2, prefill_chunk=256).prefill_chunk == 0
 
 
 def test_drops_follow_a_finished_chunked_prefill(engines, monkeypatch):
