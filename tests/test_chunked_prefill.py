@@ -261,3 +261,21 @@ def test_drops_follow_a_finished_chunked_prefill(engines, monkeypatch):
     run(on, Request(prompt=LONG[:100], max_tokens=3))
     assert any(isinstance(op, Drop) for ops in seen for op in ops) or not on.executor.prefills
     assert not on.executor.prefills
+
+
+def test_timeline_marks_a_chunked_prefill(engines, tmp_path, monkeypatch):
+    """PGPT_TIMELINE: a chunked prompt's prefill_dispatch is its first chunk's, prefill_return
+    and prefill_done its last's."""
+    from pgpt_jax import timeline
+
+    monkeypatch.setattr(timeline, "PATH", str(tmp_path / "timeline.jsonl"))
+    monkeypatch.setattr(timeline, "ON", True)
+    _, on, _ = engines
+    (out,) = submit(on, Request(prompt=LONG[:120], max_tokens=2))
+    on.run_until_idle()
+    deadline = time.monotonic() + 10
+    while "prefill_done" not in out.handle.marks and time.monotonic() < deadline:  # a watcher thread sets it
+        time.sleep(0.01)
+    m = out.handle.marks
+    assert m["placed"] <= m["prefill_dispatch"] <= m["prefill_return"] <= m["place_dispatch"]
+    assert m["prefill_done"] >= m["prefill_dispatch"]
