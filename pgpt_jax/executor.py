@@ -129,8 +129,8 @@ class Executor:
 
     def run(self, op) -> Any:
         """Runs one op; returns what process 0 reads of it (device arrays, not waited for):
-        Prefill -> (prompt logprobs, top ids, top logprobs, ranks; each [B, ...]), Place -> the first token's
-        (token, logprob, top ids, top logprobs), Decode -> the same over [steps, rows]."""
+        Prefill -> (prompt logprobs, top ids, top logprobs, ranks; each [B, ...]), Extend -> (), Place -> the
+        first token's (token, logprob, top ids, top logprobs), Decode -> the same over [steps, rows]."""
         if isinstance(op, Prefill):
             if op.reads is not None:
                 cache = pool_programs.gather_blocks(self.pool, op.reads, length=op.length, mesh=self.mesh)
