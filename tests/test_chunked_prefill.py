@@ -279,3 +279,26 @@ def test_timeline_marks_a_chunked_prefill(engines, tmp_path, monkeypatch):
     m = out.handle.marks
     assert m["placed"] <= m["prefill_dispatch"] <= m["prefill_return"] <= m["place_dispatch"]
     assert m["prefill_done"] >= m["prefill_dispatch"]
+
+
+def test_a_batch_prompt_mid_prefill_gives_its_slot_back(engines):
+    """A background (batch) request holding a reserved slot while its prompt is chunked gives
+    it back to interactive work that lacks slots (its kept cache dropped); it starts over
+    later and gives the answer it would have given."""
+    off, on, _ = engines
+    batch = Request(prompt=LONG[:120], max_tokens=4, temperature=0.0, logit_bias=NO_EOS, background=True)
+    users = [Request(prompt=LONG[i:i + 8], max_tokens=6, temperature=0.0, logit_bias=NO_EOS) for i in range(4)]
+    want = [choices(r) for r in run(off, batch, *users)]
+    yielded = on.batch_yields
+    (b,) = submit(on, batch)
+    on.step()
+    on.step()  # admitted (a reserved slot), then its first chunk
+    assert on.scheduler.reserved.count(True) == 1
+    outs = submit(on, *users)
+    while not all(o.handle.done for o in [b, *outs]):
+        on.run_until_idle()
+    assert on.batch_yields > yielded
+    for w, o in zip(want, [b, *outs]):
+        same(w, choices(o.result))
+    on.step()
+    assert not on.planner.chunking and not on.executor.prefills and not any(on.scheduler.reserved)
