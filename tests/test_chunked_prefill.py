@@ -256,10 +256,13 @@ def test_prefill_chunk_must_be_a_bucket(tiny_model):
 
 
 def test_drops_follow_a_finished_chunked_prefill(engines, monkeypatch):
+    """The kept cache is dropped by the plan after the one that placed the last choice."""
     _, on, _ = engines
     seen = plans(on, monkeypatch)
     run(on, Request(prompt=LONG[:100], max_tokens=3))
-    assert any(isinstance(op, Drop) for ops in seen for op in ops) or not on.executor.prefills
+    pids = {op.pid for ops in seen for op in ops if isinstance(op, Extend)}
+    last = max(i for i, ops in enumerate(seen) if any(isinstance(op, Extend) for op in ops))
+    assert len(pids) == 1 and any(isinstance(op, Drop) and op.pids == list(pids) for op in seen[last + 1])
     assert not on.executor.prefills
 
 
