@@ -257,16 +257,19 @@ class Executor:
         programs.compile_all(self.graphdef, self.params, self.head, self.state, prefills=prefills,
                              decodes=decodes, steps=self.decode_steps,
                              row=row, top_k=self.top_k, mesh=self.mesh, progress=progress, on_program=report)
-        pooled = 0
+        pooled = 0  # programs counted so far after programs.compile_all's
+
+        def after(done: int) -> None:
+            if on_program is not None:
+                on_program(total[0] + pooled + done, total[0] + more)
+
         if self.pool is not None:
-            pooled = len(prefills) + len(extends)
             pool_programs.compile_all(self.graphdef, self.params, self.head, self.pool, prefills=prefills,
-                                      extends=extends, mesh=self.mesh,
-                                      on_program=lambda done: on_program and on_program(total[0] + done,
-                                                                                        total[0] + more))
+                                      extends=extends, mesh=self.mesh, on_program=after)
+            pooled = len(prefills) + len(extends)
+        # A chunked prefill's empty cache, and without a pool its extends (with one: among `extends`).
         pool_programs.compile_chunks(self.graphdef, self.params, self.head, self.config, chunks=chunks,
-                                     extends=self.pool is None, mesh=self.mesh, on_program=lambda done: on_program and on_program(total[0] + pooled + done,
-                                                                                       total[0] + more))
+                                     extends=self.pool is None, mesh=self.mesh, on_program=after)
         self.reset()
 
 
