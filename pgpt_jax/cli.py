@@ -46,6 +46,16 @@ def _add_prefix_cache_arg(p: argparse.ArgumentParser) -> None:
                         "prefix (0: no prefix cache; default %(default)s, 8 contexts of 1024 tokens)")
 
 
+DEFAULT_PREFILL_CHUNK = 256  # see docs/operating.md, "Chunked prefill"
+
+
+def _add_prefill_chunk_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK, metavar="N",
+                   help="prefill prompts longer than N tokens N tokens an engine iteration, beside the running "
+                        "streams' decode (a prompt bucket: 16, 32, 64, ...; 0, or the context length or "
+                        "more: every prompt whole; default %(default)s)")
+
+
 def _add_cache_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile-cache", default=None, metavar="DIR",
                    help="persistent XLA compilation cache (default: ~/.cache/pgpt-jax/xla/<cpu>)")
@@ -71,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=None, help="also read from PGPT_API_KEY")
     _add_slots_args(p)
     _add_prefix_cache_arg(p)
+    _add_prefill_chunk_arg(p)
     p.add_argument("--decode-steps", type=int, default=None,
                    help="decode steps a call (default: 1 on CPU, 4 on GPU/TPU; the planner runs 1 near a "
                         "row's end or while work waits)")
@@ -124,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", default=None, help="the name the lines' `model` must give")
     _add_slots_args(p)
     _add_prefix_cache_arg(p)
+    _add_prefill_chunk_arg(p)
     p.add_argument("--decode-steps", type=int, default=4)
     p.add_argument("--max-logprobs", type=int, default=LIMITS.max_logprobs)
     p.add_argument("--window", type=int, default=0, help="lines on the engine at once (default 0: twice --slots)")

@@ -9,7 +9,9 @@ registry's lock-guarded inbox (`registry.py`). Each iteration of the host loop (
      deadlines; pairs waiting choices with free slots (`scheduler.py`); a request is
      prefilled when its first choice gets a slot (n/best_of choices share it; prompts of
      one bucket admitted together share one call; with the prefix cache a prompt whose
-     first blocks are cached prefills only the rest), each choice is placed (`insert` its KV,
+     first blocks are cached prefills only the rest; with `prefill_chunk` a longer prompt
+     prefills one chunk an iteration, its choices placed after the last one: planner.py),
+     each choice is placed (`insert` its KV,
      `start_row` its sampling row and first token), and the occupied prefix of the slots
      decodes `decode_steps` tokens (or, while a constrained choice runs, one token in two
      halves: the planner's `Forward`, then its `Sample` once the host has read the tokens
@@ -24,7 +26,8 @@ registry's lock-guarded inbox (`registry.py`). Each iteration of the host loop (
      tokens the device made past a finish are discarded.
 
 Faults. On one process, a device call that raises fails the requests it ran (a shared
-prefill is retried prompt by prompt first) and the others go on; if it consumed the donated
+prefill is retried prompt by prompt first; a failing chunk fails its one request) and the
+others go on; if it consumed the donated
 state, every running request fails and a fresh state replaces it. A failed prefill's prefix
 cache blocks are forgotten, and a later prefill of the iteration that would read them runs
 whole (a consumed pool starts again empty). In a multi-host run any
@@ -50,7 +53,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from pgpt_jax import grammar, sharding, timeline
-from pgpt_jax.executor import Decode, Drop, Executor, Forward, Place, Prefill, Sample
+from pgpt_jax.executor import Decode, Drop, Executor, Extend, Forward, Place, Prefill, Sample
 from pgpt_jax.model import GPT
 from pgpt_jax.multihost import Lockstep, Watchdog, follow
 from pgpt_jax.planner import Planner
@@ -75,7 +78,8 @@ class Engine:
                  limits: Limits = Limits(), min_bucket: int = 16, min_window: int = 128,
                  max_prefill_tokens: int = 1024, mesh: Optional[Mesh] = None,
                  lockstep_timeout: float = 30.0, on_fatal: Optional[Callable[[BaseException], None]] = None,
-                 batch_slack: float = 1.25, xla_options: Optional[str] = None, prefix_cache_blocks: int = 0):
+                 batch_slack: float = 1.25, xla_options: Optional[str] = None, prefix_cache_blocks: int = 0,
+                 prefill_chunk: int = 0):
         self.model, self.tokenizer, self.config = model, tokenizer, model.config
         self.context_length = self.config.n_positions
         self.slots, self.decode_steps, self.limits, self.mesh = slots, decode_steps, limits, mesh
@@ -85,6 +89,11 @@ class Engine:
                                    split_slots=mesh is not None and mesh.shape["data"] > 1, batch_slack=batch_slack)
         if mesh is not None:
             sharding.check_mesh(mesh, self.config, slots)
+        if prefill_chunk >= self.context_length:
+            prefill_chunk = 0  # no prompt is longer
+        if prefill_chunk and prefill_chunk not in self.scheduler.buckets:
+            raise ValueError(f"prefill_chunk must be 0 or a prompt bucket {self.scheduler.buckets}, not {prefill_chunk}")
+        self.prefill_chunk = prefill_chunk  # prompts longer than this prefill in chunks of it (planner.py)
         # The prefix cache: an index on process 0's host, a pool of KV blocks on the devices.
         self.prefix_cache = PrefixIndex(prefix_cache_blocks) if prefix_cache_blocks > 0 else None
         self.executor = Executor(model, slots=slots, decode_steps=decode_steps, top_k=self.top_k, mesh=mesh,
@@ -96,7 +105,7 @@ class Engine:
         self._pending: list = []  # dispatched work whose outputs are not processed yet
         self.planner = Planner(self.registry, self.scheduler, tokenizer=tokenizer,
                                context_length=self.context_length, decode_steps=decode_steps, end=self._end,
-                               vocab=self.config.padded_vocab, cache=self.prefix_cache)
+                               vocab=self.config.padded_vocab, cache=self.prefix_cache, chunk=prefill_chunk)
         self._moved: dict[tuple, tuple] = {}  # this plan's prefills retried alone: (pid, index) -> new
         self._forwarded: Optional[dict] = None  # this step's Forward ran: {slot: owner} for its Sample
         self._bad_blocks: set = set()  # this plan's pool blocks whose save failed (None in it: all)
@@ -154,8 +163,9 @@ class Engine:
     @property
     def kv_cache_usage(self) -> float:
         """The share of the KV cache held by requests, 0..1: each running choice holds one
-        slot's rows of the preallocated cache, so this is the share of slots in use."""
-        return self.scheduler.active / self.slots
+        slot's rows of the preallocated cache, so this is the share of slots in use (reserved
+        for a prompt still prefilled in chunks too)."""
+        return sum(o is not None for o in self.scheduler.owner) / self.slots
 
     # The prefix cache for /metrics (zeros without one): pool blocks in all and holding a
     # cached prompt block; prompt tokens looked up and served from it, and their ratio.
@@ -230,7 +240,7 @@ class Engine:
     def run_until_idle(self) -> None:
         """Runs the host loop in the calling thread until no work is left (generate())."""
         while self.step() or self.scheduler.background:
-            time.sleep(0.0 if self.scheduler.active else 0.01)  # batch work held back for a moment
+            time.sleep(0.0 if self.scheduler.active or self.planner.chunking else 0.01)  # batch work held back
 
     def run_follower(self) -> None:
         """Processes other than 0: replay process 0's ops until it stops (multihost.follow)."""
@@ -247,7 +257,14 @@ class Engine:
         decodes = [(rows, w) for w in sched.windows for rows in sched.row_buckets]
         extends = [(rows, T, R) for T, R in sched.extend_shapes(BLOCK_TOKENS) for rows in sched.prefill_rows[T]
                    if self.prefix_cache]
-        self.executor.warmup(prefills, decodes, progress=progress, on_program=on_program, extends=extends)
+        # Chunked prefill: one row of `prefill_chunk` tokens over each longer prompt's cache,
+        # which starts empty or (with the prefix cache) from the pool's blocks.
+        # (With a pool, its extends run them after gather_blocks or empty_cache: one program.)
+        chunks = [(T, self.prefill_chunk) for T in sched.chunk_buckets(self.prefill_chunk)] if self.prefill_chunk else []
+        if self.prefix_cache:
+            extends += [(1, T, C) for T, C in chunks if (1, T, C) not in extends]
+        self.executor.warmup(prefills, decodes, progress=progress, on_program=on_program, extends=extends,
+                             chunks=chunks)
         if self.lockstep is not None:
             self.lockstep.warmup()
         else:  # what a decode call of each row bucket costs: how far batch work may widen it
@@ -381,7 +398,7 @@ class Engine:
         # Batch work that waits alone is not a reason to spin: it waits for interactive work to
         # leave (planner.INTERACTIVE_HOLD_S), and the loop's idle wait re-plans soon enough.
         return bool(self._pending or self.scheduler.waiting or self.scheduler.active or self.registry.inbox
-                    or self.planner.scoring)
+                    or self.planner.scoring or self.planner.chunking)
 
     # ---------------------------------------------------------------- execution (every process)
 
@@ -406,11 +423,16 @@ class Engine:
                     raise
                 if isinstance(op, Prefill):
                     self._prefill_fault(op, m, exc)
+                elif isinstance(op, Extend):  # one chunk of one prompt: only its request fails
+                    self._lost_blocks(op)
+                    log.error("prefill chunk failed: %r", exc)
+                    self._end(m, exc)
                 elif not isinstance(op, Drop):
                     self._device_fault(exc, [m.entry] if isinstance(op, Place) else [r.entry for r in m.values()])
                 continue
-            if isinstance(op, Prefill):
+            if isinstance(op, (Prefill, Extend)):
                 self.prefill_calls += 1
+            if isinstance(op, Prefill):
                 for j, entry in enumerate(m if op.want_logprobs else ()):
                     entry.output.set_prompt_logprobs(*(a[j] for a in out))
                     if entry.output.max_new == 0:

@@ -15,6 +15,13 @@ the same programs in the same order and the others decide nothing:
                                                 (`extend`, into a `length`-long cache); with
                                                 `writes`, whole blocks go into the pool
                                                 (`save_blocks`) once it ran
+  Extend(pid, tokens, start, lengths, length,   one chunk of a long prompt (chunked prefill):
+         first, reads, writes)                  tokens i32[1, C] at positions start + [0, C)
+                                                over the cache kept under `pid` (`extend`); the
+                                                `first` chunk's cache is new: `length` long,
+                                                empty or with `reads` (pool ids) like a
+                                                Prefill's; `writes` as a Prefill's, on the
+                                                last chunk. The cache stays kept under `pid`
   Place(pid, index, slot, length, row)          prompt `index` of prefill `pid` into `slot`
                                                 (`insert`), its sampling row and first token
                                                 (`start_row`); `row` is sampling.request_row's
@@ -56,6 +63,18 @@ class Prefill:
     reads: Optional[np.ndarray] = None  # i32[B, length/Q]: pool ids of each row's cached blocks, then any
     writes: Optional[np.ndarray] = None  # i32[B, T/Q]: pool id each whole block is saved to (past the pool: none)
     length: int = 0  # with reads: the cache length T (the whole prompt's bucket); tokens are [B, R]
+
+
+@dataclasses.dataclass
+class Extend:
+    pid: int
+    tokens: np.ndarray  # i32[1, C]: one chunk of the prompt (the last one padded)
+    start: np.ndarray  # i32[1]: the position of its first token (the kept cache holds [0, start))
+    lengths: np.ndarray  # i32[1]: start + its true tokens (the prompt's length on the last chunk)
+    length: int  # T: the cache length (the whole prompt's bucket)
+    first: bool = False  # the cache starts here: zeros, or the pool blocks of `reads`
+    reads: Optional[np.ndarray] = None  # first chunk, prefix cache: i32[1, T/Q] pool ids, as Prefill's
+    writes: Optional[np.ndarray] = None  # last chunk, prefix cache: i32[1, T/Q], as Prefill's
 
 
 @dataclasses.dataclass
@@ -110,8 +129,8 @@ class Executor:
 
     def run(self, op) -> Any:
         """Runs one op; returns what process 0 reads of it (device arrays, not waited for):
-        Prefill -> (prompt logprobs, top ids, top logprobs, ranks; each [B, ...]), Place -> the first token's
-        (token, logprob, top ids, top logprobs), Decode -> the same over [steps, rows]."""
+        Prefill -> (prompt logprobs, top ids, top logprobs, ranks; each [B, ...]), Extend -> (), Place -> the
+        first token's (token, logprob, top ids, top logprobs), Decode -> the same over [steps, rows]."""
         if isinstance(op, Prefill):
             if op.reads is not None:
                 cache = pool_programs.gather_blocks(self.pool, op.reads, length=op.length, mesh=self.mesh)
@@ -127,6 +146,9 @@ class Executor:
             if op.keep:
                 self.prefills[op.pid] = (cache, last)
             return tuple(prompt_logprobs)
+        if isinstance(op, Extend):
+            self._extend(op)
+            return ()
         if isinstance(op, Place):
             cache, last = self.prefills[op.pid]
             self.state = programs.insert(self.state, cache, np.int32(op.index), np.int32(op.slot), mesh=self.mesh)
@@ -159,6 +181,22 @@ class Executor:
                 self.prefills.pop(pid, None)
             return None
         raise TypeError(f"not an op: {op!r}")
+
+    def _extend(self, op: Extend) -> None:
+        """One chunk of a chunked prefill: the kept cache (a new one on the first chunk) goes
+        on by `op.tokens`; kept under `op.pid` again (a chunk that raises leaves none)."""
+        if op.first:
+            if op.reads is not None:
+                cache = pool_programs.gather_blocks(self.pool, op.reads, length=op.length, mesh=self.mesh)
+            else:
+                cache = pool_programs.empty_cache(self.config, 1, op.length, self.mesh)
+        else:
+            cache, _ = self.prefills.pop(op.pid)
+        cache, last = pool_programs.extend(self.graphdef, self.params, self.head, cache, op.tokens, op.start,
+                                           op.lengths, mesh=self.mesh)
+        if op.writes is not None:
+            self.pool = pool_programs.save_blocks(self.pool, cache, op.writes, mesh=self.mesh)
+        self.prefills[op.pid] = (cache, last)
 
     def reset(self, prefills: bool = True) -> None:
         """A fresh decode state (and, with `prefills`, no kept prefills)."""
@@ -202,12 +240,13 @@ class Executor:
         self.reset()
         return times
 
-    def warmup(self, prefills, decodes, progress: bool = False, on_program=None, extends=()) -> None:
-        """Compiles every program for these shapes (`extends`: (rows, T, R) prefix-cache hits),
-        then starts from a fresh state."""
+    def warmup(self, prefills, decodes, progress: bool = False, on_program=None, extends=(), chunks=()) -> None:
+        """Compiles every program for these shapes (`extends`: (rows, T, R) prefix-cache hits;
+        `chunks`: (T, C) chunked prefills), then starts from a fresh state."""
         row = self.row(dict(temperature=1.0, top_p=1.0, presence=0.0, frequency=0.0, logit_bias=None,
                             num_logprobs=0, seed=0, choice_index=0))
         more = (len(prefills) + len(extends)) if self.pool is not None else 0  # the prefix cache's programs
+        more += len(chunks)
         total = [0]  # programs.compile_all's count of programs
 
         def report(done: int, of: int) -> None:
@@ -218,11 +257,19 @@ class Executor:
         programs.compile_all(self.graphdef, self.params, self.head, self.state, prefills=prefills,
                              decodes=decodes, steps=self.decode_steps,
                              row=row, top_k=self.top_k, mesh=self.mesh, progress=progress, on_program=report)
+        pooled = 0  # programs counted so far after programs.compile_all's
+
+        def after(done: int) -> None:
+            if on_program is not None:
+                on_program(total[0] + pooled + done, total[0] + more)
+
         if self.pool is not None:
             pool_programs.compile_all(self.graphdef, self.params, self.head, self.pool, prefills=prefills,
-                                      extends=extends, mesh=self.mesh,
-                                      on_program=lambda done: on_program and on_program(total[0] + done,
-                                                                                        total[0] + more))
+                                      extends=extends, mesh=self.mesh, on_program=after)
+            pooled = len(prefills) + len(extends)
+        # A chunked prefill's empty cache, and without a pool its extends (with one: among `extends`).
+        pool_programs.compile_chunks(self.graphdef, self.params, self.head, self.config, chunks=chunks,
+                                     extends=self.pool is None, mesh=self.mesh, on_program=after)
         self.reset()
 
 

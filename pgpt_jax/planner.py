@@ -29,20 +29,39 @@ Which blocks are read and written is decided here, so every process replays the 
 Prompts whose prompt logprobs are wanted bypass the cache (prefilled whole, as before: their
 logprobs need every position's logits), and so do retries of a failed prefill.
 
+Chunked prefill (`chunk` > 0, `--prefill-chunk`): a fresh prompt longer than `chunk` tokens
+is not prefilled in one call, which would stall every running stream for the whole prompt's
+forward pass. It becomes a `Chunked` job: each plan runs one `Extend` of `chunk` tokens of the
+oldest job, beside the decode of the running slots, over a cache kept under the job's prefill
+id (the first chunk starts from zeros, or from the prefix cache's blocks of the prompt). Its
+choices take their slots when they are admitted, as any choice does, but only *reserve* them
+(`Scheduler.reserve`): a reserved slot is no other choice's, yet it does not decode, is in no
+decode's shape and no tokens are read for it. The plan of the last chunk places them
+(`Place`), after the chunk's op, so the first token they decode is sampled from the whole
+prompt. Reserving at admission (rather than taking a slot once the last chunk ran) keeps
+admission as it is (oldest first, background limits, yielding), and a finished prompt never
+waits for a slot with its cache held. A decode of rows past a reserved slot computes that row
+on whatever the slot held (as for a free slot); `insert` and `start_row` overwrite every entry
+the choice reads. Prompts whose prompt logprobs are wanted (echo with logprobs,
+prompt_logprobs, scoring) and retries of a failed prefill are not chunked: they need every
+position's logits, which `extend` does not give. The last chunk saves the prompt's whole
+blocks into the prefix cache, as a whole prefill does.
+
 Prefills are kept by id until no request needs them: a request holds its prefill until its
 last choice is placed or it ends (`release_prefill`), and the next plan drops (`Drop`) what
-nobody holds any more.
+nobody holds any more (a chunked job that ends early, aborted or past a deadline, with it).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import deque
 from typing import Callable, Optional
 
 import numpy as np
 
-from pgpt_jax.executor import Decode, Drop, Forward, Place, Prefill, Sample, row_args
+from pgpt_jax.executor import Decode, Drop, Extend, Forward, Place, Prefill, Sample, row_args
 from pgpt_jax.outputs import RequestOutput
 from pgpt_jax.prefix_cache import PrefixIndex, chain
 from pgpt_jax.registry import Entry, Registry, Running
@@ -52,13 +71,24 @@ INTERACTIVE_HOLD_S = 2.0  # batch work keeps to the rows interactive work needed
 BATCH_ADMITS = 4  # batch choices admitted a plan while interactive work is about (their prefills delay it)
 
 
+@dataclasses.dataclass(eq=False)
+class Chunked:
+    """A prompt prefilled in chunks: where the next chunk starts, and the choices waiting for it."""
+
+    entry: Entry
+    pid: int
+    length: int  # T: the prompt's bucket, its cache's length
+    start: Optional[int] = None  # the next chunk's first position (None: not begun)
+    runs: list = dataclasses.field(default_factory=list)  # Running choices holding reserved slots
+
+
 class Planner:
     """Plans the engine's iterations (see the module docstring); `end(entry, outcome)` is the
     engine's one way to end a request."""
 
     def __init__(self, registry: Registry, scheduler: Scheduler, *, tokenizer, context_length: int,
                  decode_steps: int, end: Callable, vocab: Optional[int] = None,
-                 cache: Optional[PrefixIndex] = None):
+                 cache: Optional[PrefixIndex] = None, chunk: int = 0):
         self.registry, self.scheduler, self.tokenizer = registry, scheduler, tokenizer
         self.context_length, self.decode_steps, self.end = context_length, decode_steps, end
         self.vocab = vocab  # the padded vocabulary: mask rows are u32[vocab / 32]
@@ -69,6 +99,8 @@ class Planner:
         self._needs: deque = deque()  # (time, rows interactive work needed) over INTERACTIVE_HOLD_S
         self.scoring: deque = deque()  # started requests that only score their prompt, oldest first
         self.cache = cache  # the prefix cache's index, or None
+        self.chunk = chunk  # tokens a chunk of a long prompt's prefill (0: prompts prefill whole)
+        self.chunking: dict[int, Chunked] = {}  # prefill id -> its chunked job, oldest first
 
     def plan(self) -> tuple[list, list]:
         """This iteration's ops, and for each what process 0 does with its outputs."""
@@ -88,6 +120,7 @@ class Planner:
             self.end(entry, exc)
         for entry in aborts:
             self.end(entry, None)
+        self._next_chunk(ops, meta)  # before this plan's prefills: it reads only blocks saved earlier
         self._score(ops, meta)
         self._admissions(ops, meta)
         if self.scheduler.active:
@@ -216,7 +249,14 @@ class Planner:
 
     def prefills(self, entries: list, want_logprobs: bool, ops: list, meta: list, alone: bool = False) -> None:
         """One Prefill per group of same-bucket prompts (`Scheduler.prefill_calls`), with prompt
-        logprobs for every row when `want_logprobs`; with a prefix cache, see `_cached`."""
+        logprobs for every row when `want_logprobs`; with a prefix cache, see `_cached`. Prompts
+        longer than `chunk` become chunked jobs instead (unless `want_logprobs` or `alone`)."""
+        if self.chunk and not want_logprobs and not alone:
+            long = [e for e in entries if len(e.request.prompt) > self.chunk]
+            for e in long:
+                pid = self._new_prefill([e])
+                self.chunking[pid] = Chunked(e, pid, self.scheduler.bucket(len(e.request.prompt)))
+            entries = [e for e in entries if len(e.request.prompt) <= self.chunk]
         if self.cache is not None and not want_logprobs and not alone:
             self._cached(entries, ops, meta)
         else:
@@ -335,15 +375,69 @@ class Planner:
         for entry, choice, slot in admitted:
             run = Running(entry, choice, slot)
             entry.running.append(run)
-            length = len(entry.request.prompt)
-            self.scheduler.place(slot, run, length, background=entry.request.background)
             self.registry.placed(entry)
-            pid, index = entry.prefix
-            mask = None if choice.matcher is None else choice.matcher.mask()  # the grammar's start
-            ops.append(Place(pid, index, slot, length, row_args(entry.request, entry.seed, choice.index, mask)))
-            meta.append(run)
+            job = self.chunking.get(entry.prefix[0])
+            if job is not None:  # its prompt is still prefilled in chunks: the last one places it
+                self.scheduler.reserve(slot, run, background=entry.request.background)
+                job.runs.append(run)
+                continue
+            self._place(run, ops, meta)
             if not entry.unplaced:
                 self.release_prefill(entry)  # its last choice is placed
+
+    def _place(self, run: Running, ops: list, meta: list) -> None:
+        """`run`'s choice into its slot: the prompt's KV, its sampling row and first token."""
+        entry, choice = run.entry, run.choice
+        length = len(entry.request.prompt)
+        self.scheduler.place(run.slot, run, length, background=entry.request.background)
+        pid, index = entry.prefix
+        mask = None if choice.matcher is None else choice.matcher.mask()  # the grammar's start
+        ops.append(Place(pid, index, run.slot, length, row_args(entry.request, entry.seed, choice.index, mask)))
+        meta.append(run)
+
+    def _next_chunk(self, ops: list, meta: list) -> None:
+        """One chunk (`chunk` tokens) of the oldest chunked job; after its last, its choices are
+        placed. Chunk k runs positions [s + k C, s + (k+1) C) from the cached prefix's end s
+        (0 without one), except that a chunk starts at T - C at the latest, so that its padding
+        stays in the cache (`extend`): it computes again a few positions the cache holds. The
+        prefix cache is looked up when the first chunk runs (what it reads must not be evicted
+        between plan and op), and the last chunk saves the prompt's blocks. It runs before the
+        plan's prefills, so it reads no block a save of this plan writes (one that fails would
+        leave it garbage): a job admitted by this plan runs its first chunk at the next one."""
+        if not self.chunking:
+            return
+        job = next(iter(self.chunking.values()))
+        entry, C, T = job.entry, self.chunk, job.length
+        p = entry.request.prompt
+        first, reads = job.start is None, None
+        if first:
+            job.start = 0
+            if self.cache is not None:
+                ids = self.cache.match(p)
+                self.cache.record(p, len(ids))
+                if ids:
+                    Q = self.cache.block_tokens
+                    reads = np.zeros((1, T // Q), np.int32)
+                    reads[0, : len(ids)] = ids
+                    job.start = len(ids) * Q
+        start = min(job.start, T - C)
+        end = min(start + C, len(p))
+        tokens = np.zeros((1, C), np.int32)
+        tokens[0, : end - start] = p[start:end]
+        last = end == len(p)
+        writes = self._writes([entry], T, 1) if last else None
+        ops.append(Extend(job.pid, tokens, np.array([start], np.int32), np.array([end], np.int32), T, first=first,
+                          reads=reads, writes=writes))
+        meta.append(entry)
+        job.start = end
+        if not last:
+            return
+        del self.chunking[job.pid]
+        for run in job.runs:
+            if self.scheduler.owner[run.slot] is run and run.live:
+                self._place(run, ops, meta)
+        if not entry.unplaced:
+            self.release_prefill(entry)  # its last choice is placed
 
     def release_prefill(self, entry: Entry) -> None:
         """`entry` needs its prefill no more; the next plan drops a prefill nobody needs."""
@@ -354,4 +448,5 @@ class Planner:
         self._users[pid] -= 1
         if not self._users[pid]:
             del self._users[pid]
+            self.chunking.pop(pid, None)  # a job that ends before its last chunk
             self._drops.append(pid)

@@ -6,12 +6,15 @@ each [P, N, Q, H] (shape letters as in programs.py), heads over `model` on a mes
 prefill's cache, every block on every data shard (any slot may read any block).
 
   gather_blocks  pool blocks -> the first entries of a prefill cache [B, N, T, H]
+  empty_cache    zeros shaped and placed like a gather's (chunked prefill's start, no pool needed)
   extend         a prefill of tokens at positions [p, p + R) over a cache already holding
-                 [0, p): a prompt's rest after its cached prefix (and, later, chunked prefill)
+                 [0, p): a prompt's rest after its cached prefix, or one chunk of a long prompt
   save_blocks    a prefill's whole blocks -> the pool (donated, updated in place)
 
 A hit runs gather_blocks then extend, and its cache then goes into a slot through `insert`
-exactly as a prefill's does (same shape); any prefill may be followed by save_blocks.
+exactly as a prefill's does (same shape); any prefill may be followed by save_blocks. A
+chunked prefill (`--prefill-chunk`, planner.py) runs empty_cache or gather_blocks, then one
+extend of C tokens per engine iteration over the same cache, kept between iterations.
 """
 
 from __future__ import annotations
@@ -60,6 +63,23 @@ def gather_blocks(pool, reads, *, length: int, mesh=None):
     return cache
 
 
+def empty_cache(config, rows: int, length: int, mesh: Optional[Mesh] = None) -> tuple:
+    """Zeros per layer ([B, N, T, H], ...) with B = `rows`, T = `length`: a prefill cache
+    that holds nothing yet, placed as `gather_blocks`'s (a chunked prompt's first chunk with
+    no cached prefix `extend`s it). Committed to the device, as a program's results with
+    committed arguments are (part of `extend`'s jit cache key)."""
+    cache = _empty_cache(config=config, rows=rows, length=length, mesh=mesh)
+    return cache if mesh is not None else jax.device_put(cache, jax.local_devices()[0])
+
+
+@_program(static_argnames=("config", "rows", "length", "mesh"))
+def _empty_cache(*, config, rows: int, length: int, mesh=None):
+    cache = init_cache(config, rows, length)
+    if mesh is not None:
+        cache = jax.lax.with_sharding_constraint(cache, sharding.pool_sharding(mesh))
+    return cache
+
+
 @_program(static_argnames=("graphdef", "mesh"), donate_argnums=(3,))
 def extend(graphdef, params, head, cache, tokens, start, true_len, *, mesh=None):
     """Prefill that goes on from a cache already holding each row's first `start` positions:
@@ -71,7 +91,7 @@ def extend(graphdef, params, head, cache, tokens, start, true_len, *, mesh=None)
     stay within T (start + R <= T): their writes would be dropped, their positions not.
 
     The prefix cache's hits run it after `gather_blocks`; any prefix cache of the right shape
-    will do (chunked prefill: a prompt's earlier chunks)."""
+    will do (chunked prefill: `empty_cache` or `gather_blocks`, then a prompt's earlier chunks)."""
     model = nnx.merge(graphdef, params)
     B, R = tokens.shape
     positions = start[:, None] + jnp.arange(R, dtype=jnp.int32)[None, :]
@@ -123,5 +143,20 @@ def compile_all(graphdef, params, head, pool, *, prefills, extends, mesh=None, o
         extend.lower(graphdef, params, head, cache, np.zeros((rows, rest), np.int32), np.zeros((rows,), np.int32),
                      np.ones((rows,), np.int32), mesh=mesh).compile()
         done += 1
+        if on_program is not None:
+            on_program(done)
+
+
+def compile_chunks(graphdef, params, head, config, *, chunks, extends: bool = True, mesh=None,
+                   on_program=None) -> None:
+    """Compiles (ahead of time, as `compile_all`) what a chunked prefill runs: empty_cache, and
+    with `extends` the extend of one row, for each (T, C) in `chunks` (a cache of T tokens, C
+    tokens a chunk; with a pool, `compile_all`'s `extends` hold those, after gather_blocks:
+    the same program). `on_program(done)` after each."""
+    for done, (size, rest) in enumerate(chunks, start=1):
+        cache = _zeros_like(_empty_cache.lower(config=config, rows=1, length=size, mesh=mesh).compile().out_info)
+        if extends:
+            extend.lower(graphdef, params, head, cache, np.zeros((1, rest), np.int32), np.zeros((1,), np.int32),
+                         np.ones((1,), np.int32), mesh=mesh).compile()
         if on_program is not None:
             on_program(done)

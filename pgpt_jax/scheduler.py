@@ -56,6 +56,7 @@ class Scheduler:
         self.row_buckets = (slots,) if split_slots else tuple(r for r in ROW_BUCKETS if r < slots) + (slots,)
         self.owner: list[Optional[Any]] = [None] * slots  # what generates in each slot
         self.batch = [False] * slots  # whether that is background (batch) work
+        self.reserved = [False] * slots  # held for a choice whose prompt is still prefilled in chunks
         self.batch_slack = batch_slack
         self.decode_cost: Optional[dict[int, float]] = None  # seconds of a decode call by rows (warm-up)
         self.position = [0] * slots  # device position of each occupied slot's last token
@@ -66,14 +67,21 @@ class Scheduler:
 
     @property
     def occupied(self) -> list[int]:
-        return [s for s, o in enumerate(self.owner) if o is not None]
+        """Slots that decode: held by a placed choice (not only reserved)."""
+        return [s for s, o in enumerate(self.owner) if o is not None and not self.reserved[s]]
 
     @property
     def active(self) -> int:
-        return sum(o is not None for o in self.owner)
+        return len(self.occupied)
 
     def place(self, slot: int, owner: Any, position: int, background: bool = False) -> None:
         self.owner[slot], self.position[slot], self.batch[slot] = owner, position, background
+        self.reserved[slot] = False
+
+    def reserve(self, slot: int, owner: Any, background: bool = False) -> None:
+        """`slot` is `owner`'s, but it does not decode until `place` (its prompt is prefilled in
+        chunks): no free slot for others, no row of the decode's shape, no tokens read."""
+        self.owner[slot], self.batch[slot], self.reserved[slot] = owner, background, True
 
     def interactive_slots(self) -> list[int]:
         return [s for s, o in enumerate(self.owner) if o is not None and not self.batch[s]]
@@ -81,7 +89,7 @@ class Scheduler:
     def release(self, slot: Optional[int], owner: Any = None) -> None:
         """Frees `slot` (if `owner` is given, only while it still holds the slot)."""
         if slot is not None and (owner is None or self.owner[slot] is owner):
-            self.owner[slot] = None
+            self.owner[slot], self.reserved[slot] = None, False
 
     @property
     def queued(self) -> int:
@@ -104,6 +112,7 @@ class Scheduler:
 
     def clear(self) -> None:
         self.owner = [None] * self.slots
+        self.reserved = [False] * self.slots
         self.waiting.clear()
         self.background.clear()
 
@@ -179,6 +188,10 @@ class Scheduler:
             return None
         return T, R
 
+    def chunk_buckets(self, chunk: int) -> list[int]:
+        """The cache lengths T of prompts longer than `chunk` tokens (prefilled in chunks of it)."""
+        return [T for T in self.buckets if T > chunk]
+
     def extend_shapes(self, block: int) -> list[tuple[int, int]]:
         """Every (T, R) `extend_shape` can give when cached prefixes are whole blocks of `block` tokens."""
         return [(T, R) for T in self.buckets if T > block for R in self.buckets if 2 * R <= T]
@@ -196,8 +209,7 @@ class Scheduler:
     def advance(self, steps: int) -> dict[int, Any]:
         """The occupied slots moved on by `steps` tokens; returns {slot: owner} as they were."""
         owners = {}
-        for s, o in enumerate(self.owner):
-            if o is not None:
-                owners[s] = o
-                self.position[s] = min(self.position[s] + steps, self.context_length - 1)
+        for s in self.occupied:
+            owners[s] = self.owner[s]
+            self.position[s] = min(self.position[s] + steps, self.context_length - 1)
         return owners

@@ -87,7 +87,7 @@ def _watch(arrays: Any, done) -> None:
 
 def ran(op, meta, t0: float, out, executor) -> None:
     """The engine ran `op` (dispatched at `t0`, returned now) for the requests in `meta`."""
-    from pgpt_jax.executor import Decode, Place, Prefill
+    from pgpt_jax.executor import Decode, Extend, Place, Prefill
 
     t1 = time.perf_counter()
     if isinstance(op, Prefill):
@@ -100,6 +100,16 @@ def ran(op, meta, t0: float, out, executor) -> None:
             _watch(kept[1], lambda t: [mark(e.marks, "prefill_done", t) for e in entries])
         for e in entries:
             mark(e.marks, "prefill_timed")  # what the timeline itself took
+    elif isinstance(op, Extend):  # a chunked prefill: dispatched with its first chunk, returned with its last
+        m = meta.marks
+        if m is not None:
+            mark(m, "prefill_dispatch", t0)
+            if int(op.lengths[0]) == len(meta.request.prompt):
+                mark(m, "prefill_return", t1)
+                kept = executor.prefills.get(op.pid)
+                if kept is not None:
+                    _watch(kept[1], lambda t: mark(m, "prefill_done", t))
+                mark(m, "prefill_timed")
     elif isinstance(op, Place):
         m = meta.entry.marks
         if m is not None and "place_dispatch" not in m:

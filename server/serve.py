@@ -94,12 +94,16 @@ def _engine_from_args(args, mesh, limits: Limits, on_fatal=None):
     except ValueError as e:
         raise SystemExit(f"pgpt-jax: {e}")
     print(f"pgpt-jax: {model.config.dtype} on {jax.default_backend()}; {plan.describe()}", file=sys.stderr, flush=True)
-    engine = Engine(model, tokenizer_for(model.config), slots=plan.slots,
-                    decode_steps=args.decode_steps or devices.default_decode_steps(jax.default_backend()),
-                    limits=limits, mesh=mesh,
-                    lockstep_timeout=args.lockstep_timeout, on_fatal=on_fatal,
-                    batch_slack=getattr(args, "batch_slack", 1.25), xla_options=getattr(args, "xla_options", None),
-                    prefix_cache_blocks=getattr(args, "prefix_cache_blocks", 0))
+    try:
+        engine = Engine(model, tokenizer_for(model.config), slots=plan.slots,
+                        decode_steps=args.decode_steps or devices.default_decode_steps(jax.default_backend()),
+                        limits=limits, mesh=mesh,
+                        lockstep_timeout=args.lockstep_timeout, on_fatal=on_fatal,
+                        batch_slack=getattr(args, "batch_slack", 1.25), xla_options=getattr(args, "xla_options", None),
+                        prefix_cache_blocks=getattr(args, "prefix_cache_blocks", 0),
+                        prefill_chunk=getattr(args, "prefill_chunk", 0))
+    except ValueError as e:  # --prefill-chunk that is not a prompt bucket
+        raise SystemExit(f"pgpt-jax: {e}")
     return engine, what
 
 

@@ -326,7 +326,19 @@ def test_abort_frees_slots_in_threaded_loop(engine):
         engine.stop(reopen=True)  # the module engine goes on under run_until_idle
 
 
-def test_no_recompile_after_warmup(engine):
+@pytest.fixture(scope="module")
+def chunked(tiny_model, engine):
+    """The engine's shapes with chunked prefill (prompts over 32 tokens in chunks of 32):
+    warm-up compiles only the chunks' programs after `engine`'s."""
+    eng = Engine(tiny_model, get_tokenizer(), slots=8, decode_steps=3, limits=Limits(max_logprobs=5),
+                 prefill_chunk=32)
+    eng.warmup()
+    return eng
+
+
+@pytest.mark.parametrize("which", ["engine", "chunked"])
+def test_no_recompile_after_warmup(which, request):
+    engine = request.getfixturevalue(which)
     count = engine.compile_count
     L = engine.context_length
     mixed = [
@@ -339,6 +351,8 @@ def test_no_recompile_after_warmup(engine):
             (L - 20, 20, 1.0, 1.0, 3, None, 0, False, ("the", "of"), 0.0, 0.0, {50256: -100.0}, 3),
             (70, 0, 1.0, 1.0, 1, None, 3, True, (), 0.0, 0.0, None, None),
         ]]
+    # Chunked (on `chunked`): prompts of 33..128 tokens, in both buckets past the chunk.
+    mixed.append(Request(prompt=[7] * 50, max_tokens=4, temperature=0.9, n=2, seed=6, logprobs=1))
     # A constrained request decodes one step a call: those programs are warmed up too.
     mixed.append(Request(prompt=[5] * 3, max_tokens=6, n=2, seed=4,
                          constraint=Constraint("regex", "[ab]{1,5}", "structured_outputs.regex")))

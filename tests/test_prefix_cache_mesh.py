@@ -1,6 +1,7 @@
 """The prefix cache on a 4-device CPU mesh (data=2, model=2): in one process, and in two processes
 over gloo where process 0 decides every hit and the other replays its ops. Tokens and logprobs
-equal those without the cache, and the two-process run equals the one-process run.
+equal those without the cache, and the two-process run equals the one-process run. Chunked
+prefill (with the cache) on the same mesh: the same tokens, and the followers replay its chunks.
 
 Slow (minutes on 2 cores: every process compiles the tiny model's programs for the mesh),
 so apart from tests/test_prefix_cache.py, which stays quick."""
@@ -34,6 +35,15 @@ def test_sharded_engine_gives_the_same_with_and_without_the_cache(one_process):
     assert r["hit_blocks"] > 0 and r["compiles_after_warmup"] == 0
 
 
+def test_sharded_engine_gives_the_same_with_chunked_prefill(one_process):
+    r = one_process
+    for want, got in zip(r["off"], r["chunked"]):  # tokens exactly, logprobs to rounding
+        assert [t for t, _ in want] == [t for t, _ in got]
+        for (_, a), (_, b) in zip(want, got):
+            assert max(abs(x - y) for x, y in zip(a, b)) < 1e-5
+    assert r["chunked_compiles_after_warmup"] == 0
+
+
 def test_two_processes_replay_process_0s_hits(one_process):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     port = str(free_port())
@@ -50,5 +60,6 @@ def test_two_processes_replay_process_0s_hits(one_process):
             p.kill()
     got = outs[0]
     assert got["off"] == got["on"] == got["on_again"] == one_process["on"]
+    assert got["chunked"] == one_process["chunked"]  # the followers replayed every Extend
     assert got["hit_blocks"] == one_process["hit_blocks"]
     assert outs[1] == {"follower": "stopped"}

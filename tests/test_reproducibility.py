@@ -355,6 +355,33 @@ def test_a_neighbour_aborted_midway(engine, reference):
         assert_reproduced(views_of_result(out.result), reference[name], f"neighbour aborted, {name}")
 
 
+def test_a_chunked_prompt_gives_what_a_whole_one_gives(tiny_model, engine, monkeypatch):
+    # The same engine with chunked prefill (prompts over 16 tokens in chunks of 16): seeded
+    # and greedy requests with prompts of 4 and 3 chunks give the tokens (and, to ATOL, the
+    # logprobs) that their whole prefill gave, alone and among neighbours that decode while
+    # the chunks run.
+    chunked = Engine(tiny_model, get_tokenizer(), slots=SLOTS, decode_steps=4, max_prefill_tokens=64,
+                     limits=Limits(max_logprobs=20, max_queue=1 << 30), prefill_chunk=16)
+    long = {"sampled_long": Request(prompt=[(17 * j + 3) % 50000 for j in range(60)], max_tokens=10,
+                                    temperature=1.0, top_p=0.9, n=2, seed=4242, logprobs=3),
+            "greedy_long": Request(prompt=[(29 * j + 11) % 50000 for j in range(40)], max_tokens=10,
+                                   temperature=0.0, logprobs=2)}
+    ref = {name: views_of_result(run(engine, [r])[0].result) for name, r in long.items()}
+    extends, run_op = [], chunked.executor.run
+    monkeypatch.setattr(chunked.executor, "run", lambda op: (extends.append(op) if type(op).__name__ == "Extend"
+                                                             else None, run_op(op))[1])
+    for name, r in long.items():
+        assert_reproduced(views_of_result(run(chunked, [r])[0].result), ref[name], f"chunked alone, {name}")
+    assert len(extends) == 4 + 3
+    neighbours = submit(chunked, fillers(6, start=5, max_tokens=12))
+    chunked.step()
+    outs = submit(chunked, list(long.values()))
+    chunked.run_until_idle()
+    for name, out in zip(long, outs):
+        assert_reproduced(views_of_result(out.result), ref[name], f"chunked among neighbours, {name}")
+    assert all(isinstance(o.result, Result) for o in neighbours)
+
+
 def test_streamed_targets_among_neighbours(engine, reference):
     # best_of > n cannot stream (the ranking needs every candidate); it runs beside them unstreamed.
     streamed = [n for n in ORDER if n != "best_of"]

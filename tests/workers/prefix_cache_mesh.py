@@ -3,7 +3,8 @@ process or in N processes over gloo (process 0 decides hits; the others replay i
 
 Process 0 runs the same requests (prompts sharing a 3-block prefix, greedy and seeded, n=2)
 on an engine without the cache, then twice on one with it (hits inside one plan, then across
-plans), and prints the tokens and logprobs of each as JSON. The others follow.
+plans), then on one with the cache and chunked prefill (chunks of 32: the 100-token prompts
+in 3 or 4 `Extend` ops), and prints the tokens and logprobs of each as JSON. The others follow.
 
 usage: prefix_cache_mesh.py single | PORT PROCESS_ID NUM_PROCESSES
 """
@@ -63,29 +64,30 @@ def main() -> None:
     mesh = sharding.make_mesh(data=2, model=2)
     model = init_model("tiny", seed=0, mesh=mesh)
     engines = {}
-    for blocks in (0, 16):
+    for blocks, chunk in ((0, 0), (16, 0), (16, 32)):
         eng = Engine(model, get_tokenizer(), slots=4, decode_steps=2, mesh=mesh, prefix_cache_blocks=blocks,
-                     lockstep_timeout=600)
+                     lockstep_timeout=600, prefill_chunk=chunk)
         if NUM == 1:  # multi-process: programs compile while serving (as tests/workers/multihost_engine.py)
             eng.warmup()
-        engines[blocks] = eng
+        engines[blocks, chunk] = eng
     if jax.process_index() != 0:
-        for blocks in (0, 16):
-            engines[blocks].run_follower()  # returns when process 0 stops that engine
+        for key in ((0, 0), (16, 0), (16, 32)):
+            engines[key].run_follower()  # returns when process 0 stops that engine
         print(json.dumps({"follower": "stopped"}), flush=True)
         return
-    result = {}
-    for blocks, names in ((0, ["off"]), (16, ["on", "on_again"])):
-        eng = engines[blocks]
-        count = eng.compile_count
+    result, counts = {}, {}
+    for key, names in (((0, 0), ["off"]), ((16, 0), ["on", "on_again"]), ((16, 32), ["chunked"])):
+        eng = engines[key]
+        count = counts[key] = eng.compile_count
         eng.start()
         try:
             for name in names:
                 result[name] = run(eng)
         finally:
             eng.stop()
-    result["hit_blocks"] = engines[16].prefix_cache.hit_blocks
-    result["compiles_after_warmup"] = engines[16].compile_count - count if NUM == 1 else None
+    result["hit_blocks"] = engines[16, 0].prefix_cache.hit_blocks
+    result["compiles_after_warmup"] = engines[16, 0].compile_count - counts[16, 0] if NUM == 1 else None
+    result["chunked_compiles_after_warmup"] = engines[16, 32].compile_count - counts[16, 32] if NUM == 1 else None
     print(json.dumps(result), flush=True)
 
 
