@@ -49,8 +49,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from pgpt_jax import grammar, sharding, timeline
-from pgpt_jax.executor import Decode, Drop, Executor, Forward, Place, Prefill, Sample
+from pgpt_jax import grammar, ngram, sharding, timeline
+from pgpt_jax.executor import Decode, Drop, Executor, Forward, Place, Prefill, Sample, Verify
 from pgpt_jax.model import GPT
 from pgpt_jax.multihost import Lockstep, Watchdog, follow
 from pgpt_jax.planner import Planner
@@ -75,7 +75,8 @@ class Engine:
                  limits: Limits = Limits(), min_bucket: int = 16, min_window: int = 128,
                  max_prefill_tokens: int = 1024, mesh: Optional[Mesh] = None,
                  lockstep_timeout: float = 30.0, on_fatal: Optional[Callable[[BaseException], None]] = None,
-                 batch_slack: float = 1.25, xla_options: Optional[str] = None, prefix_cache_blocks: int = 0):
+                 batch_slack: float = 1.25, xla_options: Optional[str] = None, prefix_cache_blocks: int = 0,
+                 speculative: Optional[str | ngram.Speculative] = None):
         self.model, self.tokenizer, self.config = model, tokenizer, model.config
         self.context_length = self.config.n_positions
         self.slots, self.decode_steps, self.limits, self.mesh = slots, decode_steps, limits, mesh
@@ -87,8 +88,11 @@ class Engine:
             sharding.check_mesh(mesh, self.config, slots)
         # The prefix cache: an index on process 0's host, a pool of KV blocks on the devices.
         self.prefix_cache = PrefixIndex(prefix_cache_blocks) if prefix_cache_blocks > 0 else None
+        # Speculative decoding: "ngram:K[:MIN-MAX]" (ngram.parse) or a Speculative; None: off.
+        self.speculative = ngram.parse(speculative) if isinstance(speculative, (str, type(None))) else speculative
         self.executor = Executor(model, slots=slots, decode_steps=decode_steps, top_k=self.top_k, mesh=mesh,
-                                 prefix_blocks=max(prefix_cache_blocks, 0), block_tokens=BLOCK_TOKENS)
+                                 prefix_blocks=max(prefix_cache_blocks, 0), block_tokens=BLOCK_TOKENS,
+                                 verify_k=self.speculative.k if self.speculative else 0)
         self.never = self.executor.never
         self._wake = threading.Event()
         budget = limits.max_queued_tokens or 8 * slots * self.context_length
@@ -96,7 +100,8 @@ class Engine:
         self._pending: list = []  # dispatched work whose outputs are not processed yet
         self.planner = Planner(self.registry, self.scheduler, tokenizer=tokenizer,
                                context_length=self.context_length, decode_steps=decode_steps, end=self._end,
-                               vocab=self.config.padded_vocab, cache=self.prefix_cache)
+                               vocab=self.config.padded_vocab, cache=self.prefix_cache,
+                               speculative=self.speculative)
         self._moved: dict[tuple, tuple] = {}  # this plan's prefills retried alone: (pid, index) -> new
         self._forwarded: Optional[dict] = None  # this step's Forward ran: {slot: owner} for its Sample
         self._bad_blocks: set = set()  # this plan's pool blocks whose save failed (None in it: all)
@@ -111,6 +116,7 @@ class Engine:
         self._watchdog: Optional[Watchdog] = None
         self._stop_sent = False
         self.prefill_calls = self.decode_calls = self.generated_tokens = 0
+        self.spec_proposed_tokens = self.spec_accepted_tokens = 0  # speculative decoding's proposals, and those taken
         # XLA:CPU options: None keeps the process's choice, "auto" measures at warm-up, else a set's name.
         self.xla_options = xla_options
         self.option_times: dict = {}  # rows -> {option set: seconds per decode call}, when measured
@@ -371,7 +377,8 @@ class Engine:
             self._execute(sample, [self._forwarded])
         # Process everything dispatched before the newest decode while the device runs it (all
         # of it when this plan sent no decode: the rows' last tokens are in flight).
-        decoded = any(isinstance(op, (Decode, Forward)) for op in ops)
+        # With speculation the next plan's proposals continue every row's last token: all of it is read now.
+        decoded = any(isinstance(op, (Decode, Forward)) for op in ops) and self.speculative is None
         keep = 1 if decoded and self._pending and self._pending[-1][0] == "decode" else 0
         while len(self._pending) > keep:
             self._process(self._pending.pop(0))
@@ -423,6 +430,10 @@ class Engine:
             elif isinstance(op, (Decode, Sample)):
                 self.decode_calls += 1
                 self._pending.append(("decode", m, out))
+            elif isinstance(op, Verify):
+                self.decode_calls += 1
+                self.spec_proposed_tokens += int(op.lengths.sum())
+                self._pending.append(("verify", m, out))
 
     def _prefill_fault(self, op: Prefill, chunk: list, exc: Exception) -> None:
         """One process: a prefill raised. A shared call is retried prompt by prompt, so that only
@@ -485,12 +496,16 @@ class Engine:
         """Feeds one dispatched call's tokens to the outputs of the choices it ran."""
         kind, owners, outs = item
         try:
-            toks, lps, top_ids, top_lps = (np.asarray(a) for a in outs)  # waits for that program
+            toks, lps, top_ids, top_lps, *taken = (np.asarray(a) for a in outs)  # waits for that program
         except Exception as exc:  # the call failed while it ran
             if self.lockstep is not None:
                 raise
             self._device_fault(exc, [run.entry for run in owners.values()])
             return
+        if kind == "verify":  # row `col` took taken[col] of the [K+1] tokens
+            taken = taken[0]
+            self.planner.settle(owners, taken)
+            self.spec_accepted_tokens += sum(int(taken[col]) - 1 for col in owners)
         if kind == "insert":  # [1] -> [steps=1, rows=1]
             if timeline.ON:
                 timeline.read(owners)
@@ -503,7 +518,7 @@ class Engine:
                 continue
             touched[entry.rid] = entry
             try:
-                for t in range(toks.shape[0]):
+                for t in range(int(taken[col]) if kind == "verify" else toks.shape[0]):
                     entry.output.add_token(c, int(toks[t, col]), float(lps[t, col]), top_ids[t, col],
                                            top_lps[t, col])
                     self.generated_tokens += 1

@@ -29,6 +29,16 @@ Which blocks are read and written is decided here, so every process replays the 
 Prompts whose prompt logprobs are wanted bypass the cache (prefilled whole, as before: their
 logprobs need every position's logits), and so do retries of a failed prefill.
 
+Speculative decoding (`ngram.py`, when the engine has it): each running row whose every
+dispatched token has been read proposes up to K tokens from its own prompt + output (n-gram
+lookup); if any row does, the plan's decode is a `Verify` instead, which takes 1..K+1
+tokens a row (rows with no proposal take one). A row's proposal continues the token it
+sampled last, so the engine reads each call's tokens before the next plan (no call is in
+flight while planning). How far a row went is known only once read: `settle` moves its
+dispatched count and position on by what it took (the window is planned for the most it
+could take). Constrained rows never propose: a plan with one runs `Forward`/`Sample` as
+above; a request may opt out (`Request.speculative`).
+
 Prefills are kept by id until no request needs them: a request holds its prefill until its
 last choice is placed or it ends (`release_prefill`), and the next plan drops (`Drop`) what
 nobody holds any more.
@@ -42,7 +52,8 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from pgpt_jax.executor import Decode, Drop, Forward, Place, Prefill, Sample, row_args
+from pgpt_jax import ngram
+from pgpt_jax.executor import Decode, Drop, Forward, Place, Prefill, Sample, Verify, row_args
 from pgpt_jax.outputs import RequestOutput
 from pgpt_jax.prefix_cache import PrefixIndex, chain
 from pgpt_jax.registry import Entry, Registry, Running
@@ -58,7 +69,7 @@ class Planner:
 
     def __init__(self, registry: Registry, scheduler: Scheduler, *, tokenizer, context_length: int,
                  decode_steps: int, end: Callable, vocab: Optional[int] = None,
-                 cache: Optional[PrefixIndex] = None):
+                 cache: Optional[PrefixIndex] = None, speculative: Optional[ngram.Speculative] = None):
         self.registry, self.scheduler, self.tokenizer = registry, scheduler, tokenizer
         self.context_length, self.decode_steps, self.end = context_length, decode_steps, end
         self.vocab = vocab  # the padded vocabulary: mask rows are u32[vocab / 32]
@@ -69,6 +80,7 @@ class Planner:
         self._needs: deque = deque()  # (time, rows interactive work needed) over INTERACTIVE_HOLD_S
         self.scoring: deque = deque()  # started requests that only score their prompt, oldest first
         self.cache = cache  # the prefix cache's index, or None
+        self.speculative = speculative  # n-gram proposals (speculative decoding), or None
 
     def plan(self) -> tuple[list, list]:
         """This iteration's ops, and for each what process 0 does with its outputs."""
@@ -93,7 +105,11 @@ class Planner:
         if self.scheduler.active:
             constrained = self.constrained()
             steps = 1 if constrained else self._steps()
-            if steps:
+            verify = None if constrained or self.speculative is None else self._verify()
+            if verify is not None:  # positions and dispatched counts move on once read (`settle`)
+                ops.append(verify)
+                meta.append({s: run for s, run in enumerate(self.scheduler.owner) if run is not None})
+            elif steps:
                 window, rows = self.scheduler.decode_shape(steps)
                 ops.append(Forward(window, rows) if constrained else Decode(window, rows, steps))
                 owners = self.scheduler.advance(steps)
@@ -121,6 +137,40 @@ class Planner:
         if min(left) < self.decode_steps or self.scheduler.waiting:
             return 1
         return self.decode_steps
+
+    def _verify(self) -> Optional[Verify]:
+        """The plan's decode as a Verify of every occupied row's proposal, or None when no row
+        proposes anything (then it decodes as without speculation)."""
+        sched, k = self.scheduler, self.speculative.k
+        proposals = {s: p for s in sched.occupied if (p := self._proposal(sched.owner[s])).size}
+        if not proposals:
+            return None
+        window, rows = sched.decode_shape(1 + max(p.size for p in proposals.values()))
+        tokens, lengths = np.zeros((rows, k), np.int32), np.zeros((rows,), np.int32)
+        for s, p in proposals.items():
+            tokens[s, : p.size], lengths[s] = p, p.size
+        return Verify(window, rows, tokens, lengths)
+
+    def _proposal(self, run: Running) -> np.ndarray:
+        """Up to K tokens `run` proposes (i32[<= K]); none unless every token dispatched for it
+        has been read, or when it opted out, is ending, or has fewer than two tokens to go (a
+        Verify never makes a row's tokens past its max_tokens)."""
+        c, entry, spec = run.choice, run.entry, self.speculative
+        left = entry.output.max_new - run.dispatched
+        if (not run.live or entry.done or c.finish is not None or not entry.request.speculative
+                or c.matcher is not None or c.generated < run.dispatched or left < 2):
+            return np.zeros((0,), np.int32)
+        ids = np.asarray(entry.request.prompt + c.token_ids, np.int32)
+        return ngram.propose(ids, min(spec.k, left - 1), spec.min_n, spec.max_n)
+
+    def settle(self, owners: dict, taken) -> None:
+        """A Verify's rows were read: row `slot` took taken[slot] tokens (i32[rows]); their
+        dispatched counts and positions move on by that."""
+        for slot, run in owners.items():
+            n = int(taken[slot])
+            run.dispatched += n
+            if self.scheduler.owner[slot] is run:
+                self.scheduler.position[slot] = min(self.scheduler.position[slot] + n, self.context_length - 1)
 
     def constrained(self) -> bool:
         """A constrained choice holds a slot: decode goes one step at a time, in two halves."""
