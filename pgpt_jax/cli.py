@@ -46,6 +46,22 @@ def _add_prefix_cache_arg(p: argparse.ArgumentParser) -> None:
                         "prefix (0: no prefix cache; default %(default)s, 8 contexts of 1024 tokens)")
 
 
+def _speculative(text: str):
+    from pgpt_jax import ngram
+
+    try:
+        return ngram.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _add_speculative_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--speculative", type=_speculative, default=None, metavar="ngram:K[:MIN-MAX]",
+                   help="speculative decoding without a draft model: each row proposes up to K tokens that "
+                        "followed an earlier occurrence of its last MIN..MAX tokens (default 1-3) and one "
+                        "forward pass checks them; outputs are unchanged (docs/architecture.md; default: off)")
+
+
 def _add_cache_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile-cache", default=None, metavar="DIR",
                    help="persistent XLA compilation cache (default: ~/.cache/pgpt-jax/xla/<cpu>)")
@@ -71,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=None, help="also read from PGPT_API_KEY")
     _add_slots_args(p)
     _add_prefix_cache_arg(p)
+    _add_speculative_arg(p)
     p.add_argument("--decode-steps", type=int, default=None,
                    help="decode steps a call (default: 1 on CPU, 4 on GPU/TPU; the planner runs 1 near a "
                         "row's end or while work waits)")
@@ -124,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", default=None, help="the name the lines' `model` must give")
     _add_slots_args(p)
     _add_prefix_cache_arg(p)
+    _add_speculative_arg(p)
     p.add_argument("--decode-steps", type=int, default=4)
     p.add_argument("--max-logprobs", type=int, default=LIMITS.max_logprobs)
     p.add_argument("--window", type=int, default=0, help="lines on the engine at once (default 0: twice --slots)")

@@ -99,7 +99,8 @@ def _engine_from_args(args, mesh, limits: Limits, on_fatal=None):
                     limits=limits, mesh=mesh,
                     lockstep_timeout=args.lockstep_timeout, on_fatal=on_fatal,
                     batch_slack=getattr(args, "batch_slack", 1.25), xla_options=getattr(args, "xla_options", None),
-                    prefix_cache_blocks=getattr(args, "prefix_cache_blocks", 0))
+                    prefix_cache_blocks=getattr(args, "prefix_cache_blocks", 0),
+                    speculative=getattr(args, "speculative", None))
     return engine, what
 
 

@@ -203,3 +203,23 @@ def test_no_compile_after_warmup_with_speculation(engines):
     assert all(isinstance(r, Result) for r in res)
     assert res[1].choices[0].finish_reason == "length" and len(res[1].choices[0].token_ids) <= 20
     assert spec.compile_count == count
+
+
+def test_the_flag_and_the_request_field():
+    from pgpt_jax.cli import build_parser, limits_from_args
+    from server.protocol import APIError, ModelInfo, parse_chat, parse_completion
+
+    assert build_parser().parse_args(["serve", "--speculative", "ngram:4"]).speculative == ngram.Speculative(4)
+    assert build_parser().parse_args(["run-batch", "-i", "a", "-o", "b", "--speculative", "ngram:2:2-3"]
+                                     ).speculative == ngram.Speculative(2, 2, 3)
+    assert build_parser().parse_args(["serve"]).speculative is None  # off by default
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--speculative", "draft:4"])
+    info = ModelInfo("m", 50257, 128, False, limits_from_args(build_parser().parse_args(["serve"])), get_tokenizer())
+    assert parse_completion({"model": "m", "prompt": "a"}, info).requests[0].speculative
+    assert not parse_completion({"model": "m", "prompt": "a", "speculative": False}, info).requests[0].speculative
+    chat = {"model": "m", "messages": [{"role": "user", "content": "a"}], "speculative": False}
+    assert not parse_chat(chat, info).requests[0].speculative
+    with pytest.raises(APIError) as e:
+        parse_completion({"model": "m", "prompt": "a", "speculative": "no"}, info)
+    assert e.value.param == "speculative" and e.value.status == 400
