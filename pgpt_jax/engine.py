@@ -377,9 +377,8 @@ class Engine:
             self._execute(sample, [self._forwarded])
         # Process everything dispatched before the newest decode while the device runs it (all
         # of it when this plan sent no decode: the rows' last tokens are in flight).
-        # With speculation the next plan's proposals continue every row's last token: all of it is read now.
-        decoded = any(isinstance(op, (Decode, Forward)) for op in ops) and self.speculative is None
-        keep = 1 if decoded and self._pending and self._pending[-1][0] == "decode" else 0
+        decoded = any(isinstance(op, (Decode, Forward, Verify)) for op in ops)
+        keep = 1 if decoded and self._pending and self._pending[-1][0] in ("decode", "verify") else 0
         while len(self._pending) > keep:
             self._process(self._pending.pop(0))
         if not self.scheduler.active:
@@ -433,7 +432,7 @@ class Engine:
             elif isinstance(op, Verify):
                 self.decode_calls += 1
                 self.spec_proposed_tokens += int(op.lengths.sum())
-                self._pending.append(("verify", m, out))
+                self._pending.append(("verify", m, (*out, op.lengths + 1)))  # + what each row was planned for
 
     def _prefill_fault(self, op: Prefill, chunk: list, exc: Exception) -> None:
         """One process: a prefill raised. A shared call is retried prompt by prompt, so that only
@@ -496,15 +495,16 @@ class Engine:
         """Feeds one dispatched call's tokens to the outputs of the choices it ran."""
         kind, owners, outs = item
         try:
-            toks, lps, top_ids, top_lps, *taken = (np.asarray(a) for a in outs)  # waits for that program
+            toks, lps, top_ids, top_lps, *counts = (np.asarray(a) for a in outs)  # waits for that program
         except Exception as exc:  # the call failed while it ran
             if self.lockstep is not None:
                 raise
             self._device_fault(exc, [run.entry for run in owners.values()])
             return
+        taken = None
         if kind == "verify":  # row `col` took taken[col] of the [K+1] tokens
-            taken = taken[0]
-            self.planner.settle(owners, taken)
+            taken, planned = counts
+            self.planner.settle(owners, planned, taken)
             self.spec_accepted_tokens += sum(int(taken[col]) - 1 for col in owners)
         if kind == "insert":  # [1] -> [steps=1, rows=1]
             if timeline.ON:
@@ -517,8 +517,11 @@ class Engine:
             if c.finish is not None or entry.done or not run.live:
                 continue
             touched[entry.rid] = entry
+            made = int(taken[col]) if taken is not None else toks.shape[0]
+            if kind != "insert" and self.speculative is not None:
+                self.planner.observe(run, toks[:made, col].tolist())
             try:
-                for t in range(int(taken[col]) if kind == "verify" else toks.shape[0]):
+                for t in range(made):
                     entry.output.add_token(c, int(toks[t, col]), float(lps[t, col]), top_ids[t, col],
                                            top_lps[t, col])
                     self.generated_tokens += 1

@@ -29,15 +29,19 @@ Which blocks are read and written is decided here, so every process replays the 
 Prompts whose prompt logprobs are wanted bypass the cache (prefilled whole, as before: their
 logprobs need every position's logits), and so do retries of a failed prefill.
 
-Speculative decoding (`ngram.py`, when the engine has it): each running row whose every
-dispatched token has been read proposes up to K tokens from its own prompt + output (n-gram
-lookup); if any row does, the plan's decode is a `Verify` instead, which takes 1..K+1
-tokens a row (rows with no proposal take one). A row's proposal continues the token it
-sampled last, so the engine reads each call's tokens before the next plan (no call is in
-flight while planning). How far a row went is known only once read: `settle` moves its
-dispatched count and position on by what it took (the window is planned for the most it
-could take). Constrained rows never propose: a plan with one runs `Forward`/`Sample` as
-above; a request may opt out (`Request.speculative`).
+Speculative decoding (`ngram.py`, when the engine has it): each running row proposes up to K
+tokens by n-gram lookup in its prompt + output; if any row does, the plan's decode is a
+`Verify` instead, which takes 1..K+1 tokens a row (a row with no proposal takes one). The
+engine keeps pipelining (it plans call t+1 before reading call t), so a row's proposal
+continues the output it is *expected* to have once the calls in flight are read: each call
+records, per row, how many tokens it gives (unknown for a row it verifies) and which tokens
+the lookup expects from it (`_flight`); reading the call (`observe`) checks them. A wrong
+expectation costs only speed: the device checks every proposal against the model itself,
+so proposals made from a wrong guess are rejected like any other. Until read, a verified
+row's dispatched count and position are planned for the most it can take (K+1, so that the
+window covers it and max_tokens is never passed); `settle` takes back what it did not.
+Constrained rows never propose (a plan with one runs `Forward`/`Sample` as above); a
+request may opt out (`Request.speculative`).
 
 Prefills are kept by id until no request needs them: a request holds its prefill until its
 last choice is placed or it ends (`release_prefill`), and the next plan drops (`Drop`) what
@@ -81,6 +85,7 @@ class Planner:
         self.scoring: deque = deque()  # started requests that only score their prompt, oldest first
         self.cache = cache  # the prefix cache's index, or None
         self.speculative = speculative  # n-gram proposals (speculative decoding), or None
+        self._flight: dict = {}  # Running -> [(tokens, expected i32[tokens] or None)] per call in flight
 
     def plan(self) -> tuple[list, list]:
         """This iteration's ops, and for each what process 0 does with its outputs."""
@@ -105,16 +110,21 @@ class Planner:
         if self.scheduler.active:
             constrained = self.constrained()
             steps = 1 if constrained else self._steps()
-            verify = None if constrained or self.speculative is None else self._verify()
-            if verify is not None:  # positions and dispatched counts move on once read (`settle`)
+            guesses = self._guesses() if self.speculative is not None and steps else {}
+            verify = None if constrained or not guesses else self._verify(guesses)
+            if verify is not None:
                 ops.append(verify)
                 meta.append({s: run for s, run in enumerate(self.scheduler.owner) if run is not None})
             elif steps:
                 window, rows = self.scheduler.decode_shape(steps)
                 ops.append(Forward(window, rows) if constrained else Decode(window, rows, steps))
                 owners = self.scheduler.advance(steps)
-                for run in owners.values():
+                for s, run in owners.items():
                     run.dispatched += steps
+                    if guesses:
+                        cont = None if constrained else guesses[s][1]
+                        self._flight[run].append((steps, cont[:steps] if cont is not None and cont.size >= steps
+                                                  else None))
                 meta.append(owners)
         if self.cache is not None:
             self.cache.unpin_all()  # the ops are in order: later plans may reuse what these read
@@ -138,39 +148,85 @@ class Planner:
             return 1
         return self.decode_steps
 
-    def _verify(self) -> Optional[Verify]:
-        """The plan's decode as a Verify of every occupied row's proposal, or None when no row
-        proposes anything (then it decodes as without speculation)."""
+    def _guesses(self) -> dict:
+        """slot -> (history, continuation) for every occupied row: its prompt + output as
+        expected once the calls in flight are read (`_expected`), and the next K+1 tokens the
+        n-gram lookup expects after it (i32[<= K+1]); (None, None) where either is unknown."""
+        sched, spec = self.scheduler, self.speculative
+        self._flight = {run: self._flight.get(run, []) for run in sched.owner if run is not None}
+        out = {}
+        for s in sched.occupied:
+            hist = self._expected(sched.owner[s])
+            cont = None if hist is None else ngram.propose(hist, spec.k + 1, spec.min_n, spec.max_n)
+            out[s] = (hist, cont if cont is not None and cont.size else None)
+        return out
+
+    def _expected(self, run: Running) -> Optional[np.ndarray]:
+        """i32[n]: `run`'s prompt + output once the calls in flight for it are read, if they give
+        what was expected of them (tokens expected of none, for a call of a known count, are
+        looked up now); None when that is unknown."""
+        c = run.choice
+        hist = np.asarray(run.entry.request.prompt + c.token_ids, np.int32)
+        flight = ([(1, None)] if c.generated == 0 else []) + self._flight[run]  # start_row's first token
+        for count, tokens in flight:
+            if tokens is None and count is not None:
+                tokens = ngram.propose(hist, count, self.speculative.min_n, self.speculative.max_n)
+                tokens = tokens if tokens.size == count else None
+            if tokens is None:
+                return None
+            hist = np.concatenate([hist, tokens])
+        return hist
+
+    def _verify(self, guesses: dict) -> Optional[Verify]:
+        """The plan's decode as a Verify of the rows' proposals, or None when no row proposes
+        anything (then it decodes as without speculation). Records what each row is expected
+        to give, and plans its dispatched count and position for the most it can take."""
         sched, k = self.scheduler, self.speculative.k
-        proposals = {s: p for s in sched.occupied if (p := self._proposal(sched.owner[s])).size}
-        if not proposals:
+        counts = {s: self._proposals(sched.owner[s], cont) for s, (_, cont) in guesses.items()}
+        if not any(counts.values()):
             return None
-        window, rows = sched.decode_shape(1 + max(p.size for p in proposals.values()))
+        window, rows = sched.decode_shape(1 + max(counts.values()))
         tokens, lengths = np.zeros((rows, k), np.int32), np.zeros((rows,), np.int32)
-        for s, p in proposals.items():
-            tokens[s, : p.size], lengths[s] = p, p.size
+        for s, n in counts.items():
+            run, cont = sched.owner[s], guesses[s][1]
+            if n:
+                tokens[s, :n], lengths[s] = cont[:n], n
+            self._flight[run].append((None if n else 1, cont[: n + 1] if cont is not None and cont.size > n else None))
+            run.dispatched += n + 1
+            sched.position[s] = min(sched.position[s] + n + 1, self.context_length - 1)
         return Verify(window, rows, tokens, lengths)
 
-    def _proposal(self, run: Running) -> np.ndarray:
-        """Up to K tokens `run` proposes (i32[<= K]); none unless every token dispatched for it
-        has been read, or when it opted out, is ending, or has fewer than two tokens to go (a
-        Verify never makes a row's tokens past its max_tokens)."""
-        c, entry, spec = run.choice, run.entry, self.speculative
+    def _proposals(self, run: Running, cont: Optional[np.ndarray]) -> int:
+        """How many of the continuation's tokens `run` proposes: at most K, and one fewer than
+        the continuation holds (its last one is what the row is expected to take after them);
+        none when it opted out, is ending, or has fewer than two tokens to go (a Verify never
+        makes a row's tokens past its max_tokens)."""
+        c, entry = run.choice, run.entry
         left = entry.output.max_new - run.dispatched
-        if (not run.live or entry.done or c.finish is not None or not entry.request.speculative
-                or c.matcher is not None or c.generated < run.dispatched or left < 2):
-            return np.zeros((0,), np.int32)
-        ids = np.asarray(entry.request.prompt + c.token_ids, np.int32)
-        return ngram.propose(ids, min(spec.k, left - 1), spec.min_n, spec.max_n)
+        if (cont is None or not run.live or entry.done or c.finish is not None or not entry.request.speculative
+                or c.matcher is not None or left < 2):
+            return 0
+        return max(0, min(self.speculative.k, left - 1, cont.size - 1))
 
-    def settle(self, owners: dict, taken) -> None:
-        """A Verify's rows were read: row `slot` took taken[slot] tokens (i32[rows]); their
-        dispatched counts and positions move on by that."""
+    def observe(self, run: Running, tokens: list) -> None:
+        """The tokens a decode or verify call gave `run`, read in call order: checked against
+        what was expected of that call; after a surprise, later calls' expectations (made from
+        the wrong history) are forgotten, and a verified one's count is unknown."""
+        flight = self._flight.get(run)
+        if not flight:
+            return
+        count, expected = flight.pop(0)
+        if expected is None or expected.tolist() != tokens:
+            flight[:] = [(n, None) for n, _ in flight]
+
+    def settle(self, owners: dict, planned, taken) -> None:
+        """A Verify's rows were read: row `slot` was planned for planned[slot] tokens and took
+        taken[slot] (i32[rows] each); its dispatched count and position take back the rest."""
         for slot, run in owners.items():
-            n = int(taken[slot])
-            run.dispatched += n
+            unused = int(planned[slot]) - int(taken[slot])
+            run.dispatched -= unused
             if self.scheduler.owner[slot] is run:
-                self.scheduler.position[slot] = min(self.scheduler.position[slot] + n, self.context_length - 1)
+                self.scheduler.position[slot] -= unused
 
     def constrained(self) -> bool:
         """A constrained choice holds a slot: decode goes one step at a time, in two halves."""
