@@ -259,6 +259,12 @@ class Engine:
         else:  # what a decode call of each row bucket costs: how far batch work may widen it
             sched.decode_cost = self.executor.time_decodes([(rows, sched.windows[0]) for rows in sched.row_buckets])
             log.info("decode call seconds by rows: %s", {r: round(t, 4) for r, t in sched.decode_cost.items()})
+            if self.speculative is not None:  # what a Verify costs against a decode: when it pays (planner.py)
+                verify = self.executor.time_decodes([(rows, sched.windows[0]) for rows in sched.row_buckets],
+                                                    verify=True)
+                self.planner.verify_cost = {r: verify[r] / sched.decode_cost[r] for r in verify}
+                log.info("verify / decode call time by rows: %s",
+                         {r: round(c, 2) for r, c in self.planner.verify_cost.items()})
         return time.perf_counter() - t0
 
     def choose_options(self) -> None:

@@ -207,15 +207,18 @@ class Executor:
         return programs.time_option_sets(self.graphdef, self.params, self.head, self.config, self.slots, rows=rows,
                                          window=window, steps=self.decode_steps, top_k=self.top_k, mesh=self.mesh)
 
-    def time_decodes(self, decodes: list[tuple[int, int]], repeats: int = 3) -> dict[int, float]:
-        """Seconds one decode call of each (rows, window) takes (the fastest of `repeats`), keyed
-        by rows; then a fresh state. Process 0 alone: a multi-host group must not run it."""
+    def time_decodes(self, decodes: list[tuple[int, int]], repeats: int = 3, verify: bool = False) -> dict[int, float]:
+        """Seconds one decode call (with `verify`, one Verify of K proposals a row) of each
+        (rows, window) takes (the fastest of `repeats`), keyed by rows; then a fresh state.
+        Process 0 alone: a multi-host group must not run it."""
         times = {}
         for rows, window in decodes:
+            op = (Verify(window, rows, np.zeros((rows, self.verify_k), np.int32), np.zeros((rows,), np.int32))
+                  if verify else Decode(window, rows))
             best = float("inf")
             for _ in range(repeats):
                 t0 = time.perf_counter()
-                jax.block_until_ready(self.run(Decode(window, rows)))
+                jax.block_until_ready(self.run(op))
                 best = min(best, time.perf_counter() - t0)
             times[rows] = best
         self.reset()

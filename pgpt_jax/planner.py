@@ -43,6 +43,14 @@ window covers it and max_tokens is never passed); `settle` takes back what it di
 Constrained rows never propose (a plan with one runs `Forward`/`Sample` as above); a
 request may opt out (`Request.speculative`).
 
+A Verify costs more than a one-step Decode (K+1 positions a row: 1.6x at one GPT-2 row on a
+2-core CPU, 2.3x at eight; `verify_cost`, measured at warm-up), so it goes out only when it
+is expected to pay: each row's hit rate (how often the lookup's expected tokens came, from
+every call read, verified or not) gives the tokens it expects of its proposals, and the
+plan verifies when their sum over the rows reaches `verify_cost` times the rows' one token
+each. Otherwise it decodes (and the expectations are still checked, so a row that starts to
+repeat is seen).
+
 Prefills are kept by id until no request needs them: a request holds its prefill until its
 last choice is placed or it ends (`release_prefill`), and the next plan drops (`Drop`) what
 nobody holds any more.
@@ -64,6 +72,7 @@ from pgpt_jax.registry import Entry, Registry, Running
 from pgpt_jax.scheduler import Scheduler
 
 INTERACTIVE_HOLD_S = 2.0  # batch work keeps to the rows interactive work needed within this long
+HIT_DECAY = 0.8  # speculative decoding: weight of a row's older hits against its latest (`observe`)
 BATCH_ADMITS = 4  # batch choices admitted a plan while interactive work is about (their prefills delay it)
 
 
@@ -86,6 +95,10 @@ class Planner:
         self.cache = cache  # the prefix cache's index, or None
         self.speculative = speculative  # n-gram proposals (speculative decoding), or None
         self._flight: dict = {}  # Running -> [(tokens, expected i32[tokens] or None)] per call in flight
+        self._hits: dict = {}  # Running -> (expected tokens that came, tokens checked), decayed (`observe`)
+        # Seconds of a Verify / seconds of a one-step Decode, by rows (Engine.warmup measures it);
+        # None: verify whenever a row proposes (a multi-host group, which measures nothing).
+        self.verify_cost: Optional[dict[int, float]] = None
 
     def plan(self) -> tuple[list, list]:
         """This iteration's ops, and for each what process 0 does with its outputs."""
@@ -154,6 +167,7 @@ class Planner:
         n-gram lookup expects after it (i32[<= K+1]); (None, None) where either is unknown."""
         sched, spec = self.scheduler, self.speculative
         self._flight = {run: self._flight.get(run, []) for run in sched.owner if run is not None}
+        self._hits = {run: h for run, h in self._hits.items() if run in self._flight}
         out = {}
         for s in sched.occupied:
             hist = self._expected(sched.owner[s])
@@ -186,6 +200,10 @@ class Planner:
         if not any(counts.values()):
             return None
         window, rows = sched.decode_shape(1 + max(counts.values()))
+        if self.verify_cost is not None:
+            expected = sum(self._expected_tokens(sched.owner[s], n) for s, n in counts.items())
+            if expected < self.verify_cost.get(rows, max(self.verify_cost.values())) * len(counts):
+                return None
         tokens, lengths = np.zeros((rows, k), np.int32), np.zeros((rows,), np.int32)
         for s, n in counts.items():
             run, cont = sched.owner[s], guesses[s][1]
@@ -208,15 +226,29 @@ class Planner:
             return 0
         return max(0, min(self.speculative.k, left - 1, cont.size - 1))
 
+    def _expected_tokens(self, run: Running, n: int) -> float:
+        """Tokens `run` is expected to take from a Verify of n proposals: 1 + a + a^2 + ... + a^n,
+        a its hit rate (each proposal is taken only if those before it were)."""
+        hit, tried = self._hits.get(run, (0.0, 0.0))
+        a = (hit + 1.0) / (tried + 2.0)
+        return sum(a ** j for j in range(n + 1))
+
     def observe(self, run: Running, tokens: list) -> None:
         """The tokens a decode or verify call gave `run`, read in call order: checked against
-        what was expected of that call; after a surprise, later calls' expectations (made from
-        the wrong history) are forgotten, and a verified one's count is unknown."""
+        what was expected of that call (the row's hit rate counts the expected tokens that
+        came, up to the first that did not); after a surprise, later calls' expectations
+        (made from the wrong history) are forgotten, and a verified one's count is unknown."""
         flight = self._flight.get(run)
         if not flight:
             return
         count, expected = flight.pop(0)
-        if expected is None or expected.tolist() != tokens:
+        if expected is None:
+            return
+        expected = expected.tolist()
+        same = next((i for i, (x, y) in enumerate(zip(expected, tokens)) if x != y), min(len(expected), len(tokens)))
+        hit, tried = self._hits.get(run, (0.0, 0.0))
+        self._hits[run] = (HIT_DECAY * hit + same, HIT_DECAY * tried + same + (same < len(tokens)))
+        if expected != tokens:
             flight[:] = [(n, None) for n, _ in flight]
 
     def settle(self, owners: dict, planned, taken) -> None:
