@@ -256,16 +256,22 @@ class Engine:
         self.executor.warmup(prefills, decodes, progress=progress, on_program=on_program, extends=extends)
         if self.lockstep is not None:
             self.lockstep.warmup()
-        else:  # what a decode call of each row bucket costs: how far batch work may widen it
-            sched.decode_cost = self.executor.time_decodes([(rows, sched.windows[0]) for rows in sched.row_buckets])
-            log.info("decode call seconds by rows: %s", {r: round(t, 4) for r, t in sched.decode_cost.items()})
-            if self.speculative is not None:  # what a Verify costs against a decode: when it pays (planner.py)
-                verify = self.executor.time_decodes([(rows, sched.windows[0]) for rows in sched.row_buckets],
-                                                    verify=True)
-                self.planner.verify_cost = {r: verify[r] / sched.decode_cost[r] for r in verify}
-                log.info("verify / decode call time by rows: %s",
-                         {r: round(c, 2) for r, c in self.planner.verify_cost.items()})
+        else:
+            self.measure_costs()
         return time.perf_counter() - t0
+
+    def measure_costs(self) -> None:
+        """Times a decode call of each row bucket (how far batch work may widen it:
+        scheduler.py) and, with speculation, a Verify's against it (when one pays: planner.py).
+        Process 0 alone, on compiled programs; leaves a fresh state."""
+        sched = self.scheduler
+        shapes = [(rows, sched.windows[0]) for rows in sched.row_buckets]
+        sched.decode_cost = self.executor.time_decodes(shapes)
+        log.info("decode call seconds by rows: %s", {r: round(t, 4) for r, t in sched.decode_cost.items()})
+        if self.speculative is not None:
+            verify = self.executor.time_decodes(shapes, verify=True)
+            self.planner.verify_cost = {r: verify[r] / sched.decode_cost[r] for r in verify}
+            log.info("verify / decode call time by rows: %s", {r: round(c, 2) for r, c in self.planner.verify_cost.items()})
 
     def choose_options(self) -> None:
         """XLA:CPU option sets for this engine's programs (programs.CPU_OPTION_SETS): forced by

@@ -11,7 +11,7 @@ each request its own 32-token random prompt (`--prompt`):
            only cost).
 For each, one engine without speculation and one with (`--speculative`), both warmed up
 ahead of time for exactly this workload's shapes, run one after the other in this process,
-`--repeats` times alternately (the best of each is kept). Reported: generated tokens per
+`--repeats` times alternately (the best of each is kept: the machine may be shared). Reported: generated tokens per
 second of wall time (submit to the last request's end), the ratio with/without, decode
 calls, and with speculation the proposed and accepted tokens and the tokens per call.
 Also checks that both engines gave the same tokens (they must: seeded and greedy rows take
@@ -58,6 +58,7 @@ def warm(engine: Engine, prompt: int, new: int) -> None:
     windows = [w for w in sched.windows if w <= top] + [next(w for w in sched.windows if w >= top)]
     engine.executor.warmup([(rows, bucket) for rows in sched.prefill_rows[bucket]],
                            [(rows, w) for rows in sched.row_buckets for w in sorted(set(windows))])
+    engine.measure_costs()  # as Engine.warmup does: when a Verify pays
     engine.submit(Request(prompt=[11] * prompt, max_tokens=4), lambda ev: None)  # small eager ops
     engine.run_until_idle()
 
@@ -86,7 +87,7 @@ def main() -> None:
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--new", type=int, default=128)
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--slots", type=int, default=8)
     args = ap.parse_args()
 
@@ -99,7 +100,7 @@ def main() -> None:
                                speculative=spec)
         warm(engines[name], args.prompt, args.new)
         print(f"# warm-up {name}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
-    summary = {"cpu": cpu_model(), "preset": args.preset, "speculative": args.speculative, "new": args.new,
+    summary = {"cpu": cpu_model(), "preset": args.preset, "verify_cost": engines["spec"].planner.verify_cost, "speculative": args.speculative, "new": args.new,
                "prompt": args.prompt, "cases": []}
     for batch in [int(b) for b in args.batches.split(",")]:
         for kind in ("greedy", "sampled"):

@@ -6,7 +6,9 @@ The scenario, one batch in flight at once: a greedy request cut by a stop string
 top_p request with n=2, a stream aborted (as by a client that leaves) after its third delta, a
 stream whose deadline passes after its second delta, a greedy request with logprobs, and a
 seeded request constrained by a regex (its masks travel in a second broadcast). Every
-decision is process 0's, so the outcomes must equal the single-process run's.
+decision is process 0's, so the outcomes must equal the single-process run's. With
+PGPT_TEST_SPECULATIVE (e.g. ngram:2) the engines speculate (Verify ops broadcast like any
+other): the outcomes must still equal the single-process run's without it.
 
 usage: multihost_engine.py single | PORT PROCESS_ID NUM_PROCESSES
 """
@@ -104,7 +106,7 @@ def main():
     # No warm-up here: programs compile while serving, longer than a lockstep timeout allows.
     # Two slots, one decode step: few programs to compile (each process compiles each one).
     eng = Engine(init_model("tiny", seed=0, mesh=mesh), get_tokenizer(), slots=2, decode_steps=1, mesh=mesh,
-                 lockstep_timeout=600)
+                 lockstep_timeout=600, speculative=os.environ.get("PGPT_TEST_SPECULATIVE"))
     if not leader:
         eng.run_follower()  # returns when process 0 stops its engine
         print(json.dumps({"follower": "stopped"}))
@@ -114,6 +116,7 @@ def main():
         result = scenario(eng)
     finally:
         eng.stop()
+    result["speculated"] = [eng.spec_proposed_tokens, eng.spec_accepted_tokens]
     print(json.dumps(result))
 
 
