@@ -49,7 +49,7 @@ def test_processes_in_lockstep_decide_nothing_and_match_one_process(processes, s
     expect, got = single_process_scenario, outs[0]
     assert got["stop_string"] == expect["stop_string"] and got["stop"]["result"][0]["finish"] == "stop"
     assert all(c["finish"] == "stop" for c in got["regex"]["result"])  # the constraint ended them
-    for name in ("base", "stop", "top_p", "logprobs", "regex"):
+    for name in ("base", "stop", "top_p", "logprobs", "regex", "loop"):
         assert [(c["tokens"], c["finish"]) for c in got[name]["result"]] == \
             [(c["tokens"], c["finish"]) for c in expect[name]["result"]], name
     np.testing.assert_allclose(got["logprobs"]["result"][0]["logprobs"], expect["logprobs"]["result"][0]["logprobs"],

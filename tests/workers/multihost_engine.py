@@ -82,6 +82,7 @@ def scenario(eng: Engine) -> dict:
         "abort": (Request(prompt=B, max_tokens=None, stream=True, seed=1, logit_bias=NO_EOS), abort_after_three),
         "deadline": (Request(prompt=A, max_tokens=None, stream=True, seed=2, logit_bias=NO_EOS), expire_after_two),
         "logprobs": (Request(prompt=B, max_tokens=8, temperature=0.0, logprobs=1, logit_bias=NO_EOS), None),
+        "loop": (Request(prompt=[7] * 6, max_tokens=10, temperature=0.0, logit_bias={7: 50.0}), None),  # accepted
         "regex": (Request(prompt=A, max_tokens=8, temperature=1.0, seed=3, n=2,
                           constraint=Constraint("regex", "[ab]{1,5}", "structured_outputs.regex")), None),
     })
