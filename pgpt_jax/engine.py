@@ -13,8 +13,9 @@ registry's lock-guarded inbox (`registry.py`). Each iteration of the host loop (
      `start_row` its sampling row and first token), and the occupied prefix of the slots
      decodes `decode_steps` tokens (or, while a constrained choice runs, one token in two
      halves: the planner's `Forward`, then its `Sample` once the host has read the tokens
-     dispatched earlier and filled the masks while the forward ran). The plan is a list of
-     ops (`executor.py`);
+     dispatched earlier and filled the masks while the forward ran; with speculative
+     decoding, a `Verify` of the rows' n-gram proposals when it is expected to pay: 1..K+1
+     tokens a row, planner.py). The plan is a list of ops (`executor.py`);
   2. in a multi-host run, broadcasts the ops (`multihost.py`): the other processes replay
      them and decide nothing;
   3. executes the ops (`Executor`);

@@ -43,13 +43,14 @@ window covers it and max_tokens is never passed); `settle` takes back what it di
 Constrained rows never propose (a plan with one runs `Forward`/`Sample` as above); a
 request may opt out (`Request.speculative`).
 
-A Verify costs more than a one-step Decode (K+1 positions a row: 1.6x at one GPT-2 row on a
-2-core CPU, 2.3x at eight; `verify_cost`, measured at warm-up), so it goes out only when it
+A Verify costs more than a one-step Decode (K+1 positions a row: 1.3x at one GPT-2 row on a
+2-core CPU, 2.1x at eight; `verify_cost`, measured at warm-up), so it goes out only when it
 is expected to pay: each row's hit rate (how often the lookup's expected tokens came, from
-every call read, verified or not) gives the tokens it expects of its proposals, and the
-plan verifies when their sum over the rows reaches `verify_cost` times the rows' one token
-each. Otherwise it decodes (and the expectations are still checked, so a row that starts to
-repeat is seen).
+every call read, verified or not) gives the tokens E it expects of its proposals, and the
+plan verifies when the rows' time a token, `verify_cost` / E against a decode's 1, is below
+1 on average (every row pays for the longer call: one that proposes nothing is slowed
+down, so a batch where a few rows repeat decodes). Otherwise it decodes (and the
+expectations are still checked, so a row that starts to repeat is seen).
 
 Prefills are kept by id until no request needs them: a request holds its prefill until its
 last choice is placed or it ends (`release_prefill`), and the next plan drops (`Drop`) what
@@ -200,9 +201,9 @@ class Planner:
         if not any(counts.values()):
             return None
         window, rows = sched.decode_shape(1 + max(counts.values()))
-        if self.verify_cost is not None:
-            expected = sum(self._expected_tokens(sched.owner[s], n) for s, n in counts.items())
-            if expected < self.verify_cost.get(rows, max(self.verify_cost.values())) * len(counts):
+        if self.verify_cost is not None:  # each row's time a token, cost / expected tokens, on average
+            cost = self.verify_cost.get(rows, max(self.verify_cost.values()))
+            if sum(cost / self._expected_tokens(sched.owner[s], n) for s, n in counts.items()) >= len(counts):
                 return None
         tokens, lengths = np.zeros((rows, k), np.int32), np.zeros((rows,), np.int32)
         for s, n in counts.items():

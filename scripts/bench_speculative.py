@@ -12,8 +12,9 @@ each request its own 32-token random prompt (`--prompt`):
 For each, one engine without speculation and one with (`--speculative`), both warmed up
 ahead of time for exactly this workload's shapes, run one after the other in this process,
 `--repeats` times alternately (the best of each is kept: the machine may be shared). Reported: generated tokens per
-second of wall time (submit to the last request's end), the ratio with/without, decode
-calls, and with speculation the proposed and accepted tokens and the tokens per call.
+second of wall time (submit to the last request's end), the ratio with/without, the
+ratio of the mean time to a request's end (`latency_ratio`: at batch 8 the wall time is the
+slowest row's, while rows that accept end sooner), decode calls, and with speculation the proposed and accepted tokens and the tokens per call.
 Also checks that both engines gave the same tokens (they must: seeded and greedy rows take
 plain decoding's tokens). Random weights of the preset's shape; the CPU from `lscpu`.
 """
@@ -63,14 +64,21 @@ def warm(engine: Engine, prompt: int, new: int) -> None:
     engine.run_until_idle()
 
 
-def run(engine: Engine, requests: list[Request]) -> tuple[float, list]:
-    results = [None] * len(requests)
+def run(engine: Engine, requests: list[Request]) -> tuple[float, float, list]:
+    """(wall time, mean time to each request's end, each request's tokens)."""
+    results, ends = [None] * len(requests), [0.0] * len(requests)
+
+    def done(i):
+        def cb(ev):
+            results[i], ends[i] = ev, time.perf_counter()
+        return cb
+
     t0 = time.perf_counter()
-    engine.submit_all(requests, [lambda ev, i=i: results.__setitem__(i, ev) for i in range(len(requests))])
+    engine.submit_all(requests, [done(i) for i in range(len(requests))])
     engine.run_until_idle()
     wall = time.perf_counter() - t0
     assert all(isinstance(r, Result) for r in results), results
-    return wall, [r.choices[0].token_ids for r in results]
+    return wall, sum(e - t0 for e in ends) / len(ends), [r.choices[0].token_ids for r in results]
 
 
 def workload(kind: str, batch: int, prompt: int, new: int, seed: int) -> list[Request]:
@@ -105,18 +113,20 @@ def main() -> None:
     for batch in [int(b) for b in args.batches.split(",")]:
         for kind in ("greedy", "sampled"):
             reqs = workload(kind, batch, args.prompt, args.new, seed=batch)
-            best, tokens, stats = {}, {}, {}
+            best, latency, tokens, stats = {}, {}, {}, {}
             for _ in range(args.repeats):
                 for name, eng in engines.items():
                     before = (eng.decode_calls, eng.spec_proposed_tokens, eng.spec_accepted_tokens)
-                    wall, tokens[name] = run(eng, reqs)
+                    wall, mean, tokens[name] = run(eng, reqs)
                     best[name] = min(best.get(name, wall), wall)
+                    latency[name] = min(latency.get(name, mean), mean)
                     stats[name] = (eng.decode_calls - before[0], eng.spec_proposed_tokens - before[1],
                                    eng.spec_accepted_tokens - before[2])
             made = sum(len(t) for t in tokens["plain"])
             case = {"kind": kind, "batch": batch, "tokens": made, "same_tokens": tokens["plain"] == tokens["spec"],
                     "plain_tok_s": round(made / best["plain"], 1), "spec_tok_s": round(made / best["spec"], 1),
                     "ratio": round(best["plain"] / best["spec"], 3),
+                    "latency_ratio": round(latency["plain"] / latency["spec"], 3),
                     "plain_calls": stats["plain"][0], "spec_calls": stats["spec"][0],
                     "proposed": stats["spec"][1], "accepted": stats["spec"][2],
                     "tokens_per_call": round(made / batch / max(stats["spec"][0], 1), 2)}
