@@ -244,3 +244,19 @@ def test_the_flag_and_the_request_field():
     with pytest.raises(APIError) as e:
         parse_completion({"model": "m", "prompt": "a", "speculative": "no"}, info)
     assert e.value.param == "speculative" and e.value.status == 400
+
+
+def test_an_abort_mid_speculation_ends_the_request_once(engines):
+    _, spec = engines
+    seen, accepted = [], spec.spec_accepted_tokens
+    loop = Request(prompt=[7] * 12, max_tokens=60, temperature=0.0, logit_bias={7: 50.0}, stream=True)
+    handle = spec.submit(loop, seen.append)
+    for _ in range(4):
+        spec.step()
+    assert spec.spec_accepted_tokens > accepted and not handle.done  # verified calls ran
+    handle.abort()
+    spec.run_until_idle()
+    assert handle.done and not any(isinstance(e, Result) for e in seen)  # aborted: nothing more is sent
+    assert spec.active_slots == 0
+    (res,), _ = run(spec, Request(prompt=LOOP, max_tokens=5, temperature=0.0))
+    assert len(res.choices[0].token_ids) == 5
