@@ -272,7 +272,8 @@ class Engine:
         if self.speculative is not None:
             verify = self.executor.time_decodes(shapes, verify=True)
             self.planner.verify_cost = {r: verify[r] / sched.decode_cost[r] for r in verify}
-            log.info("verify / decode call time by rows: %s", {r: round(c, 2) for r, c in self.planner.verify_cost.items()})
+            log.info("verify / decode call time by rows: %s",
+                     {r: round(c, 2) for r, c in self.planner.verify_cost.items()})
 
     def choose_options(self) -> None:
         """XLA:CPU option sets for this engine's programs (programs.CPU_OPTION_SETS): forced by

@@ -95,7 +95,9 @@ class Planner:
         self.scoring: deque = deque()  # started requests that only score their prompt, oldest first
         self.cache = cache  # the prefix cache's index, or None
         self.speculative = speculative  # n-gram proposals (speculative decoding), or None
-        self._flight: dict = {}  # Running -> [(tokens, expected i32[tokens] or None)] per call in flight
+        # Running -> per call in flight: (tokens it gives, None for a verified row; the tokens
+        # expected of it, i32[...], or None)
+        self._flight: dict = {}
         self._hits: dict = {}  # Running -> (expected tokens that came, tokens checked), decayed (`observe`)
         # Seconds of a Verify / seconds of a one-step Decode, by rows (Engine.warmup measures it);
         # None: verify whenever a row proposes (a multi-host group, which measures nothing).

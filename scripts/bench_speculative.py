@@ -14,7 +14,8 @@ ahead of time for exactly this workload's shapes, run one after the other in thi
 `--repeats` times alternately (the best of each is kept: the machine may be shared). Reported: generated tokens per
 second of wall time (submit to the last request's end), the ratio with/without, the
 ratio of the mean time to a request's end (`latency_ratio`: at batch 8 the wall time is the
-slowest row's, while rows that accept end sooner), decode calls, and with speculation the proposed and accepted tokens and the tokens per call.
+slowest row's, while rows that accept end sooner), decode calls, and with speculation the
+proposed and accepted tokens and the tokens a row takes per call.
 Also checks that both engines gave the same tokens (they must: seeded and greedy rows take
 plain decoding's tokens). Random weights of the preset's shape; the CPU from `lscpu`.
 """
@@ -108,8 +109,8 @@ def main() -> None:
                                speculative=spec)
         warm(engines[name], args.prompt, args.new)
         print(f"# warm-up {name}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
-    summary = {"cpu": cpu_model(), "preset": args.preset, "verify_cost": engines["spec"].planner.verify_cost, "speculative": args.speculative, "new": args.new,
-               "prompt": args.prompt, "cases": []}
+    summary = {"cpu": cpu_model(), "preset": args.preset, "speculative": args.speculative, "new": args.new,
+               "prompt": args.prompt, "verify_cost": engines["spec"].planner.verify_cost, "cases": []}
     for batch in [int(b) for b in args.batches.split(",")]:
         for kind in ("greedy", "sampled"):
             reqs = workload(kind, batch, args.prompt, args.new, seed=batch)

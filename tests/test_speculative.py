@@ -260,3 +260,17 @@ def test_an_abort_mid_speculation_ends_the_request_once(engines):
     assert spec.active_slots == 0
     (res,), _ = run(spec, Request(prompt=LOOP, max_tokens=5, temperature=0.0))
     assert len(res.choices[0].token_ids) == 5
+
+
+def test_a_verify_that_fails_fails_only_its_rows_once(engines, monkeypatch):
+    _, spec = engines
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("verify broke")
+
+    monkeypatch.setattr(programs, "verify", broken)
+    res, _ = run(spec, Request(prompt=[7] * 12, max_tokens=20, temperature=0.0, logit_bias={7: 50.0}))
+    assert isinstance(res[0], RuntimeError) and "verify broke" in str(res[0])
+    monkeypatch.undo()
+    res, _ = run(spec, Request(prompt=[7] * 12, max_tokens=20, temperature=0.0, logit_bias={7: 50.0}))
+    assert res[0].choices[0].token_ids == [7] * 20 and spec.active_slots == 0
