@@ -56,6 +56,22 @@ def _add_prefill_chunk_arg(p: argparse.ArgumentParser) -> None:
                         "more: every prompt whole; default %(default)s)")
 
 
+def _speculative(text: str):
+    from pgpt_jax import ngram
+
+    try:
+        return ngram.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _add_speculative_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--speculative", type=_speculative, default=None, metavar="ngram:K[:MIN-MAX]",
+                   help="speculative decoding without a draft model: each row proposes up to K tokens that "
+                        "followed an earlier occurrence of its last MIN..MAX tokens (default 1-3) and one "
+                        "forward pass checks them; outputs are unchanged (docs/architecture.md; default: off)")
+
+
 def _add_cache_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile-cache", default=None, metavar="DIR",
                    help="persistent XLA compilation cache (default: ~/.cache/pgpt-jax/xla/<cpu>)")
@@ -82,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_slots_args(p)
     _add_prefix_cache_arg(p)
     _add_prefill_chunk_arg(p)
+    _add_speculative_arg(p)
     p.add_argument("--decode-steps", type=int, default=None,
                    help="decode steps a call (default: 1 on CPU, 4 on GPU/TPU; the planner runs 1 near a "
                         "row's end or while work waits)")
@@ -136,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_slots_args(p)
     _add_prefix_cache_arg(p)
     _add_prefill_chunk_arg(p)
+    _add_speculative_arg(p)
     p.add_argument("--decode-steps", type=int, default=4)
     p.add_argument("--max-logprobs", type=int, default=LIMITS.max_logprobs)
     p.add_argument("--window", type=int, default=0, help="lines on the engine at once (default 0: twice --slots)")

@@ -15,8 +15,9 @@ registry's lock-guarded inbox (`registry.py`). Each iteration of the host loop (
      `start_row` its sampling row and first token), and the occupied prefix of the slots
      decodes `decode_steps` tokens (or, while a constrained choice runs, one token in two
      halves: the planner's `Forward`, then its `Sample` once the host has read the tokens
-     dispatched earlier and filled the masks while the forward ran). The plan is a list of
-     ops (`executor.py`);
+     dispatched earlier and filled the masks while the forward ran; with speculative
+     decoding, a `Verify` of the rows' n-gram proposals when it is expected to pay: 1..K+1
+     tokens a row, planner.py). The plan is a list of ops (`executor.py`);
   2. in a multi-host run, broadcasts the ops (`multihost.py`): the other processes replay
      them and decide nothing;
   3. executes the ops (`Executor`);
@@ -52,8 +53,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from pgpt_jax import grammar, sharding, timeline
-from pgpt_jax.executor import Decode, Drop, Executor, Extend, Forward, Place, Prefill, Sample
+from pgpt_jax import grammar, ngram, sharding, timeline
+from pgpt_jax.executor import Decode, Drop, Executor, Extend, Forward, Place, Prefill, Sample, Verify
 from pgpt_jax.model import GPT
 from pgpt_jax.multihost import Lockstep, Watchdog, follow
 from pgpt_jax.planner import Planner
@@ -79,7 +80,7 @@ class Engine:
                  max_prefill_tokens: int = 1024, mesh: Optional[Mesh] = None,
                  lockstep_timeout: float = 30.0, on_fatal: Optional[Callable[[BaseException], None]] = None,
                  batch_slack: float = 1.25, xla_options: Optional[str] = None, prefix_cache_blocks: int = 0,
-                 prefill_chunk: int = 0):
+                 prefill_chunk: int = 0, speculative: Optional[str | ngram.Speculative] = None):
         self.model, self.tokenizer, self.config = model, tokenizer, model.config
         self.context_length = self.config.n_positions
         self.slots, self.decode_steps, self.limits, self.mesh = slots, decode_steps, limits, mesh
@@ -96,8 +97,11 @@ class Engine:
         self.prefill_chunk = prefill_chunk  # prompts longer than this prefill in chunks of it (planner.py)
         # The prefix cache: an index on process 0's host, a pool of KV blocks on the devices.
         self.prefix_cache = PrefixIndex(prefix_cache_blocks) if prefix_cache_blocks > 0 else None
+        # Speculative decoding: "ngram:K[:MIN-MAX]" (ngram.parse) or a Speculative; None: off.
+        self.speculative = ngram.parse(speculative) if isinstance(speculative, (str, type(None))) else speculative
         self.executor = Executor(model, slots=slots, decode_steps=decode_steps, top_k=self.top_k, mesh=mesh,
-                                 prefix_blocks=max(prefix_cache_blocks, 0), block_tokens=BLOCK_TOKENS)
+                                 prefix_blocks=max(prefix_cache_blocks, 0), block_tokens=BLOCK_TOKENS,
+                                 verify_k=self.speculative.k if self.speculative else 0)
         self.never = self.executor.never
         self._wake = threading.Event()
         budget = limits.max_queued_tokens or 8 * slots * self.context_length
@@ -105,7 +109,8 @@ class Engine:
         self._pending: list = []  # dispatched work whose outputs are not processed yet
         self.planner = Planner(self.registry, self.scheduler, tokenizer=tokenizer,
                                context_length=self.context_length, decode_steps=decode_steps, end=self._end,
-                               vocab=self.config.padded_vocab, cache=self.prefix_cache, chunk=prefill_chunk)
+                               vocab=self.config.padded_vocab, cache=self.prefix_cache, chunk=prefill_chunk,
+                               speculative=self.speculative)
         self._moved: dict[tuple, tuple] = {}  # this plan's prefills retried alone: (pid, index) -> new
         self._forwarded: Optional[dict] = None  # this step's Forward ran: {slot: owner} for its Sample
         self._bad_blocks: set = set()  # this plan's pool blocks whose save failed (None in it: all)
@@ -120,6 +125,7 @@ class Engine:
         self._watchdog: Optional[Watchdog] = None
         self._stop_sent = False
         self.prefill_calls = self.decode_calls = self.generated_tokens = 0
+        self.spec_proposed_tokens = self.spec_accepted_tokens = 0  # speculative decoding's proposals, and those taken
         # XLA:CPU options: None keeps the process's choice, "auto" measures at warm-up, else a set's name.
         self.xla_options = xla_options
         self.option_times: dict = {}  # rows -> {option set: seconds per decode call}, when measured
@@ -267,10 +273,23 @@ class Engine:
                              chunks=chunks)
         if self.lockstep is not None:
             self.lockstep.warmup()
-        else:  # what a decode call of each row bucket costs: how far batch work may widen it
-            sched.decode_cost = self.executor.time_decodes([(rows, sched.windows[0]) for rows in sched.row_buckets])
-            log.info("decode call seconds by rows: %s", {r: round(t, 4) for r, t in sched.decode_cost.items()})
+        else:
+            self.measure_costs()
         return time.perf_counter() - t0
+
+    def measure_costs(self) -> None:
+        """Times a decode call of each row bucket (how far batch work may widen it:
+        scheduler.py) and, with speculation, a Verify's against it (when one pays: planner.py).
+        Process 0 alone, on compiled programs; leaves a fresh state."""
+        sched = self.scheduler
+        shapes = [(rows, sched.windows[0]) for rows in sched.row_buckets]
+        sched.decode_cost = self.executor.time_decodes(shapes)
+        log.info("decode call seconds by rows: %s", {r: round(t, 4) for r, t in sched.decode_cost.items()})
+        if self.speculative is not None:
+            verify = self.executor.time_decodes(shapes, verify=True)
+            self.planner.verify_cost = {r: verify[r] / sched.decode_cost[r] for r in verify}
+            log.info("verify / decode call time by rows: %s",
+                     {r: round(c, 2) for r, c in self.planner.verify_cost.items()})
 
     def choose_options(self) -> None:
         """XLA:CPU option sets for this engine's programs (xla_options.CPU_OPTION_SETS): forced by
@@ -388,8 +407,8 @@ class Engine:
             self._execute(sample, [self._forwarded])
         # Process everything dispatched before the newest decode while the device runs it (all
         # of it when this plan sent no decode: the rows' last tokens are in flight).
-        decoded = any(isinstance(op, (Decode, Forward)) for op in ops)
-        keep = 1 if decoded and self._pending and self._pending[-1][0] == "decode" else 0
+        decoded = any(isinstance(op, (Decode, Forward, Verify)) for op in ops)
+        keep = 1 if decoded and self._pending and self._pending[-1][0] in ("decode", "verify") else 0
         while len(self._pending) > keep:
             self._process(self._pending.pop(0))
         if not self.scheduler.active:
@@ -445,6 +464,10 @@ class Engine:
             elif isinstance(op, (Decode, Sample)):
                 self.decode_calls += 1
                 self._pending.append(("decode", m, out))
+            elif isinstance(op, Verify):
+                self.decode_calls += 1
+                self.spec_proposed_tokens += int(op.lengths.sum())
+                self._pending.append(("verify", m, (*out, op.lengths + 1)))  # + what each row was planned for
 
     def _prefill_fault(self, op: Prefill, chunk: list, exc: Exception) -> None:
         """One process: a prefill raised. A shared call is retried prompt by prompt, so that only
@@ -507,12 +530,17 @@ class Engine:
         """Feeds one dispatched call's tokens to the outputs of the choices it ran."""
         kind, owners, outs = item
         try:
-            toks, lps, top_ids, top_lps = (np.asarray(a) for a in outs)  # waits for that program
+            toks, lps, top_ids, top_lps, *counts = (np.asarray(a) for a in outs)  # waits for that program
         except Exception as exc:  # the call failed while it ran
             if self.lockstep is not None:
                 raise
             self._device_fault(exc, [run.entry for run in owners.values()])
             return
+        taken = None
+        if kind == "verify":  # row `col` took taken[col] of the [K+1] tokens
+            taken, planned = counts
+            self.planner.settle(owners, planned, taken)
+            self.spec_accepted_tokens += sum(int(taken[col]) - 1 for col in owners)
         if kind == "insert":  # [1] -> [steps=1, rows=1]
             if timeline.ON:
                 timeline.read(owners)
@@ -524,8 +552,11 @@ class Engine:
             if c.finish is not None or entry.done or not run.live:
                 continue
             touched[entry.rid] = entry
+            made = int(taken[col]) if taken is not None else toks.shape[0]
+            if kind != "insert" and self.speculative is not None:
+                self.planner.observe(run, toks[:made, col].tolist())
             try:
-                for t in range(toks.shape[0]):
+                for t in range(made):
                     entry.output.add_token(c, int(toks[t, col]), float(lps[t, col]), top_ids[t, col],
                                            top_lps[t, col])
                     self.generated_tokens += 1

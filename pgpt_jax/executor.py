@@ -28,6 +28,10 @@ the same programs in the same order and the others decide nothing:
                                                 arguments (a sparse bias, not [V] floats)
   Decode(window, rows, steps)                   `steps` tokens (0: `decode_steps`) for the first
                                                 `rows` slots; no row constrained
+  Verify(window, rows, proposals, lengths)      speculative decoding: the first `rows` slots'
+                                                proposed tokens (i32[rows, K], lengths[b] real
+                                                ones in row b) checked in one forward pass;
+                                                each row takes 1..K+1 tokens (programs.verify)
   Forward(window, rows)                         the model half of one decode step (logits kept
                                                 here), while a constrained row runs
   Sample(masks)                                 the sampling half, for the rows of the last
@@ -94,6 +98,14 @@ class Decode:
 
 
 @dataclasses.dataclass
+class Verify:
+    window: int
+    rows: int
+    proposals: np.ndarray  # i32[rows, K]: row b's first lengths[b] are real, the rest padding
+    lengths: np.ndarray  # i32[rows]: proposals of each row, 0..K (0: one ordinary token)
+
+
+@dataclasses.dataclass
 class Forward:
     window: int
     rows: int
@@ -113,9 +125,10 @@ class Executor:
     """Runs ops on one process's share of the device state (see the module docstring)."""
 
     def __init__(self, model, *, slots: int, decode_steps: int, top_k: int, mesh=None, prefix_blocks: int = 0,
-                 block_tokens: int = 32):
+                 block_tokens: int = 32, verify_k: int = 0):
         self.config, self.slots, self.decode_steps, self.top_k, self.mesh = (
             model.config, slots, decode_steps, top_k, mesh)
+        self.verify_k = verify_k  # proposals a Verify op carries per row (speculative decoding; 0: none)
         self.graphdef, self.params, self.head = programs.program_params(model, mesh)
         self.state = programs.init_state(self.config, slots, mesh)
         self.prefix_blocks, self.block_tokens = prefix_blocks, block_tokens
@@ -130,7 +143,8 @@ class Executor:
     def run(self, op) -> Any:
         """Runs one op; returns what process 0 reads of it (device arrays, not waited for):
         Prefill -> (prompt logprobs, top ids, top logprobs, ranks; each [B, ...]), Extend -> (), Place -> the
-        first token's (token, logprob, top ids, top logprobs), Decode -> the same over [steps, rows]."""
+        first token's (token, logprob, top ids, top logprobs), Decode -> the same over [steps, rows], Verify ->
+        the same over [K+1, rows] and the tokens each row took, i32[rows]."""
         if isinstance(op, Prefill):
             if op.reads is not None:
                 cache = pool_programs.gather_blocks(self.pool, op.reads, length=op.length, mesh=self.mesh)
@@ -160,6 +174,11 @@ class Executor:
             self.state, *outs = programs.decode(
                 self.graphdef, self.params, self.head, self.state, steps=op.steps or self.decode_steps,
                 window=op.window, rows=op.rows, top_k=self.top_k, mesh=self.mesh)
+            return outs
+        if isinstance(op, Verify):
+            self.state, *outs = programs.verify(
+                self.graphdef, self.params, self.head, self.state, op.proposals, op.lengths, window=op.window,
+                rows=op.rows, top_k=self.top_k, mesh=self.mesh)
             return outs
         if isinstance(op, Forward):
             self.logits = None
@@ -226,15 +245,18 @@ class Executor:
         return programs.time_option_sets(self.graphdef, self.params, self.head, self.config, self.slots, rows=rows,
                                          window=window, steps=self.decode_steps, top_k=self.top_k, mesh=self.mesh)
 
-    def time_decodes(self, decodes: list[tuple[int, int]], repeats: int = 3) -> dict[int, float]:
-        """Seconds one decode call of each (rows, window) takes (the fastest of `repeats`), keyed
-        by rows; then a fresh state. Process 0 alone: a multi-host group must not run it."""
+    def time_decodes(self, decodes: list[tuple[int, int]], repeats: int = 3, verify: bool = False) -> dict[int, float]:
+        """Seconds one decode call (with `verify`, one Verify of K proposals a row) of each
+        (rows, window) takes (the fastest of `repeats`), keyed by rows; then a fresh state.
+        Process 0 alone: a multi-host group must not run it."""
         times = {}
         for rows, window in decodes:
+            op = (Verify(window, rows, np.zeros((rows, self.verify_k), np.int32), np.zeros((rows,), np.int32))
+                  if verify else Decode(window, rows))
             best = float("inf")
             for _ in range(repeats):
                 t0 = time.perf_counter()
-                jax.block_until_ready(self.run(Decode(window, rows)))
+                jax.block_until_ready(self.run(op))
                 best = min(best, time.perf_counter() - t0)
             times[rows] = best
         self.reset()
@@ -256,7 +278,8 @@ class Executor:
 
         programs.compile_all(self.graphdef, self.params, self.head, self.state, prefills=prefills,
                              decodes=decodes, steps=self.decode_steps,
-                             row=row, top_k=self.top_k, mesh=self.mesh, progress=progress, on_program=report)
+                             row=row, top_k=self.top_k, mesh=self.mesh, progress=progress, on_program=report,
+                             verify_k=self.verify_k)
         pooled = 0  # programs counted so far after programs.compile_all's
 
         def after(done: int) -> None:

@@ -121,7 +121,9 @@ class GPT(nnx.Module):
         length that covers the longest active row, so it does not pay for all of L.
         """
         window = window or cache[0][0].shape[2]
-        x = self.wte(tokens) + self.wpe(positions)
+        # Positions past the context (a verify call's padding, programs.verify) embed as the
+        # last one: their keys and values are never written (`_write` drops them).
+        x = self.wte(tokens) + self.wpe(jnp.minimum(positions, self.config.n_positions - 1))
         new_cache = []
         for block, kv in zip(self.h, cache):
             x, kv = block(x, positions, kv, window)

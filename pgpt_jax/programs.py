@@ -20,6 +20,7 @@ Programs (what the engine calls, in order, for one request):
   insert     one prompt's KV -> one slot of the state's cache
   start_row  that slot's sampling row, and its first token sampled from the prefill's logits
   decode     `steps` tokens for the first B slots, attention over the first W cache entries
+  verify     speculative decoding: up to K proposed tokens a row checked in one forward pass
 
 While a constrained row (structured output) runs, decode goes in two halves, one token a
 call: `forward` (the model, logits left on the device) and `sample_next` (sampling under
@@ -347,18 +348,75 @@ def sample_next(state: DecodeState, logits, masks, *, top_k: int, mesh=None):
     return (state, *outs)
 
 
+@_program(static_argnames=("graphdef", "window", "rows", "top_k", "mesh"), donate_argnums=(3,))
+def verify(graphdef, params, head, state: DecodeState, proposals, lengths, *, window: int, rows: int, top_k: int,
+           mesh=None):
+    """Speculative decoding: checks up to K proposed tokens for each of the first `rows` (B)
+    slots in one forward pass, and takes 1..K+1 tokens a row.
+
+    proposals i32[B, K] (row b's first lengths[b] are real, i32[B] in 0..K; the rest is
+    padding). Each row's last token and its proposals go through the model at positions
+    p..p+K (their KV written; entries past what the row keeps are garbage that later calls
+    overwrite before anything reads them: a query sees only entries up to its position).
+    Then, for j = 0..K, the row samples position p+1+j from the logits after its j-th input
+    exactly as `decode` would (`sampling.sample`: the same processed distribution, counts
+    that include the tokens taken before, the same key for that position), and goes on only
+    while that token equals proposal j. So a greedy row takes argmaxes while they match the
+    proposals, then the argmax at the first mismatch (or a bonus token after all K), and a
+    sampled row accepts proposal x exactly when its own draw is x, which happens with
+    probability p(x); at the first rejection its token is that draw, distributed as p with x
+    removed and renormalised (top_p's nucleus computed with x in it). Every row's tokens are
+    the ones plain decoding gives with the same keys, up to the rounding of logits computed
+    K+1 positions at a time.
+
+    Returns (state, tokens i32[K+1, B], logprobs f32[K+1, B], top ids i32[K+1, B, K'], top
+    logprobs f32[K+1, B, K'], taken i32[B]): row b's first taken[b] tokens are its output
+    (K' is top_k); the state holds each row's last taken token and position p + taken.
+    """
+    model = nnx.merge(graphdef, params)
+    B, K = proposals.shape
+    L = model.config.n_positions
+    start = state.positions[:rows]
+    tokens = jnp.concatenate([state.tokens[:rows, None], proposals], axis=1)  # [B, K+1]
+    positions = start[:, None] + jnp.arange(K + 1, dtype=jnp.int32)  # past L: written nowhere
+    hidden, cache = model(tokens, positions, state.cache, window)
+    logits = model.logits(hidden, head)  # [B, K+1, V]
+    after = jnp.concatenate([proposals, jnp.full((B, 1), -1, jnp.int32)], axis=1)  # what step j must equal
+
+    def one_step(carry, xs):
+        sampling_rows, alive = carry
+        step_logits, proposal, j = xs
+        tok, lp, top_ids, top_lps, sampled = sampling.sample(
+            step_logits, sampling_rows, jnp.minimum(start + j + 1, L - 1), top_k=top_k, mesh=mesh)
+        sampling_rows = dataclasses.replace(
+            sampled, counts=jnp.where(alive[:, None], sampled.counts, sampling_rows.counts))
+        return (sampling_rows, alive & (j < lengths) & (tok == proposal)), (tok, lp, top_ids, top_lps, alive)
+
+    first = jax.tree.map(lambda a: a[:rows], state.rows)
+    xs = (jnp.moveaxis(logits, 1, 0), after.T, jnp.arange(K + 1, dtype=jnp.int32))
+    (sampling_rows, _), (toks, lps, top_ids, top_lps, alive) = jax.lax.scan(
+        one_step, (first, jnp.ones((B,), bool)), xs)
+    taken = jnp.sum(alive, axis=0, dtype=jnp.int32)  # [B], >= 1
+    last = jnp.take_along_axis(toks, (taken - 1)[None], axis=0)[0]
+    state = DecodeState(cache, _put(state.tokens, last), _put(state.positions, jnp.minimum(start + taken, L - 1)),
+                        jax.tree.map(_put, state.rows, sampling_rows))
+    state, outs = _constrain(state, (toks, lps, top_ids, top_lps, taken), mesh)
+    return (state, *outs)
+
+
 # --------------------------------------------------------------------------- warm-up
 
 
 def compile_all(graphdef, params, head, state: DecodeState, *, prefills, decodes, steps: int,
                 row: sampling.SamplingRows, top_k: int, mesh=None, progress: bool = False,
-                on_program=None) -> None:
+                on_program=None, verify_k: int = 0) -> None:
     """Compiles every program once per shape so that serving compiles nothing: prefill for each
     (rows, bucket) in `prefills`, with and without prompt logprobs, insert after each,
     start_row once per row count, decode for each (rows, window) in `decodes` at `steps` (and
     at 1 when `steps` is more: the planner's short calls), and the one-step halves of a
     constrained decode (forward for each (rows, window), sample_next
-    once per rows). `state` is donated along the way: the caller makes a fresh one.
+    once per rows), and with `verify_k` (speculative decoding) verify of that many proposals
+    for each (rows, window). `state` is donated along the way: the caller makes a fresh one.
     `on_program(done, total)` is called after each program (the server's warm-up metric).
 
     Prefill and decode are compiled ahead of time (`lower(...).compile()`, with the very
@@ -372,7 +430,8 @@ def compile_all(graphdef, params, head, state: DecodeState, *, prefills, decodes
     # needs its next mask from the token just sampled: planner.py), sample_next once per rows.
     # Decode at one step too when `steps` is more (the planner's short calls: planner._steps).
     jobs += [(kind, *d, n) for d in decodes for kind, n in
-             [("decode", steps), ("forward", 1)] + ([("decode", 1)] if steps > 1 else [])]
+             [("decode", steps), ("forward", 1)] + ([("decode", 1)] if steps > 1 else [])
+             + ([("verify", verify_k)] if verify_k else [])]
     bar = None
     if progress:
         from tqdm import tqdm
@@ -383,6 +442,9 @@ def compile_all(graphdef, params, head, state: DecodeState, *, prefills, decodes
         if kind == "decode":
             decode.lower(graphdef, params, head, state, steps=n[0], window=size, rows=rows, top_k=top_k,
                          mesh=mesh).compile()
+        elif kind == "verify":
+            verify.lower(graphdef, params, head, state, np.zeros((rows, n[0]), np.int32), np.zeros((rows,), np.int32),
+                         window=size, rows=rows, top_k=top_k, mesh=mesh).compile()
         elif kind == "forward":
             compiled = forward.lower(graphdef, params, head, state, window=size, rows=rows, mesh=mesh).compile()
             if rows not in sampled:

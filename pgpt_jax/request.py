@@ -91,6 +91,7 @@ class Request:
     background: bool = False
     logprobs_mode: str = "raw_logprobs"  # vLLM's: sampled tokens' logprobs raw or processed (LOGPROBS_MODES)
     constraint: Optional[Constraint] = None  # structured output: every choice matches it
+    speculative: bool = True  # False: never proposes tokens when the engine speculates (ngram.py)
 
     @property
     def wants_prompt_logprobs(self) -> bool:

@@ -59,7 +59,9 @@ class Metrics:
                           ("prefix_cache_hit_tokens", "Prefix cache: prompt tokens served from it, since start."),
                           ("prefix_cache_queried_tokens", "Prefix cache: prompt tokens looked up, since start."),
                           ("prefix_cache_blocks_used", "Prefix cache: pool blocks holding a cached prompt block."),
-                          ("prefix_cache_blocks", "Prefix cache: pool blocks in all (0: no prefix cache).")):
+                          ("prefix_cache_blocks", "Prefix cache: pool blocks in all (0: no prefix cache)."),
+                          ("spec_proposed_tokens", "Speculative decoding: tokens proposed (n-gram), since start."),
+                          ("spec_accepted_tokens", "Speculative decoding: proposed tokens accepted, since start.")):
             Gauge(f"pgpt_engine_{name}", doc, registry=r).set_function(engine_value(name))
         Gauge("pgpt_ready", "1 once the model is loaded and warmed up.", registry=r).set_function(
             lambda: float(engine() is not None))

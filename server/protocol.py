@@ -173,6 +173,7 @@ class _SamplingFields(_Body):
     seed: Optional[Seed] = None
     return_token_ids: Optional[bool] = None  # vLLM's: prompt and completion token ids in the answer
     logprobs_mode: Optional[Literal[LOGPROBS_MODES]] = None  # vLLM's; None: the server's --logprobs-mode
+    speculative: Optional[bool] = None  # ours: false opts out of the server's --speculative (None: take part)
     # Structured output (vLLM's fields): at most one constraint a request (`_constraint`).
     structured_outputs: Optional[StructuredOutputs] = None
     guided_json: Optional[Union[dict, str, bool]] = None
@@ -452,7 +453,7 @@ def parse_completion(data: Any, info: ModelInfo, deployment: Optional[str] = Non
         presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
         logit_bias=_logit_bias(body.logit_bias, info), seed=body.seed, stream=stream,
         prompt_logprobs=body.prompt_logprobs, logprobs_mode=body.logprobs_mode or info.limits.logprobs_mode,
-        constraint=_constraint(body),
+        constraint=_constraint(body), speculative=body.speculative is not False,
     )
     requests = []
     prompts = _prompts(body.prompt, info)
@@ -507,7 +508,7 @@ def parse_chat(data: Any, info: ModelInfo, deployment: Optional[str] = None) -> 
         presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
         logit_bias=_logit_bias(body.logit_bias, info), seed=body.seed, stream=stream,
         logprobs_mode=body.logprobs_mode or info.limits.logprobs_mode,
-        constraint=_constraint(body),
+        constraint=_constraint(body), speculative=body.speculative is not False,
     )
     return Job("chat", model, [request], n=n, stream=stream, include_usage=include_usage, top_logprobs=top,
                return_token_ids=bool(body.return_token_ids))

@@ -101,7 +101,8 @@ def _engine_from_args(args, mesh, limits: Limits, on_fatal=None):
                         lockstep_timeout=args.lockstep_timeout, on_fatal=on_fatal,
                         batch_slack=getattr(args, "batch_slack", 1.25), xla_options=getattr(args, "xla_options", None),
                         prefix_cache_blocks=getattr(args, "prefix_cache_blocks", 0),
-                        prefill_chunk=getattr(args, "prefill_chunk", 0))
+                        prefill_chunk=getattr(args, "prefill_chunk", 0),
+                        speculative=getattr(args, "speculative", None))
     except ValueError as e:  # --prefill-chunk that is not a prompt bucket
         raise SystemExit(f"pgpt-jax: {e}")
     return engine, what

@@ -305,3 +305,24 @@ def test_a_batch_prompt_mid_prefill_gives_its_slot_back(engines):
         same(w, choices(o.result))
     on.step()
     assert not on.planner.chunking and not on.executor.prefills and not any(on.scheduler.reserved)
+
+
+def test_chunks_beside_a_speculating_row_change_no_output(tiny_model, engines):
+    """Chunked prefill and speculative decoding together: a looping greedy row speculates while
+    long prompts prefill in chunks and reserve slots (a Verify must neither decode nor read a
+    reserved slot); every output is the one the plain engine gives."""
+    off = engines[0]
+    both = make(tiny_model, prefill_chunk=C, speculative="ngram:3")
+    both.planner.verify_cost = None  # verify whenever a row proposes
+    loop = Request(prompt=[7] * 12, max_tokens=40, temperature=0.0, logit_bias={7: 50.0})
+    want = [choices(r) for r in run(off, loop, *requests())]
+    count = both.compile_count
+    got = submit(both, loop)
+    for _ in range(3):  # the loop is running (and proposing) when the long prompts arrive
+        both.step()
+    got += submit(both, *requests())
+    both.run_until_idle()
+    for w, g in zip(want, got):
+        same(w, choices(g.result))
+    assert both.spec_accepted_tokens > 0 and both.compile_count == count
+    assert not both.planner.chunking and not any(both.scheduler.reserved)

@@ -336,11 +336,9 @@ def chunked(tiny_model, engine):
     return eng
 
 
-@pytest.mark.parametrize("which", ["engine", "chunked"])
-def test_no_recompile_after_warmup(which, request):
-    engine = request.getfixturevalue(which)
-    count = engine.compile_count
-    L = engine.context_length
+def mixed_requests(L: int) -> list:
+    """Requests of every kind (buckets, sampling parameters, n/best_of, logprobs, echo, stop,
+    scoring only, a constraint): together they run every program shape warm-up compiles."""
     mixed = [
         Request(prompt=[5] * n_prompt, max_tokens=mt, temperature=t, top_p=p, n=n, best_of=bo, logprobs=lp,
                 echo=echo, stop=stop, presence_penalty=pp, frequency_penalty=fp, logit_bias=bias, seed=s)
@@ -356,10 +354,31 @@ def test_no_recompile_after_warmup(which, request):
     # A constrained request decodes one step a call: those programs are warmed up too.
     mixed.append(Request(prompt=[5] * 3, max_tokens=6, n=2, seed=4,
                          constraint=Constraint("regex", "[ab]{1,5}", "structured_outputs.regex")))
-    results, _ = run(engine, *mixed)
+    return mixed
+
+
+@pytest.mark.parametrize("which", ["engine", "chunked"])
+def test_no_recompile_after_warmup(which, request):
+    engine = request.getfixturevalue(which)
+    count = engine.compile_count
+    results, _ = run(engine, *mixed_requests(engine.context_length))
     assert all(isinstance(r, Result) for r in results)
     assert all(c.text.strip("ab") == "" for c in results[-1].choices)
     assert engine.compile_count == count
+
+
+def test_no_recompile_after_warmup_with_speculation(tiny_model):
+    """Speculative decoding's verify (K proposals, every decode shape) is warmed up too; the
+    engine's other programs are the module engine's (the same shapes: compiled once)."""
+    eng = Engine(tiny_model, get_tokenizer(), slots=8, decode_steps=3, limits=Limits(max_logprobs=5),
+                 speculative="ngram:3")
+    eng.warmup()
+    eng.planner.verify_cost = None  # verify whenever a row proposes
+    count = eng.compile_count
+    loop = Request(prompt=[7] * 12, max_tokens=40, temperature=0.0, logit_bias={7: 50.0})
+    results, _ = run(eng, *mixed_requests(eng.context_length), loop)
+    assert all(isinstance(r, Result) for r in results)
+    assert eng.spec_accepted_tokens > 0 and eng.compile_count == count
 
 
 def test_seeds_use_all_64_bits(engine):

@@ -30,7 +30,9 @@ def test_processes_in_lockstep_decide_nothing_and_match_one_process(processes, s
     """N processes, one 4-device mesh (data=2, model=2): stop strings, an abort and a deadline
     mid-batch, sampling and logprobs all come out as in one process, since process 0 decides
     everything and the others only replay its ops."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # Two processes speculate (n-gram, Verify ops in the broadcast): the same outcomes as one
+    # process that does not.
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PGPT_TEST_SPECULATIVE": "ngram:2" if processes == 2 else ""}
     port = str(free_port())
     procs = [subprocess.Popen([sys.executable, str(ROOT / "tests/workers/multihost_engine.py"), port, str(i),
                                str(processes)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -47,13 +49,14 @@ def test_processes_in_lockstep_decide_nothing_and_match_one_process(processes, s
     expect, got = single_process_scenario, outs[0]
     assert got["stop_string"] == expect["stop_string"] and got["stop"]["result"][0]["finish"] == "stop"
     assert all(c["finish"] == "stop" for c in got["regex"]["result"])  # the constraint ended them
-    for name in ("base", "stop", "top_p", "logprobs", "regex"):
+    for name in ("base", "stop", "top_p", "logprobs", "regex", "loop"):
         assert [(c["tokens"], c["finish"]) for c in got[name]["result"]] == \
             [(c["tokens"], c["finish"]) for c in expect[name]["result"]], name
     np.testing.assert_allclose(got["logprobs"]["result"][0]["logprobs"], expect["logprobs"]["result"][0]["logprobs"],
                                atol=1e-4)
     assert got["abort"] == expect["abort"] == {"aborted": True}
     assert got["deadline"] == expect["deadline"] == {"error": "RequestTimeout", "where": "request"}
+    assert (got["speculated"][1] > 0) == (processes == 2) and expect["speculated"] == [0, 0]
     # Stopping process 0's engine ended every other process's loop too.
     assert outs[1:] == [{"follower": "stopped"}] * (processes - 1)
 

@@ -340,6 +340,29 @@ def test_each_target_alone_vs_all_together(engine, reference, trace):
         assert_reproduced(views_of_result(out.result), reference[name], f"together, {name}")
 
 
+@pytest.fixture(scope="module")
+def speculating(tiny_model):
+    """The engine's shape with n-gram speculative decoding on (ngram:3)."""
+    return Engine(tiny_model, get_tokenizer(), slots=SLOTS, decode_steps=4, max_prefill_tokens=64,
+                  limits=Limits(max_logprobs=20, max_queue=1 << 30), speculative="ngram:3")
+
+
+def test_speculation_alone_and_in_a_batch(speculating, reference):
+    # Speculative decoding on: each target alone, then all of them among neighbours that
+    # speculate (neighbour 3 emits token 262 every step, so its proposals are accepted):
+    # the reference's tokens, made without speculation. A row's draws depend only on its key
+    # and position, and a verified row takes plain decoding's own draw.
+    for name in ORDER:
+        (out,) = run(speculating, [target(name)])
+        assert_reproduced(views_of_result(out.result), reference[name], f"speculating alone, {name}")
+    accepted = speculating.spec_accepted_tokens
+    ahead = fillers(10)
+    outs = run(speculating, ahead + [target(n) for n in ORDER] + [neighbour(3, max_tokens=30)])
+    for name, out in zip(ORDER, outs[len(ahead):]):
+        assert_reproduced(views_of_result(out.result), reference[name], f"speculating in a batch, {name}")
+    assert speculating.spec_accepted_tokens > accepted
+
+
 def test_a_neighbour_aborted_midway(engine, reference):
     long_one = neighbour(3, max_tokens=100)  # emits token 262 until aborted
     (gone,) = submit(engine, [long_one])

@@ -465,11 +465,13 @@ def test_disconnect_while_waiting_for_a_non_streaming_answer(srv):
 def test_queue_full_is_429(srv, tiny_model):
     # Same shapes as the module's engine: jit's cache already holds its programs.
     engine = Engine(tiny_model, get_tokenizer(), **ENGINE_SHAPES, limits=Limits(max_queue=1))
-    with ServerThread(create_app(engine, served_model_name=MODEL)) as s:
+    # The test reads the hog's stream only once, so the stream must hold every event it makes
+    # meanwhile: with the default buffer (256 events, 32 steps of 8 choices) a fast CPU aborted
+    # the hog as a too-slow reader before the gauges below were read (they showed an idle engine).
+    with ServerThread(create_app(engine, served_model_name=MODEL, stream_buffer=10**6)) as s:
         http = httpx.Client(base_url=s.base_url, timeout=60)
         # n=128 on 8 slots: 8 choices generate, 120 wait, so the queue (limit 1) is over-full for
-        # sixteen waves of the context's length (two took under a second on a Zen 5: gone before the
-        # gauges below were read); whatever arrives meanwhile must be refused, not queued.
+        # sixteen waves of the context's length; whatever arrives meanwhile must be refused, not queued.
         hog = {"model": MODEL, "prompt": "a", "max_tokens": CONTEXT - 1, "n": 128, "logit_bias": NO_EOS}
         with http.stream("POST", C, json={**hog, "stream": True}) as r:
             next(r.iter_lines())

@@ -122,6 +122,7 @@ class FakeEngine:
     batch_yields = 0  # no batch work on the fake engine
     prefix_cache_hit_rate = prefix_cache_hit_tokens = prefix_cache_queried_tokens = 0  # no prefix cache
     prefix_cache_blocks_used = prefix_cache_blocks = 0
+    spec_proposed_tokens = spec_accepted_tokens = 0  # no speculative decoding
 
     @property
     def requests_waiting(self) -> int:

@@ -36,6 +36,15 @@ def test_mesh_matches_single_device(report, mesh):
     np.testing.assert_allclose(np.array(got["logprobs"]), np.array(single["logprobs"]), atol=1e-4)
 
 
+@pytest.mark.parametrize("mesh", ["single", "4x2", "1x4"])
+def test_speculative_decoding_on_a_mesh_gives_plain_decodings_tokens(report, mesh):
+    """programs.verify on meshes that split the rows and the vocabulary: the tokens of plain
+    decoding on one device, with proposals accepted on the way."""
+    spec = report["speculative"]
+    assert spec[mesh]["tokens"] == spec["plain"]["tokens"]
+    assert spec[mesh]["accepted"] > 0 and spec["plain"]["accepted"] == 0
+
+
 @pytest.mark.parametrize("mesh", MESHES)
 def test_decode_moves_no_permutes_and_no_rows_of_logits(report, mesh):
     """The compiled decode program (8 rows): on a model axis each layer all-reduces its two

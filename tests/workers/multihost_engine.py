@@ -6,7 +6,9 @@ The scenario, one batch in flight at once: a greedy request cut by a stop string
 top_p request with n=2, a stream aborted (as by a client that leaves) after its third delta, a
 stream whose deadline passes after its second delta, a greedy request with logprobs, and a
 seeded request constrained by a regex (its masks travel in a second broadcast). Every
-decision is process 0's, so the outcomes must equal the single-process run's.
+decision is process 0's, so the outcomes must equal the single-process run's. With
+PGPT_TEST_SPECULATIVE (e.g. ngram:2) the engines speculate (Verify ops broadcast like any
+other): the outcomes must still equal the single-process run's without it.
 
 usage: multihost_engine.py single | PORT PROCESS_ID NUM_PROCESSES
 """
@@ -80,6 +82,7 @@ def scenario(eng: Engine) -> dict:
         "abort": (Request(prompt=B, max_tokens=None, stream=True, seed=1, logit_bias=NO_EOS), abort_after_three),
         "deadline": (Request(prompt=A, max_tokens=None, stream=True, seed=2, logit_bias=NO_EOS), expire_after_two),
         "logprobs": (Request(prompt=B, max_tokens=8, temperature=0.0, logprobs=1, logit_bias=NO_EOS), None),
+        "loop": (Request(prompt=[7] * 6, max_tokens=10, temperature=0.0, logit_bias={7: 50.0}), None),  # accepted
         "regex": (Request(prompt=A, max_tokens=8, temperature=1.0, seed=3, n=2,
                           constraint=Constraint("regex", "[ab]{1,5}", "structured_outputs.regex")), None),
     })
@@ -104,7 +107,7 @@ def main():
     # No warm-up here: programs compile while serving, longer than a lockstep timeout allows.
     # Two slots, one decode step: few programs to compile (each process compiles each one).
     eng = Engine(init_model("tiny", seed=0, mesh=mesh), get_tokenizer(), slots=2, decode_steps=1, mesh=mesh,
-                 lockstep_timeout=600)
+                 lockstep_timeout=600, speculative=os.environ.get("PGPT_TEST_SPECULATIVE"))
     if not leader:
         eng.run_follower()  # returns when process 0 stops its engine
         print(json.dumps({"follower": "stopped"}))
@@ -114,6 +117,7 @@ def main():
         result = scenario(eng)
     finally:
         eng.stop()
+    result["speculated"] = [eng.spec_proposed_tokens, eng.spec_accepted_tokens]
     print(json.dumps(result))
 
 

@@ -73,6 +73,23 @@ def run(mesh):
     return out
 
 
+def speculate(mesh, speculative="ngram:3"):
+    """Tokens of greedy rows that loop and seeded rows under top_p and penalties, with n-gram
+    speculative decoding (programs.verify) on the mesh, and the proposed tokens it accepted."""
+    model = init_model("tiny", seed=0, mesh=mesh)
+    eng = Engine(model, get_tokenizer(), slots=8, decode_steps=2, mesh=mesh, speculative=speculative)
+    loop = [464, 2068, 7586, 11] * 3
+    reqs = [Request(prompt=loop, max_tokens=16, temperature=0.0, logit_bias={50256: -100.0}),
+            Request(prompt=PROMPTS[2], max_tokens=16, temperature=0.0, logprobs=2, logit_bias={50256: -100.0}),
+            Request(prompt=loop, max_tokens=16, temperature=1.0, top_p=0.9, seed=11, n=2, presence_penalty=0.3,
+                    logit_bias={464: 9.0, 2068: 9.0, 50256: -100.0})]
+    results = [None] * len(reqs)
+    for i, r in enumerate(reqs):
+        eng.submit(r, lambda ev, i=i: results.__setitem__(i, ev))
+    eng.run_until_idle()
+    return {"tokens": [[c.token_ids for c in r.choices] for r in results], "accepted": eng.spec_accepted_tokens}
+
+
 def sample_on(mesh, steps=6):
     """sampling.sample on hand-made logits [8, 1536] for `steps` positions: per row a different
     way to the token (greedy, no nucleus, the prefilter, rejection, the sort fallback: the
@@ -127,6 +144,9 @@ report = {"devices": len(jax.devices()), "single": run(None)}
 for d, m in meshes:
     devices = jax.devices()[: d * m]
     report[f"{d}x{m}"] = run(sharding.make_mesh(data=d, model=m, devices=devices))
+report["speculative"] = {"plain": speculate(None, None), "single": speculate(None)}
+for d, m in [(4, 2), (1, 4)]:
+    report["speculative"][f"{d}x{m}"] = speculate(sharding.make_mesh(data=d, model=m, devices=jax.devices()[: d * m]))
 report["sampling"] = {"single": sample_on(None)}
 for d, m in [(1, 8), (4, 2), (8, 1)]:
     report["sampling"][f"{d}x{m}"] = sample_on(sharding.make_mesh(data=d, model=m))
