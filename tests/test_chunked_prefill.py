@@ -16,6 +16,8 @@ from pgpt_jax.request import Delta, EngineUnavailable, Limits, Request, RequestT
 from pgpt_jax.scheduler import Scheduler
 from pgpt_jax.tokenizer import get_tokenizer
 
+from test_prefix_cache import same  # tokens equal, logprobs up to rounding (other call shapes)
+
 NO_EOS = {50256: -100.0}
 C = 32  # the chunk: prompts of 33..128 tokens (buckets 64, 128) prefill in chunks
 rng = np.random.default_rng(7)
@@ -65,16 +67,6 @@ def choices(result):
     assert isinstance(result, Result), result
     return [(c.token_ids, c.logprobs.token_logprobs if c.logprobs else None, c.finish_reason)
             for c in result.choices]
-
-
-def same(a, b):
-    """Tokens and finish reasons equal; logprobs up to float rounding (a chunked prompt's KV
-    comes from other call shapes: the same sums, maybe in another order)."""
-    assert len(a) == len(b)
-    for (ta, la, fa), (tb, lb, fb) in zip(a, b):
-        assert ta == tb and fa == fb
-        if la is not None:
-            np.testing.assert_allclose(np.array(la, dtype=float), np.array(lb, dtype=float), atol=1e-5)
 
 
 def requests():

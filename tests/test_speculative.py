@@ -12,8 +12,10 @@ import pytest
 from pgpt_jax import ngram, programs
 from pgpt_jax.engine import Engine
 from pgpt_jax.executor import Decode, Executor, Place, Prefill, Verify, row_args
-from pgpt_jax.request import Delta, Limits, Request, Result
+from pgpt_jax.request import Limits, Request, Result
 from pgpt_jax.tokenizer import get_tokenizer
+
+from test_engine import run
 
 NO_EOS = {50256: -100.0}
 K = 3
@@ -106,22 +108,6 @@ def engines(tiny_model):
     assert set(spec.planner.verify_cost) == set(spec.scheduler.row_buckets)  # measured at warm-up
     spec.planner.verify_cost = None
     return plain, spec
-
-
-def run(engine, *requests):
-    results, deltas = [None] * len(requests), [[] for _ in requests]
-
-    def cb(i):
-        def f(ev):
-            if isinstance(ev, Delta):
-                deltas[i].append(ev)
-            else:
-                results[i] = ev
-        return f
-
-    engine.submit_all(list(requests), [cb(i) for i in range(len(requests))])
-    engine.run_until_idle()
-    return results, deltas
 
 
 LOOP = [464, 2068, 7586, 21831, 11, 464, 2068, 7586, 21831, 11, 464, 2068]  # repeats: proposals come at once
