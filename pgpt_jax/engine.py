@@ -287,9 +287,9 @@ class Engine:
         log.info("decode call seconds by rows: %s", {r: round(t, 4) for r, t in sched.decode_cost.items()})
         if self.speculative is not None:
             verify = self.executor.time_decodes(shapes, verify=True)
-            self.planner.verify_cost = {r: verify[r] / sched.decode_cost[r] for r in verify}
+            self.planner.speculation.verify_cost = {r: verify[r] / sched.decode_cost[r] for r in verify}
             log.info("verify / decode call time by rows: %s",
-                     {r: round(c, 2) for r, c in self.planner.verify_cost.items()})
+                     {r: round(c, 2) for r, c in self.planner.speculation.verify_cost.items()})
 
     def choose_options(self) -> None:
         """XLA:CPU option sets for this engine's programs (xla_options.CPU_OPTION_SETS): forced by
@@ -539,7 +539,7 @@ class Engine:
         taken = None
         if kind == "verify":  # row `col` took taken[col] of the [K+1] tokens
             taken, planned = counts
-            self.planner.settle(owners, planned, taken)
+            self.planner.speculation.settle(owners, planned, taken)
             self.spec_accepted_tokens += sum(int(taken[col]) - 1 for col in owners)
         if kind == "insert":  # [1] -> [steps=1, rows=1]
             if timeline.ON:
@@ -554,7 +554,7 @@ class Engine:
             touched[entry.rid] = entry
             made = int(taken[col]) if taken is not None else toks.shape[0]
             if kind != "insert" and self.speculative is not None:
-                self.planner.observe(run, toks[:made, col].tolist())
+                self.planner.speculation.observe(run, toks[:made, col].tolist())
             try:
                 for t in range(made):
                     entry.output.add_token(c, int(toks[t, col]), float(lps[t, col]), top_ids[t, col],

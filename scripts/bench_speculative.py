@@ -110,7 +110,7 @@ def main() -> None:
         warm(engines[name], args.prompt, args.new)
         print(f"# warm-up {name}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     summary = {"cpu": cpu_model(), "preset": args.preset, "speculative": args.speculative, "new": args.new,
-               "prompt": args.prompt, "verify_cost": engines["spec"].planner.verify_cost, "cases": []}
+               "prompt": args.prompt, "verify_cost": engines["spec"].planner.speculation.verify_cost, "cases": []}
     for batch in [int(b) for b in args.batches.split(",")]:
         for kind in ("greedy", "sampled"):
             reqs = workload(kind, batch, args.prompt, args.new, seed=batch)

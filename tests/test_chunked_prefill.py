@@ -305,7 +305,7 @@ def test_chunks_beside_a_speculating_row_change_no_output(tiny_model, engines):
     reserved slot); every output is the one the plain engine gives."""
     off = engines[0]
     both = make(tiny_model, prefill_chunk=C, speculative="ngram:3")
-    both.planner.verify_cost = None  # verify whenever a row proposes
+    both.planner.speculation.verify_cost = None  # verify whenever a row proposes
     loop = Request(prompt=[7] * 12, max_tokens=40, temperature=0.0, logit_bias={7: 50.0})
     want = [choices(r) for r in run(off, loop, *requests())]
     count = both.compile_count

@@ -373,7 +373,7 @@ def test_no_recompile_after_warmup_with_speculation(tiny_model):
     eng = Engine(tiny_model, get_tokenizer(), slots=8, decode_steps=3, limits=Limits(max_logprobs=5),
                  speculative="ngram:3")
     eng.warmup()
-    eng.planner.verify_cost = None  # verify whenever a row proposes
+    eng.planner.speculation.verify_cost = None  # verify whenever a row proposes
     count = eng.compile_count
     loop = Request(prompt=[7] * 12, max_tokens=40, temperature=0.0, logit_bias={7: 50.0})
     results, _ = run(eng, *mixed_requests(eng.context_length), loop)

@@ -105,8 +105,8 @@ def engines(tiny_model):
     plain, spec = _engine(tiny_model, None), _engine(tiny_model, f"ngram:{K}")
     plain.warmup()
     spec.warmup()
-    assert set(spec.planner.verify_cost) == set(spec.scheduler.row_buckets)  # measured at warm-up
-    spec.planner.verify_cost = None
+    assert set(spec.planner.speculation.verify_cost) == set(spec.scheduler.row_buckets)  # measured at warm-up
+    spec.planner.speculation.verify_cost = None
     return plain, spec
 
 
@@ -186,17 +186,17 @@ def test_verify_goes_out_only_when_it_pays(engines):
     _, spec = engines
     loop = Request(prompt=[7] * 12, max_tokens=30, temperature=0.0, logit_bias={7: 50.0})  # 7 forever: every guess hits
     try:
-        spec.planner.verify_cost = {r: 50.0 for r in spec.scheduler.row_buckets}  # never pays
+        spec.planner.speculation.verify_cost = {r: 50.0 for r in spec.scheduler.row_buckets}  # never pays
         before = (spec.spec_proposed_tokens, spec.decode_calls)
         (res,), _ = run(spec, loop)
         assert spec.spec_proposed_tokens == before[0] and spec.decode_calls - before[1] == 29
-        spec.planner.verify_cost = {r: 2.0 for r in spec.scheduler.row_buckets}  # a sure hit pays
+        spec.planner.speculation.verify_cost = {r: 2.0 for r in spec.scheduler.row_buckets}  # a sure hit pays
         before = (spec.spec_proposed_tokens, spec.decode_calls)
         (again,), _ = run(spec, loop)
         assert spec.spec_proposed_tokens > before[0] and spec.decode_calls - before[1] <= 12
         assert again.choices[0].token_ids == res.choices[0].token_ids == [7] * 30
     finally:
-        spec.planner.verify_cost = None
+        spec.planner.speculation.verify_cost = None
 
 
 def test_no_compile_after_warmup_with_speculation(engines):
