@@ -13,7 +13,7 @@ expectation costs only speed: the device checks every proposal against the model
 so proposals made from a wrong guess are rejected like any other. Until read, a verified
 row's dispatched count and position are planned for the most it can take (K+1, so that the
 window covers it and max_tokens is never passed); `settle` takes back what it did not.
-Constrained rows never propose (a plan with one runs `Forward`/`Sample` as above); a
+Constrained rows never propose (a plan with one runs `Forward`/`Sample`: planner.py); a
 request may opt out (`Request.speculative`).
 
 A Verify costs more than a one-step Decode (K+1 positions a row: 1.3x at one GPT-2 row on a
