@@ -465,6 +465,11 @@ def test_disconnect_while_waiting_for_a_non_streaming_answer(srv):
 def test_queue_full_is_429(srv, tiny_model):
     # Same shapes as the module's engine: jit's cache already holds its programs.
     engine = Engine(tiny_model, get_tokenizer(), **ENGINE_SHAPES, limits=Limits(max_queue=1))
+    # Each iteration a few ms longer, so that the hog outlasts the checks below however the
+    # threads of this one process are scheduled (in a loaded full run the tiny model's sixteen
+    # waves could end before the test read its first line: the engine was idle at the assert).
+    step = engine.step
+    engine.step = lambda: (time.sleep(0.003), step())[1]
     # The test reads the hog's stream only once, so the stream must hold every event it makes
     # meanwhile: with the default buffer (256 events, 32 steps of 8 choices) a fast CPU aborted
     # the hog as a too-slow reader before the gauges below were read (they showed an idle engine).
