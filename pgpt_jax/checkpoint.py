@@ -6,7 +6,8 @@
     (`save_hf` / `hf_state_dict` write the same names back, for comparisons with HF and llama.cpp)
   - an HF hub id such as "openai-community/gpt2", fetched (or found in the local cache)
     with huggingface_hub;
-  - the embedded model's name, "pgpt-code", or None: `assets/pgpt-code/`, an orbax dir.
+  - an embedded model's name (`EMBEDDED_MODELS`), or None for the default one
+    (`EMBEDDED_NAME`): `assets/<name>/`, an orbax dir shipped inside the package.
 
 Weights are always placed onto `nnx.eval_shape(...)` of the model, so no parameter is first
 initialised randomly (for gpt2-xl that would be 1.5B wasted normal draws), and the target's
@@ -31,10 +32,15 @@ from flax import nnx
 from pgpt_jax.config import EOS_ID, GPTConfig
 from pgpt_jax.model import GPT
 
-EMBEDDED_NAME = "pgpt-tiny"
+ASSETS = Path(__file__).resolve().parent / "assets"
+# The models shipped inside the package (docs/model_card.md): the code model, the default,
+# and the older documentation model, kept because it is small and fast (context 256): the
+# test suite's engine tests run on it.
+EMBEDDED_MODELS = {"pgpt-tiny": ASSETS / "pgpt-tiny"}
+EMBEDDED_NAME = "pgpt-tiny"  # what `load_model()` and `pgpt-jax serve` load without a model
+EMBEDDED_DIR = EMBEDDED_MODELS[EMBEDDED_NAME]
 MAX_CHUNK_BYTES = 4 << 20
 TARGET_FILE_BYTES = 8 << 20
-EMBEDDED_DIR = Path(__file__).resolve().parent / "assets" / EMBEDDED_NAME
 HF_FILES = ["config.json", "model.safetensors", "model.safetensors.index.json"]
 # Causal-mask buffers that older transformers versions saved with the weights.
 HF_BUFFERS = (".attn.bias", ".attn.masked_bias")
@@ -368,13 +374,15 @@ def _looks_like_path(source: str) -> bool:
 
 
 def _load(source, dtype, shardings, progress: bool) -> GPT:
-    if source is None or source == EMBEDDED_NAME:
-        if not (EMBEDDED_DIR / "config.json").is_file():
+    if source is None or source in EMBEDDED_MODELS:
+        name = source or EMBEDDED_NAME
+        where = EMBEDDED_DIR if name == EMBEDDED_NAME else EMBEDDED_MODELS[name]
+        if not (where / "config.json").is_file():
             raise FileNotFoundError(
-                f"the embedded model {EMBEDDED_NAME!r} is not shipped yet (expected at {EMBEDDED_DIR}); "
+                f"the embedded model {name!r} is not shipped yet (expected at {where}); "
                 "pass a model instead: an HF hub id such as 'openai-community/gpt2', an HF GPT-2 dir, "
                 "or a dir made by `pgpt-jax convert`")
-        return restore_checkpoint(EMBEDDED_DIR, dtype, shardings)
+        return restore_checkpoint(where, dtype, shardings)
     source = str(source)
     path = Path(source).expanduser()
     if path.is_dir():
@@ -393,7 +401,7 @@ def _load(source, dtype, shardings, progress: bool) -> GPT:
 
 
 def load_model(source=None, *, dtype=None, shardings=None) -> GPT:
-    """Our orbax dir, an HF GPT-2 dir, an HF hub id, or the embedded model ("pgpt-code" / None) -> GPT.
+    """Our orbax dir, an HF GPT-2 dir, an HF hub id, or an embedded model (its name; None: the default) -> GPT.
 
     `dtype` casts the params and sets the config's dtype and param_dtype.
     """

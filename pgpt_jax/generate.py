@@ -19,14 +19,19 @@ MAX_ENGINES = 2
 _engines: "OrderedDict[tuple, tuple[GPT, Engine]]" = OrderedDict()
 
 
-def engine_for(model: GPT, slots: int = 8, mesh=None) -> Engine:
-    """The engine generate() uses for `model`, slot count and mesh (made once, kept while recent)."""
-    key = (id(model), slots, mesh)
+def engine_for(model: GPT, slots: int = 8, mesh=None, speculative: Optional[str] = None) -> Engine:
+    """The engine generate() uses for `model`, slot count, mesh and speculation (made once,
+    kept while recent). With `speculative` ("ngram:K[:MIN-MAX]") it times a verify call against
+    a decode call first, as `pgpt-jax serve` does at warm-up: the planner verifies only where
+    that pays."""
+    key = (id(model), slots, mesh, speculative)
     if key in _engines and _engines[key][0] is model:
         _engines.move_to_end(key)
         return _engines[key][1]
     engine = Engine(model, tokenizer_for(model.config), slots=slots, mesh=mesh,
-                    limits=Limits(max_logprobs=20, max_queue=1 << 30))
+                    limits=Limits(max_logprobs=20, max_queue=1 << 30), speculative=speculative)
+    if speculative is not None:
+        engine.measure_costs()
     _engines[key] = (model, engine)
     while len(_engines) > MAX_ENGINES:
         _engines.popitem(last=False)
@@ -42,17 +47,20 @@ def generate(model: GPT, prompt: Union[Prompt, Sequence[Prompt]], *, max_tokens:
              logprobs: Optional[int] = None, echo: bool = False, stop=None,
              presence_penalty: float = 0.0, frequency_penalty: float = 0.0, logit_bias=None,
              seed: Optional[int] = None, suffix: Optional[str] = None, logprobs_mode: str = "raw_logprobs",
-             constraint: Optional[Constraint] = None, slots: int = 8, mesh=None):
+             constraint: Optional[Constraint] = None, slots: int = 8, mesh=None,
+             speculative: Optional[str] = None):
     """Completes one prompt (a string or token ids) or a list of them, as the HTTP API would.
 
     Returns a list of `Choice`s (text, token_ids, finish_reason, logprobs in OpenAI's shape)
     for one prompt, or one such list per prompt. Scoring a text is
     `generate(model, text, max_tokens=0, echo=True, logprobs=k)`. Structured output:
     `constraint=Constraint("json", schema, "constraint")` (or "regex", "choice", "grammar").
+    `speculative="ngram:4"`: n-gram speculative decoding (the same tokens, fewer calls where
+    the text repeats; docs/benchmarks.md, "Speculative decoding").
     """
     single = _is_single(prompt)
     prompts = [prompt] if single else list(prompt)
-    engine = engine_for(model, slots, mesh)
+    engine = engine_for(model, slots, mesh, speculative)
     tok = engine.tokenizer
     stop = [stop] if isinstance(stop, str) else list(stop or ())
     results: list = [None] * len(prompts)

@@ -260,3 +260,19 @@ def test_a_verify_that_fails_fails_only_its_rows_once(engines, monkeypatch):
     monkeypatch.undo()
     res, _ = run(spec, Request(prompt=[7] * 12, max_tokens=20, temperature=0.0, logit_bias={7: 50.0}))
     assert res[0].choices[0].token_ids == [7] * 20 and spec.active_slots == 0
+
+
+def test_generate_takes_speculative(tiny_model):
+    """`generate(..., speculative=...)`: its own engine (the plain one is not reused), the
+    verify/decode cost timed before the first request, the same tokens as plain decoding."""
+    from pgpt_jax.generate import engine_for, generate
+
+    kw = dict(max_tokens=24, temperature=0.0, logit_bias=NO_EOS, slots=1)
+    plain = generate(tiny_model, LOOP, **kw)
+    spec = generate(tiny_model, LOOP, speculative=f"ngram:{K}", **kw)
+    assert [c.token_ids for c in spec] == [c.token_ids for c in plain]
+    engine = engine_for(tiny_model, 1, speculative=f"ngram:{K}")
+    assert engine is not engine_for(tiny_model, 1) and engine.speculative.k == K
+    assert set(engine.planner.speculation.verify_cost) == set(engine.scheduler.row_buckets)
+    with pytest.raises(ValueError):
+        generate(tiny_model, LOOP, speculative="eagle:3", **kw)

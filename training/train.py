@@ -3,6 +3,7 @@
     python training/train.py                                  # the run -> training/work/pgpt-code/
     python training/train.py --steps 20 --out /tmp/x --work /tmp/w   # a smoke run
     python training/train.py --resume                         # continue a cut run from --work
+    python training/train.py --export                         # checkpoint + measures from --work's state
 
 docs/model_card.md ("pgpt-code") has the run's numbers so far; training/evaluate.py measures it.
 
@@ -76,6 +77,8 @@ def parse_args(argv=None):
     p.add_argument("--save-every", type=int, default=50)
     p.add_argument("--stop-after", type=int, default=None,
                    help="stop (state saved) after this step, e.g. to time a few steps")
+    p.add_argument("--export", action="store_true",
+                   help="train nothing: write the checkpoint from the state in --work (a cut or running run)")
     return p.parse_args(argv)
 
 
@@ -145,9 +148,11 @@ def main(argv=None) -> dict:
     n_params = sum(x.size for x in jax.tree.leaves(params))
     first = 0
     history_file = work / "history.jsonl"
-    if args.resume and (work / "state.npz").exists():
+    if (args.resume or args.export) and (work / "state.npz").exists():
         first, params, opt_state = load_state(work, params, opt_state)
-        log(f"resumed at step {first} from {work}")
+        log(f"{'exporting' if args.export else 'resumed at'} step {first} from {work}")
+    elif args.export:
+        raise SystemExit(f"--export: no state in {work}")
     else:
         history_file.write_text("")
     train_step = make_step(graphdef, tx, args.full_stride)
@@ -161,7 +166,7 @@ def main(argv=None) -> dict:
             f.write(json.dumps(entry) + "\n")
 
     t_train, tokens_seen, window_t, window_tok = time.perf_counter(), 0, time.perf_counter(), 0
-    last = min(args.steps, args.stop_after or args.steps)
+    last = first if args.export else min(args.steps, args.stop_after or args.steps)
     for step in range(first, last):
         r = train_rows[step * B:(step + 1) * B]
         x, y = r[:, :-1], r[:, 1:]
@@ -187,7 +192,7 @@ def main(argv=None) -> dict:
     train_seconds = time.perf_counter() - t_train
     log(f"trained steps {first}..{last} in {train_seconds / 60:.1f} min "
         f"({tokens_seen / max(train_seconds, 1e-9):.0f} tok/s)")
-    if last < args.steps:
+    if last < args.steps and not args.export:
         log(f"stopped after step {last} (--stop-after); --resume continues")
         return {}
     history = [json.loads(line) for line in history_file.read_text().splitlines() if line]
@@ -226,7 +231,7 @@ def main(argv=None) -> dict:
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     summary = {
         "config": saved_cfg.to_dict(), "params": n_params, "checkpoint_bytes": size,
-        "seed": args.seed, "steps": args.steps, "batch": B, "seq_len": T, "tokens": args.steps * B * T,
+        "seed": args.seed, "steps": last, "batch": B, "seq_len": T, "tokens": last * B * T,
         "train_minutes_this_process": round(train_seconds / 60, 2),
         "documents": len(docs), "valid_documents": n_valid_docs,
         "train_tokens": int(len(train_plain)), "valid_tokens": int(n_valid_rows * T),

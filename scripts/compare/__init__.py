@@ -66,12 +66,14 @@ REPO = SCRIPTS.parent
 
 TOP_P = 0.9
 MODES = {"greedy": dict(temperature=0.0, top_p=1.0), "top_p": dict(temperature=1.0, top_p=TOP_P)}
-ENGINE_SYSTEMS = ("pgpt", "hf-float32", "hf-bfloat16", "llama-f32", "llama-f16")
+ENGINE_SYSTEMS = ("pgpt", "pgpt-spec", "hf-float32", "hf-bfloat16", "llama-f32", "llama-f16")
 SERVING_SYSTEMS = ("pgpt", "vllm", "llama-f32", "llama-f16")
 ALL_SYSTEMS = ENGINE_SYSTEMS + ("vllm",)  # vLLM is a serving peer only
-LABELS = {"pgpt": "pgpt-jax", "hf-float32": "HF transformers fp32", "hf-bfloat16": "HF transformers bf16",
+# pgpt-jax with n-gram speculation (--speculative) runs only when --systems names it.
+DEFAULT_SYSTEMS = tuple(s for s in ALL_SYSTEMS if s != "pgpt-spec")
+LABELS = {"pgpt": "pgpt-jax", "pgpt-spec": "pgpt-jax speculative", "hf-float32": "HF transformers fp32", "hf-bfloat16": "HF transformers bf16",
           "llama-f32": "llama.cpp f32", "llama-f16": "llama.cpp f16", "vllm": "vLLM CPU fp32"}
-COLORS = {"pgpt": "tab:blue", "hf-float32": "tab:orange", "hf-bfloat16": "tab:red",
+COLORS = {"pgpt": "tab:blue", "pgpt-spec": "tab:cyan", "hf-float32": "tab:orange", "hf-bfloat16": "tab:red",
           "llama-f32": "tab:green", "llama-f16": "tab:olive", "vllm": "tab:purple"}
 EXTRA = "pip install -e '.[compare]'"  # what a skipped peer's message tells the reader to run
 

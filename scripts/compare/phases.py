@@ -83,6 +83,8 @@ def engine_phase(a, R: Results, systems: list[str], weights: Path, gguf: dict, l
             argv += ["--dtype", s.split("-")[1]]
         if s.startswith("llama-"):
             argv += ["--gguf", str(gguf[s]), "--n-ctx", str(a.n_ctx)]
+        if s == "pgpt-spec":
+            argv += ["--worker-speculative", a.speculative]
         log(f"engine: starting {LABELS[s]} ...")
         w = Worker(s, argv, logs / f"engine-{s}.log", a.timeout)
         ans = w.answer()
@@ -101,7 +103,7 @@ def engine_phase(a, R: Results, systems: list[str], weights: Path, gguf: dict, l
             for s, w in workers.items():
                 if b in plan[s]:
                     log(f"engine: warm-up {LABELS[s]} batch {b} ...")
-                    for n in ([a.new_tokens] if s == "pgpt" else []) + [min(8, a.new_tokens)]:
+                    for n in ([a.new_tokens] if s.startswith("pgpt") else []) + [min(8, a.new_tokens)]:
                         ans = w.ask(prompts=ids, new_tokens=n, mode="greedy", seed=0, eos=EOS_ID)
                         R.add(kind="engine_warmup", system=s, batch=b, **{k: v for k, v in ans.items() if k != "ok"})
         for rnd in range(a.rounds):

@@ -176,6 +176,11 @@ def print_summary(S: dict) -> list[str]:
                                                             eng.get(("llama-f32", 1, "greedy"))), 1.0)
     target("batch-32 greedy decode vs HF transformers fp32", _ratio(eng.get(("pgpt", 32, "greedy")),
                                                                    eng.get(("hf-float32", 32, "greedy"))), 3.0)
+    if any(k[0] == "pgpt-spec" for k in eng):  # issue 16: speculation on the repeating (greedy) case
+        target("batch-1 greedy, speculative vs plain pgpt-jax", _ratio(eng.get(("pgpt-spec", 1, "greedy")),
+                                                                     eng.get(("pgpt", 1, "greedy"))), 1.8)
+        target("batch-1 greedy, speculative vs llama.cpp f32", _ratio(eng.get(("pgpt-spec", 1, "greedy")),
+                                                                    eng.get(("llama-f32", 1, "greedy"))), 1.5)
     p32, l32, p1 = srv.get(("pgpt", 32)), srv.get(("llama-f32", 32)), srv.get(("pgpt", 1))
     target("serving at 32 streams vs llama.cpp server f32, output tok/s",
            _ratio(p32 and p32["output_tokens_per_s"], l32 and l32["output_tokens_per_s"]), 5.0)

@@ -28,15 +28,20 @@ class PgptRunner:
         from pgpt_jax.checkpoint import load_model
 
         self.model = load_model(a.weights)  # float32, as the HF dir's dtype
+        self.speculative = a.worker_speculative  # "ngram:K" for the pgpt-spec system, else None
 
     def run(self, prompts, new_tokens, mode, seed, eos) -> dict:
         from pgpt_jax.generate import engine_for, generate
 
-        engine = engine_for(self.model, len(prompts))  # the engine generate() uses for this many slots
-        compiled = engine.compile_count
+        # the engine generate() uses for this many slots (and speculation)
+        engine = engine_for(self.model, len(prompts), speculative=self.speculative)
+        compiled, proposed, accepted = engine.compile_count, engine.spec_proposed_tokens, engine.spec_accepted_tokens
         choices = generate(self.model, prompts, max_tokens=new_tokens, logit_bias={eos: -100.0}, seed=seed,
-                           slots=len(prompts), **MODES[mode])
-        return {"tokens": sum(len(c[0].token_ids) for c in choices), "compiles": engine.compile_count - compiled}
+                           slots=len(prompts), speculative=self.speculative, **MODES[mode])
+        out = {"tokens": sum(len(c[0].token_ids) for c in choices), "compiles": engine.compile_count - compiled}
+        if self.speculative:
+            out.update(proposed=engine.spec_proposed_tokens - proposed, accepted=engine.spec_accepted_tokens - accepted)
+        return out
 
 
 class HFRunner:
