@@ -108,8 +108,10 @@ def engine_phase(a, R: Results, systems: list[str], weights: Path, gguf: dict, l
                         R.add(kind="engine_warmup", system=s, batch=b, **{k: v for k, v in ans.items() if k != "ok"})
         for rnd in range(a.rounds):
             for b in a.batches:
-                ids, _ = word_prompts(b, a.prompt_tokens, seed=rnd * 1000 + b)
-                for mode in a.modes:
+                for m, mode in enumerate(a.modes):
+                    # Prompts of their own per mode: with the same ones, pgpt-jax's prefix cache
+                    # would serve the second mode's prompts from the first's blocks (no prefill).
+                    ids, _ = word_prompts(b, a.prompt_tokens, seed=rnd * 1000 + b + 100_000 * m)
                     for s in _in_turn([s for s in workers if b in plan[s]], rnd):
                         ans = workers[s].ask(prompts=ids, new_tokens=a.new_tokens, mode=mode, seed=rnd, eos=EOS_ID)
                         if not ans.get("ok"):
