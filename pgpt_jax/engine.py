@@ -31,15 +31,15 @@ prefill is retried prompt by prompt first; a failing chunk fails its one request
 others go on; if it consumed the donated
 state, every running request fails and a fresh state replaces it. A failed prefill's prefix
 cache blocks are forgotten, and a later prefill of the iteration that would read them runs
-whole (a consumed pool starts again empty). In a multi-host run any
+whole (a consumed pool starts again empty): `faults.py`. In a multi-host run any
 fault, and a group that stops answering (`lockstep_timeout`), is fatal: every request gets
 an error and `on_fatal` is called (the server exits non-zero so the group restarts). Every
 ending goes through `_end` (then `Registry.end`), so a request ends exactly once. If the
 loop itself dies, every request gets `EngineUnavailable` at once and `alive` turns False.
 
 Shapes are static and every request parameter is a value in an array, so after
-`warmup()` nothing compiles again. The engine speaks token ids; the tokenizer is only used
-(by `outputs.py`) to turn outputs into text.
+`warmup()` (`warmup.py`) nothing compiles again. The engine speaks token ids; the
+tokenizer is only used (by `outputs.py`) to turn outputs into text.
 """
 
 from __future__ import annotations
@@ -53,8 +53,9 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from pgpt_jax import grammar, ngram, sharding, timeline
+from pgpt_jax import grammar, ngram, sharding, timeline, warmup
 from pgpt_jax.executor import Decode, Drop, Executor, Extend, Forward, Place, Prefill, Sample, Verify
+from pgpt_jax.faults import Faults
 from pgpt_jax.model import GPT
 from pgpt_jax.multihost import Lockstep, Watchdog, follow
 from pgpt_jax.planner import Planner
@@ -111,9 +112,7 @@ class Engine:
                                context_length=self.context_length, decode_steps=decode_steps, end=self._end,
                                vocab=self.config.padded_vocab, cache=self.prefix_cache, chunk=prefill_chunk,
                                speculative=self.speculative)
-        self._moved: dict[tuple, tuple] = {}  # this plan's prefills retried alone: (pid, index) -> new
         self._forwarded: Optional[dict] = None  # this step's Forward ran: {slot: owner} for its Sample
-        self._bad_blocks: set = set()  # this plan's pool blocks whose save failed (None in it: all)
         self._thread: Optional[threading.Thread] = None
         self._running = False
         self._stop_why = "The engine stopped."
@@ -121,6 +120,8 @@ class Engine:
         self.dead: Optional[BaseException] = None  # what killed the loop, if something did
         self._compiles_at_start = _compiles()
         self.lockstep = Lockstep() if jax.process_count() > 1 else None
+        self.faults = Faults(self.executor, self.planner, self.scheduler, self.prefix_cache, end=self._end,
+                             execute=self._execute, multihost=self.lockstep is not None)
         self.lockstep_timeout, self.on_fatal = lockstep_timeout, on_fatal
         self._watchdog: Optional[Watchdog] = None
         self._stop_sent = False
@@ -255,75 +256,18 @@ class Engine:
     def warmup(self, progress: bool = False, on_program: Optional[Callable[[int, int], None]] = None) -> float:
         """Compiles every program for every shape the scheduler can ask for (and, multi-host,
         the broadcast); returns seconds taken. `progress` draws a bar; `on_program(done,
-        total)` is called after each program."""
-        t0 = time.perf_counter()
-        sched = self.scheduler
-        self.choose_options()
-        prefills = [(rows, b) for b in sched.buckets for rows in sched.prefill_rows[b]]
-        decodes = [(rows, w) for w in sched.windows for rows in sched.row_buckets]
-        extends = [(rows, T, R) for T, R in sched.extend_shapes(BLOCK_TOKENS) for rows in sched.prefill_rows[T]
-                   if self.prefix_cache]
-        # Chunked prefill: one row of `prefill_chunk` tokens over each longer prompt's cache,
-        # which starts empty or (with the prefix cache) from the pool's blocks.
-        # (With a pool, its extends run them after gather_blocks or empty_cache: one program.)
-        chunks = [(T, self.prefill_chunk) for T in sched.chunk_buckets(self.prefill_chunk)] if self.prefill_chunk else []
-        if self.prefix_cache:
-            extends += [(1, T, C) for T, C in chunks if (1, T, C) not in extends]
-        self.executor.warmup(prefills, decodes, progress=progress, on_program=on_program, extends=extends,
-                             chunks=chunks)
-        if self.lockstep is not None:
-            self.lockstep.warmup()
-        else:
-            self.measure_costs()
-        return time.perf_counter() - t0
+        total)` is called after each program (warmup.py)."""
+        return warmup.warmup(self, progress, on_program)
 
     def measure_costs(self) -> None:
-        """Times a decode call of each row bucket (how far batch work may widen it:
-        scheduler.py) and, with speculation, a Verify's against it (when one pays: planner.py).
-        Process 0 alone, on compiled programs; leaves a fresh state."""
-        sched = self.scheduler
-        shapes = [(rows, sched.windows[0]) for rows in sched.row_buckets]
-        sched.decode_cost = self.executor.time_decodes(shapes)
-        log.info("decode call seconds by rows: %s", {r: round(t, 4) for r, t in sched.decode_cost.items()})
-        if self.speculative is not None:
-            verify = self.executor.time_decodes(shapes, verify=True)
-            self.planner.speculation.verify_cost = {r: verify[r] / sched.decode_cost[r] for r in verify}
-            log.info("verify / decode call time by rows: %s",
-                     {r: round(c, 2) for r, c in self.planner.speculation.verify_cost.items()})
+        """Times a decode call of each row bucket and, with speculation, a Verify's against it
+        (warmup.py). Process 0 alone, on compiled programs; leaves a fresh state."""
+        warmup.measure_costs(self)
 
     def choose_options(self) -> None:
-        """XLA:CPU option sets for this engine's programs (xla_options.CPU_OPTION_SETS): forced by
-        name, or with "auto" remembered for this CPU and shape, else measured: each decode row
-        bucket under each set, the fastest kept (the largest bucket's for the other programs).
-        A multi-host group never measures (its processes must compile the same programs)."""
-        from pgpt_jax import xla_options
-
-        if self.xla_options is None:
-            return
-        if self.xla_options != "auto":
-            xla_options.choose_options(self.xla_options)
-            self.options_note = f"XLA:CPU options {self.xla_options} (forced)"
-            log.info(self.options_note)
-            return
-        cfg = self.config
-        key = f"{cfg.name}/{cfg.dtype}/slots={self.slots}/steps={self.decode_steps}/mesh={_mesh_shape(self.mesh)}"
-        choice = xla_options.remembered_choice(key)
-        if choice is not None:
-            xla_options.choose_options(choice["default"], choice["decode"])
-            self.options_note = f"XLA:CPU options {_describe_choice(choice)} (remembered for this CPU)"
-            log.info("XLA:CPU options for %s (remembered): %s", key, choice)
-            return
-        if jax.default_backend() != "cpu" or self.lockstep is not None or xla_options.user_sets_options():
-            return
-        window = self.scheduler.windows[0]
-        self.option_times = {rows: self.executor.time_option_sets(rows, window) for rows in self.scheduler.row_buckets}
-        decode = {rows: min(t, key=t.get) for rows, t in self.option_times.items()}
-        choice = {"default": decode[max(decode)], "decode": decode}
-        xla_options.choose_options(choice["default"], decode)
-        xla_options.remember_choice(key, choice)
-        self.options_note = f"XLA:CPU options {_describe_choice(choice)} (measured)"
-        log.info("XLA:CPU options for %s (measured, seconds per decode call): %s -> %s", key,
-                 {r: {n: round(s, 4) for n, s in t.items()} for r, t in self.option_times.items()}, choice)
+        """Chooses the XLA:CPU option sets for this engine's programs: forced, remembered or
+        measured (warmup.py)."""
+        warmup.choose_options(self)
 
     # ---------------------------------------------------------------- the host loop
 
@@ -388,8 +332,7 @@ class Engine:
     def step(self) -> bool:
         """One iteration (see the module docstring). Returns False when there is no work to do now
         (batch work held back for interactive work does not count)."""
-        self._moved.clear()
-        self._bad_blocks.clear()
+        self.faults.new_plan()
         self._forwarded = None
         ops, meta = self.planner.plan()
         if self.lockstep is not None:
@@ -426,9 +369,9 @@ class Engine:
             if isinstance(op, Place) and self.lockstep is None:
                 if m.entry.done:  # its prefill failed here (alone, so no other process runs it)
                     continue
-                op.pid, op.index = self._moved.get((op.pid, op.index), (op.pid, op.index))
-            if isinstance(op, Prefill) and self._reads_lost(op):
-                self._retry_alone(op, m)  # what it would read was never saved: prefill it whole
+                op.pid, op.index = self.faults.moved.get((op.pid, op.index), (op.pid, op.index))
+            if isinstance(op, Prefill) and self.faults.reads_lost(op):
+                self.faults.retry_alone(op, m)  # what it would read was never saved: prefill it whole
                 continue
             try:
                 t0 = time.perf_counter()
@@ -441,13 +384,11 @@ class Engine:
                 if self.lockstep is not None:
                     raise
                 if isinstance(op, Prefill):
-                    self._prefill_fault(op, m, exc)
+                    self.faults.prefill_fault(op, m, exc)
                 elif isinstance(op, Extend):  # one chunk of one prompt: only its request fails
-                    self._lost_blocks(op)
-                    log.error("prefill chunk failed: %r", exc)
-                    self._end(m, exc)
+                    self.faults.chunk_fault(op, m, exc)
                 elif not isinstance(op, Drop):
-                    self._device_fault(exc, [m.entry] if isinstance(op, Place) else [r.entry for r in m.values()])
+                    self.faults.device_fault(exc, [m.entry] if isinstance(op, Place) else [r.entry for r in m.values()])
                 continue
             if isinstance(op, (Prefill, Extend)):
                 self.prefill_calls += 1
@@ -469,61 +410,6 @@ class Engine:
                 self.spec_proposed_tokens += int(op.lengths.sum())
                 self._pending.append(("verify", m, (*out, op.lengths + 1)))  # + what each row was planned for
 
-    def _prefill_fault(self, op: Prefill, chunk: list, exc: Exception) -> None:
-        """One process: a prefill raised. A shared call is retried prompt by prompt, so that only
-        the request that causes the fault fails. The pool blocks it was to save hold nothing:
-        forgotten, and later prefills of this plan that would read them run whole."""
-        self._lost_blocks(op)
-        if len(chunk) > 1:
-            self._retry_alone(op, chunk)
-            return
-        log.error("prefill failed: %r", exc)
-        self._end(chunk[0], exc)
-
-    def _retry_alone(self, op: Prefill, chunk: list) -> None:
-        """Prefills `chunk` again, whole and one prompt a call, without the prefix cache."""
-        ops, meta = [], []
-        old = [(op.pid, j) for j in range(len(chunk))]
-        self.planner.prefills(chunk, op.want_logprobs, ops, meta, alone=True)
-        for was, entry in zip(old, chunk):
-            self._moved[was] = entry.prefix  # this plan's Place ops read the new prefill
-        self._execute(ops, meta)
-        for entry in chunk:
-            if not entry.unplaced:  # every choice of it was planned already: drop the new one next
-                self.planner.release_prefill(entry)
-
-    def _reads_lost(self, op: Prefill) -> bool:
-        """One process: whether `op` reads pool blocks whose save failed earlier in this plan."""
-        if op.reads is None or not self._bad_blocks or self.lockstep is not None:
-            return False
-        reads = {int(b) for row, start in zip(op.reads, op.start) for b in row[: start // BLOCK_TOKENS]}
-        return None in self._bad_blocks or bool(self._bad_blocks & reads)
-
-    def _lost_blocks(self, op: Prefill) -> None:
-        """A prefill that was to save blocks failed: the index forgets them (all of them, with
-        a fresh pool, if the failed save consumed the donated one)."""
-        cache = self.prefix_cache
-        if cache is None:
-            return
-        if self.executor.pool_lost():
-            self.executor.reset_pool()
-            cache.clear()
-            self._bad_blocks.add(None)
-        elif op.writes is not None:
-            lost = {int(b) for b in op.writes.reshape(-1) if b < cache.blocks}
-            cache.forget(lost)
-            self._bad_blocks |= lost
-
-    def _device_fault(self, exc: Exception, touched: list) -> None:
-        """One process: a call with slots raised. The requests it ran fail; if it consumed the
-        donated state, every running request lost its cache and fails too, on a fresh state."""
-        log.error("a device call failed for %d request(s): %r", len(set(touched)), exc)
-        if self.executor.state_lost():
-            touched = touched + [run.entry for run in self.scheduler.owner if run is not None]
-            self.executor.reset(prefills=False)
-        for entry in dict.fromkeys(touched):
-            self._end(entry, exc)
-
     # ---------------------------------------------------------------- outputs and endings (process 0)
 
     def _process(self, item) -> None:
@@ -534,7 +420,7 @@ class Engine:
         except Exception as exc:  # the call failed while it ran
             if self.lockstep is not None:
                 raise
-            self._device_fault(exc, [run.entry for run in owners.values()])
+            self.faults.device_fault(exc, [run.entry for run in owners.values()])
             return
         taken = None
         if kind == "verify":  # row `col` took taken[col] of the [K+1] tokens
@@ -594,17 +480,7 @@ class Engine:
         self.registry.end(entry, outcome)
 
 
-def _mesh_shape(mesh: Optional[Mesh]) -> str:
-    return "none" if mesh is None else "x".join(f"{k}{v}" for k, v in mesh.shape.items())
-
-
 def _compiles() -> int:
     from pgpt_jax.xla_options import compiles_so_far
 
     return compiles_so_far()
-
-
-def _describe_choice(choice: dict) -> str:
-    """{"default": name, "decode": {rows: name}} -> "xla-default; decode rows 1: no-ynn-fusion, ..."."""
-    decode = ", ".join(f"{rows}: {name}" for rows, name in sorted(choice["decode"].items(), key=lambda kv: int(kv[0])))
-    return f"{choice['default']}; decode by rows {decode}"

@@ -35,7 +35,7 @@ from starlette.routing import Route
 
 from pgpt_jax import timeline
 from pgpt_jax.request import Limits
-from server import protocol, responses
+from server import chat_protocol, protocol, responses
 from server.batch.routes import DEFAULT_MAX_FILE_BYTES, BatchRoutes
 from server.batch.runner import BatchRunner
 from server.batch.store import BatchDirBusy, BatchStore
@@ -230,7 +230,7 @@ async def completions(request: HTTPRequest) -> Response:
 
 async def chat_completions(request: HTTPRequest) -> Response:
     """POST /v1/chat/completions and /openai/deployments/{deployment}/chat/completions."""
-    return await _generation(request, protocol.parse_chat)
+    return await _generation(request, chat_protocol.parse_chat)
 
 
 async def tokenize(request: HTTPRequest) -> Response:
@@ -239,7 +239,7 @@ async def tokenize(request: HTTPRequest) -> Response:
     info = st.info
 
     def answer() -> Response:  # BPE over a 4 MB body, and its JSON, take a worker thread
-        ids, with_strs = protocol.parse_tokenize(protocol.parse_json(raw), info)
+        ids, with_strs = chat_protocol.parse_tokenize(protocol.parse_json(raw), info)
         strs = [info.tokenizer.token_str(t) for t in ids] if with_strs else None
         return json_response({"count": len(ids), "max_model_len": info.context_length, "tokens": ids,
                               "token_strs": strs})
@@ -253,7 +253,7 @@ async def detokenize(request: HTTPRequest) -> Response:
     info = st.info
 
     def answer() -> Response:
-        ids = protocol.parse_detokenize(protocol.parse_json(raw), info)
+        ids = chat_protocol.parse_detokenize(protocol.parse_json(raw), info)
         return json_response({"prompt": info.tokenizer.decode(ids)})
 
     return await asyncio.to_thread(answer)

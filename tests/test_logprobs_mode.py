@@ -17,7 +17,8 @@ import pytest
 from pgpt_jax.cli import build_parser, limits_from_args
 from pgpt_jax.model import forward, init_cache
 from pgpt_jax.request import Limits
-from server.protocol import ModelInfo, parse_chat, parse_completion
+from server.chat_protocol import parse_chat
+from server.protocol import ModelInfo, parse_completion
 from test_outputs import TOK
 from test_return_token_ids import chat, completion, post, small_server
 from test_server import EOS, NO_EOS

@@ -17,7 +17,7 @@ import pytest
 
 from pgpt_jax.checkpoint import EMBEDDED_NAME
 from pgpt_jax.config import FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX
-from server import protocol
+from server import chat_protocol
 from server.app import create_app
 from server.http import HTTPSettings
 from test_server_helpers import FakeEngine, ServerThread, error_of, wait_for
@@ -234,11 +234,11 @@ def test_chat_template_and_stops(fake):
     assert reply.choices[0].message.content == "the quick"  # leading space dropped
     sent = fake.engine.submitted[-1]
     assert fake.engine.tokenizer.decode(sent.prompt) == "System: Be terse.\n\nUser: Hi\n\nAssistant:"
-    assert list(sent.stop) == list(protocol.CHAT_STOPS)
+    assert list(sent.stop) == list(chat_protocol.CHAT_STOPS)
     # The client's 4 stops and the template's turn markers all apply (Limits.max_template_stops).
     client.chat.completions.create(model=MODEL, max_tokens=1, stop=["a", "b", "c", "d"],
                                    messages=[{"role": "user", "content": "x"}])
-    assert list(fake.engine.submitted[-1].stop) == ["a", "b", "c", "d", *protocol.CHAT_STOPS]
+    assert list(fake.engine.submitted[-1].stop) == ["a", "b", "c", "d", *chat_protocol.CHAT_STOPS]
 
 
 def test_metrics(fake):

@@ -214,7 +214,8 @@ def test_no_compile_after_warmup_with_speculation(engines):
 
 def test_the_flag_and_the_request_field():
     from pgpt_jax.cli import build_parser, limits_from_args
-    from server.protocol import APIError, ModelInfo, parse_chat, parse_completion
+    from server.chat_protocol import parse_chat
+    from server.protocol import APIError, ModelInfo, parse_completion
 
     assert build_parser().parse_args(["serve", "--speculative", "ngram:4"]).speculative == ngram.Speculative(4)
     assert build_parser().parse_args(["run-batch", "-i", "a", "-o", "b", "--speculative", "ngram:2:2-3"]

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from pgpt_jax.config import EOS_ID, FIM_PREFIX
-from server import protocol
+from server import chat_protocol
 from server.app import create_app
 from test_server_fake import KEY, MODEL, headers, post
 from test_server_helpers import FakeEngine, ServerThread, error_of, wait_for
@@ -215,6 +215,6 @@ def test_tokenising_runs_off_the_event_loop():
 
 
 def test_chat_prompt_default_is_the_chat_routes():
-    messages = [protocol.ChatMessage(role="user", content="x")]
-    assert protocol.chat_prompt(messages) == protocol.chat_prompt(messages, add_generation_prompt=True)
-    assert protocol.chat_prompt(messages, add_generation_prompt=False) == "User: x\n\n"
+    messages = [chat_protocol.ChatMessage(role="user", content="x")]
+    assert chat_protocol.chat_prompt(messages) == chat_protocol.chat_prompt(messages, add_generation_prompt=True)
+    assert chat_protocol.chat_prompt(messages, add_generation_prompt=False) == "User: x\n\n"

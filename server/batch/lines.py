@@ -27,12 +27,12 @@ import threading
 from typing import Any, BinaryIO, Callable, Iterable, Optional
 
 from pgpt_jax.request import EngineUnavailable, RequestError, Result
-from server import protocol, responses
+from server import chat_protocol, protocol, responses
 from server.batch.store import new_id
 from server.bridge import engine_error
 from server.protocol import APIError, ModelInfo
 
-ENDPOINTS = {"/v1/completions": protocol.parse_completion, "/v1/chat/completions": protocol.parse_chat}
+ENDPOINTS = {"/v1/completions": protocol.parse_completion, "/v1/chat/completions": chat_protocol.parse_chat}
 
 
 @dataclasses.dataclass
