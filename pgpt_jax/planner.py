@@ -317,9 +317,10 @@ class Planner:
             groups.setdefault(shape, []).append((e, ids))
         self._calls([e for e, _ in groups.pop(None, [])], False, ops, meta)  # the pool had no room for them
         for (T, R), group in groups.items():
-            most = sched.prefill_rows[T][-1]
-            for i in range(0, len(group), most):
-                self._extend(group[i:i + most], T, R, ops, meta)
+            i = 0
+            for take in sched.call_sizes(len(group), T):
+                self._extend(group[i:i + take], T, R, ops, meta)
+                i += take
 
     def _extend(self, chunk: list, T: int, R: int, ops: list, meta: list) -> None:
         """One Prefill of (entry, pool ids of its cached blocks) pairs that read those blocks

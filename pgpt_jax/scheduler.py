@@ -172,11 +172,25 @@ class Scheduler:
             by_bucket.setdefault(self.bucket(length(item)), []).append(item)
         calls = []
         for bucket, group in by_bucket.items():
-            most = 1 if alone else self.prefill_rows[bucket][-1]
-            for i in range(0, len(group), most):
-                chunk = group[i:i + most]
+            i = 0
+            for take in ([1] * len(group) if alone else self.call_sizes(len(group), bucket)):
+                chunk = group[i:i + take]
                 calls.append((bucket, next(p for p in self.prefill_rows[bucket] if p >= len(chunk)), chunk))
+                i += take
         return calls
+
+    def call_sizes(self, n: int, bucket: int) -> list[int]:
+        """How many of `n` prompts of `bucket` each prefill call takes, in order. A call's rows
+        are a row bucket; a row of padding costs as much as a prompt (prefill is compute-bound)
+        and every prompt's first token waits for its whole call, so a call is padded by at most
+        a quarter of its rows (or 2): 8 prompts go in two calls of 4, not one of 16."""
+        rows, sizes = self.prefill_rows[bucket], []
+        while n > 0:
+            fit = next((p for p in rows if p >= n), rows[-1])  # the call that takes them all, or the most
+            take = min(n, fit) if fit - n <= max(fit // 4, 2) else max(p for p in rows if p <= n)
+            sizes.append(take)
+            n -= take
+        return sizes
 
     def extend_shape(self, length: int, start: int) -> Optional[tuple[int, int]]:
         """(T, R) of a prefill that reads the first `start` tokens of a `length`-token prompt

@@ -68,3 +68,15 @@ def test_batch_work_holds_only_the_rows_interactive_decodes_pay_for():
     assert t.shortfall(limit=1) == 1 and list(t.admissions(limit=4, reserve=1)) == [("i", 0, 1), ("b", 0, 2)]
     assert list(t.background) == [("b", 1)]  # slot 3 stays free for the next interactive arrival
     assert list(t.admissions(limit=8, most=0)) == []  # no batch admissions this plan
+
+
+def test_prefill_calls_pad_little():
+    """A call is padded by at most a quarter of its rows (or 2): a wave of 8 short prompts on
+    a 32-slot engine goes in two calls of 4 rows, not one of 16 (half of it padding)."""
+    s = Scheduler(32, 1024, max_prefill_tokens=1024)
+    assert [s.call_sizes(n, 32) for n in (1, 2, 3, 4, 5, 8, 10, 12, 16, 18)] == [
+        [1], [2], [3], [4], [4, 1], [4, 4], [4, 4, 2], [12], [16], [16, 2]]
+    items = [(str(i), 20) for i in range(8)]
+    assert [(b, r, len(chunk)) for b, r, chunk in s.prefill_calls(items, length=lambda it: it[1])] == [
+        (32, 4, 4), (32, 4, 4)]
+    assert s.call_sizes(3, 1024) == [1, 1, 1]  # bucket 1024: one prompt a call (rows x tokens <= 1024)
