@@ -7,7 +7,7 @@ from typing import Optional, Sequence, Union
 
 from pgpt_jax.engine import Engine
 from pgpt_jax.model import GPT
-from pgpt_jax.request import Choice, Constraint, Limits, Request, fim_prompt
+from pgpt_jax.request import Choice, Constraint, Limits, QueueFull, Request, fim_prompt
 from pgpt_jax.tokenizer import tokenizer_for
 
 Prompt = Union[str, Sequence[int]]
@@ -79,7 +79,15 @@ def generate(model: GPT, prompt: Union[Prompt, Sequence[Prompt]], *, max_tokens:
         def done(event, i=i):
             results[i] = event
 
-        engine.submit(request, done)
+        # A big offline job is fed as the engine takes it: the queue's token budget bounds what
+        # waits (memory), so when it is spent the engine runs until the request fits.
+        while True:
+            try:
+                engine.submit(request, done)
+                break
+            except QueueFull:
+                if not engine.step():
+                    raise
     engine.run_until_idle()
     for r in results:
         if isinstance(r, Exception):

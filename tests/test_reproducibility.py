@@ -38,7 +38,7 @@ import pytest
 from pgpt_jax import sampling
 from pgpt_jax.engine import Engine
 from pgpt_jax.executor import Decode, Place, Prefill
-from pgpt_jax.generate import generate
+from pgpt_jax.generate import engine_for, generate
 from pgpt_jax.request import Delta, Limits, Request, Result
 from pgpt_jax.tokenizer import get_tokenizer
 from server.app import create_app
@@ -430,6 +430,19 @@ def test_generate_gives_what_the_engine_gives(tiny_model, engine, reference):
     many = generate(tiny_model, [[7, 8, 9], r.prompt, [300] * 12], max_tokens=r.max_tokens, temperature=1.0,
                     top_p=0.9, n=2, logprobs=3, seed=r.seed, slots=SLOTS)
     assert_reproduced([view_of_choice(c) for c in many[1]], reference["sampled_n2"], "generate() of 3 prompts")
+
+
+def test_generate_feeds_a_job_larger_than_the_queue_budget(tiny_model):
+    """An offline job whose prompts together exceed the engine's queued-token budget (8 x slots x
+    context) is fed as the engine takes it, not refused with QueueFull; each prompt's output is
+    what it gets alone (greedy)."""
+    engine = engine_for(tiny_model, 1)
+    prompts = [[11 + i] * 60 for i in range(24)]  # 24 x 61 tokens > 8 x 1 x 128
+    assert len(prompts) * 61 > engine.registry.max_queued_tokens
+    many = generate(tiny_model, prompts, max_tokens=1, temperature=0.0, slots=1)
+    alone = [generate(tiny_model, p, max_tokens=1, temperature=0.0, slots=1)[0] for p in prompts[:3]]
+    assert len(many) == 24 and all(len(c) == 1 for c in many)
+    assert [c[0].token_ids for c in many[:3]] == [c.token_ids for c in alone]
 
 
 # --------------------------------------------------------------------------- sampling is row-local
