@@ -36,8 +36,8 @@ ASSETS = Path(__file__).resolve().parent / "assets"
 # The models shipped inside the package (docs/model_card.md): the code model, the default,
 # and the older documentation model, kept because it is small and fast (context 256): the
 # test suite's engine tests run on it.
-EMBEDDED_MODELS = {"pgpt-tiny": ASSETS / "pgpt-tiny"}
-EMBEDDED_NAME = "pgpt-tiny"  # what `load_model()` and `pgpt-jax serve` load without a model
+EMBEDDED_MODELS = {"pgpt-code": ASSETS / "pgpt-code", "pgpt-tiny": ASSETS / "pgpt-tiny"}
+EMBEDDED_NAME = "pgpt-code"  # what `load_model()` and `pgpt-jax serve` load without a model
 EMBEDDED_DIR = EMBEDDED_MODELS[EMBEDDED_NAME]
 MAX_CHUNK_BYTES = 4 << 20
 TARGET_FILE_BYTES = 8 << 20

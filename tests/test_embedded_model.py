@@ -1,5 +1,6 @@
-"""The embedded model pgpt-tiny: it is what load_model() gives, it decodes deterministically,
-it fits the package-data budget, and it beats a unigram model on held-out text.
+"""The older embedded model pgpt-tiny (documentation text, context 256; the default is now
+pgpt-code, tests/test_code_model.py): it loads by name, decodes deterministically, fits the
+package-data budget, and beats a unigram model on held-out text.
 
 `assets/pgpt-tiny/heldout.json` (written by training/train_tiny.py) holds 8 rows of 129 tokens
 from the validation split, the add-one unigram baseline of the training split on their
@@ -21,7 +22,7 @@ from flax import nnx
 
 import pgpt_jax
 from pgpt_jax import load_model as package_load_model
-from pgpt_jax.checkpoint import EMBEDDED_DIR, load_model
+from pgpt_jax.checkpoint import EMBEDDED_MODELS, load_model
 from pgpt_jax.config import EOS_ID, FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX
 from pgpt_jax.model import forward, init_cache
 from pgpt_jax.tokenizer import get_tokenizer
@@ -37,9 +38,12 @@ STRIP_PREFIX = "str.strip([chars])\nReturn a copy of the string with "
 STRIP_SUFFIX, STRIP_MIDDLE = " removed.\n", "s.\n"
 
 
+EMBEDDED_DIR = EMBEDDED_MODELS["pgpt-tiny"]
+
+
 @pytest.fixture(scope="module")
 def tiny():
-    return load_model()
+    return load_model("pgpt-tiny")
 
 
 @pytest.fixture(scope="module")
@@ -47,9 +51,9 @@ def heldout():
     return json.loads((EMBEDDED_DIR / "heldout.json").read_text())
 
 
-def test_default_model_is_the_shipped_pgpt_tiny(tiny):
+def test_pgpt_tiny_loads_by_name(tiny):
     cfg = tiny.config
-    assert (cfg.name, cfg.fim, cfg.vocab_size) == ("pgpt-tiny", True, 50260)
+    assert (cfg.name, cfg.fim, cfg.vocab_size, cfg.n_positions) == ("pgpt-tiny", True, 50260, 256)
     named = package_load_model("pgpt-tiny")
     assert named.config == cfg
     np.testing.assert_array_equal(np.asarray(named.wte.embedding[...]), np.asarray(tiny.wte.embedding[...]))

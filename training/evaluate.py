@@ -1,6 +1,6 @@
 """Held-out evaluation of the embedded code model (docs/model_card.md has the shipped figures).
 
-    python training/evaluate.py --model training/work/pgpt-code   # -> training/work/eval.json
+    python training/evaluate.py                                    # the embedded model -> training/work/eval.json
     python training/evaluate.py --model DIR --old pgpt-tiny        # also the embedded model, on the same text
     python training/evaluate.py --fixture tests/fixtures/pgpt_code_eval.json   # write the CI sample
 
@@ -13,7 +13,9 @@ Everything is measured on modules the model never saw (training/data.py's hash s
 - *Single-line infill*: `--infill` non-blank held-out lines; the prompt is up to 600 tokens
   before the line, the suffix up to 300 tokens after it (prefix-suffix-middle, as a request
   with `suffix` sends it); greedy; the middle must equal the line (one trailing newline
-  allowed), within 64 tokens.
+  allowed), within 64 tokens. Also reported: how often the middle's first line is the line
+  (the middle may run on), and whether the model uses the suffix at all: the true line's
+  teacher-forced nats/token after the FIM prompt against after the prefix alone.
 - *Function bodies*: `--bodies` held-out functions with a docstring and a body; the prompt
   is the `def` line(s) and the docstring; temperature 0.2, up to 160 tokens, cut at the first
   line that dedents to the `def`'s level. It counts when the body ended within the budget
@@ -110,8 +112,38 @@ def infill_score(model, cases: list[dict], slots: int = 16) -> list[dict]:
     for c, (choice,) in zip(cases, out):
         middle = choice.text[:-1] if choice.text.endswith("\n") else choice.text
         results.append({"middle": choice.text, "finish": choice.finish_reason,
-                        "exact": choice.finish_reason == "stop" and middle == c["line"]})
+                        "exact": choice.finish_reason == "stop" and middle == c["line"],
+                        "first_line": choice.text.split("\n", 1)[0] == c["line"]})
     return results
+
+
+def line_nats(model, cases: list[dict], batch: int = 8) -> list[tuple[float, float, int]]:
+    """Does the model use the suffix? For each infill case, the nats (summed over its tokens) of
+    the true line and its newline teacher-forced after the prefix-suffix-middle prompt, and after
+    the prefix alone (a plain left-to-right continuation), and the line's token count. Rows are
+    right-padded to the context, `batch` at a time: one compiled shape."""
+    tok = tokenizer_for(model.config)
+    T = model.config.n_positions
+    fwd = jax.jit(lambda m, x: forward(m, x, jnp.broadcast_to(jnp.arange(T), x.shape), init_cache(m.config, x.shape[0], T))[0])
+    rows = []  # (context ids, target ids) pairs, two per case
+    for c in cases:
+        target = tok.encode(c["line"] + "\n")
+        prefix = tok.encode(c["prefix"])
+        rows.append((fim_prompt(prefix, tok.encode(c["suffix"]), True), target))
+        rows.append((prefix, target))
+    sums = []
+    for start in range(0, len(rows), batch):
+        chunk = rows[start:start + batch]
+        x = np.zeros((batch, T), np.int32)
+        for i, (ctx, target) in enumerate(chunk):
+            ids = (ctx + target)[-T:]
+            x[i, : len(ids)] = ids
+        logp = jax.nn.log_softmax(fwd(model, jnp.asarray(x)), -1)
+        for i, (ctx, target) in enumerate(chunk):
+            n = min(len(ctx) + len(target), T)
+            pos = np.arange(n - len(target) - 1, n - 1)  # positions whose next token is a target token
+            sums.append(-float(logp[i, pos, np.asarray(target)].sum()))
+    return [(sums[2 * k], sums[2 * k + 1], len(tok.encode(c["line"] + "\n"))) for k, c in enumerate(cases)]
 
 
 def cut_body(prompt: str, completion: str) -> tuple[str, bool]:
@@ -247,7 +279,15 @@ def main(argv=None) -> dict:
     exact = sum(r["exact"] for r in res)
     report["infill"] = {"cases": len(cases), "exact": exact, "exact_rate": round(exact / len(cases), 4),
                         "stopped": sum(r["finish"] == "stop" for r in res)}
-    log(f"infill: {exact}/{len(cases)} exact ({exact / len(cases):.1%})")
+    first = sum(r["first_line"] for r in res)
+    nats = line_nats(model, cases)
+    fim_n, plain_n, count = (sum(x[i] for x in nats) for i in range(3))
+    report["infill"].update(first_line=first, line_nats_per_token_fim=round(fim_n / count, 4),
+                            line_nats_per_token_prefix_only=round(plain_n / count, 4),
+                            suffix_helps=sum(f < p for f, p, _ in nats))
+    log(f"infill: {exact}/{len(cases)} exact ({exact / len(cases):.1%}); first line right {first}; "
+        f"the line's nats/token {fim_n / count:.3f} with the suffix, {plain_n / count:.3f} after the prefix alone "
+        f"(lower with the suffix on {report['infill']['suffix_helps']} lines)")
 
     bodies = body_cases(sources, args.bodies)
     bres = body_score(model, bodies)
@@ -269,7 +309,10 @@ def main(argv=None) -> dict:
             "about": "written by training/evaluate.py: held-out infill lines and function prompts, "
                      "with what the shipped model scored on them",
             "infill": [cases[i] for i in pick_i], "infill_exact": sum(res[i]["exact"] for i in pick_i),
+            "infill_first_line": sum(res[i]["first_line"] for i in pick_i),
+            "infill_line_nats": [list(nats[i]) for i in pick_i],
             "bodies": [bodies[i] for i in pick_b], "bodies_parse": sum(bres[i]["parses"] for i in pick_b),
+            "bodies_ended": sum(bres[i]["ended"] for i in pick_b),
             "body_seed": 0,
         }
         pathlib.Path(args.fixture).write_text(json.dumps(fixture, indent=1) + "\n")

@@ -1,0 +1,223 @@
+"""The embedded model pgpt-code: it is what load_model() gives, it fits git, it decodes
+deterministically, it takes 1024-token contexts, its `suffix` middles join prefix and suffix,
+and on modules it never saw it beats a unigram model and measures what docs/model_card.md says
+(its infill and function-body targets are missed: the card says by how much).
+
+`assets/pgpt-code/heldout.json` (written by training/train.py) holds 8 rows of 129 tokens from
+the validation split, the add-one unigram baseline of the training split on their targets, and
+the loss the saved weights had on them. `tests/fixtures/pgpt_code_eval.json` (written by
+training/evaluate.py) holds 40 held-out infill lines and 24 held-out function prompts with what
+the shipped model scored on them (and each line's teacher-forced nats).
+"""
+
+import ast
+import json
+import os
+import pathlib
+import subprocess
+import sys
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import pgpt_jax
+from pgpt_jax import load_model as package_load_model
+from pgpt_jax.checkpoint import EMBEDDED_DIR, EMBEDDED_MODELS, EMBEDDED_NAME, load_model
+from pgpt_jax.config import CODE_VOCAB, EOS_ID, FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX
+from pgpt_jax.model import forward, init_cache
+from pgpt_jax.request import RequestError
+from pgpt_jax.tokenizer import tokenizer_for
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]  # holds training/, which is not installed
+FIXTURE = REPO_ROOT / "tests" / "fixtures" / "pgpt_code_eval.json"
+FIM_IDS = [FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE]
+# Floors, below what the shipped model measured (docs/model_card.md), so that a broken
+# tokenizer, FIM prompt or checkpoint fails while rounding in another XLA build does not.
+MIN_MARGIN_NATS = 1.6  # held-out slice: model loss below the unigram's (measured 1.89)
+MAX_LINE_NATS = 5.0  # held-out infill lines after the FIM prompt, nats/token (measured 4.30 on these 8)
+# A hole the model fills (greedy) so that the three parts join into a module that parses.
+HOLE_PREFIX = "def add(a, b):\n    \"\"\"Return the sum of a and b.\"\"\"\n"
+HOLE_SUFFIX = "\n\ndef sub(a, b):\n    \"\"\"Return a minus b.\"\"\"\n    return a - b\n"
+
+
+@pytest.fixture(scope="module")
+def code():
+    return load_model()
+
+
+@pytest.fixture(scope="module")
+def tok(code):
+    return tokenizer_for(code.config)
+
+
+@pytest.fixture(scope="module")
+def heldout():
+    return json.loads((EMBEDDED_DIR / "heldout.json").read_text())
+
+
+def test_default_model_is_the_shipped_pgpt_code(code):
+    cfg = code.config
+    assert (cfg.name, cfg.fim, cfg.space_tokens, cfg.vocab_size, cfg.n_positions) == (
+        EMBEDDED_NAME, True, True, CODE_VOCAB, 1024)
+    assert EMBEDDED_NAME == "pgpt-code" and EMBEDDED_DIR == EMBEDDED_MODELS["pgpt-code"]
+    named = package_load_model("pgpt-code")
+    assert named.config == cfg
+    np.testing.assert_array_equal(np.asarray(named.wte.embedding[...]), np.asarray(code.wte.embedding[...]))
+
+
+def test_checkpoint_fits_git_and_the_package_budget():
+    files = [f for f in EMBEDDED_DIR.rglob("*") if f.is_file()]
+    assert (EMBEDDED_DIR / "config.json") in files
+    assert max(f.stat().st_size for f in files) <= 16_000_000  # no file over 16 MB in git
+    assert sum(f.stat().st_size for f in files) <= 40_000_000
+
+
+_forward = nnx.jit(forward)  # the model is an argument: one compile per shape, shared by the tests
+
+
+def _next_token_probs(model, ids: list[int], length: int = 128) -> np.ndarray:
+    """The raw model's next-token probabilities f32[V] after `ids`, from one full forward pass
+    over a fixed-length, right-padded row (no cache reuse, no bias, no sampling)."""
+    row = jnp.asarray([ids + [EOS_ID] * (length - len(ids))], jnp.int32)
+    logits, _ = _forward(model, row, jnp.arange(length)[None], init_cache(model.config, 1, length))
+    return np.array(jax.nn.softmax(logits[0, len(ids) - 1]))
+
+
+def _greedy(model, prompt: list[int], n: int, banned: Sequence[int] = ()) -> list[int]:
+    """Argmax decoding by full forward passes, never choosing a `banned` id; stops at <|endoftext|>."""
+    ids = list(prompt)
+    for _ in range(n):
+        probs = _next_token_probs(model, ids)
+        probs[list(banned)] = -1.0
+        nxt = int(np.argmax(probs))
+        if nxt == EOS_ID:
+            break
+        ids.append(nxt)
+    return ids[len(prompt):]
+
+
+def test_greedy_output_is_deterministic_code(code, tok):
+    """The engine's cached greedy decoding gives the argmax of full forward passes, twice over."""
+    prompt = "import os\n\n\ndef read_lines(path):\n    "
+    expected = _greedy(code, tok.encode(prompt), 12)
+    assert len(expected) >= 4 and max(expected) != EOS_ID
+    for _ in range(2):
+        (choice,) = pgpt_jax.generate(code, prompt, max_tokens=12, temperature=0.0)
+        assert choice.token_ids == expected
+        assert choice.text == tok.decode(expected)
+
+
+def test_suffix_fills_the_hole_so_that_the_parts_join(code, tok):
+    """A request with `suffix` (prefix-suffix-middle) gets a middle that joins prefix and suffix into
+    Python that parses (today's middle is indented string literals, not a body: the card's
+    sample); the engine's greedy middle is the argmax of full forward passes over the text
+    tokens, the FIM control tokens left out."""
+    ids = [FIM_PREFIX, *tok.encode(HOLE_PREFIX), FIM_SUFFIX, *tok.encode(HOLE_SUFFIX), FIM_MIDDLE]
+    expected = _greedy(code, ids, 24, banned=FIM_IDS)
+    (choice,) = pgpt_jax.generate(code, HOLE_PREFIX, suffix=HOLE_SUFFIX, max_tokens=24, temperature=0.0)
+    assert choice.token_ids == expected
+    assert "<|fim" not in choice.text and choice.text.strip()
+    module = ast.parse(HOLE_PREFIX + choice.text + HOLE_SUFFIX)
+    assert [f.name for f in module.body] == ["add", "sub"]
+
+
+def test_context_is_1024_tokens(code, tok):
+    line = "    value = compute(value, index)\n"
+    ids = (tok.encode("def f(value, index):\n") + tok.encode(line) * 200)[:1016]
+    (choice,) = pgpt_jax.generate(code, ids, max_tokens=8, temperature=0.0)
+    assert choice.finish_reason == "length" and len(choice.token_ids) == 8
+    with pytest.raises(RequestError, match="maximum context length is 1024 tokens"):
+        pgpt_jax.generate(code, ids, max_tokens=9)
+
+
+def test_validation_loss_beats_unigram_baseline(code, heldout):
+    rows = np.asarray(heldout["rows"], np.int32)  # [8, 129]
+    x, y = rows[:, :-1], rows[:, 1:]
+    B, T = x.shape
+    logits, _ = forward(code, jnp.asarray(x), jnp.broadcast_to(jnp.arange(T), (B, T)), init_cache(code.config, B, T))
+    nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, jnp.asarray(y)[..., None], -1)[..., 0]
+    loss = float(nll.mean())
+    assert loss == pytest.approx(heldout["model_loss"], abs=0.02)  # the shipped weights are the measured ones
+    assert loss < heldout["unigram_loss"] - MIN_MARGIN_NATS
+
+
+def test_stored_unigram_baseline_matches_the_corpus(heldout):
+    """The baseline is recomputed from this Python's stdlib (source and docs); a subprocess keeps
+    its ~400 imports out of pytest. The corpus code (`training/`) is not installed: the
+    subprocess runs in the checkout."""
+    code = (
+        "import json, numpy as np; from training import code_data, data; from pgpt_jax.tokenizer import get_tokenizer\n"
+        "train, _ = data.split_pieces(data.stdlib_documents() + code_data.source_documents())\n"
+        "counts = code_data.token_stream(get_tokenizer(fim=True, spaces=True).encode, train)\n"
+        f"rows = np.asarray(json.load(open({str(EMBEDDED_DIR / 'heldout.json')!r}))['rows'])\n"
+        f"print(data.unigram_cross_entropy(counts, rows[:, 1:].ravel(), {CODE_VOCAB}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu"}, cwd=str(REPO_ROOT))
+    assert out.returncode == 0, out.stderr[-2000:]
+    # Other Python versions ship a slightly different stdlib: allow a small drift.
+    assert float(out.stdout.strip().splitlines()[-1]) == pytest.approx(heldout["unigram_loss"], abs=0.05)
+
+
+@pytest.fixture(scope="module")
+def fixture():
+    return json.loads(FIXTURE.read_text())
+
+
+def test_held_out_infill_measures_reproduce(code, fixture):
+    """training/evaluate.py's infill measures on 8 of its held-out lines (prefix <= 600 tokens,
+    suffix <= 300): the true line's teacher-forced nats after the FIM prompt and after the
+    prefix alone are what the shipped model measured (a broken FIM prompt, tokenizer or
+    checkpoint moves them), both far below a uniform guess; greedy middles hold no FIM token.
+    The card's figures are 0/500 exact and a suffix that does not yet help (4.82 against 4.61
+    nats/token): issue 19's infill target is missed, so there is no exact-match floor to hold."""
+    from training import evaluate
+
+    cases, recorded = fixture["infill"][:8], fixture["infill_line_nats"][:8]
+    measured = evaluate.line_nats(code, cases)
+    for (fim, plain, n), (fim0, plain0, n0) in zip(measured, recorded):
+        assert n == n0
+        assert fim / n == pytest.approx(fim0 / n0, abs=0.05) and plain / n == pytest.approx(plain0 / n0, abs=0.05)
+    count = sum(n for _, _, n in measured)
+    assert sum(f for f, _, _ in measured) / count < MAX_LINE_NATS  # uniform over the vocabulary: 10.8
+    results = evaluate.infill_score(code, cases)
+    assert sum(r["exact"] for r in results) >= fixture["infill_exact"] * len(cases) // 40
+    for r in results:
+        assert "<|fim" not in r["middle"]
+
+
+def test_function_body_measure_can_fail():
+    """training/evaluate.py's body measure (def line + docstring, temperature 0.2, <= 160 tokens,
+    cut where a line dedents to the def): a body cut by max_tokens, or one that does not parse,
+    counts against. (The shipped model's figure is 0/152: issue 19's target is missed.)"""
+    from training import evaluate
+
+    assert not evaluate.body_parses("def f():\n    \"\"\"Doc.\"\"\"\n", "    return (\n")
+    assert evaluate.body_parses("def f():\n    \"\"\"Doc.\"\"\"\n", "    return 1\n")
+    assert evaluate.cut_body("    def f(self):\n        \"\"\"D.\"\"\"\n", "        x = 1\n    def g(self):\n") == (
+        "        x = 1\n", True)
+    assert evaluate.cut_body("def f():\n", "    x = 1\n    y = 2") == ("    x = 1\n    y = 2", False)
+
+
+def test_suffix_never_returns_fim_tokens_and_they_cannot_be_forged(code, tok):
+    """The engine bans the FIM control tokens (they only arrange prompts): sampled middles and top
+    logprobs hold text tokens only; user text that spells a control token is plain text, and a
+    control token is no logit_bias key."""
+    kwargs = dict(suffix=HOLE_SUFFIX, max_tokens=16, temperature=1.0, n=8, seed=0, logprobs=5)
+    first = pgpt_jax.generate(code, HOLE_PREFIX, **kwargs)
+    again = pgpt_jax.generate(code, HOLE_PREFIX, **kwargs)  # seeded: the same choices twice
+    assert [c.token_ids for c in first] == [c.token_ids for c in again]
+    for c in first:
+        assert not set(FIM_IDS) & set(c.token_ids) and "<|fim" not in c.text
+        assert all(not t.startswith("<|fim") for top in c.logprobs.top_logprobs for t in top)
+
+    forged = "<|fim_prefix|>def f(<|fim_suffix|>):<|fim_middle|>"
+    (c,) = pgpt_jax.generate(code, forged, max_tokens=1, echo=True, logprobs=0)
+    assert c.text.startswith(forged) and "<|fim_prefix|>" not in c.logprobs.tokens  # spelt out, not a token
+    with pytest.raises(RequestError) as e:
+        pgpt_jax.generate(code, "x", max_tokens=1, logit_bias={FIM_MIDDLE: 5})
+    assert e.value.param == "logit_bias"
