@@ -12,25 +12,20 @@ the shipped model scored on them (and each line's teacher-forced nats).
 
 import ast
 import json
-import os
 import pathlib
-import subprocess
-import sys
 from collections.abc import Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 import pgpt_jax
 from pgpt_jax import load_model as package_load_model
 from pgpt_jax.checkpoint import EMBEDDED_DIR, EMBEDDED_MODELS, EMBEDDED_NAME, load_model
 from pgpt_jax.config import CODE_VOCAB, EOS_ID, FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX
-from pgpt_jax.model import forward, init_cache
 from pgpt_jax.request import RequestError
 from pgpt_jax.tokenizer import tokenizer_for
+from test_embedded_model import _greedy as embedded_greedy  # argmax by full forward passes
+from test_embedded_model import heldout_loss, run_in_checkout
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]  # holds training/, which is not installed
 FIXTURE = REPO_ROOT / "tests" / "fixtures" / "pgpt_code_eval.json"
@@ -76,28 +71,8 @@ def test_checkpoint_fits_git_and_the_package_budget():
     assert sum(f.stat().st_size for f in files) <= 40_000_000
 
 
-_forward = nnx.jit(forward)  # the model is an argument: one compile per shape, shared by the tests
-
-
-def _next_token_probs(model, ids: list[int], length: int = 128) -> np.ndarray:
-    """The raw model's next-token probabilities f32[V] after `ids`, from one full forward pass
-    over a fixed-length, right-padded row (no cache reuse, no bias, no sampling)."""
-    row = jnp.asarray([ids + [EOS_ID] * (length - len(ids))], jnp.int32)
-    logits, _ = _forward(model, row, jnp.arange(length)[None], init_cache(model.config, 1, length))
-    return np.array(jax.nn.softmax(logits[0, len(ids) - 1]))
-
-
 def _greedy(model, prompt: list[int], n: int, banned: Sequence[int] = ()) -> list[int]:
-    """Argmax decoding by full forward passes, never choosing a `banned` id; stops at <|endoftext|>."""
-    ids = list(prompt)
-    for _ in range(n):
-        probs = _next_token_probs(model, ids)
-        probs[list(banned)] = -1.0
-        nxt = int(np.argmax(probs))
-        if nxt == EOS_ID:
-            break
-        ids.append(nxt)
-    return ids[len(prompt):]
+    return embedded_greedy(model, prompt, n, banned, length=128)
 
 
 def test_greedy_output_is_deterministic_code(code, tok):
@@ -135,12 +110,7 @@ def test_context_is_1024_tokens(code, tok):
 
 
 def test_validation_loss_beats_unigram_baseline(code, heldout):
-    rows = np.asarray(heldout["rows"], np.int32)  # [8, 129]
-    x, y = rows[:, :-1], rows[:, 1:]
-    B, T = x.shape
-    logits, _ = forward(code, jnp.asarray(x), jnp.broadcast_to(jnp.arange(T), (B, T)), init_cache(code.config, B, T))
-    nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, jnp.asarray(y)[..., None], -1)[..., 0]
-    loss = float(nll.mean())
+    loss = heldout_loss(code, heldout)
     assert loss == pytest.approx(heldout["model_loss"], abs=0.02)  # the shipped weights are the measured ones
     assert loss < heldout["unigram_loss"] - MIN_MARGIN_NATS
 
@@ -156,11 +126,8 @@ def test_stored_unigram_baseline_matches_the_corpus(heldout):
         f"rows = np.asarray(json.load(open({str(EMBEDDED_DIR / 'heldout.json')!r}))['rows'])\n"
         f"print(data.unigram_cross_entropy(counts, rows[:, 1:].ravel(), {CODE_VOCAB}))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180,
-                         env={**os.environ, "JAX_PLATFORMS": "cpu"}, cwd=str(REPO_ROOT))
-    assert out.returncode == 0, out.stderr[-2000:]
     # Other Python versions ship a slightly different stdlib: allow a small drift.
-    assert float(out.stdout.strip().splitlines()[-1]) == pytest.approx(heldout["unigram_loss"], abs=0.05)
+    assert float(run_in_checkout(code, timeout=180)) == pytest.approx(heldout["unigram_loss"], abs=0.05)
 
 
 @pytest.fixture(scope="module")

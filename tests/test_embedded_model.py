@@ -76,11 +76,12 @@ def _next_token_probs(model, ids: list[int], length: int = 64) -> np.ndarray:
     return np.array(jax.nn.softmax(logits[0, len(ids) - 1]))
 
 
-def _greedy(model, prompt: list[int], n: int, banned: Sequence[int] = ()) -> list[int]:
-    """Argmax decoding by full forward passes, never choosing a `banned` id; stops at <|endoftext|>."""
+def _greedy(model, prompt: list[int], n: int, banned: Sequence[int] = (), length: int = 64) -> list[int]:
+    """Argmax decoding by full forward passes over `length`-token rows, never choosing a `banned`
+    id; stops at <|endoftext|>. (tests/test_code_model.py uses it too.)"""
     ids = list(prompt)
     for _ in range(n):
-        probs = _next_token_probs(model, ids)
+        probs = _next_token_probs(model, ids, length)
         probs[list(banned)] = -1.0
         nxt = int(np.argmax(probs))
         if nxt == EOS_ID:
@@ -117,13 +118,26 @@ def test_fim_prompt_is_answered_with_text(tiny):
     assert choice.text == tok.decode(expected) and "<|fim" not in choice.text
 
 
-def test_validation_loss_beats_unigram_baseline(tiny, heldout):
+def heldout_loss(model, heldout: dict) -> float:
+    """Mean next-token nats of `model` on heldout.json's rows (one full forward pass)."""
     rows = np.asarray(heldout["rows"], np.int32)  # [8, 129]
     x, y = rows[:, :-1], rows[:, 1:]
     B, T = x.shape
-    logits, _ = forward(tiny, jnp.asarray(x), jnp.broadcast_to(jnp.arange(T), (B, T)), init_cache(tiny.config, B, T))
+    logits, _ = forward(model, jnp.asarray(x), jnp.broadcast_to(jnp.arange(T), (B, T)), init_cache(model.config, B, T))
     nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, jnp.asarray(y)[..., None], -1)[..., 0]
-    loss = float(nll.mean())
+    return float(nll.mean())
+
+
+def run_in_checkout(code: str, timeout: float) -> str:
+    """The last line `code` prints, run by this Python in the checkout (training/ is not installed)."""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu"}, cwd=str(REPO_ROOT))
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout.strip().splitlines()[-1]
+
+
+def test_validation_loss_beats_unigram_baseline(tiny, heldout):
+    loss = heldout_loss(tiny, heldout)
     assert loss == pytest.approx(heldout["model_loss"], abs=0.02)  # the shipped weights are the measured ones
     assert loss < heldout["unigram_loss"] - MIN_MARGIN_NATS
 
@@ -139,11 +153,8 @@ def test_stored_unigram_baseline_matches_the_corpus(heldout):
         f"rows = np.asarray(json.load(open({str(EMBEDDED_DIR / 'heldout.json')!r}))['rows'])\n"
         "print(data.unigram_cross_entropy(counts, rows[:, 1:].ravel(), 50260))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "JAX_PLATFORMS": "cpu"}, cwd=str(REPO_ROOT))
-    assert out.returncode == 0, out.stderr[-2000:]
     # Other Python versions document their stdlib a little differently: allow a small drift.
-    assert float(out.stdout.strip().splitlines()[-1]) == pytest.approx(heldout["unigram_loss"], abs=0.05)
+    assert float(run_in_checkout(code, timeout=120)) == pytest.approx(heldout["unigram_loss"], abs=0.05)
 
 
 def test_generate_with_suffix_never_returns_fim_tokens(tiny):
