@@ -1,10 +1,39 @@
-"""Shared fixtures: a tiny random model built once per session (one compile per shape)."""
+"""Shared fixtures: a tiny random model built once per session (one compile per shape), and a
+bound on the compiled programs the one pytest process keeps."""
 
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pytest  # noqa: E402
+
+# Each XLA:CPU executable maps its code and data into the process: about 7 memory mappings a
+# compiled program. The suite compiles thousands, and Linux refuses a process more than
+# vm.max_map_count mappings (65,530 by default); past that, LLVM's next mmap fails inside a
+# compile and the process segfaults (what ended CI at 97% of the suite on 2026-12-03). After a
+# test module whose programs leave the process above this many mappings, jax.clear_caches()
+# drops every cached executable; the next modules compile again what they use.
+MAX_MAPPINGS = 30_000
+
+
+def _mappings() -> int:
+    try:
+        with open(f"/proc/{os.getpid()}/maps") as f:
+            return sum(1 for _ in f)
+    except OSError:  # not Linux: no such limit to keep under
+        return 0
+
+
+@pytest.fixture(scope="module", autouse=True)
+def bounded_compiled_programs():
+    yield  # set up before, so torn down after, the module's own fixtures (its engines)
+    if _mappings() > MAX_MAPPINGS:
+        import gc
+
+        import jax
+
+        jax.clear_caches()
+        gc.collect()
 
 
 @pytest.fixture(scope="session")

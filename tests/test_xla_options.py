@@ -1,34 +1,11 @@
 """XLA:CPU option sets chosen per machine by measurement at warm-up (xla_options.CPU_OPTION_SETS):
 each decode row bucket timed under each set, the fastest kept and remembered per CPU and
-shape beside the compile cache; a forced set; nothing written to XLA_FLAGS.
-
-These tests compile programs under XLA's default set, the only ones in the suite that do (the
-others use the fallback set). Late in a whole-suite process, after some 450 tests' compiles,
-XLA:CPU segfaulted compiling such a decode program (jaxlib 0.10.2, Zen 5; the same tests pass
-alone, and after the same files run alone). So they run in a fresh interpreter of their own:
-the test the suite collects below starts it; the child (PGPT_XLA_OPTIONS_CHILD=1) runs the rest.
-"""
+shape beside the compile cache; a forced set; nothing written to XLA_FLAGS."""
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
-
-CHILD = os.environ.get("PGPT_XLA_OPTIONS_CHILD") == "1"
-
-
-@pytest.mark.skipif(CHILD, reason="the child runs the tests themselves")
-def test_option_sets_in_a_fresh_process():
-    env = dict(os.environ, PGPT_XLA_OPTIONS_CHILD="1")
-    run = subprocess.run([sys.executable, "-m", "pytest", "-o", "addopts=", "-q", "-p", "no:cacheprovider", __file__],
-                         env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
-    assert "3 passed" in run.stdout, run.stdout[-2000:]  # the child ran every test below, none skipped
-
-
-child_only = pytest.mark.skipif(not CHILD, reason="runs in the child process that the test above starts")
 
 from pgpt_jax import programs, xla_options
 from pgpt_jax.engine import Engine
@@ -44,7 +21,6 @@ def choices_file(tmp_path, monkeypatch):
     xla_options.choose_options(xla_options.FALLBACK_OPTION_SET)  # the process-wide choice, as other tests expect
 
 
-@child_only
 def test_auto_measures_every_set_per_row_bucket_and_remembers_the_choice(tiny_model, choices_file):
     before = os.environ.get("XLA_FLAGS")
     eng = Engine(tiny_model, get_tokenizer(), slots=1, decode_steps=2, xla_options="auto")  # one row bucket
@@ -63,7 +39,6 @@ def test_auto_measures_every_set_per_row_bucket_and_remembers_the_choice(tiny_mo
     assert again.options_note.endswith("(remembered for this CPU)") and f"1: {chosen['decode'][1]}" in again.options_note
 
 
-@child_only
 def test_each_row_bucket_decodes_with_the_set_that_won_it(tiny_model, choices_file, monkeypatch):
     eng = Engine(tiny_model, get_tokenizer(), slots=2, decode_steps=2, xla_options="auto")
     fake = {1: {"xla-default": 2.0, "no-ynn-fusion": 1.0}, 2: {"xla-default": 1.0, "no-ynn-fusion": 3.0}}
@@ -80,7 +55,6 @@ def test_each_row_bucket_decodes_with_the_set_that_won_it(tiny_model, choices_fi
     assert xla_options.compiler_options("no-ynn-fusion") == {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
-@child_only
 def test_a_forced_set_and_an_unknown_one(tiny_model, choices_file):
     forced = Engine(tiny_model, get_tokenizer(), slots=2, xla_options="xla-default")
     forced.choose_options()
