@@ -24,12 +24,12 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from jax.sharding import Mesh
 
 from pgpt_jax import sharding
 from pgpt_jax.model import init_cache
 from pgpt_jax.programs import _zeros_like
+from pgpt_jax.xla_options import merge
 from pgpt_jax.xla_options import program as _program
 
 def init_pool(cfg, blocks: int, block_tokens: int, mesh: Optional[Mesh] = None) -> tuple:
@@ -92,7 +92,7 @@ def extend(graphdef, params, head, cache, tokens, start, true_len, *, mesh=None)
 
     The prefix cache's hits run it after `gather_blocks`; any prefix cache of the right shape
     will do (chunked prefill: `empty_cache` or `gather_blocks`, then a prompt's earlier chunks)."""
-    model = nnx.merge(graphdef, params)
+    model = merge(graphdef, params)
     B, R = tokens.shape
     positions = start[:, None] + jnp.arange(R, dtype=jnp.int32)[None, :]
     hidden, cache = model(tokens, positions, cache)

@@ -45,6 +45,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from pgpt_jax import sampling, sharding
 from pgpt_jax.xla_options import CPU_OPTION_SETS
+from pgpt_jax.xla_options import StaticGraph, merge
 from pgpt_jax.xla_options import program as _program
 from pgpt_jax.model import init_cache, lm_head, split_qkv
 
@@ -88,7 +89,8 @@ def _constrain(state: DecodeState, outs: tuple, mesh: Optional[Mesh]):
 
 
 def program_params(model, mesh: Optional[Mesh] = None):
-    """(graphdef, params, head): the model split for the programs, and its transposed LM head.
+    """(graphdef, params, head): the model split for the programs (its GraphDef as a
+    `StaticGraph`), and its transposed LM head.
 
     The programs' copy of the params is laid out for them, once, here; the model and its
     checkpoints keep HF's layout. c_attn is seen as [D, 3, N, H] (`model.split_qkv`: a
@@ -98,6 +100,7 @@ def program_params(model, mesh: Optional[Mesh] = None):
     their shardings (already-placed ones stay).
     """
     graphdef, params = nnx.split(model)
+    graphdef = StaticGraph(graphdef)  # hashed once, not on every call
     params = split_qkv(params, model.config)
     if jax.default_backend() == "cpu":
         compute = jnp.dtype(model.config.dtype)
@@ -118,7 +121,7 @@ def program_params(model, mesh: Optional[Mesh] = None):
 @_program(static_argnames=("graphdef", "mesh"))
 def transposed_head(graphdef, params, *, mesh=None):
     """The LM head as its own [D, V] array (`model.lm_head`), vocabulary over `model`."""
-    head = lm_head(nnx.merge(graphdef, params))
+    head = lm_head(merge(graphdef, params))
     if mesh is not None:
         head = jax.lax.with_sharding_constraint(
             head, NamedSharding(mesh, sharding.spec(("embed", "vocab"))))
@@ -139,7 +142,7 @@ def prefill(graphdef, params, head, tokens, true_len, wanted, *, want_logprobs: 
     without a program per combination. Prompts that arrive together share one call: B rows
     of T tokens make one [B*T, D] matmul per weight.
     """
-    model = nnx.merge(graphdef, params)
+    model = merge(graphdef, params)
     B, T = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     hidden, cache = model(tokens, positions, init_cache(model.config, B, T))
@@ -284,7 +287,7 @@ def decode(graphdef, params, head, state: DecodeState, *, steps: int, window: in
     between steps (`forward` and `sample_next` run those). Returns (state, tokens
     i32[steps, B], logprobs f32[steps, B], top ids i32[steps, B, K], top logprobs f32[steps, B, K]).
     """
-    model = nnx.merge(graphdef, params)
+    model = merge(graphdef, params)
 
     def one_step(carry, _):
         cache, tokens, positions, sampling_rows = carry
@@ -325,7 +328,7 @@ def forward(graphdef, params, head, state: DecodeState, *, window: int, rows: in
     filling the masks overlaps the forward pass; `sample_next` then samples under them.
     Returns (state, logits f32[B, V]), the logits left on the device for `sample_next`.
     """
-    model = nnx.merge(graphdef, params)
+    model = merge(graphdef, params)
     logits, cache, new_pos = _forward(model, head, state.cache, state.tokens[:rows], state.positions[:rows], window)
     state = dataclasses.replace(state, cache=cache, positions=_put(state.positions, new_pos))
     if mesh is not None:
@@ -373,7 +376,7 @@ def verify(graphdef, params, head, state: DecodeState, proposals, lengths, *, wi
     logprobs f32[K+1, B, K'], taken i32[B]): row b's first taken[b] tokens are its output
     (K' is top_k); the state holds each row's last taken token and position p + taken.
     """
-    model = nnx.merge(graphdef, params)
+    model = merge(graphdef, params)
     B, K = proposals.shape
     L = model.config.n_positions
     start = state.positions[:rows]

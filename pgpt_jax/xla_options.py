@@ -120,6 +120,33 @@ def program(**jit_kwargs):
     return lambda fn: Program(fn, jit_kwargs)
 
 
+class StaticGraph:
+    """The model's nnx GraphDef as the programs' static jit argument, hashed once.
+
+    jit hashes its static arguments on every call, and hashing a GraphDef walks the whole
+    graph: 0.65 ms for GPT-2 124M on a Zen 5, half of a decode call's host time, paid once a
+    token when decode runs one step a call. Equal when the GraphDefs are (the same object
+    first), so every engine of one model shares the compiled programs as before."""
+
+    __slots__ = ("graphdef", "_hash")
+
+    def __init__(self, graphdef):
+        self.graphdef, self._hash = graphdef, hash(graphdef)
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, StaticGraph) and (other.graphdef is self.graphdef or other.graphdef == self.graphdef)
+
+
+def merge(graphdef, params):
+    """nnx.merge of a program's (graphdef or StaticGraph, params)."""
+    from flax import nnx
+
+    return nnx.merge(graphdef.graphdef if isinstance(graphdef, StaticGraph) else graphdef, params)
+
+
 # --------------------------------------------------------------------------- compile counting
 
 _compiles = 0
