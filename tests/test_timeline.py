@@ -56,7 +56,10 @@ def test_a_streamed_request_is_stamped_in_order(engine, tmp_path, monkeypatch):
     times = [marks[k] for k in CAUSAL]
     assert times == sorted(times), [k for k, a, b in zip(CAUSAL[1:], times, times[1:]) if b < a]
     assert marks["prefill_done"] >= marks["prefill_dispatch"] and marks["first_sampled"] >= marks["place_dispatch"]
-    assert marks["first_read"] >= marks["first_sampled"] - 1e-3  # the read waits for the program
+    # The read waits for the program. Both stamps follow the program's end: the engine's read and
+    # the watcher thread's wake-up, in whichever order the OS runs the two threads (a CI run saw
+    # the watcher 1.2 ms late), so only a gap larger than a thread wake-up would be a bug.
+    assert marks["first_read"] >= marks["first_sampled"] - 0.05
     assert sum(n for _, n in req["writes"]) == 9 and req["writes"][0][0] == marks["first_write"]
     decodes = [x for x in lines if x["kind"] == "decode"]
     assert all(d["dispatch"] <= d["return"] <= d["done"] and d["rows"] >= 1 for d in decodes)
