@@ -317,10 +317,8 @@ class Planner:
             groups.setdefault(shape, []).append((e, ids))
         self._calls([e for e, _ in groups.pop(None, [])], False, ops, meta)  # the pool had no room for them
         for (T, R), group in groups.items():
-            i = 0
-            for take in sched.call_sizes(len(group), T):
-                self._extend(group[i:i + take], T, R, ops, meta)
-                i += take
+            for chunk in sched.call_chunks(group, T):
+                self._extend(chunk, T, R, ops, meta)
 
     def _extend(self, chunk: list, T: int, R: int, ops: list, meta: list) -> None:
         """One Prefill of (entry, pool ids of its cached blocks) pairs that read those blocks

@@ -172,12 +172,17 @@ class Scheduler:
             by_bucket.setdefault(self.bucket(length(item)), []).append(item)
         calls = []
         for bucket, group in by_bucket.items():
-            i = 0
-            for take in ([1] * len(group) if alone else self.call_sizes(len(group), bucket)):
-                chunk = group[i:i + take]
+            for chunk in ([[x] for x in group] if alone else self.call_chunks(group, bucket)):
                 calls.append((bucket, next(p for p in self.prefill_rows[bucket] if p >= len(chunk)), chunk))
-                i += take
         return calls
+
+    def call_chunks(self, group: list, bucket: int) -> list[list]:
+        """`group` (prompts of one bucket) cut into its prefill calls (`call_sizes`), in order."""
+        chunks, i = [], 0
+        for take in self.call_sizes(len(group), bucket):
+            chunks.append(group[i:i + take])
+            i += take
+        return chunks
 
     def call_sizes(self, n: int, bucket: int) -> list[int]:
         """How many of `n` prompts of `bucket` each prefill call takes, in order. A call's rows

@@ -15,6 +15,7 @@ import threading
 from typing import Optional
 
 import jax
+from flax import nnx
 
 # --------------------------------------------------------------------------- compiler settings
 
@@ -142,8 +143,6 @@ class StaticGraph:
 
 def merge(graphdef, params):
     """nnx.merge of a program's (graphdef or StaticGraph, params)."""
-    from flax import nnx
-
     return nnx.merge(graphdef.graphdef if isinstance(graphdef, StaticGraph) else graphdef, params)
 
 
