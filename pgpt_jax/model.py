@@ -56,8 +56,7 @@ class Attention(nnx.Module):
         k_cache, v_cache = (_write(c, a, positions) for c, a in zip(kv, (k, v)))
         # The cache may hold more rows than x (decode runs the occupied prefix of the slots):
         # this block's rows are the cache's first B.
-        keys, values = k_cache[:B, :, :window], v_cache[:B, :, :window]  # [B, N, W, H]
-        y = attention.attend(q, keys, values, positions, self.implementation)  # [B, T, N, H]
+        y = attention.attend_cache(q, k_cache, v_cache, positions, window, self.implementation)  # [B, T, N, H]
         y = y.reshape(B, T, D)
         return self.c_proj(y), (k_cache, v_cache)
 

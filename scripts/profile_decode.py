@@ -1,6 +1,7 @@
 """Where a decode step goes: the engine's jitted `decode` with parts of it taken away.
 
-For each slot count it times one decode program (`--steps` steps, window `--window`) and
+For each slot count it times one decode program (`--steps` steps, window `--window`, every
+row at position `--position`, by default the window's last entry, reset before each call) and
 three ablations of it, each compiled separately and timed in the same process:
 
   full        the engine's decode step as it runs in serving
@@ -22,6 +23,7 @@ keeps its fastest call (a shared machine's noise only ever adds time).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import time
@@ -50,15 +52,17 @@ def _no_attention(self, x, positions, kv, window):
     return self.c_proj(q + k + v), kv
 
 
-def _argmax_sampler(logits, rows, positions, top_k):
+def _argmax_sampler(logits, rows, positions, *, top_k, mesh=None):
     tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     zeros = jnp.zeros(tok.shape, jnp.float32)
     return (tok, zeros, jnp.zeros((*tok.shape, top_k), jnp.int32),
             jnp.zeros((*tok.shape, top_k), jnp.float32), rows)
 
 
-def decode_program(model, slots: int, steps: int, window: int, variant: str):
-    """programs.decode compiled with `variant` patched in; returns (call(state) -> state, state)."""
+def decode_program(model, slots: int, steps: int, window: int, variant: str, position: int):
+    """programs.decode compiled with `variant` patched in; returns (call(state) -> state, state).
+    Each call starts every row at `position` (the blocked decode attention reads as far as
+    the furthest row, so where the rows are is part of what is timed)."""
     graphdef, params = nnx.split(model)
     head = lm_head(model)
     patches = {"no-attn": (model_lib.Attention, "__call__", _no_attention),
@@ -69,8 +73,14 @@ def decode_program(model, slots: int, steps: int, window: int, variant: str):
         saved = (owner, name, getattr(owner, name))
         setattr(owner, name, new)
     try:
-        # A fresh jit per variant, compiled while the patch is in place.
-        fn = jax.jit(programs.decode.__wrapped__, compiler_options=xla_options.compiler_options(),
+        # A fresh jit of a fresh function per variant, traced while the patch is in place: jax
+        # caches traces by function, so re-jitting `programs.decode.__wrapped__` itself would
+        # reuse the first variant's trace and every variant would compile the same program.
+        @functools.wraps(programs.decode.__wrapped__)  # its signature, for the static names
+        def step(*args, **kwargs):
+            return programs.decode.__wrapped__(*args, **kwargs)
+
+        fn = jax.jit(step, compiler_options=xla_options.compiler_options(),
                      static_argnames=("graphdef", "steps", "window", "rows", "top_k", "mesh"),
                      donate_argnums=(3,))
         state = programs.init_state(model.config, slots)
@@ -79,7 +89,11 @@ def decode_program(model, slots: int, steps: int, window: int, variant: str):
     finally:
         if saved is not None:
             setattr(*saved)
-    return (lambda st: compiled(params, head, st)[0]), state
+    def call(st):
+        st = dataclasses.replace(st, positions=jnp.full_like(st.positions, position))
+        return compiled(params, head, st)[0]
+
+    return call, state
 
 
 def matmul_program(model, slots: int, steps: int):
@@ -140,9 +154,9 @@ def op_breakdown(call, state, steps: int, calls: int = 3) -> dict:
 VARIANTS = ("full", "no-sampler", "no-attn", "matmuls")
 
 
-def profile(model, slots: int, steps: int, window: int, rounds: int, trace: bool) -> dict:
+def profile(model, slots: int, steps: int, window: int, rounds: int, trace: bool, position: int) -> dict:
     """ms a step per variant: every variant compiled first, then timed in interleaved rounds."""
-    programs = {v: decode_program(model, slots, steps, window, v) for v in VARIANTS[:3]}
+    programs = {v: decode_program(model, slots, steps, window, v, position) for v in VARIANTS[:3]}
     call, state, nbytes, flops = matmul_program(model, slots, steps)
     programs["matmuls"] = (call, state)
     best = dict.fromkeys(VARIANTS, float("inf"))
@@ -152,7 +166,7 @@ def profile(model, slots: int, steps: int, window: int, rounds: int, trace: bool
             seconds, state = _best(call, state, 2)
             programs[v] = (call, state)
             best[v] = min(best[v], seconds)
-    row = {"slots": slots, **{v: round(1000 * best[v] / steps, 2) for v in VARIANTS}}
+    row = {"slots": slots, "window": window, "position": position, **{v: round(1000 * best[v] / steps, 2) for v in VARIANTS}}
     if trace:
         call, state = programs["full"]
         row["ops_ms"] = op_breakdown(call, state, steps)
@@ -170,13 +184,16 @@ def main() -> None:
     ap.add_argument("--slots", default="1,32")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--window", type=int, default=128)
+    ap.add_argument("--position", type=int, default=None,
+                    help="where every row starts each call (default: window - steps, so the last step reads it all)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--trace", action="store_true",
                     help="also break the full step down by XLA op kind (jax.profiler trace)")
     args = ap.parse_args()
     model = init_model(args.preset, dtype="float32")
     for slots in (int(s) for s in args.slots.split(",")):
-        print(json.dumps(profile(model, slots, args.steps, args.window, args.rounds, args.trace)),
+        position = args.window - args.steps if args.position is None else args.position
+        print(json.dumps(profile(model, slots, args.steps, args.window, args.rounds, args.trace, position)),
               flush=True)
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
-"""Attention implementations agree: our einsum path and `jax.nn.dot_product_attention` (its XLA
-implementation, the one that runs on CPU) on prefill and decode shapes over a cache, in
-float32 and within bfloat16 tolerance; the whole model's logits agree under either; "auto"
-keeps the einsum path on CPU and picks cuDNN only where it applies."""
+"""Attention implementations agree: our einsum path, the blocked decode path and
+`jax.nn.dot_product_attention` (its XLA implementation, the one that runs on CPU) on prefill
+and decode shapes over a cache, in float32 and within bfloat16 tolerance; the whole model's
+logits agree under each; "auto" keeps our paths on CPU and picks cuDNN only where it applies."""
 
 import jax
 import jax.numpy as jnp
@@ -51,28 +51,78 @@ def test_decode_shapes_agree(dtype):
                                       np.asarray(attention.attend(q, keys, values, pos, impl)[0]))
 
 
+def _cache_inputs(S, N, L, H, dtype, positions):
+    """q for the first len(positions) rows, caches [S, N, L, H] holding noise everywhere."""
+    rng = np.random.default_rng(2)
+    q = jnp.asarray(rng.standard_normal((len(positions), 1, N, H)), dtype)
+    k_cache, v_cache = (jnp.asarray(rng.standard_normal((S, N, L, H)), dtype) for _ in range(2))
+    return q, k_cache, v_cache, jnp.asarray(positions, jnp.int32)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_blocked_decode_agrees_over_the_cache(dtype):
+    # Three rows of a five-row cache, window 192 (three blocks): one row sees only entry 0,
+    # one ends inside the second block, one at the window's last entry.
+    B, S, N, L, H, W = 3, 5, 4, 256, 8, 192
+    q, k_cache, v_cache, pos = _cache_inputs(S, N, L, H, dtype, [[0], [70], [191]])
+    blocked = attention.attend_cache(q, k_cache, v_cache, pos, W, "blocked")
+    reference = attention.attend(q, k_cache[:B, :, :W], v_cache[:B, :, :W], pos, "xla")
+    assert blocked.shape == (B, 1, N, H) and blocked.dtype == jnp.dtype(dtype)
+    np.testing.assert_allclose(np.asarray(blocked, np.float32), np.asarray(reference, np.float32),
+                               atol=TOL[dtype])
+    # The same numbers through `attend` (keys already cut to the window) and under "auto".
+    np.testing.assert_array_equal(np.asarray(attention.attend(q, k_cache[:B, :, :W], v_cache[:B, :, :W], pos,
+                                                              "blocked")), np.asarray(blocked))
+    np.testing.assert_array_equal(np.asarray(attention.attend_cache(q, k_cache, v_cache, pos, W)),
+                                  np.asarray(blocked))
+
+
+def test_blocked_decode_reads_nothing_past_a_row_or_its_batch():
+    S, N, L, H, W = 4, 2, 256, 8, 256
+    q, k_cache, v_cache, pos = _cache_inputs(S, N, L, H, "float32", [[5], [100]])
+    out = np.asarray(attention.attend_cache(q, k_cache, v_cache, pos, W, "blocked"))
+    # Entries past each row's position, later blocks, and rows past B change nothing.
+    noisy_k = k_cache.at[0, :, 6:].set(50.0).at[1, :, 101:].set(-50.0).at[2:].set(9.0)
+    noisy_v = v_cache.at[0, :, 6:].set(100.0).at[1, :, 101:].set(100.0).at[2:].set(9.0)
+    np.testing.assert_array_equal(np.asarray(attention.attend_cache(q, noisy_k, noisy_v, pos, W, "blocked")), out)
+    # A row's numbers do not depend on how far its neighbours reach (one block alone, two
+    # blocks beside the row at 100): bit for bit, the batch-invariance the seeds rely on.
+    alone = attention.attend_cache(q[:1], k_cache, v_cache, pos[:1], W, "blocked")
+    np.testing.assert_array_equal(np.asarray(alone)[0], out[0])
+    # The window bounds the loop: at window 64 the row at 100 sees entries 0..63 only.
+    cut = attention.attend_cache(q, k_cache, v_cache, pos, 64, "blocked")
+    ref = attention.attend(q, k_cache[:2, :, :64], v_cache[:2, :, :64], jnp.minimum(pos, 63), "xla")
+    np.testing.assert_allclose(np.asarray(cut), np.asarray(ref), atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_model_logits_agree_with_either_implementation(dtype):
     # A prefill of 7 tokens, then 3 decode steps against the cache it wrote, under each.
-    cfg_model = {impl: set_attention(init_model("tiny", seed=0, dtype=dtype), impl) for impl in ("einsum", "xla")}
+    cfg_model = {impl: set_attention(init_model("tiny", seed=0, dtype=dtype), impl)
+                 for impl in ("einsum", "blocked", "xla")}
     cfg = cfg_model["einsum"].config
     tokens = np.random.default_rng(1).integers(0, cfg.vocab_size, (2, 10)).astype(np.int32)
     out = {}
     for impl, model in cfg_model.items():
-        fwd = jax.jit(lambda t, p, c, m=model: forward(m, t, p, c, 32))
-        logits, cache = fwd(tokens[:, :7], np.broadcast_to(np.arange(7), (2, 7)), init_cache(cfg, 2, 32))
+        # Window 64 (one block of the blocked path); prompts run einsum under "blocked".
+        fwd = jax.jit(lambda t, p, c, m=model: forward(m, t, p, c, 64))
+        logits, cache = fwd(tokens[:, :7], np.broadcast_to(np.arange(7), (2, 7)), init_cache(cfg, 2, 64))
         steps = [logits]
         for p in range(7, 10):
             logits, cache = fwd(tokens[:, p:p + 1], np.full((2, 1), p), cache)
             steps.append(logits)
         out[impl] = np.concatenate([np.asarray(s) for s in steps], axis=1)[..., :cfg.vocab_size]
     scale = np.abs(out["einsum"]).max()
-    np.testing.assert_allclose(out["xla"], out["einsum"], atol=TOL[dtype] * max(scale, 1.0))
+    for impl in ("xla", "blocked"):
+        np.testing.assert_allclose(out[impl], out["einsum"], atol=TOL[dtype] * max(scale, 1.0))
 
 
 def test_auto_choice():
-    # CPU and TPU: einsum; GPU: cuDNN for prompts in bf16/fp16 with a head size it takes, einsum for decode.
+    # CPU: einsum for prompts, blocked for decode; TPU: einsum; GPU: cuDNN for prompts in
+    # bf16/fp16 with a head size it takes, einsum for decode.
     assert attention.choose("auto", "cpu", jnp.bfloat16, 64, 16) == "einsum"
+    assert attention.choose("auto", "cpu", jnp.float32, 64, 1) == "blocked"
+    assert attention.choose("auto", "tpu", jnp.float32, 64, 1) == "einsum"
     assert attention.choose("auto", "tpu", jnp.bfloat16, 64, 16) == "einsum"
     assert attention.choose("auto", "gpu", jnp.bfloat16, 64, 16) == "cudnn"
     assert attention.choose("auto", "gpu", jnp.float16, 64, 16) == "cudnn"
@@ -84,13 +134,19 @@ def test_auto_choice():
         attention.choose("flash", "cpu", jnp.float32, 64, 1)
 
 
-def test_auto_runs_the_einsum_program_on_cpu(tiny_model):
-    # "auto" must be the existing CPU path, not the reference kernel: the same HLO as "einsum".
+def test_auto_runs_our_programs_on_cpu(tiny_model):
+    # "auto" must be our CPU paths, not the reference kernel: the same HLO as "blocked" for
+    # decode, as "einsum" for prompts and for a window the blocks do not divide.
     assert tiny_model.h[0].attn.implementation == "auto"
-    B, T, N, W, H = 2, 1, 4, 16, 16
-    args = _inputs(B, T, N, W, H, "float32", [[3], [9]])
-    hlo = {impl: jax.jit(lambda q, k, v, p, i=impl: attention.attend(q, k, v, p, i)).lower(*args).as_text()
-           for impl in ("auto", "einsum", "xla")}
-    assert hlo["auto"] == hlo["einsum"] != hlo["xla"]
+
+    def hlo(args, impl):
+        return jax.jit(lambda q, k, v, p: attention.attend(q, k, v, p, impl)).lower(*args).as_text()
+
+    decode = _inputs(2, 1, 4, 128, 16, "float32", [[3], [9]])
+    assert hlo(decode, "auto") == hlo(decode, "blocked") not in (hlo(decode, "einsum"), hlo(decode, "xla"))
+    odd_window = _inputs(2, 1, 4, 16, 16, "float32", [[3], [9]])
+    assert hlo(odd_window, "auto") == hlo(odd_window, "einsum")
+    prompt = _inputs(2, 4, 4, 16, 16, "float32", [[0, 1, 2, 3], [5, 6, 7, 8]])
+    assert hlo(prompt, "auto") == hlo(prompt, "blocked") == hlo(prompt, "einsum") != hlo(prompt, "xla")
     with pytest.raises(ValueError, match="unknown attention"):
         set_attention(init_model("tiny"), "flash")

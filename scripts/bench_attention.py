@@ -1,0 +1,73 @@
+"""Decode step time under each attention implementation, interleaved in one process.
+
+    python scripts/bench_attention.py --preset gpt2 --rows 8,32 --positions 100,150,230,500
+
+For each (rows, position) it compiles the engine's decode program (`programs.decode`, one
+step, a 32-slot state) once per implementation in `--attention`, with the static window the
+scheduler would pick for that position (the smallest of 128, 256, 512, 1024 that holds it),
+puts every row at that position before each call, and times all implementations in
+`--rounds` interleaved rounds, keeping each one's fastest call (a shared machine's noise
+only ever adds time). Prints one JSON row per (rows, position): ms a step per
+implementation and each one's ratio to the first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+
+from pgpt_jax import programs
+from pgpt_jax.model import init_model, set_attention
+
+WINDOWS = (128, 256, 512, 1024)
+
+
+def decode_call(model, rows: int, slots: int, window: int, position: int):
+    """(call(state) -> state, state): one decode step of the first `rows` of `slots` slots."""
+    graphdef, params, head = programs.program_params(model)
+    state = programs.init_state(model.config, slots)
+
+    def call(st):
+        st = dataclasses.replace(st, positions=jnp.full_like(st.positions, position))
+        return programs.decode(graphdef, params, head, st, steps=1, window=window, rows=rows, top_k=5)[0]
+
+    return call, call(state)  # the first call compiles
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="gpt2")
+    ap.add_argument("--rows", default="8,32")
+    ap.add_argument("--slots", type=int, default=32)
+    ap.add_argument("--positions", default="100,150,230,500")
+    ap.add_argument("--attention", default="einsum,blocked", help="implementations, the first is the baseline")
+    ap.add_argument("--rounds", type=int, default=5)
+    args = ap.parse_args()
+    impls = args.attention.split(",")
+    models = {impl: set_attention(init_model(args.preset, dtype="float32"), impl) for impl in impls}
+    for rows in (int(r) for r in args.rows.split(",")):
+        for position in (int(p) for p in args.positions.split(",")):
+            window = next(w for w in WINDOWS if w > position)
+            calls = {impl: decode_call(models[impl], rows, args.slots, window, position) for impl in impls}
+            best = dict.fromkeys(impls, float("inf"))
+            for _ in range(args.rounds):
+                for impl in impls:
+                    call, state = calls[impl]
+                    for _ in range(2):
+                        t0 = time.perf_counter()
+                        state = jax.block_until_ready(call(state))
+                        best[impl] = min(best[impl], time.perf_counter() - t0)
+                    calls[impl] = (call, state)
+            ms = {impl: round(1000 * t, 2) for impl, t in best.items()}
+            print(json.dumps({"rows": rows, "slots": args.slots, "position": position, "window": window, "ms": ms,
+                              "vs_" + impls[0]: {i: round(ms[i] / ms[impls[0]], 3) for i in impls}}), flush=True)
+            del calls
+
+
+if __name__ == "__main__":
+    main()
