@@ -4,22 +4,25 @@ Implementations (the same numbers up to rounding; `tests/test_attention.py` hold
 
   einsum  our own XLA program: scores, the visibility mask, a float32 softmax, the weighted
           sum. The fallback everywhere, and the CPU default for prompts (T > 1).
-  blocked decode (T = 1; prompts run einsum), the CPU default there: the cache read in blocks of
-          `BLOCK` entries, as many as the batch's furthest row needs (a loop whose count is
-          computed on the device, at most the static window), with a running softmax. A
-          window is never copied out of the cache, and the entries read follow the rows'
-          positions in steps of BLOCK rather than the window's buckets (measured 10-25%
-          faster decode steps at 8-32 rows on CPU, docs/benchmarks.md). Blocks past a row's
-          position add exact zeros, so a row's output does not depend on its neighbours.
+  blocked decode (T = 1; prompts run einsum), the CPU default for calls of 8 rows or more
+          (BLOCKED_MIN_ROWS; at one row its loop cost 4-9% more than einsum): the cache
+          read in blocks of `BLOCK` entries, as many as the batch's furthest row needs (a
+          loop whose count is computed on the device, at most the static window), with a
+          running softmax. A window is never copied out of the cache, and the entries read
+          follow the rows' positions in steps of BLOCK rather than the window's buckets
+          (decode steps at 8-32 rows 2-23% faster on CPU, docs/benchmarks.md). Blocks past
+          a row's position add exact zeros, so a row's output does not depend on its
+          neighbours.
   xla     `jax.nn.dot_product_attention(implementation="xla")`: JAX's reference path (what
           the fused kernels are checked against on CPU).
   cudnn   `jax.nn.dot_product_attention(implementation="cudnn")`: cuDNN's fused (flash)
           kernel. GPU only, bfloat16/float16, head_dim a multiple of 8 up to 128.
   auto    cudnn for prompts (T > 1) on a GPU when the dtype and head size allow it, blocked
-          for decode on CPU, einsum for everything else. Decode stays on einsum even on a GPU until measured: the
-          kernels take keys as [B, W, N, H], so each decode step would first copy the
-          window out of the [S, N, L, H] cache (twice the KV bytes of a step). TPU: the
-          Pallas kernels JAX ships are not wired in yet; auto picks einsum there.
+          for decode of 8 rows or more on CPU, einsum for everything else. Decode stays on
+          einsum even on a GPU until measured: the kernels take keys as [B, W, N, H], so
+          each decode step would first copy the window out of the [S, N, L, H] cache
+          (twice the KV bytes of a step). TPU: the Pallas kernels JAX ships are not wired
+          in yet; auto picks einsum there.
 
 The implementation is a plain string on each `model.Attention` (part of the graphdef, so a
 jitted program compiled for one is never reused for another); "auto" is resolved here at
@@ -40,12 +43,13 @@ log = logging.getLogger(__name__)
 
 IMPLEMENTATIONS = ("auto", "einsum", "blocked", "xla", "cudnn")
 BLOCK = 64  # cache entries a step of the blocked decode loop reads
+BLOCKED_MIN_ROWS = 8  # "auto" decodes fewer rows a call with einsum
 CUDNN_DTYPES = ("bfloat16", "float16")
 
 
-def choose(implementation: str, backend: str, dtype, head_dim: int, tokens: int) -> str:
+def choose(implementation: str, backend: str, dtype, head_dim: int, tokens: int, rows: int = 1) -> str:
     """The implementation a call runs: `implementation` unless it is "auto" (see the module
-    docstring); `tokens` is T, the new tokens per row (1 in decode)."""
+    docstring); `tokens` is T, the new tokens per row (1 in decode), `rows` is B."""
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"unknown attention implementation {implementation!r}; choose one of {IMPLEMENTATIONS}")
     if implementation == "blocked" and tokens > 1:
@@ -54,7 +58,7 @@ def choose(implementation: str, backend: str, dtype, head_dim: int, tokens: int)
         return implementation
     if backend == "gpu" and tokens > 1 and cudnn_fits(dtype, head_dim):
         return "cudnn"
-    if backend == "cpu" and tokens == 1:
+    if backend == "cpu" and tokens == 1 and rows >= BLOCKED_MIN_ROWS:
         return "blocked"
     return "einsum"
 
@@ -71,7 +75,7 @@ def attend_cache(q, k_cache, v_cache, positions, window: int, implementation: st
     The blocked decode path reads the cache where it lies; the others take the window out
     of it first (a copy on CPU)."""
     B, T, N, H = q.shape
-    if choose(implementation, jax.default_backend(), q.dtype, H, T) == "blocked" and _blocks_fit(window):
+    if choose(implementation, jax.default_backend(), q.dtype, H, T, B) == "blocked" and _blocks_fit(window):
         return _blocked(q, k_cache, v_cache, positions, window)
     keys, values = k_cache[:B, :, :window], v_cache[:B, :, :window]  # [B, N, W, H]
     return attend(q, keys, values, positions, implementation)
@@ -81,7 +85,7 @@ def attend(q, keys, values, positions, implementation: str = "auto"):
     """q [B, T, N, H], keys and values [B, N, W, H] (the cache's layout, any dtype), positions
     i32[B, T] -> y [B, T, N, H] in q's dtype: each query attends to entries 0..its position."""
     B, T, N, H = q.shape
-    chosen = choose(implementation, jax.default_backend(), q.dtype, H, T)
+    chosen = choose(implementation, jax.default_backend(), q.dtype, H, T, B)
     if chosen == "blocked":
         W = keys.shape[2]
         return _blocked(q, keys, values, positions, W) if _blocks_fit(W) else _einsum(q, keys, values, positions)

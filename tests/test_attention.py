@@ -70,11 +70,9 @@ def test_blocked_decode_agrees_over_the_cache(dtype):
     assert blocked.shape == (B, 1, N, H) and blocked.dtype == jnp.dtype(dtype)
     np.testing.assert_allclose(np.asarray(blocked, np.float32), np.asarray(reference, np.float32),
                                atol=TOL[dtype])
-    # The same numbers through `attend` (keys already cut to the window) and under "auto".
+    # The same numbers through `attend` (keys already cut to the window).
     np.testing.assert_array_equal(np.asarray(attention.attend(q, k_cache[:B, :, :W], v_cache[:B, :, :W], pos,
                                                               "blocked")), np.asarray(blocked))
-    np.testing.assert_array_equal(np.asarray(attention.attend_cache(q, k_cache, v_cache, pos, W)),
-                                  np.asarray(blocked))
 
 
 def test_blocked_decode_reads_nothing_past_a_row_or_its_batch():
@@ -121,7 +119,8 @@ def test_auto_choice():
     # CPU: einsum for prompts, blocked for decode; TPU: einsum; GPU: cuDNN for prompts in
     # bf16/fp16 with a head size it takes, einsum for decode.
     assert attention.choose("auto", "cpu", jnp.bfloat16, 64, 16) == "einsum"
-    assert attention.choose("auto", "cpu", jnp.float32, 64, 1) == "blocked"
+    assert attention.choose("auto", "cpu", jnp.float32, 64, 1, rows=8) == "blocked"
+    assert attention.choose("auto", "cpu", jnp.float32, 64, 1, rows=4) == "einsum"  # one row: einsum's cheaper
     assert attention.choose("auto", "tpu", jnp.float32, 64, 1) == "einsum"
     assert attention.choose("auto", "tpu", jnp.bfloat16, 64, 16) == "einsum"
     assert attention.choose("auto", "gpu", jnp.bfloat16, 64, 16) == "cudnn"
@@ -136,14 +135,17 @@ def test_auto_choice():
 
 def test_auto_runs_our_programs_on_cpu(tiny_model):
     # "auto" must be our CPU paths, not the reference kernel: the same HLO as "blocked" for
-    # decode, as "einsum" for prompts and for a window the blocks do not divide.
+    # decode of 8 rows, as "einsum" for fewer rows, for prompts and for a window the blocks
+    # do not divide.
     assert tiny_model.h[0].attn.implementation == "auto"
 
     def hlo(args, impl):
         return jax.jit(lambda q, k, v, p: attention.attend(q, k, v, p, impl)).lower(*args).as_text()
 
-    decode = _inputs(2, 1, 4, 128, 16, "float32", [[3], [9]])
+    decode = _inputs(8, 1, 4, 128, 16, "float32", [[p] for p in range(3, 11)])
     assert hlo(decode, "auto") == hlo(decode, "blocked") not in (hlo(decode, "einsum"), hlo(decode, "xla"))
+    few = _inputs(2, 1, 4, 128, 16, "float32", [[3], [9]])
+    assert hlo(few, "auto") == hlo(few, "einsum") != hlo(few, "blocked")
     odd_window = _inputs(2, 1, 4, 16, 16, "float32", [[3], [9]])
     assert hlo(odd_window, "auto") == hlo(odd_window, "einsum")
     prompt = _inputs(2, 4, 4, 16, 16, "float32", [[0, 1, 2, 3], [5, 6, 7, 8]])
