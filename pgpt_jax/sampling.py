@@ -31,8 +31,8 @@ A row's token depends only on its own logits, parameters and key, whichever stag
 rows need, so a seeded request gives the same tokens whatever else shares the batch.
 
 Drawing from a [V] distribution uses inverse-CDF in two levels (blocks of 128 tokens, then
-a token inside the chosen block), with one uniform per level: no [B, V] cumulative sum and
-no [B, V] of random bits. Keys are derived, never stored per step: a row's step key is
+a token inside the chosen block; pgpt_jax/draws.py), with one uniform per level: no [B, V]
+cumulative sum and no [B, V] of random bits. Keys are derived, never stored per step: a row's step key is
 fold_in(row key, position), the row key being fold_in(key(seed), choice_index).
 
 On a mesh, `sample` runs under shard_map: each device samples its own rows when `data`
@@ -61,7 +61,7 @@ import numpy as np
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from pgpt_jax import sharding
+from pgpt_jax import draws, sharding
 from pgpt_jax.vocab import BLOCK, Vocab
 
 # Prefilter width. lax.top_k over [32, 50304] on a 2-core CPU: ~5 ms at K=64, 9 at 256, 23 at
@@ -355,12 +355,12 @@ def _processed_logprobs(x, x_max, rows: SamplingRows, tokens, top_k: int, nucleu
     """
     greedy = rows.temperature <= 0
     inv_t = 1.0 / jnp.where(greedy, 1.0, jnp.maximum(rows.temperature, MIN_TEMPERATURE))[:, None]
-    total = vocab.sum(_weight(x, x_max, inv_t))  # [B]
+    total = vocab.sum(draws.weight(x, x_max, inv_t))  # [B]
     nucleus = (rows.top_p < 1) & ~greedy
     mass = (rows.top_p * total)[:, None]  # [B, 1]
     width = min(max(top_k, nucleus_k), vocab.size)
     values, ids = vocab.top_k(x, width)  # [B, width], nucleus order
-    cum = _cumsum(_weight(values, x_max, inv_t))
+    cum = draws.cumsum(draws.weight(values, x_max, inv_t))
     reached = cum >= mass
     last = jnp.where(jnp.any(reached, axis=-1), jnp.argmax(reached, axis=-1), width)  # width: ends further on
     kept = jnp.take_along_axis(cum, jnp.minimum(last, width - 1)[:, None], axis=-1)[:, 0]
@@ -383,8 +383,8 @@ def _processed_logprobs(x, x_max, rows: SamplingRows, tokens, top_k: int, nucleu
 def _nucleus_mass(x, x_max, inv_t, mass, vocab: Vocab):
     """The weight held by one row's nucleus, by a full sort: x [1, V], x_max, inv_t, mass [1]
     (top_p x total weight) -> f32[]. Tied tokens weigh alike, so their order does not matter."""
-    w = _weight(-lax.sort(-vocab.gather(x), dimension=1), x_max, inv_t)[0]  # descending
-    cum = _cumsum(w[None])[0]
+    w = draws.weight(-lax.sort(-vocab.gather(x), dimension=1), x_max, inv_t)[0]  # descending
+    cum = draws.cumsum(w[None])[0]
     reached = cum >= mass[0]
     return jnp.where(jnp.any(reached), cum[jnp.argmax(reached)], cum[-1])
 
@@ -416,7 +416,7 @@ def _sample_rows(x, x_max, rows: SamplingRows, step_keys, nucleus_k: int, tries:
     """Token i32[B] for the rows with temperature > 0, from processed logits x [B, V] and
     their row max x_max [B, 1].
 
-    Weights are exp((x - x_max) / T) (`_weight`), computed from x where needed rather than
+    Weights are exp((x - x_max) / T) (`draws.weight`), computed from x where needed rather than
     kept as another [B, V] array. Nucleus order is by x, ties by lower id (dividing by a
     positive T keeps that order).
     """
@@ -425,20 +425,20 @@ def _sample_rows(x, x_max, rows: SamplingRows, step_keys, nucleus_k: int, tries:
     inv_t = 1.0 / jnp.where(rows.temperature > 0,
                             jnp.maximum(rows.temperature, MIN_TEMPERATURE), 1.0)[:, None]
     x3, first = vocab.blocks(x)
-    block_mass = vocab.block_sums(jnp.sum(_weight(x3, x_max[:, :, None], inv_t[:, :, None]), axis=-1),
+    block_mass = vocab.block_sums(jnp.sum(draws.weight(x3, x_max[:, :, None], inv_t[:, :, None]), axis=-1),
                                   first)  # [B, V / BLOCK]
     mass = rows.top_p[:, None] * jnp.sum(block_mass, axis=-1, keepdims=True)  # [B, 1]
     # Uniforms: pair 0 for the main draw (also rejection candidate 0), pairs 1..R-1 for
     # the other candidates, pair R for the sort fallback; all from the row's own key.
     u = jax.vmap(lambda k: jax.random.uniform(k, (tries + 1, 2)))(step_keys)  # [B, R+1, 2]
-    tokens = _draw(x, x_max, inv_t, block_mass, u[:, 0], vocab)  # from the whole distribution
+    tokens = draws.draw(x, x_max, inv_t, block_mass, u[:, 0], vocab)  # from the whole distribution
 
     nucleus = (rows.top_p < 1) & (rows.temperature > 0)
 
     def prefiltered():
         # Ties in lax.top_k's order (lower index first): the nucleus order.
         values, ids = vocab.top_k(x, min(nucleus_k, vocab.size))
-        drawn, covered = _nucleus_draw(_weight(values, x_max, inv_t), ids, mass, u[:, 0, 0])
+        drawn, covered = draws.nucleus_draw(draws.weight(values, x_max, inv_t), ids, mass, u[:, 0, 0])
         # Only nucleus rows take the prefilter's draw: a top_p=1 row whose top tokens hold all
         # its mass (a constrained row, say) would otherwise sample another token from the same
         # uniform depending on whether a neighbour has top_p < 1.
@@ -456,7 +456,7 @@ def _sample_rows(x, x_max, rows: SamplingRows, step_keys, nucleus_k: int, tries:
     # With rows split over devices, row i of every row shard enters if one needs to.
     def one_row(args):
         settled, token, x, x_max, inv_t, block_mass, mass, u = args
-        return lax.cond(~vocab.any(~settled), lambda: token, lambda: jnp.where(settled, token, _rejection_row(
+        return lax.cond(~vocab.any(~settled), lambda: token, lambda: jnp.where(settled, token, draws.rejection_row(
             token, x[None], x_max[None], inv_t[None], block_mass[None], mass[None], u, vocab)))
 
     return lax.cond(
@@ -464,105 +464,3 @@ def _sample_rows(x, x_max, rows: SamplingRows, step_keys, nucleus_k: int, tries:
         lambda: lax.map(one_row, (settled, tokens, x, x_max, inv_t, block_mass, mass, u)),
         lambda: tokens,
     )
-
-
-def _weight(v, x_max, inv_t):
-    """Unnormalised probability exp((v - x_max) / T); -inf gives exactly 0."""
-    return jnp.exp((v - x_max) * inv_t)
-
-
-def _rejection_row(token, x, x_max, inv_t, block_mass, mass, u, vocab: Vocab):
-    """A draw from one row's nucleus when the prefilter could not find it: i32[].
-
-    x [1, V], x_max, inv_t, mass [1, 1], block_mass [1, V / BLOCK], u [R+1, 2]. Candidates
-    come from the whole distribution (`token` is the first); the first inside the nucleus
-    is a draw from the nucleus. Each is inside with probability >= top_p. If none is, an
-    independent draw from the sorted nucleus keeps the law exact.
-    """
-    tries = u.shape[0] - 1
-    cands = jnp.stack([token] + [_draw(x, x_max, inv_t, block_mass, u[r][None], vocab)[0]
-                                 for r in range(1, tries)])  # [R]
-    xc = vocab.take(x, cands[None])[0][:, None]  # [R, 1]
-    ids = vocab.ids(x.shape)  # [1, V]
-    ahead = (x > xc) | ((x == xc) & (ids < cands[:, None]))  # [R, V]: strictly before in order
-    inside = vocab.sum(jnp.where(ahead, _weight(x, x_max, inv_t), 0.0)) < mass[0]
-    drawn = cands[jnp.argmax(inside)]
-    return lax.cond(vocab.any(~jnp.any(inside)),
-                    lambda: jnp.where(jnp.any(inside), drawn,
-                                      _sorted_draw(vocab.gather(x), x_max, inv_t, mass, u[tries][None])[0]),
-                    lambda: drawn)
-
-
-def _nucleus_draw(weights, ids, mass, u):
-    """Draw from a nucleus given its tokens in nucleus order: weights f32[B, K] (unnormalised,
-    descending), ids i32[B, K], mass f32[B, 1] = top_p * total weight, u f32[B] ->
-    (token i32[B], covered bool[B]). The nucleus ends at the first token whose cumulative
-    weight reaches `mass` (so it holds at least one); covered says it ends within these K.
-    """
-    cum = _cumsum(weights)
-    reached = cum >= mass
-    last = jnp.argmax(reached, axis=-1)  # the first index that reaches
-    inside = jnp.arange(weights.shape[-1]) <= last[:, None]
-    pick = _invert(jnp.where(inside, weights, 0.0), u)
-    token = jnp.take_along_axis(ids, pick[:, None], axis=-1)[:, 0]
-    return token.astype(jnp.int32), jnp.any(reached, axis=-1)
-
-
-def _sorted_draw(x, x_max, inv_t, mass, u):
-    """Exact nucleus by a full stable sort (the slow path), then a draw inside it: i32[B].
-    x is the whole vocabulary [B, V]."""
-    ids = lax.broadcasted_iota(jnp.int32, x.shape, 1)
-    neg, ids = lax.sort((-x, ids), dimension=1, is_stable=True, num_keys=1)
-    return _nucleus_draw(_weight(-neg, x_max, inv_t), ids, mass, u[:, 0])[0]
-
-
-def _draw(x, x_max, inv_t, block_mass, u, vocab: Vocab):
-    """Inverse-CDF draw from the weights exp((x - x_max) / T), x [B, V], with block sums
-    block_mass [B, V / BLOCK]: u [B, 2] holds one uniform to pick a block in proportion to
-    its mass, one to pick a token inside it. -> i32[B]. On a split vocabulary every shard
-    picks the same block; the one or two holding it supply its weights."""
-    x3, first = vocab.blocks(x)
-    block = _invert(block_mass, u[:, 0])
-    here = block - first
-    xb = jnp.take_along_axis(x3, jnp.clip(here, 0, x3.shape[1] - 1)[:, None, None], axis=1)[:, 0]
-    wb = _weight(xb, x_max, inv_t)  # [B, BLOCK]
-    if vocab.axis is not None:
-        wb = vocab.pieces(jnp.where(((here >= 0) & (here < x3.shape[1]))[:, None], wb, 0.0))
-    return block * BLOCK + _invert(wb, u[:, 1])
-
-
-def _invert(w, u):
-    """Index i32[B] with P(i) = w[i] / sum(w) for weights w [B, M] >= 0, u [B] in [0, 1).
-
-    Takes the first positive weight whose cumulative sum exceeds u * total. Asking for a
-    positive weight matters: a rounded cumulative sum need not be monotone, and a zero
-    weight (a -inf logit) must never be taken. Rounding that pushes u * total past the end
-    falls back to the last positive weight.
-    """
-    n = w.shape[-1]
-    cum = _cumsum(w)
-    positions = jnp.arange(n, dtype=jnp.int32)
-    beyond = (cum > (u * cum[:, -1])[:, None]) & (w > 0)
-    first = jnp.min(jnp.where(beyond, positions, n), axis=-1)
-    last_positive = jnp.max(jnp.where(w > 0, positions, 0), axis=-1)
-    return jnp.where(first < n, first, last_positive).astype(jnp.int32)
-
-
-def _cumsum(w):
-    """Inclusive cumulative sum over the last axis, each row on its own: a row sums to the same
-    bits whatever other rows share the call, so a seeded draw does not depend on its batch.
-    (A triangular matmul did not: XLA:CPU rounds a row of a matmul differently with the
-    number of rows and the row's place among them.) Short rows (64, 128 and V/128 entries in
-    `_invert` and `_nucleus_draw`) add left to right in a loop, which also keeps the sum of
-    non-negative weights non-decreasing; the sort fallback's [1, V] uses jnp.cumsum (an
-    associative scan of element-wise adds, row by row as well)."""
-    n = w.shape[-1]
-    if n > 512:
-        return jnp.cumsum(w, axis=-1)
-
-    def add(total, column):
-        total = total + column
-        return total, total
-
-    _, out = lax.scan(add, jnp.zeros(w.shape[:-1], w.dtype), jnp.moveaxis(w, -1, 0))
-    return jnp.moveaxis(out, 0, -1)

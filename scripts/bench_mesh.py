@@ -40,7 +40,7 @@ STEPS = 8  # decode steps per call
 # When a collective runs, from where it sits (`sharding.collectives`: `loops`, `conditional`,
 # `where`); function names common to the code before and after the split sampler. First match wins.
 GROUPS = (
-    ("sort, per row", lambda c: c["conditional"] and {"_sorted_draw", "Vocab.gather"} & set(c["where"])),
+    ("sort, per row", lambda c: c["conditional"] and {"sorted_draw", "Vocab.gather"} & set(c["where"])),
     ("rejection, per row", lambda c: c["conditional"] and c["loops"] >= 2),  # lax.map over the rows left
     ("per call", lambda c: c["loops"] == 0),
     ("every step", lambda c: not c["conditional"]),

@@ -35,7 +35,7 @@ import jax
 import numpy as np
 import pytest
 
-from pgpt_jax import sampling
+from pgpt_jax import draws
 from pgpt_jax.engine import Engine
 from pgpt_jax.executor import Decode, Place, Prefill
 from pgpt_jax.generate import engine_for, generate
@@ -453,7 +453,7 @@ def test_cumulative_sums_do_not_depend_on_the_batch():
     # must sum to the same bits alone, in a batch of 4 or 32, at its first or last row. (As a
     # triangular matmul it did not: 393 weights differed in any batch, 64 in rows 30-31 of 32.)
     rng = np.random.default_rng(1)
-    cumsum = jax.jit(sampling._cumsum)
+    cumsum = jax.jit(draws.cumsum)
     for n in (64, 393):
         w = rng.random(n).astype(np.float32)
         alone = np.asarray(cumsum(w[None]))[0]
