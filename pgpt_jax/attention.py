@@ -42,7 +42,7 @@ import jax.numpy as jnp
 log = logging.getLogger(__name__)
 
 IMPLEMENTATIONS = ("auto", "einsum", "blocked", "xla", "cudnn")
-BLOCK = 64  # cache entries a step of the blocked decode loop reads
+BLOCK = 32  # cache entries a step of the blocked decode loop reads (32 against 16, 64, 128: docs/benchmarks.md)
 BLOCKED_MIN_ROWS = 8  # "auto" decodes fewer rows a call with einsum
 CUDNN_DTYPES = ("bfloat16", "float16")
 

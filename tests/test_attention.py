@@ -61,8 +61,8 @@ def _cache_inputs(S, N, L, H, dtype, positions):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_blocked_decode_agrees_over_the_cache(dtype):
-    # Three rows of a five-row cache, window 192 (three blocks): one row sees only entry 0,
-    # one ends inside the second block, one at the window's last entry.
+    # Three rows of a five-row cache, window 192 (several blocks): one row sees only entry 0,
+    # one ends inside a later block, one at the window's last entry.
     B, S, N, L, H, W = 3, 5, 4, 256, 8, 192
     q, k_cache, v_cache, pos = _cache_inputs(S, N, L, H, dtype, [[0], [70], [191]])
     blocked = attention.attend_cache(q, k_cache, v_cache, pos, W, "blocked")
@@ -83,8 +83,8 @@ def test_blocked_decode_reads_nothing_past_a_row_or_its_batch():
     noisy_k = k_cache.at[0, :, 6:].set(50.0).at[1, :, 101:].set(-50.0).at[2:].set(9.0)
     noisy_v = v_cache.at[0, :, 6:].set(100.0).at[1, :, 101:].set(100.0).at[2:].set(9.0)
     np.testing.assert_array_equal(np.asarray(attention.attend_cache(q, noisy_k, noisy_v, pos, W, "blocked")), out)
-    # A row's numbers do not depend on how far its neighbours reach (one block alone, two
-    # blocks beside the row at 100): bit for bit, the batch-invariance the seeds rely on.
+    # A row's numbers do not depend on how far its neighbours reach (one block alone, more
+    # beside the row at 100): bit for bit, the batch-invariance the seeds rely on.
     alone = attention.attend_cache(q[:1], k_cache, v_cache, pos[:1], W, "blocked")
     np.testing.assert_array_equal(np.asarray(alone)[0], out[0])
     # The window bounds the loop: at window 64 the row at 100 sees entries 0..63 only.
@@ -102,7 +102,7 @@ def test_model_logits_agree_with_either_implementation(dtype):
     tokens = np.random.default_rng(1).integers(0, cfg.vocab_size, (2, 10)).astype(np.int32)
     out = {}
     for impl, model in cfg_model.items():
-        # Window 64 (one block of the blocked path); prompts run einsum under "blocked".
+        # Window 64 (whole blocks of the blocked path); prompts run einsum under "blocked".
         fwd = jax.jit(lambda t, p, c, m=model: forward(m, t, p, c, 64))
         logits, cache = fwd(tokens[:, :7], np.broadcast_to(np.arange(7), (2, 7)), init_cache(cfg, 2, 64))
         steps = [logits]
