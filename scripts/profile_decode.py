@@ -1,7 +1,8 @@
 """Where a decode step goes: the engine's jitted `decode` with parts of it taken away.
 
 For each slot count it times one decode program (`--steps` steps, window `--window`, every
-row at position `--position`, by default the window's last entry, reset before each call) and
+row at position `--position`, by default window - steps so that the last step reads the
+whole window, reset before each call) and
 three ablations of it, each compiled separately and timed in the same process:
 
   full        the engine's decode step as it runs in serving
@@ -89,6 +90,7 @@ def decode_program(model, slots: int, steps: int, window: int, variant: str, pos
     finally:
         if saved is not None:
             setattr(*saved)
+
     def call(st):
         st = dataclasses.replace(st, positions=jnp.full_like(st.positions, position))
         return compiled(params, head, st)[0]
