@@ -62,7 +62,7 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from pgpt_jax import draws, sharding
-from pgpt_jax.vocab import BLOCK, Vocab
+from pgpt_jax.vocab import Vocab
 
 # Prefilter width. lax.top_k over [32, 50304] on a 2-core CPU: ~5 ms at K=64, 9 at 256, 23 at
 # 1024; a wider prefilter only spares rejection to rows whose nucleus has 64..K tokens.
@@ -426,7 +426,7 @@ def _sample_rows(x, x_max, rows: SamplingRows, step_keys, nucleus_k: int, tries:
                             jnp.maximum(rows.temperature, MIN_TEMPERATURE), 1.0)[:, None]
     x3, first = vocab.blocks(x)
     block_mass = vocab.block_sums(jnp.sum(draws.weight(x3, x_max[:, :, None], inv_t[:, :, None]), axis=-1),
-                                  first)  # [B, V / BLOCK]
+                                  first)  # [B, V / 128]: one mass per block of the draw
     mass = rows.top_p[:, None] * jnp.sum(block_mass, axis=-1, keepdims=True)  # [B, 1]
     # Uniforms: pair 0 for the main draw (also rejection candidate 0), pairs 1..R-1 for
     # the other candidates, pair R for the sort fallback; all from the row's own key.

@@ -4,7 +4,7 @@
 
 For each (rows, position) it compiles the engine's decode program (`programs.decode`, one
 step, a 32-slot state) once per implementation in `--attention`, with the static window the
-scheduler would pick for that position (the smallest of 128, 256, 512, 1024 that holds it),
+scheduler would pick for that position (the smallest of its windows that holds it),
 puts every row at that position before each call, and times all implementations in
 `--rounds` interleaved rounds, keeping each one's fastest call (a shared machine's noise
 only ever adds time). Prints one JSON row per (rows, position): ms a step per
@@ -23,8 +23,7 @@ import jax.numpy as jnp
 
 from pgpt_jax import programs
 from pgpt_jax.model import init_model, set_attention
-
-WINDOWS = (128, 256, 512, 1024)
+from pgpt_jax.scheduler import buckets
 
 
 def decode_call(model, rows: int, slots: int, window: int, position: int):
@@ -50,9 +49,10 @@ def main() -> None:
     args = ap.parse_args()
     impls = args.attention.split(",")
     models = {impl: set_attention(init_model(args.preset, dtype="float32"), impl) for impl in impls}
+    windows = buckets(models[impls[0]].config.n_positions, 128)  # the scheduler's default windows
     for rows in (int(r) for r in args.rows.split(",")):
         for position in (int(p) for p in args.positions.split(",")):
-            window = next(w for w in WINDOWS if w > position)
+            window = next(w for w in windows if w > position)
             calls = {impl: decode_call(models[impl], rows, args.slots, window, position) for impl in impls}
             best = dict.fromkeys(impls, float("inf"))
             for _ in range(args.rounds):
