@@ -52,7 +52,7 @@ from typing import Any, Optional
 import jax
 import numpy as np
 
-from pgpt_jax import pool_programs, programs, sampling
+from pgpt_jax import pool_programs, precompile, programs, sampling
 
 
 @dataclasses.dataclass
@@ -242,8 +242,8 @@ class Executor:
 
     def time_option_sets(self, rows: int, window: int) -> dict[str, float]:
         """Seconds per decode call of `rows` rows under each XLA:CPU option set (fresh states)."""
-        return programs.time_option_sets(self.graphdef, self.params, self.head, self.config, self.slots, rows=rows,
-                                         window=window, steps=self.decode_steps, top_k=self.top_k, mesh=self.mesh)
+        return precompile.time_option_sets(self.graphdef, self.params, self.head, self.config, self.slots, rows=rows,
+                                           window=window, steps=self.decode_steps, top_k=self.top_k, mesh=self.mesh)
 
     def time_decodes(self, decodes: list[tuple[int, int]], repeats: int = 3, verify: bool = False) -> dict[int, float]:
         """Seconds one decode call (with `verify`, one Verify of K proposals a row) of each
@@ -269,30 +269,30 @@ class Executor:
                             num_logprobs=0, seed=0, choice_index=0))
         more = (len(prefills) + len(extends)) if self.pool is not None else 0  # the prefix cache's programs
         more += len(chunks)
-        total = [0]  # programs.compile_all's count of programs
+        total = [0]  # precompile.compile_programs's count of programs
 
         def report(done: int, of: int) -> None:
             total[0] = of
             if on_program is not None:
                 on_program(done, of + more)
 
-        programs.compile_all(self.graphdef, self.params, self.head, self.state, prefills=prefills,
-                             decodes=decodes, steps=self.decode_steps,
-                             row=row, top_k=self.top_k, mesh=self.mesh, progress=progress, on_program=report,
-                             verify_k=self.verify_k)
-        pooled = 0  # programs counted so far after programs.compile_all's
+        precompile.compile_programs(self.graphdef, self.params, self.head, self.state, prefills=prefills,
+                                    decodes=decodes, steps=self.decode_steps,
+                                    row=row, top_k=self.top_k, mesh=self.mesh, progress=progress,
+                                    on_program=report, verify_k=self.verify_k)
+        pooled = 0  # programs counted so far after compile_programs's
 
         def after(done: int) -> None:
             if on_program is not None:
                 on_program(total[0] + pooled + done, total[0] + more)
 
         if self.pool is not None:
-            pool_programs.compile_all(self.graphdef, self.params, self.head, self.pool, prefills=prefills,
-                                      extends=extends, mesh=self.mesh, on_program=after)
+            precompile.compile_pool(self.graphdef, self.params, self.head, self.pool, prefills=prefills,
+                                    extends=extends, mesh=self.mesh, on_program=after)
             pooled = len(prefills) + len(extends)
         # A chunked prefill's empty cache, and without a pool its extends (with one: among `extends`).
-        pool_programs.compile_chunks(self.graphdef, self.params, self.head, self.config, chunks=chunks,
-                                     extends=self.pool is None, mesh=self.mesh, on_program=after)
+        precompile.compile_chunks(self.graphdef, self.params, self.head, self.config, chunks=chunks,
+                                  extends=self.pool is None, mesh=self.mesh, on_program=after)
         self.reset()
 
 

@@ -28,7 +28,6 @@ from jax.sharding import Mesh
 
 from pgpt_jax import sharding
 from pgpt_jax.model import init_cache
-from pgpt_jax.programs import _zeros_like
 from pgpt_jax.xla_options import merge
 from pgpt_jax.xla_options import program as _program
 
@@ -68,12 +67,12 @@ def empty_cache(config, rows: int, length: int, mesh: Optional[Mesh] = None) -> 
     that holds nothing yet, placed as `gather_blocks`'s (a chunked prompt's first chunk with
     no cached prefix `extend`s it). Committed to the device, as a program's results with
     committed arguments are (part of `extend`'s jit cache key)."""
-    cache = _empty_cache(config=config, rows=rows, length=length, mesh=mesh)
+    cache = empty_cache_program(config=config, rows=rows, length=length, mesh=mesh)
     return cache if mesh is not None else jax.device_put(cache, jax.local_devices()[0])
 
 
 @_program(static_argnames=("config", "rows", "length", "mesh"))
-def _empty_cache(*, config, rows: int, length: int, mesh=None):
+def empty_cache_program(*, config, rows: int, length: int, mesh=None):
     cache = init_cache(config, rows, length)
     if mesh is not None:
         cache = jax.lax.with_sharding_constraint(cache, sharding.pool_sharding(mesh))
@@ -120,43 +119,3 @@ def save_blocks(pool, cache, writes, *, mesh=None):
     if mesh is not None:
         pool = jax.lax.with_sharding_constraint(pool, sharding.pool_sharding(mesh))
     return pool
-
-
-def compile_all(graphdef, params, head, pool, *, prefills, extends, mesh=None, on_program=None) -> None:
-    """Compiles (ahead of time, without running them, as `programs.compile_all`) save_blocks
-    for each (rows, T) prefill shape in `prefills` that holds a whole block, and gather_blocks
-    + extend for each (rows, T, R) in `extends`. `on_program(done)` after each."""
-    Q = pool[0][0].shape[2]
-    done = 0
-    for rows, size in prefills:
-        if size >= Q:
-            # A prefill's cache has the shape and sharding of a gather's of the same length.
-            cache = _zeros_like(gather_blocks.lower(pool, np.zeros((rows, size // Q), np.int32), length=size,
-                                                    mesh=mesh).compile().out_info)
-            save_blocks.lower(pool, cache, np.zeros((rows, size // Q), np.int32), mesh=mesh).compile()
-        done += 1
-        if on_program is not None:
-            on_program(done)
-    for rows, size, rest in extends:
-        cache = _zeros_like(gather_blocks.lower(pool, np.zeros((rows, size // Q), np.int32), length=size,
-                                                mesh=mesh).compile().out_info)
-        extend.lower(graphdef, params, head, cache, np.zeros((rows, rest), np.int32), np.zeros((rows,), np.int32),
-                     np.ones((rows,), np.int32), mesh=mesh).compile()
-        done += 1
-        if on_program is not None:
-            on_program(done)
-
-
-def compile_chunks(graphdef, params, head, config, *, chunks, extends: bool = True, mesh=None,
-                   on_program=None) -> None:
-    """Compiles (ahead of time, as `compile_all`) what a chunked prefill runs: empty_cache, and
-    with `extends` the extend of one row, for each (T, C) in `chunks` (a cache of T tokens, C
-    tokens a chunk; with a pool, `compile_all`'s `extends` hold those, after gather_blocks:
-    the same program). `on_program(done)` after each."""
-    for done, (size, rest) in enumerate(chunks, start=1):
-        cache = _zeros_like(_empty_cache.lower(config=config, rows=1, length=size, mesh=mesh).compile().out_info)
-        if extends:
-            extend.lower(graphdef, params, head, cache, np.zeros((1, rest), np.int32), np.zeros((1,), np.int32),
-                         np.ones((1,), np.int32), mesh=mesh).compile()
-        if on_program is not None:
-            on_program(done)

@@ -28,13 +28,13 @@ the masks the host filled meanwhile).
 
 The prefix cache's programs (a pool of KV blocks, `extend`) are in `pool_programs.py`; the
 compiler settings every program is compiled with (XLA:CPU option sets, the compile cache,
-the compile count) in `xla_options.py`.
+the compile count) in `xla_options.py`; compiling them all before serving, and timing the
+option sets, in `precompile.py`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import time
 from typing import Optional
 
 import jax
@@ -44,7 +44,6 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from pgpt_jax import sampling, sharding
-from pgpt_jax.xla_options import CPU_OPTION_SETS
 from pgpt_jax.xla_options import StaticGraph, merge
 from pgpt_jax.xla_options import program as _program
 from pgpt_jax.model import init_cache, lm_head, split_qkv
@@ -75,7 +74,7 @@ def init_state(cfg, slots: int, mesh: Optional[Mesh] = None) -> DecodeState:
         )
 
     if mesh is None:
-        return jax.device_put(make(), jax.local_devices()[0])  # committed, as the params (see _zeros_like)
+        return jax.device_put(make(), jax.local_devices()[0])  # committed, as the params (see precompile.zeros_like)
     return jax.jit(make, out_shardings=sharding.state_shardings(jax.eval_shape(make), mesh))()
 
 
@@ -407,106 +406,7 @@ def verify(graphdef, params, head, state: DecodeState, proposals, lengths, *, wi
     return (state, *outs)
 
 
-# --------------------------------------------------------------------------- warm-up
-
-
-def compile_all(graphdef, params, head, state: DecodeState, *, prefills, decodes, steps: int,
-                row: sampling.SamplingRows, top_k: int, mesh=None, progress: bool = False,
-                on_program=None, verify_k: int = 0) -> None:
-    """Compiles every program once per shape so that serving compiles nothing: prefill for each
-    (rows, bucket) in `prefills`, with and without prompt logprobs, insert after each,
-    start_row once per row count, decode for each (rows, window) in `decodes` at `steps` (and
-    at 1 when `steps` is more: the planner's short calls), and the one-step halves of a
-    constrained decode (forward for each (rows, window), sample_next
-    once per rows), and with `verify_k` (speculative decoding) verify of that many proposals
-    for each (rows, window). `state` is donated along the way: the caller makes a fresh one.
-    `on_program(done, total)` is called after each program (the server's warm-up metric).
-
-    Prefill and decode are compiled ahead of time (`lower(...).compile()`, with the very
-    arguments a call passes, so the call finds the same executable) and not run: running
-    them was most of a restart's warm-up once the persistent cache supplies the executables
-    (a 1024-token prefill takes seconds on CPU). Insert and start_row are cheap and run, on
-    zeros shaped and placed like prefill's outputs.
-    """
-    jobs = [("echo", *p) for p in prefills] + [("prefill", *p) for p in prefills]
-    # Decode at `steps` tokens a call, and its two halves (what runs while a constrained row
-    # needs its next mask from the token just sampled: planner.py), sample_next once per rows.
-    # Decode at one step too when `steps` is more (the planner's short calls: planner._steps).
-    jobs += [(kind, *d, n) for d in decodes for kind, n in
-             [("decode", steps), ("forward", 1)] + ([("decode", 1)] if steps > 1 else [])
-             + ([("verify", verify_k)] if verify_k else [])]
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(jobs), desc="warm-up (compiling)", unit="program")
-    started, sampled = set(), set()  # start_row compiles once per prefill row count, sample_next per rows
-    for done, (kind, rows, size, *n) in enumerate(jobs, start=1):
-        if kind == "decode":
-            decode.lower(graphdef, params, head, state, steps=n[0], window=size, rows=rows, top_k=top_k,
-                         mesh=mesh).compile()
-        elif kind == "verify":
-            verify.lower(graphdef, params, head, state, np.zeros((rows, n[0]), np.int32), np.zeros((rows,), np.int32),
-                         window=size, rows=rows, top_k=top_k, mesh=mesh).compile()
-        elif kind == "forward":
-            compiled = forward.lower(graphdef, params, head, state, window=size, rows=rows, mesh=mesh).compile()
-            if rows not in sampled:
-                sampled.add(rows)
-                logits = _zeros_like(compiled.out_info[1])
-                sample_next.lower(state, logits, no_masks(rows, state), top_k=top_k, mesh=mesh).compile()
-        else:
-            # Host arrays, as the engine passes them: the same jit cache entries.
-            compiled = prefill.lower(graphdef, params, head, np.zeros((rows, size), np.int32),
-                                     np.ones((rows,), np.int32), np.zeros((2,), np.int32),
-                                     want_logprobs=kind == "echo", top_k=top_k, mesh=mesh).compile()
-            if kind == "prefill":  # the echo variant's cache has the same shape as the plain one's
-                cache, last, *_ = _zeros_like(compiled.out_info)
-                state = insert(state, cache, np.int32(0), np.int32(0), mesh=mesh)
-                if rows not in started:
-                    started.add(rows)
-                    state, *_ = start_row(state, last, np.int32(0), np.int32(0), np.int32(1), row,
-                                          top_k=top_k, mesh=mesh)
-        jax.block_until_ready(state.tokens)
-        if bar is not None:
-            bar.update(1)
-        if on_program is not None:
-            on_program(done, len(jobs))
-    if bar is not None:
-        bar.close()
-
-
 def no_masks(rows: int, state: DecodeState) -> np.ndarray:
     """Zeros u32[rows, V/32]: `sample_next`'s masks when none of its rows is constrained, a
     host array as the engine passes them (the same jit cache entry)."""
     return np.zeros((rows, state.rows.mask.shape[1]), np.uint32)
-
-
-def time_option_sets(graphdef, params, head, cfg, slots: int, *, rows: int, window: int, steps: int, top_k: int,
-                     mesh=None, repeats: int = 3) -> dict[str, float]:
-    """Seconds per decode call of `rows` rows compiled under each XLA:CPU option set (the
-    fastest of `repeats` calls after the one that compiles), on fresh states."""
-    times = {}
-    for name in CPU_OPTION_SETS:
-        fn, state, best = decode.with_options(name), init_state(cfg, slots, mesh), float("inf")
-        for i in range(repeats + 1):
-            t0 = time.perf_counter()
-            state, *outs = fn(graphdef, params, head, state, steps=steps, window=window, rows=rows, top_k=top_k,
-                              mesh=mesh)
-            jax.block_until_ready(outs)
-            if i:
-                best = min(best, time.perf_counter() - t0)
-        times[name] = best
-    return times
-
-
-
-def _zeros_like(infos):
-    """Zeros for a tree of ShapeDtypeStructs, each on its sharding (every process its own
-    shards) and committed, as a program's results are (its params are: `program_params`).
-    Committed or not is part of a jit cache key: the wrong one would compile insert again
-    when serving."""
-    def one(info):
-        host = np.zeros(info.shape, info.dtype)  # calloc'd: the slices below read no memory
-        return jax.make_array_from_callback(info.shape, info.sharding, lambda index: host[index])
-
-    return jax.tree.map(one, infos)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pgpt_jax import programs, xla_options  # noqa: E402
+from pgpt_jax import precompile, programs, xla_options  # noqa: E402
 from pgpt_jax.model import init_model  # noqa: E402
 
 
@@ -45,8 +45,8 @@ def main() -> None:
     seconds: dict = {(r, n): [] for r in rows_list for n in xla_options.CPU_OPTION_SETS}
     for _ in range(args.rounds):
         for rows in rows_list:
-            times = programs.time_option_sets(graphdef, params, head, model.config, slots, rows=rows, window=128,
-                                              steps=args.steps, top_k=5)
+            times = precompile.time_option_sets(graphdef, params, head, model.config, slots, rows=rows, window=128,
+                                                steps=args.steps, top_k=5)
             for name, t in times.items():
                 seconds[(rows, name)].append(t)
     print(f"CPU: {cpu()}; {args.preset}, {args.steps} decode steps a call, window 128")
