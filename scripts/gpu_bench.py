@@ -120,7 +120,8 @@ def run_tests(files: list[str], timeout: float) -> dict:
     backend = jax.default_backend()
     env = {**os.environ, "JAX_PLATFORMS": {"gpu": "cuda"}.get(backend, backend),
            "JAX_DEFAULT_MATMUL_PRECISION": "highest"}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files]
+    # -n 0: in this one process (the suite's default is xdist workers, each of which would claim the accelerator).
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "0", *files]
     t0 = time.perf_counter()
     try:
         out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)

@@ -2,10 +2,29 @@
 bound on the compiled programs the one pytest process keeps."""
 
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+# One persistent XLA compilation cache for the whole run, shared by the xdist workers (they
+# inherit this environment from the process that imports this file first) and every test's
+# subprocess: a program compiled once is loaded, not compiled again, by the next module,
+# worker or process that needs it. Compile counts stay strict: Engine.compile_count counts
+# an executable loaded from the cache as a compilation too, so "0 compiles after warm-up"
+# still fails on any program a call had to look up. A directory the caller set is kept.
+_OWN_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _OWN_CACHE = tempfile.mkdtemp(prefix="pgpt-jax-tests-xla-")
+    os.environ.update(JAX_COMPILATION_CACHE_DIR=_OWN_CACHE, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+
 import pytest  # noqa: E402
+
+
+def pytest_unconfigure(config):
+    if _OWN_CACHE is not None:
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
 # Each XLA:CPU executable maps its code and data into the process: about 7 memory mappings a
 # compiled program. The suite compiles thousands, and Linux refuses a process more than
