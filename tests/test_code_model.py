@@ -15,17 +15,15 @@ import json
 import pathlib
 from collections.abc import Sequence
 
-import numpy as np
 import pytest
 
 import pgpt_jax
-from pgpt_jax import load_model as package_load_model
 from pgpt_jax.checkpoint import EMBEDDED_DIR, EMBEDDED_MODELS, EMBEDDED_NAME, load_model
 from pgpt_jax.config import CODE_VOCAB, EOS_ID, FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX
 from pgpt_jax.request import RequestError
 from pgpt_jax.tokenizer import tokenizer_for
 from test_embedded_model import _greedy as embedded_greedy  # argmax by full forward passes
-from test_embedded_model import heldout_loss, run_in_checkout
+from test_embedded_model import assert_loads_by_name, checkpoint_files, heldout_loss, run_in_checkout
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]  # holds training/, which is not installed
 FIXTURE = REPO_ROOT / "tests" / "fixtures" / "pgpt_code_eval.json"
@@ -59,14 +57,11 @@ def test_default_model_is_the_shipped_pgpt_code(code):
     assert (cfg.name, cfg.fim, cfg.space_tokens, cfg.vocab_size, cfg.n_positions) == (
         EMBEDDED_NAME, True, True, CODE_VOCAB, 1024)
     assert EMBEDDED_NAME == "pgpt-code" and EMBEDDED_DIR == EMBEDDED_MODELS["pgpt-code"]
-    named = package_load_model("pgpt-code")
-    assert named.config == cfg
-    np.testing.assert_array_equal(np.asarray(named.wte.embedding[...]), np.asarray(code.wte.embedding[...]))
+    assert_loads_by_name(code, "pgpt-code")
 
 
 def test_checkpoint_fits_git_and_the_package_budget():
-    files = [f for f in EMBEDDED_DIR.rglob("*") if f.is_file()]
-    assert (EMBEDDED_DIR / "config.json") in files
+    files = checkpoint_files(EMBEDDED_DIR)
     assert max(f.stat().st_size for f in files) <= 16_000_000  # no file over 16 MB in git
     assert sum(f.stat().st_size for f in files) <= 40_000_000
 

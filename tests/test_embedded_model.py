@@ -51,18 +51,28 @@ def heldout():
     return json.loads((EMBEDDED_DIR / "heldout.json").read_text())
 
 
+def assert_loads_by_name(model, name: str) -> None:
+    """`pgpt_jax.load_model(name)` gives `model`'s config and weights (also tests/test_code_model.py)."""
+    named = package_load_model(name)
+    assert named.config == model.config
+    np.testing.assert_array_equal(np.asarray(named.wte.embedding[...]), np.asarray(model.wte.embedding[...]))
+
+
+def checkpoint_files(directory: pathlib.Path) -> list[pathlib.Path]:
+    """An embedded checkpoint's files, config.json among them."""
+    files = [f for f in directory.rglob("*") if f.is_file()]
+    assert (directory / "config.json") in files
+    return files
+
+
 def test_pgpt_tiny_loads_by_name(tiny):
     cfg = tiny.config
     assert (cfg.name, cfg.fim, cfg.vocab_size, cfg.n_positions) == ("pgpt-tiny", True, 50260, 256)
-    named = package_load_model("pgpt-tiny")
-    assert named.config == cfg
-    np.testing.assert_array_equal(np.asarray(named.wte.embedding[...]), np.asarray(tiny.wte.embedding[...]))
+    assert_loads_by_name(tiny, "pgpt-tiny")
 
 
 def test_checkpoint_fits_the_package_data_budget():
-    files = [f for f in EMBEDDED_DIR.rglob("*") if f.is_file()]
-    assert (EMBEDDED_DIR / "config.json") in files
-    assert sum(f.stat().st_size for f in files) <= 16_000_000
+    assert sum(f.stat().st_size for f in checkpoint_files(EMBEDDED_DIR)) <= 16_000_000
 
 
 _forward = nnx.jit(forward)  # the model is an argument: one compile per shape, shared by the tests
