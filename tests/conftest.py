@@ -1,5 +1,6 @@
-"""Shared fixtures: a tiny random model built once per session (one compile per shape), and a
-bound on the compiled programs the one pytest process keeps."""
+"""Shared fixtures: a tiny random model built once per session (one compile per shape), one
+XLA compilation cache for the whole run, and a bound on the compiled programs each pytest
+process keeps."""
 
 import os
 import shutil
