@@ -139,8 +139,9 @@ def _blocked(q, k_cache, v_cache, positions, window: int):
     A block wholly past a row's position scores `finfo.min` for that row: its weights are
     exactly 0 and its running max, sum and output stay exactly as they were, so how many
     blocks the batch needs never changes a row's numbers. The count comes from every one of
-    the B rows: a free slot among them (its position runs on, programs.decode) can make a
-    call read up to the window, as einsum always does.
+    the B rows; the decode programs hold a free slot's position (which runs on after its
+    request ends) below the call's span, the scheduler's need (programs._forward), so free
+    slots do not widen the read.
     """
     B, _, N, H = q.shape
     lowest = jnp.finfo(jnp.float32).min

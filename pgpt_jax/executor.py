@@ -26,13 +26,14 @@ the same programs in the same order and the others decide nothing:
                                                 (`insert`), its sampling row and first token
                                                 (`start_row`); `row` is sampling.request_row's
                                                 arguments (a sparse bias, not [V] floats)
-  Decode(window, rows, steps)                   `steps` tokens (0: `decode_steps`) for the first
-                                                `rows` slots; no row constrained
+  Decode(window, rows, steps, span)             `steps` tokens (0: `decode_steps`) for the first
+                                                `rows` slots, none constrained; the occupied ones
+                                                read `span` cache entries at most (0: `window`)
   Verify(window, rows, proposals, lengths)      speculative decoding: the first `rows` slots'
                                                 proposed tokens (i32[rows, K], lengths[b] real
                                                 ones in row b) checked in one forward pass;
                                                 each row takes 1..K+1 tokens (programs.verify)
-  Forward(window, rows)                         the model half of one decode step (logits kept
+  Forward(window, rows, span)                   the model half of one decode step (logits kept
                                                 here), while a constrained row runs
   Sample(masks)                                 the sampling half, for the rows of the last
                                                 Forward; `masks` {slot: u32[V/32]} the next-token
@@ -95,6 +96,7 @@ class Decode:
     window: int
     rows: int
     steps: int = 0  # 0: the engine's decode_steps
+    span: int = 0  # cache entries the occupied rows read (the scheduler's need); 0: the window
 
 
 @dataclasses.dataclass
@@ -109,6 +111,7 @@ class Verify:
 class Forward:
     window: int
     rows: int
+    span: int = 0  # as Decode's
 
 
 @dataclasses.dataclass
@@ -172,7 +175,8 @@ class Executor:
             return outs
         if isinstance(op, Decode):
             self.state, *outs = programs.decode(
-                self.graphdef, self.params, self.head, self.state, steps=op.steps or self.decode_steps,
+                self.graphdef, self.params, self.head, self.state, np.int32(op.span or op.window),
+                steps=op.steps or self.decode_steps,
                 window=op.window, rows=op.rows, top_k=self.top_k, mesh=self.mesh)
             return outs
         if isinstance(op, Verify):
@@ -183,7 +187,8 @@ class Executor:
         if isinstance(op, Forward):
             self.logits = None
             self.state, self.logits = programs.forward(self.graphdef, self.params, self.head, self.state,
-                                                       window=op.window, rows=op.rows, mesh=self.mesh)
+                                                       np.int32(op.span or op.window), window=op.window,
+                                                       rows=op.rows, mesh=self.mesh)
             return None
         if isinstance(op, Sample):
             logits, self.logits = self.logits, None

@@ -142,8 +142,8 @@ class Planner:
                 ops.append(verify)
                 meta.append({s: self.scheduler.owner[s] for s in self.scheduler.occupied})  # not reserved slots
             elif steps:
-                window, rows = self.scheduler.decode_shape(steps)
-                ops.append(Forward(window, rows) if constrained else Decode(window, rows, steps))
+                window, rows, span = self.scheduler.decode_shape(steps)
+                ops.append(Forward(window, rows, span) if constrained else Decode(window, rows, steps, span))
                 owners = self.scheduler.advance(steps)
                 for run in owners.values():
                     run.dispatched += steps

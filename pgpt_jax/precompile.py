@@ -56,13 +56,14 @@ def compile_programs(graphdef, params, head, state: DecodeState, *, prefills, de
     started, sampled = set(), set()  # start_row compiles once per prefill row count, sample_next per rows
     for done, (kind, rows, size, *n) in enumerate(jobs, start=1):
         if kind == "decode":
-            decode.lower(graphdef, params, head, state, steps=n[0], window=size, rows=rows, top_k=top_k,
-                         mesh=mesh).compile()
+            decode.lower(graphdef, params, head, state, np.int32(size), steps=n[0], window=size, rows=rows,
+                         top_k=top_k, mesh=mesh).compile()
         elif kind == "verify":
             verify.lower(graphdef, params, head, state, np.zeros((rows, n[0]), np.int32), np.zeros((rows,), np.int32),
                          window=size, rows=rows, top_k=top_k, mesh=mesh).compile()
         elif kind == "forward":
-            compiled = forward.lower(graphdef, params, head, state, window=size, rows=rows, mesh=mesh).compile()
+            compiled = forward.lower(graphdef, params, head, state, np.int32(size), window=size, rows=rows,
+                                     mesh=mesh).compile()
             if rows not in sampled:
                 sampled.add(rows)
                 logits = zeros_like(compiled.out_info[1])
@@ -137,8 +138,8 @@ def time_option_sets(graphdef, params, head, cfg, slots: int, *, rows: int, wind
         fn, state, best = decode.with_options(name), init_state(cfg, slots, mesh), float("inf")
         for i in range(repeats + 1):
             t0 = time.perf_counter()
-            state, *outs = fn(graphdef, params, head, state, steps=steps, window=window, rows=rows, top_k=top_k,
-                              mesh=mesh)
+            state, *outs = fn(graphdef, params, head, state, np.int32(window), steps=steps, window=window, rows=rows,
+                              top_k=top_k, mesh=mesh)
             jax.block_until_ready(outs)
             if i:
                 best = min(best, time.perf_counter() - t0)

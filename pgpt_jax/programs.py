@@ -277,12 +277,15 @@ def start_row(state: DecodeState, last_logits, index, slot, true_len, row: sampl
 
 
 @_program(static_argnames=("graphdef", "steps", "window", "rows", "top_k", "mesh"), donate_argnums=(3,))
-def decode(graphdef, params, head, state: DecodeState, *, steps: int, window: int, rows: int, top_k: int, mesh=None):
+def decode(graphdef, params, head, state: DecodeState, span, *, steps: int, window: int, rows: int, top_k: int,
+           mesh=None):
     """Runs `steps` decode steps for the first `rows` (B) slots in one program.
 
     Attention reads only the first `window` (W) cache entries and only the first B slots
     run (the host picks buckets that cover every occupied slot; free slots past B cost
-    nothing). No row may be constrained: a constrained row's next mask needs the host
+    nothing). `span` (i32, a value: 1..W) is how many cache entries the occupied rows read
+    in this call, the scheduler's need; a free slot among the B rows is held below it
+    (`_forward`). No row may be constrained: a constrained row's next mask needs the host
     between steps (`forward` and `sample_next` run those). Returns (state, tokens
     i32[steps, B], logprobs f32[steps, B], top ids i32[steps, B, K], top logprobs f32[steps, B, K]).
     """
@@ -290,7 +293,7 @@ def decode(graphdef, params, head, state: DecodeState, *, steps: int, window: in
 
     def one_step(carry, _):
         cache, tokens, positions, sampling_rows = carry
-        logits, cache, new_pos = _forward(model, head, cache, tokens, positions, window)
+        logits, cache, new_pos = _forward(model, head, cache, tokens, positions, window, span)
         tok, lp, top_ids, top_lps, sampling_rows = sampling.sample(
             logits, sampling_rows, new_pos, top_k=top_k, mesh=mesh)
         return (cache, tok, new_pos, sampling_rows), (tok, lp, top_ids, top_lps)
@@ -304,8 +307,15 @@ def decode(graphdef, params, head, state: DecodeState, *, steps: int, window: in
     return (state, *outs)
 
 
-def _forward(model, head, cache, tokens, positions, window: int):
-    """One token of each of B rows through the model: (logits f32[B, V], cache, next positions)."""
+def _forward(model, head, cache, tokens, positions, window: int, span):
+    """One token of each of B rows through the model: (logits f32[B, V], cache, next positions).
+
+    Positions are held below `span`: an occupied row's is already (the host's need covers
+    it), a free slot's runs on from where its last request ended and would otherwise set
+    how far the blocked attention reads (the furthest row's position). Its output is
+    garbage either way, and what it writes into its own slot's cache at span - 1 is
+    overwritten by the next prompt placed there before any row reads it."""
+    positions = jnp.minimum(positions, span - 1)
     hidden, cache = model(tokens[:, None], positions[:, None], cache, window)
     logits = model.logits(hidden[:, 0], head)  # [B, V]
     new_pos = jnp.minimum(positions + 1, model.config.n_positions - 1)  # free slots may run on; clamp them
@@ -318,9 +328,10 @@ def _put(full, part):
 
 
 @_program(static_argnames=("graphdef", "window", "rows", "mesh"), donate_argnums=(3,))
-def forward(graphdef, params, head, state: DecodeState, *, window: int, rows: int, mesh=None):
+def forward(graphdef, params, head, state: DecodeState, span, *, window: int, rows: int, mesh=None):
     """The first half of a decode step that waits for masks: the first `rows` (B) slots' last
-    tokens through the model (their KV written, positions advanced), sampling nothing.
+    tokens through the model (their KV written, positions advanced), sampling nothing;
+    `span` as `decode`'s.
 
     Structured output: a constrained row's next mask depends on the token it sampled last,
     which the host reads while this runs (its input token is already on the device), so that
@@ -328,7 +339,8 @@ def forward(graphdef, params, head, state: DecodeState, *, window: int, rows: in
     Returns (state, logits f32[B, V]), the logits left on the device for `sample_next`.
     """
     model = merge(graphdef, params)
-    logits, cache, new_pos = _forward(model, head, state.cache, state.tokens[:rows], state.positions[:rows], window)
+    logits, cache, new_pos = _forward(model, head, state.cache, state.tokens[:rows], state.positions[:rows], window,
+                                      span)
     state = dataclasses.replace(state, cache=cache, positions=_put(state.positions, new_pos))
     if mesh is not None:
         state = jax.lax.with_sharding_constraint(state, sharding.state_shardings(state, mesh))

@@ -217,13 +217,14 @@ class Scheduler:
 
     # ------------------------------------------------------------------ decode
 
-    def decode_shape(self, steps: int) -> tuple[int, int]:
-        """(window, rows) for a decode call of `steps` steps over the occupied slots."""
+    def decode_shape(self, steps: int) -> tuple[int, int, int]:
+        """(window, rows, span) for a decode call of `steps` steps over the occupied slots:
+        span is how many cache entries the furthest of them reads (at most the window)."""
         occupied = self.occupied
         need = min(max(self.position[s] for s in occupied) + steps + 1, self.context_length)
         window = next(w for w in self.windows if w >= need)
         rows = next(r for r in self.row_buckets if r > occupied[-1])
-        return window, rows
+        return window, rows, need
 
     def advance(self, steps: int) -> dict[int, Any]:
         """The occupied slots moved on by `steps` tokens; returns {slot: owner} as they were."""

@@ -9,6 +9,13 @@ puts every row at that position before each call, and times all implementations 
 `--rounds` interleaved rounds, keeping each one's fastest call (a shared machine's noise
 only ever adds time). Prints one JSON row per (rows, position): ms a step per
 implementation and each one's ratio to the first.
+
+    python scripts/bench_attention.py --preset gpt2 --rows 32 --positions 100,150 --free-at 250
+
+With `--free-at P`, every other row is a free slot that ran on to P (the window is still
+the occupied rows'), and the blocked path is timed twice: with the call's span the whole
+window (how far free rows past it made a call read before spans) and with the span the
+scheduler passes, the occupied rows' need (position + 2).
 """
 
 from __future__ import annotations
@@ -20,20 +27,27 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from pgpt_jax import programs
 from pgpt_jax.model import init_model, set_attention
 from pgpt_jax.scheduler import buckets
 
 
-def decode_call(model, rows: int, slots: int, window: int, position: int):
-    """(call(state) -> state, state): one decode step of the first `rows` of `slots` slots."""
+def decode_call(model, rows: int, slots: int, window: int, position: int, span: int = 0, free_at: int = 0):
+    """(call(state) -> state, state): one decode step of the first `rows` of `slots` slots, every
+    row at `position` (with `free_at`, every other row at that position instead); `span` as
+    the engine passes it (0: the window)."""
     graphdef, params, head = programs.program_params(model)
     state = programs.init_state(model.config, slots)
+    where = np.full((slots,), position, np.int32)
+    if free_at:
+        where[1::2] = free_at
 
     def call(st):
-        st = dataclasses.replace(st, positions=jnp.full_like(st.positions, position))
-        return programs.decode(graphdef, params, head, st, steps=1, window=window, rows=rows, top_k=5)[0]
+        st = dataclasses.replace(st, positions=jnp.asarray(where))
+        return programs.decode(graphdef, params, head, st, np.int32(span or window), steps=1, window=window,
+                               rows=rows, top_k=5)[0]
 
     return call, call(state)  # the first call compiles
 
@@ -46,14 +60,22 @@ def main() -> None:
     ap.add_argument("--positions", default="100,150,230,500")
     ap.add_argument("--attention", default="einsum,blocked", help="implementations, the first is the baseline")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--free-at", type=int, default=0, help="free slots ran on to this position: span=window vs need")
     args = ap.parse_args()
     impls = args.attention.split(",")
-    models = {impl: set_attention(init_model(args.preset, dtype="float32"), impl) for impl in impls}
+    if args.free_at:
+        impls = ["span=window", "span=need"]
+        blocked = set_attention(init_model(args.preset, dtype="float32"), "blocked")
+        models = dict.fromkeys(impls, blocked)
+    else:
+        models = {impl: set_attention(init_model(args.preset, dtype="float32"), impl) for impl in impls}
     windows = buckets(models[impls[0]].config.n_positions, 128)  # the scheduler's default windows
     for rows in (int(r) for r in args.rows.split(",")):
         for position in (int(p) for p in args.positions.split(",")):
-            window = next(w for w in windows if w > position)
-            calls = {impl: decode_call(models[impl], rows, args.slots, window, position) for impl in impls}
+            window = next(w for w in windows if w > position)  # the occupied rows' (free ones are not in it)
+            spans = {"span=need": position + 2} if args.free_at else {}
+            calls = {impl: decode_call(models[impl], rows, args.slots, window, position, spans.get(impl, 0),
+                                       args.free_at) for impl in impls}
             best = dict.fromkeys(impls, float("inf"))
             for _ in range(args.rounds):
                 for impl in impls:
@@ -64,7 +86,8 @@ def main() -> None:
                         best[impl] = min(best[impl], time.perf_counter() - t0)
                     calls[impl] = (call, state)
             ms = {impl: round(1000 * t, 2) for impl, t in best.items()}
-            print(json.dumps({"rows": rows, "slots": args.slots, "position": position, "window": window, "ms": ms,
+            print(json.dumps({"rows": rows, "slots": args.slots, "position": position, "free_at": args.free_at,
+                              "window": window, "ms": ms,
                               "vs_" + impls[0]: {i: round(ms[i] / ms[impls[0]], 3) for i in impls}}), flush=True)
             del calls
 

@@ -31,6 +31,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from pgpt_jax import model as model_lib, programs, sampling, xla_options
@@ -85,15 +86,15 @@ def decode_program(model, slots: int, steps: int, window: int, variant: str, pos
                      static_argnames=("graphdef", "steps", "window", "rows", "top_k", "mesh"),
                      donate_argnums=(3,))
         state = programs.init_state(model.config, slots)
-        compiled = fn.lower(graphdef, params, head, state, steps=steps, window=window, rows=slots,
-                            top_k=5).compile()
+        compiled = fn.lower(graphdef, params, head, state, np.int32(window), steps=steps, window=window,
+                            rows=slots, top_k=5).compile()
     finally:
         if saved is not None:
             setattr(*saved)
 
     def call(st):
         st = dataclasses.replace(st, positions=jnp.full_like(st.positions, position))
-        return compiled(params, head, st)[0]
+        return compiled(params, head, st, np.int32(window))[0]
 
     return call, state
 

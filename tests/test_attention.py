@@ -152,3 +152,31 @@ def test_auto_runs_our_programs_on_cpu(tiny_model):
     assert hlo(prompt, "auto") == hlo(prompt, "blocked") == hlo(prompt, "einsum") != hlo(prompt, "xla")
     with pytest.raises(ValueError, match="unknown attention"):
         set_attention(init_model("tiny"), "flash")
+
+
+def test_free_slots_do_not_widen_a_decode_calls_reads(tiny_model):
+    """A decode call's `span` (the scheduler's need) bounds what the blocked path reads, however
+    far the free slots among its rows have run on: their positions are held below it. V is
+    NaN from entry 32 on, so a read of any block past the first would turn the occupied row's
+    logprob into NaN (a weight of exactly 0 times NaN)."""
+    from pgpt_jax import programs
+
+    graphdef, params, head = programs.program_params(tiny_model)
+    rows = attention.BLOCKED_MIN_ROWS  # the blocked path on CPU
+    assert attention.choose("auto", jax.default_backend(), jnp.float32, 16, 1, rows) == "blocked"
+
+    def call(span):
+        state = programs.init_state(tiny_model.config, rows)
+        cache = tuple((k, v.at[:, :, attention.BLOCK:].set(jnp.nan)) for k, v in state.cache)
+        positions = jnp.full((rows,), 120, jnp.int32).at[0].set(10)  # row 0 occupied; the rest free, far on
+        state = programs.DecodeState(cache, state.tokens, positions, state.rows)
+        state, tokens, logprobs, *_ = programs.decode(graphdef, params, head, state, np.int32(span), steps=1,
+                                                      window=128, rows=rows, top_k=1)
+        return np.asarray(state.positions), np.asarray(logprobs)[0]
+
+    positions, logprobs = call(span=12)  # row 0 at 10, one step: entries 0..10 (12 covers them)
+    assert positions.tolist() == [11] + [12] * (rows - 1)
+    assert np.isfinite(logprobs[0])
+    positions, logprobs = call(span=128)  # the whole window: the free rows reach block 3, and row 0 reads it
+    assert positions.tolist() == [11] + [121] * (rows - 1)
+    assert np.isnan(logprobs[0])

@@ -156,7 +156,7 @@ def test_reserved_slots_neither_decode_nor_free():
     s = Scheduler(4, 128)
     s.place(0, "a", 5)
     s.reserve(2, "b")
-    assert s.occupied == [0] and s.active == 1 and s.decode_shape(1) == (128, 1)
+    assert s.occupied == [0] and s.active == 1 and s.decode_shape(1) == (128, 1, 7)
     assert s.advance(1) == {0: "a"}
     s.waiting.extend([("e", 1), ("e", 2), ("e", 3)])
     assert [slot for _, _, slot in s.admissions()] == [1, 3]

@@ -90,8 +90,9 @@ def test_decode_runs_only_the_occupied_prefix_of_slots(engine):
     state.positions = jnp.array([3, 5, 7, 9], jnp.int32)
     copy = jax.tree.map(jnp.copy, state)
     kw = dict(steps=2, window=engine.scheduler.windows[0], top_k=engine.top_k)
-    full, toks_full = decode(engine.graphdef, engine.params, engine.head, copy, rows=4, **kw)[:2]
-    part, toks_part = decode(engine.graphdef, engine.params, engine.head, state, rows=1, **kw)[:2]
+    span = np.int32(kw["window"])
+    full, toks_full = decode(engine.graphdef, engine.params, engine.head, copy, span, rows=4, **kw)[:2]
+    part, toks_part = decode(engine.graphdef, engine.params, engine.head, state, span, rows=1, **kw)[:2]
     assert toks_part.shape == (2, 1) and toks_full.shape == (2, 4)
     np.testing.assert_array_equal(np.asarray(toks_part[:, 0]), np.asarray(toks_full[:, 0]))
     assert np.asarray(part.tokens).tolist()[1:] == [22, 33, 44]

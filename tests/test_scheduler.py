@@ -35,15 +35,16 @@ def test_admission_takes_free_slots_lowest_first_and_skips_ended_requests():
 
 
 def test_decode_shape_covers_the_occupied_prefix_and_the_longest_row():
+    """(window, rows, span): span is what the furthest occupied row reads, its position + steps + 1."""
     s = Scheduler(32, 1024)
     s.place(0, "a", 100)
-    assert s.decode_shape(steps=4) == (128, 1)
+    assert s.decode_shape(steps=4) == (128, 1, 105)
     s.place(5, "b", 300)
-    assert s.decode_shape(steps=4) == (512, 8)
+    assert s.decode_shape(steps=4) == (512, 8, 305)
     s.release(5, owner="someone else")  # not its owner: nothing happens
     assert s.active == 2
     s.release(5)
-    assert s.decode_shape(steps=30) == (256, 1)  # 100 + 30 + 1 > 128
+    assert s.decode_shape(steps=30) == (256, 1, 131)  # 100 + 30 + 1 > 128
     assert s.advance(4) == {0: "a"} and s.position[0] == 104
 
 

@@ -66,7 +66,7 @@ def run(mesh):
         out["token_spec"] = spec_list(eng.state.tokens)
     if mesh is not None:
         # The decode program the engine ran (all 8 slots, the smallest window).
-        hlo = programs.decode.lower(eng.graphdef, eng.params, eng.head, eng.state, steps=eng.decode_steps,
+        hlo = programs.decode.lower(eng.graphdef, eng.params, eng.head, eng.state, np.int32(128), steps=eng.decode_steps,
                                     window=128, rows=8, top_k=eng.top_k, mesh=mesh).compile().as_text()
         out["collectives"] = [{k: c[k] for k in ("op", "shapes", "conditional", "where")}
                               for c in sharding.collectives(hlo)]
