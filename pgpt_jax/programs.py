@@ -314,7 +314,8 @@ def _forward(model, head, cache, tokens, positions, window: int, span):
     it), a free slot's runs on from where its last request ended and would otherwise set
     how far the blocked attention reads (the furthest row's position). Its output is
     garbage either way, and what it writes into its own slot's cache at span - 1 is
-    overwritten by the next prompt placed there before any row reads it."""
+    written again before any row reads it (by the next prompt's insert, or by that row's
+    own step at that position: a row reads only entries up to its position)."""
     positions = jnp.minimum(positions, span - 1)
     hidden, cache = model(tokens[:, None], positions[:, None], cache, window)
     logits = model.logits(hidden[:, 0], head)  # [B, V]
