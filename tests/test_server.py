@@ -10,6 +10,7 @@ import asyncio
 import copy
 import json
 import socket
+import threading
 import time
 
 import httpx
@@ -465,11 +466,15 @@ def test_disconnect_while_waiting_for_a_non_streaming_answer(srv):
 def test_queue_full_is_429(srv, tiny_model):
     # Same shapes as the module's engine: jit's cache already holds its programs.
     engine = Engine(tiny_model, get_tokenizer(), **ENGINE_SHAPES, limits=Limits(max_queue=1))
-    # Each iteration a few ms longer, so that the hog outlasts the checks below however the
+    # Each iteration a few ms longer, so that the hog outlasts the overload below however the
     # threads of this one process are scheduled (in a loaded full run the tiny model's sixteen
     # waves could end before the test read its first line: the engine was idle at the assert).
-    step = engine.step
-    engine.step = lambda: (time.sleep(0.003), step())[1]
+    # While `stepping` is clear the engine waits before its next iteration: the gauges are read
+    # from a busy engine even when a loaded machine makes the scrape slower than the hog (a
+    # run in two xdist workers once saw the scrape come after the hog's last wave).
+    step, stepping = engine.step, threading.Event()
+    stepping.set()
+    engine.step = lambda: (stepping.wait(timeout=60), time.sleep(0.003), step())[2]
     # The test reads the hog's stream only once, so the stream must hold every event it makes
     # meanwhile: with the default buffer (256 events, 32 steps of 8 choices) a fast CPU aborted
     # the hog as a too-slow reader before the gauges below were read (they showed an idle engine).
@@ -480,11 +485,15 @@ def test_queue_full_is_429(srv, tiny_model):
         hog = {"model": MODEL, "prompt": "a", "max_tokens": CONTEXT - 1, "n": 128, "logit_bias": NO_EOS}
         with http.stream("POST", C, json={**hog, "stream": True}) as r:
             next(r.iter_lines())
-            assert engine.active_slots == 8 and engine.queue_depth == 120
-            gauges = {line.split(" ")[0]: float(line.split(" ")[1]) for line in http.get("/metrics").text.splitlines()
-                      if line.startswith("vllm:")}
-            assert gauges == {"vllm:num_requests_waiting": 0, "vllm:num_requests_running": 1,
-                              "vllm:kv_cache_usage_perc": 1.0, "vllm:gpu_cache_usage_perc": 1.0}
+            stepping.clear()  # the engine ends the iteration it is in (the first wave's), then waits
+            try:
+                assert engine.active_slots == 8 and engine.queue_depth == 120
+                gauges = {line.split(" ")[0]: float(line.split(" ")[1])
+                          for line in http.get("/metrics").text.splitlines() if line.startswith("vllm:")}
+                assert gauges == {"vllm:num_requests_waiting": 0, "vllm:num_requests_running": 1,
+                                  "vllm:kv_cache_usage_perc": 1.0, "vllm:gpu_cache_usage_perc": 1.0}
+            finally:
+                stepping.set()
 
             async def overload():
                 ac = openai.AsyncOpenAI(base_url=s.base_url + "/v1", api_key="x", max_retries=0, timeout=60)
