@@ -63,6 +63,13 @@ def choose(implementation: str, backend: str, dtype, head_dim: int, tokens: int,
     return "einsum"
 
 
+def reads_in_blocks(implementation: str, backend: str, dtype, head_dim: int, rows: int, window: int) -> bool:
+    """Whether a decode call of `rows` rows reads the cache in blocks (`_blocked`) at this
+    static window. Such a call reads as many blocks as the positions need, whatever its
+    window, so the scheduler gives these calls one window, the context (scheduler.py)."""
+    return choose(implementation, backend, dtype, head_dim, 1, rows) == "blocked" and _blocks_fit(window)
+
+
 def cudnn_fits(dtype, head_dim: int) -> bool:
     """Whether cuDNN's fused attention takes this dtype and head size (Ampere's limits)."""
     return jnp.dtype(dtype).name in CUDNN_DTYPES and head_dim % 8 == 0 and head_dim <= 128

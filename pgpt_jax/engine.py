@@ -53,7 +53,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from pgpt_jax import grammar, ngram, sharding, timeline, warmup
+from pgpt_jax import attention, grammar, ngram, sharding, timeline, warmup
 from pgpt_jax.executor import Decode, Drop, Executor, Extend, Forward, Place, Prefill, Sample, Verify
 from pgpt_jax.faults import Faults
 from pgpt_jax.model import GPT
@@ -88,7 +88,8 @@ class Engine:
         self.top_k = max(limits.max_logprobs, 1)
         self.scheduler = Scheduler(slots, self.context_length, min_bucket=min_bucket, min_window=min_window,
                                    max_prefill_tokens=max_prefill_tokens,
-                                   split_slots=mesh is not None and mesh.shape["data"] > 1, batch_slack=batch_slack)
+                                   split_slots=mesh is not None and mesh.shape["data"] > 1, batch_slack=batch_slack,
+                                   blocked=self._reads_in_blocks)
         if mesh is not None:
             sharding.check_mesh(mesh, self.config, slots)
         if prefill_chunk >= self.context_length:
@@ -252,6 +253,13 @@ class Engine:
     def run_follower(self) -> None:
         """Processes other than 0: replay process 0's ops until it stops (multihost.follow)."""
         follow(self.executor, self.lockstep, self.lockstep_timeout, self.on_fatal)
+
+    def _reads_in_blocks(self, rows: int) -> bool:
+        """Whether a decode call of `rows` rows reads the cache in blocks (the scheduler gives
+        those one window: scheduler.py)."""
+        cfg = self.config
+        return attention.reads_in_blocks(self.model.h[0].attn.implementation, jax.default_backend(), cfg.dtype,
+                                         cfg.head_dim, rows, self.context_length)
 
     def warmup(self, progress: bool = False, on_program: Optional[Callable[[int, int], None]] = None) -> float:
         """Compiles every program for every shape the scheduler can ask for (and, multi-host,

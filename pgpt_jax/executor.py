@@ -250,14 +250,16 @@ class Executor:
         return precompile.time_option_sets(self.graphdef, self.params, self.head, self.config, self.slots, rows=rows,
                                            window=window, steps=self.decode_steps, top_k=self.top_k, mesh=self.mesh)
 
-    def time_decodes(self, decodes: list[tuple[int, int]], repeats: int = 3, verify: bool = False) -> dict[int, float]:
+    def time_decodes(self, decodes: list[tuple[int, int]], repeats: int = 3, verify: bool = False,
+                     span: Optional[int] = None) -> dict[int, float]:
         """Seconds one decode call (with `verify`, one Verify of K proposals a row) of each
         (rows, window) takes (the fastest of `repeats`), keyed by rows; then a fresh state.
-        Process 0 alone: a multi-host group must not run it."""
+        `span` as a Decode carries it (None: the window). Process 0 alone: a multi-host
+        group must not run it."""
         times = {}
         for rows, window in decodes:
             op = (Verify(window, rows, np.zeros((rows, self.verify_k), np.int32), np.zeros((rows,), np.int32))
-                  if verify else Decode(window, rows))
+                  if verify else Decode(window, rows, span=span))
             best = float("inf")
             for _ in range(repeats):
                 t0 = time.perf_counter()
@@ -267,9 +269,11 @@ class Executor:
         self.reset()
         return times
 
-    def warmup(self, prefills, decodes, progress: bool = False, on_program=None, extends=(), chunks=()) -> None:
-        """Compiles every program for these shapes (`extends`: (rows, T, R) prefix-cache hits;
-        `chunks`: (T, C) chunked prefills), then starts from a fresh state."""
+    def warmup(self, prefills, decodes, progress: bool = False, on_program=None, extends=(), chunks=(),
+               verifies=None) -> None:
+        """Compiles every program for these shapes (`decodes`: (rows, window) of Decode and
+        Forward; `verifies`: of Verify, None: `decodes`'; `extends`: (rows, T, R) prefix-cache
+        hits; `chunks`: (T, C) chunked prefills), then starts from a fresh state."""
         row = self.row(dict(temperature=1.0, top_p=1.0, presence=0.0, frequency=0.0, logit_bias=None,
                             num_logprobs=0, seed=0, choice_index=0))
         more = (len(prefills) + len(extends)) if self.pool is not None else 0  # the prefix cache's programs
@@ -284,7 +288,8 @@ class Executor:
         precompile.compile_programs(self.graphdef, self.params, self.head, self.state, prefills=prefills,
                                     decodes=decodes, steps=self.decode_steps,
                                     row=row, top_k=self.top_k, mesh=self.mesh, progress=progress,
-                                    on_program=report, verify_k=self.verify_k)
+                                    on_program=report, verify_k=self.verify_k,
+                                    verifies=decodes if verifies is None else verifies)
         pooled = 0  # programs counted so far after compile_programs's
 
         def after(done: int) -> None:

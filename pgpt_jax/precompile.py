@@ -25,14 +25,14 @@ from pgpt_jax.xla_options import CPU_OPTION_SETS
 
 def compile_programs(graphdef, params, head, state: DecodeState, *, prefills, decodes, steps: int,
                      row: sampling.SamplingRows, top_k: int, mesh=None, progress: bool = False,
-                     on_program=None, verify_k: int = 0) -> None:
+                     on_program=None, verify_k: int = 0, verifies=()) -> None:
     """Compiles every program once per shape so that serving compiles nothing: prefill for each
     (rows, bucket) in `prefills`, with and without prompt logprobs, insert after each,
     start_row once per row count, decode for each (rows, window) in `decodes` at `steps` (and
     at 1 when `steps` is more: the planner's short calls), and the one-step halves of a
     constrained decode (forward for each (rows, window), sample_next
     once per rows), and with `verify_k` (speculative decoding) verify of that many proposals
-    for each (rows, window). `state` is donated along the way: the caller makes a fresh one.
+    for each (rows, window) in `verifies`. `state` is donated along the way: the caller makes a fresh one.
     `on_program(done, total)` is called after each program (the server's warm-up metric).
 
     Prefill and decode are compiled ahead of time (`lower(...).compile()`, with the very
@@ -46,8 +46,8 @@ def compile_programs(graphdef, params, head, state: DecodeState, *, prefills, de
     # needs its next mask from the token just sampled: planner.py), sample_next once per rows.
     # Decode at one step too when `steps` is more (the planner's short calls: planner._steps).
     jobs += [(kind, *d, n) for d in decodes for kind, n in
-             [("decode", steps), ("forward", 1)] + ([("decode", 1)] if steps > 1 else [])
-             + ([("verify", verify_k)] if verify_k else [])]
+             [("decode", steps), ("forward", 1)] + ([("decode", 1)] if steps > 1 else [])]
+    jobs += [("verify", *v, verify_k) for v in verifies] if verify_k else []
     bar = None
     if progress:
         from tqdm import tqdm

@@ -11,7 +11,11 @@ nothing compiles after warm-up:
     64, ... up to `slots` (free slots are taken lowest first, so one stream pays for one row); a
     data axis that splits the slots over devices makes every program run all of them;
   - attention windows: 128, 256, ... up to the context, the smallest that covers the
-    longest occupied row after this call's steps.
+    longest occupied row after this call's steps. Row buckets whose decode reads the cache
+    in blocks (`blocked`: attention.py's blocked path, 8 rows or more on CPU) take one
+    window, the context: such a call reads as many blocks as its span needs whatever its
+    window, so a program per window would only add compiles (no slower, measured in
+    docs/benchmarks.md). A Verify computes its window in full and keeps the buckets.
 
 Two queues: interactive choices (`waiting`) get free slots before background (batch) ones
 (`background`). While interactive work is about, batch work may hold only the slots below
@@ -25,7 +29,7 @@ limit waiting interactive work lacks; the planner takes them back from batch wor
 from __future__ import annotations
 
 from collections import deque
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 
 # Decode row buckets (then `slots`): powers of 4 with 8 between 4 and 16, where a closed loop
@@ -46,7 +50,8 @@ class Scheduler:
     """The slot table and the waiting queue of one engine; the engine owns it (one thread)."""
 
     def __init__(self, slots: int, context_length: int, *, min_bucket: int = 16, min_window: int = 128,
-                 max_prefill_tokens: int = 1024, split_slots: bool = False, batch_slack: float = 1.25):
+                 max_prefill_tokens: int = 1024, split_slots: bool = False, batch_slack: float = 1.25,
+                 blocked: Callable[[int], bool] = lambda rows: False):
         self.slots, self.context_length = slots, context_length
         self.buckets = buckets(context_length, min(min_bucket, context_length))
         self.windows = buckets(context_length, min(min_window, context_length))
@@ -54,6 +59,8 @@ class Scheduler:
             b: tuple(p for p in (1, 4, 16) if p == 1 or (p * b <= max_prefill_tokens and p <= slots))
             for b in self.buckets}
         self.row_buckets = (slots,) if split_slots else tuple(r for r in ROW_BUCKETS if r < slots) + (slots,)
+        # Row buckets whose decode reads the cache in blocks (`blocked(rows)`): their calls' window is the context.
+        self.blocked_rows = frozenset(r for r in self.row_buckets if blocked(r))
         self.owner: list[Optional[Any]] = [None] * slots  # what generates in each slot
         self.batch = [False] * slots  # whether that is background (batch) work
         self.reserved = [False] * slots  # held for a choice whose prompt is still prefilled in chunks
@@ -217,14 +224,28 @@ class Scheduler:
 
     # ------------------------------------------------------------------ decode
 
-    def decode_shape(self, steps: int) -> tuple[int, int, int]:
+    def decode_shape(self, steps: int, verify: bool = False) -> tuple[int, int, int]:
         """(window, rows, span) for a decode call of `steps` steps over the occupied slots:
-        span is how many cache entries the furthest of them reads (at most the window)."""
+        span is how many cache entries the furthest of them reads (at most the window). A
+        `verify` call's window is always the smallest bucket that covers the span."""
         occupied = self.occupied
         need = min(max(self.position[s] for s in occupied) + steps + 1, self.context_length)
-        window = next(w for w in self.windows if w >= need)
         rows = next(r for r in self.row_buckets if r > occupied[-1])
-        return window, rows, need
+        return (self.window(need) if verify else self.decode_window(rows, need)), rows, need
+
+    def window(self, need: int) -> int:
+        """The smallest window bucket that holds `need` cache entries."""
+        return next(w for w in self.windows if w >= need)
+
+    def decode_window(self, rows: int, need: int) -> int:
+        """The window of a Decode or Forward call of `rows` rows that reads `need` entries."""
+        return self.windows[-1] if rows in self.blocked_rows else self.window(need)
+
+    def decode_shapes(self, need: Optional[int] = None) -> list[tuple[int, int]]:
+        """Every (rows, window) a Decode or Forward call can have (with `need`, while no row
+        reads more than `need` entries): what warm-up compiles."""
+        windows = [w for w in self.windows if need is None or w <= self.window(need)]
+        return sorted({(rows, self.decode_window(rows, w)) for rows in self.row_buckets for w in windows})
 
     def advance(self, steps: int) -> dict[int, Any]:
         """The occupied slots moved on by `steps` tokens; returns {slot: owner} as they were."""

@@ -99,7 +99,7 @@ class Speculation:
         counts = {s: self._proposals(sched.owner[s], cont) for s, (_, cont) in guesses.items()}
         if not any(counts.values()):
             return None
-        window, rows, _ = sched.decode_shape(1 + max(counts.values()))  # Verify reads the whole window
+        window, rows, _ = sched.decode_shape(1 + max(counts.values()), verify=True)  # it reads the whole window
         if self.verify_cost is not None:  # each row's time a token, cost / expected tokens, on average
             cost = self.verify_cost.get(rows, max(self.verify_cost.values()))
             if sum(cost / self._expected_tokens(sched.owner[s], n) for s, n in counts.items()) >= len(counts):

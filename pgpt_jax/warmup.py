@@ -29,7 +29,8 @@ def warmup(engine, progress: bool = False, on_program: Optional[Callable[[int, i
     sched = engine.scheduler
     engine.choose_options()
     prefills = [(rows, b) for b in sched.buckets for rows in sched.prefill_rows[b]]
-    decodes = [(rows, w) for w in sched.windows for rows in sched.row_buckets]
+    decodes = sched.decode_shapes()
+    verifies = [(rows, w) for w in sched.windows for rows in sched.row_buckets] if engine.speculative else []
     extends = [(rows, T, R) for T, R in sched.extend_shapes(BLOCK_TOKENS) for rows in sched.prefill_rows[T]
                if engine.prefix_cache]
     # Chunked prefill: one row of `prefill_chunk` tokens over each longer prompt's cache,
@@ -40,7 +41,7 @@ def warmup(engine, progress: bool = False, on_program: Optional[Callable[[int, i
     if engine.prefix_cache:
         extends += [(1, T, C) for T, C in chunks if (1, T, C) not in extends]
     engine.executor.warmup(prefills, decodes, progress=progress, on_program=on_program, extends=extends,
-                           chunks=chunks)
+                           chunks=chunks, verifies=verifies)
     if engine.lockstep is not None:
         engine.lockstep.warmup()
     else:
@@ -53,11 +54,12 @@ def measure_costs(engine) -> None:
     scheduler.py) and, with speculation, a Verify's against it (when one pays: planner.py).
     Process 0 alone, on compiled programs; leaves a fresh state."""
     sched = engine.scheduler
-    shapes = [(rows, sched.windows[0]) for rows in sched.row_buckets]
-    sched.decode_cost = engine.executor.time_decodes(shapes)
+    need = sched.windows[0]  # calls that read the smallest window's entries
+    sched.decode_cost = engine.executor.time_decodes([(rows, sched.decode_window(rows, need)) for rows in sched.row_buckets],
+                                                     span=need)
     log.info("decode call seconds by rows: %s", {r: round(t, 4) for r, t in sched.decode_cost.items()})
     if engine.speculative is not None:
-        verify = engine.executor.time_decodes(shapes, verify=True)
+        verify = engine.executor.time_decodes([(rows, need) for rows in sched.row_buckets], verify=True)
         engine.planner.speculation.verify_cost = {r: verify[r] / sched.decode_cost[r] for r in verify}
         log.info("verify / decode call time by rows: %s",
                  {r: round(c, 2) for r, c in engine.planner.speculation.verify_cost.items()})
@@ -87,9 +89,9 @@ def choose_options(engine) -> None:
         return
     if jax.default_backend() != "cpu" or engine.lockstep is not None or xla_options.user_sets_options():
         return
-    window = engine.scheduler.windows[0]
-    engine.option_times = {rows: engine.executor.time_option_sets(rows, window)
-                           for rows in engine.scheduler.row_buckets}
+    sched = engine.scheduler
+    engine.option_times = {rows: engine.executor.time_option_sets(rows, sched.decode_window(rows, sched.windows[0]))
+                           for rows in sched.row_buckets}
     decode = {rows: min(t, key=t.get) for rows, t in engine.option_times.items()}
     choice = {"default": decode[max(decode)], "decode": decode}
     xla_options.choose_options(choice["default"], decode)

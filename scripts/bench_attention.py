@@ -16,6 +16,13 @@ With `--free-at P`, every other row is a free slot that ran on to P (the window 
 the occupied rows'), and the blocked path is timed twice: with the call's span the whole
 window (how far free rows past it made a call read before spans) and with the span the
 scheduler passes, the occupied rows' need (position + 2).
+
+    python scripts/bench_attention.py --preset gpt2 --rows 8,32 --positions 60,100,150,500 --context-window
+
+With `--context-window`, the blocked path is timed with the window the scheduler's buckets
+would give and with the whole context as the window (the span, position + 2, in both):
+whether a call of blocked rows needs a program per window bucket. Each program's compile
+time is printed too.
 """
 
 from __future__ import annotations
@@ -61,9 +68,14 @@ def main() -> None:
     ap.add_argument("--attention", default="einsum,blocked", help="implementations, the first is the baseline")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--free-at", type=int, default=0, help="free slots ran on to this position: span=window vs need")
+    ap.add_argument("--context-window", action="store_true", help="blocked: the bucket's window vs the context's")
     args = ap.parse_args()
     impls = args.attention.split(",")
-    if args.free_at:
+    if args.context_window:
+        impls = ["window=bucket", "window=context"]
+        blocked = set_attention(init_model(args.preset, dtype="float32"), "blocked")
+        models = dict.fromkeys(impls, blocked)
+    elif args.free_at:
         impls = ["span=window", "span=need"]
         blocked = set_attention(init_model(args.preset, dtype="float32"), "blocked")
         models = dict.fromkeys(impls, blocked)
@@ -74,8 +86,15 @@ def main() -> None:
         for position in (int(p) for p in args.positions.split(",")):
             window = next(w for w in windows if w > position)  # the occupied rows' (free ones are not in it)
             spans = {"span=need": position + 2} if args.free_at else {}
-            calls = {impl: decode_call(models[impl], rows, args.slots, window, position, spans.get(impl, 0),
-                                       args.free_at) for impl in impls}
+            shape = dict.fromkeys(impls, window)
+            if args.context_window:
+                spans, shape["window=context"] = dict.fromkeys(impls, position + 2), windows[-1]
+            calls, compile_s = {}, {}
+            for impl in impls:
+                t0 = time.perf_counter()
+                calls[impl] = decode_call(models[impl], rows, args.slots, shape[impl], position, spans.get(impl, 0),
+                                          args.free_at)
+                compile_s[impl] = round(time.perf_counter() - t0, 1)
             best = dict.fromkeys(impls, float("inf"))
             for _ in range(args.rounds):
                 for impl in impls:
@@ -87,7 +106,7 @@ def main() -> None:
                     calls[impl] = (call, state)
             ms = {impl: round(1000 * t, 2) for impl, t in best.items()}
             print(json.dumps({"rows": rows, "slots": args.slots, "position": position, "free_at": args.free_at,
-                              "window": window, "ms": ms,
+                              "window": window, "ms": ms, "first_call_s": compile_s,
                               "vs_" + impls[0]: {i: round(ms[i] / ms[impls[0]], 3) for i in impls}}), flush=True)
             del calls
 

@@ -55,14 +55,14 @@ def warm(engine: Engine, length: int, new: int) -> None:
     """Compiles the programs a prompt of `length` tokens and `new` tokens runs (every decode row bucket)."""
     sched = engine.scheduler
     bucket = sched.bucket(length)
-    window = next(w for w in sched.windows if w >= min(length + new + engine.decode_steps + 1, engine.context_length))
+    need = min(length + new + engine.decode_steps + 1, engine.context_length)
     extends = []
     if engine.prefix_cache is not None:
         start = (length - 1) // BLOCK_TOKENS * BLOCK_TOKENS
         shape = sched.extend_shape(length, start)
         extends = [(rows, *shape) for rows in sched.prefill_rows[shape[0]]] if shape else []
     engine.executor.warmup([(rows, bucket) for rows in sched.prefill_rows[bucket]],
-                           [(rows, window) for rows in sched.row_buckets], extends=extends)
+                           [(rows, sched.decode_window(rows, need)) for rows in sched.row_buckets], extends=extends)
     # One untimed request of the same length (a prompt that shares nothing with the timed
     # ones): what the first request compiles besides the programs (small eager ops).
     rng = np.random.default_rng(12345)

@@ -368,6 +368,27 @@ def test_no_recompile_after_warmup(which, request):
     assert engine.compile_count == count
 
 
+def test_rows_read_in_blocks_compile_one_decode_window():
+    """On CPU, "auto" attention reads the cache in blocks for decode calls of 8 rows or more
+    (attention.py), so those calls take the context as their window: warm-up compiles one
+    decode shape for the 8-row bucket and every window for the smaller ones, and 8 rows
+    decoding past the first window compile nothing more. (The module's tiny model has a
+    single window; this one has two.)"""
+    from pgpt_jax.config import GPTConfig
+
+    model = init_model(GPTConfig(n_layer=1, n_head=2, n_embd=32, n_positions=256, name="tiny-256"))
+    eng = Engine(model, get_tokenizer(), slots=8, decode_steps=1, min_bucket=64, max_prefill_tokens=64)
+    sched = eng.scheduler
+    assert sched.windows == (128, 256) and sched.blocked_rows == {8}
+    assert sched.decode_shapes() == [(1, 128), (1, 256), (4, 128), (4, 256), (8, 256)]
+    eng.warmup()
+    count = eng.compile_count
+    results, _ = run(eng, *[Request(prompt=[5 + i] * 100, max_tokens=60, temperature=0.0, logit_bias=NO_EOS)
+                            for i in range(8)])
+    assert all(isinstance(r, Result) and len(r.choices[0].token_ids) == 60 for r in results)
+    assert eng.compile_count == count
+
+
 def test_no_recompile_after_warmup_with_speculation(tiny_model):
     """Speculative decoding's verify (K proposals, every decode shape) is warmed up too; the
     engine's other programs are the module engine's (the same shapes: compiled once)."""

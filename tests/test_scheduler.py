@@ -48,6 +48,23 @@ def test_decode_shape_covers_the_occupied_prefix_and_the_longest_row():
     assert s.advance(4) == {0: "a"} and s.position[0] == 104
 
 
+def test_rows_read_in_blocks_take_one_window_and_verify_keeps_the_buckets():
+    """Row buckets whose decode reads the cache in blocks get the context as window (their
+    span bounds the read), so warm-up compiles one decode shape for each of them."""
+    s = Scheduler(32, 1024, blocked=lambda rows: rows >= 8)
+    assert s.blocked_rows == {8, 16, 32}
+    s.place(5, "b", 300)
+    assert s.decode_shape(steps=4) == (1024, 8, 305)
+    assert s.decode_shape(steps=4, verify=True) == (512, 8, 305)
+    s.release(5)
+    s.place(0, "a", 100)
+    assert s.decode_shape(steps=4) == (128, 1, 105)  # one row: einsum over the window bucket
+    assert s.decode_shapes() == [(1, 128), (1, 256), (1, 512), (1, 1024), (4, 128), (4, 256), (4, 512), (4, 1024),
+                                 (8, 1024), (16, 1024), (32, 1024)]
+    assert s.decode_shapes(need=200) == [(1, 128), (1, 256), (4, 128), (4, 256), (8, 1024), (16, 1024), (32, 1024)]
+    assert len(Scheduler(32, 1024).decode_shapes()) == 20  # no blocked rows: every window for every bucket
+
+
 def test_batch_work_holds_only_the_rows_interactive_decodes_pay_for():
     s = Scheduler(32, 1024, batch_slack=1.25)
     assert s.interactive_need() == 0 and s.background_limit(0) == 32
