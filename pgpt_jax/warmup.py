@@ -55,8 +55,8 @@ def measure_costs(engine) -> None:
     Process 0 alone, on compiled programs; leaves a fresh state."""
     sched = engine.scheduler
     need = sched.windows[0]  # calls that read the smallest window's entries
-    sched.decode_cost = engine.executor.time_decodes([(rows, sched.decode_window(rows, need)) for rows in sched.row_buckets],
-                                                     span=need)
+    shapes = [(rows, sched.decode_window(rows, need)) for rows in sched.row_buckets]
+    sched.decode_cost = engine.executor.time_decodes(shapes, span=need)
     log.info("decode call seconds by rows: %s", {r: round(t, 4) for r, t in sched.decode_cost.items()})
     if engine.speculative is not None:
         verify = engine.executor.time_decodes([(rows, need) for rows in sched.row_buckets], verify=True)

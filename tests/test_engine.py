@@ -368,25 +368,29 @@ def test_no_recompile_after_warmup(which, request):
     assert engine.compile_count == count
 
 
-def test_rows_read_in_blocks_compile_one_decode_window():
+def test_rows_read_in_blocks_decode_at_one_window(monkeypatch):
     """On CPU, "auto" attention reads the cache in blocks for decode calls of 8 rows or more
-    (attention.py), so those calls take the context as their window: warm-up compiles one
-    decode shape for the 8-row bucket and every window for the smaller ones, and 8 rows
-    decoding past the first window compile nothing more. (The module's tiny model has a
-    single window; this one has two.)"""
+    (attention.py), so those calls take the context as their window: 8 rows decoding from
+    position 100 past 128 run one decode shape, (8 rows, 256), their span growing, and warm-up
+    compiles that one shape for the bucket (every window for the smaller buckets). (The
+    module's tiny model has a single window; this one has two. No warm-up: compiles only
+    what the requests run; test_scheduler.py checks every shape a decode call can take is
+    among those warm-up compiles.)"""
     from pgpt_jax.config import GPTConfig
 
     model = init_model(GPTConfig(n_layer=1, n_head=2, n_embd=32, n_positions=256, name="tiny-256"))
-    eng = Engine(model, get_tokenizer(), slots=8, decode_steps=1, min_bucket=64, max_prefill_tokens=64)
+    eng = Engine(model, get_tokenizer(), slots=8, decode_steps=1, min_bucket=128)
     sched = eng.scheduler
     assert sched.windows == (128, 256) and sched.blocked_rows == {8}
     assert sched.decode_shapes() == [(1, 128), (1, 256), (4, 128), (4, 256), (8, 256)]
-    eng.warmup()
-    count = eng.compile_count
-    results, _ = run(eng, *[Request(prompt=[5 + i] * 100, max_tokens=60, temperature=0.0, logit_bias=NO_EOS)
+    decodes, real = [], eng.executor.run
+    monkeypatch.setattr(eng.executor, "run", lambda op: (decodes.append(op) if isinstance(op, Decode) else None,
+                                                         real(op))[1])
+    results, _ = run(eng, *[Request(prompt=[5 + i] * 100, max_tokens=40, temperature=0.0, logit_bias=NO_EOS)
                             for i in range(8)])
-    assert all(isinstance(r, Result) and len(r.choices[0].token_ids) == 60 for r in results)
-    assert eng.compile_count == count
+    assert all(isinstance(r, Result) and len(r.choices[0].token_ids) == 40 for r in results)
+    assert {(op.rows, op.window) for op in decodes} == {(8, 256)}
+    assert min(op.span for op in decodes) <= 128 < max(op.span for op in decodes)
 
 
 def test_no_recompile_after_warmup_with_speculation(tiny_model):

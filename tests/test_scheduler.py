@@ -65,6 +65,23 @@ def test_rows_read_in_blocks_take_one_window_and_verify_keeps_the_buckets():
     assert len(Scheduler(32, 1024).decode_shapes()) == 20  # no blocked rows: every window for every bucket
 
 
+def test_every_decode_shape_is_one_warm_up_compiles():
+    """Whatever the occupied slots and positions, a Decode's (rows, window) is among
+    `decode_shapes()` and a Verify's among every (row bucket, window)."""
+    for blocked in (lambda rows: False, lambda rows: rows >= 8):
+        s = Scheduler(32, 1024, blocked=blocked)
+        shapes = set(s.decode_shapes())
+        for last in (0, 3, 4, 7, 8, 15, 16, 31):
+            for position in range(0, 1024, 37):
+                s.clear()
+                s.place(last, "a", position)
+                for steps in (1, 4):
+                    window, rows, span = s.decode_shape(steps)
+                    assert (rows, window) in shapes and span <= window
+                    window, rows, span = s.decode_shape(steps, verify=True)
+                    assert window in s.windows and rows in s.row_buckets and span <= window
+
+
 def test_batch_work_holds_only_the_rows_interactive_decodes_pay_for():
     s = Scheduler(32, 1024, batch_slack=1.25)
     assert s.interactive_need() == 0 and s.background_limit(0) == 32
