@@ -20,6 +20,14 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ.update(JAX_COMPILATION_CACHE_DIR=_OWN_CACHE, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                       JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
 
+# The suite spends most of its time compiling, not running (XLA compiled for 83% of
+# test_engine.py's time in one process): its programs compile with LLVM at O1, which cut
+# that file's compile time by a fifth. Serving keeps XLA's default (O2); O0 made the larger
+# models' tests run slower than it saved (docs/benchmarks.md, "The test suite's compiles").
+# Test subprocesses inherit it; workers that force CPU devices add to XLA_FLAGS.
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=1").strip()
+
 import pytest  # noqa: E402
 
 

@@ -76,7 +76,7 @@ def test_multihost_server_answers_like_one_process_and_a_dead_follower_fails_fas
     from pgpt_jax.generate import generate
 
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+           "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"}
     coord, port = free_port(), free_port()
     procs = [subprocess.Popen(
         [sys.executable, "-m", "pgpt_jax.cli", "serve", "--model", "random:tiny", "--slots", "2",

@@ -15,7 +15,8 @@ import sys
 import threading
 
 NUM = 1 if sys.argv[1] == "single" else int(sys.argv[3])
-os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={4 // NUM}"
+# Forced CPU devices, added to the suite's XLA_FLAGS (tests/conftest.py).
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={4 // NUM}"
 os.environ["JAX_PLATFORMS"] = "cpu"
 
 import jax  # noqa: E402
