@@ -1,6 +1,6 @@
 """Shared fixtures: a tiny random model built once per session (one compile per shape), one
-XLA compilation cache for the whole run, and a bound on the compiled programs each pytest
-process keeps."""
+XLA compilation cache for the whole run, LLVM at O1 for the run's compiles, and a bound on
+the compiled programs each pytest process keeps."""
 
 import os
 import shutil
