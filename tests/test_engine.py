@@ -384,8 +384,13 @@ def test_rows_read_in_blocks_decode_at_one_window(monkeypatch):
     assert sched.windows == (128, 256) and sched.blocked_rows == {8}
     assert sched.decode_shapes() == [(1, 128), (1, 256), (4, 128), (4, 256), (8, 256)]
     decodes, real = [], eng.executor.run
-    monkeypatch.setattr(eng.executor, "run", lambda op: (decodes.append(op) if isinstance(op, Decode) else None,
-                                                         real(op))[1])
+
+    def recording(op):
+        if isinstance(op, Decode):
+            decodes.append(op)
+        return real(op)
+
+    monkeypatch.setattr(eng.executor, "run", recording)
     results, _ = run(eng, *[Request(prompt=[5 + i] * 100, max_tokens=40, temperature=0.0, logit_bias=NO_EOS)
                             for i in range(8)])
     assert all(isinstance(r, Result) and len(r.choices[0].token_ids) == 40 for r in results)
