@@ -270,9 +270,9 @@ class Executor:
         return times
 
     def warmup(self, prefills, decodes, progress: bool = False, on_program=None, extends=(), chunks=(),
-               verifies=None) -> None:
+               verifies=()) -> None:
         """Compiles every program for these shapes (`decodes`: (rows, window) of Decode and
-        Forward; `verifies`: of Verify, None: `decodes`'; `extends`: (rows, T, R) prefix-cache
+        Forward; `verifies`: of Verify, with speculation; `extends`: (rows, T, R) prefix-cache
         hits; `chunks`: (T, C) chunked prefills), then starts from a fresh state."""
         row = self.row(dict(temperature=1.0, top_p=1.0, presence=0.0, frequency=0.0, logit_bias=None,
                             num_logprobs=0, seed=0, choice_index=0))
@@ -288,8 +288,7 @@ class Executor:
         precompile.compile_programs(self.graphdef, self.params, self.head, self.state, prefills=prefills,
                                     decodes=decodes, steps=self.decode_steps,
                                     row=row, top_k=self.top_k, mesh=self.mesh, progress=progress,
-                                    on_program=report, verify_k=self.verify_k,
-                                    verifies=decodes if verifies is None else verifies)
+                                    on_program=report, verify_k=self.verify_k, verifies=verifies)
         pooled = 0  # programs counted so far after compile_programs's
 
         def after(done: int) -> None:

@@ -57,9 +57,9 @@ def warm(engine: Engine, prompt: int, new: int) -> None:
     sched = engine.scheduler
     bucket = sched.bucket(prompt)
     top = min(prompt + new + (engine.speculative.k if engine.speculative else 0) + 2, engine.context_length)
-    windows = [w for w in sched.windows if w <= top] + [next(w for w in sched.windows if w >= top)]
     engine.executor.warmup([(rows, bucket) for rows in sched.prefill_rows[bucket]], sched.decode_shapes(top),
-                           verifies=[(rows, w) for rows in sched.row_buckets for w in sorted(set(windows))])
+                           verifies=[(rows, w) for rows in sched.row_buckets for w in sched.windows
+                                     if w <= sched.window(top)])
     engine.measure_costs()  # as Engine.warmup does: when a Verify pays
     engine.submit(Request(prompt=[11] * prompt, max_tokens=4), lambda ev: None)  # small eager ops
     engine.run_until_idle()
