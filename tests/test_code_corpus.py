@@ -58,6 +58,44 @@ def test_fim_examples_come_in_both_orders_and_keep_every_token():
     assert list(stream).count(EOS_ID) == 2
 
 
+def test_one_line_fim_cuts_take_exactly_one_non_blank_line():
+    text = "def f(x):\n\n    y = x + 1\n    return y\n\n\nz = f(2)\n"
+    lines = text.splitlines(keepends=True)
+    rng = np.random.default_rng(0)
+    middles = set()
+    for _ in range(200):
+        lo, hi = code_data.fim_cuts(text, rng, one_line=1.0)
+        if text[lo:hi] in lines:  # a line-boundary cut (the other half are uniform)
+            assert text[lo:hi].strip()  # never a blank line
+            middles.add(text[lo:hi])
+    assert middles == {line for line in lines if line.strip()}
+    # The default draws as the shipped run's first phase did: one_line=0 changes nothing.
+    a, b = np.random.default_rng(3), np.random.default_rng(3)
+    assert [code_data.fim_cuts(text, a) for _ in range(50)] == [code_data.fim_cuts(text, b, 0.0) for _ in range(50)]
+
+
+def test_the_training_forward_without_a_cache_is_the_models():
+    """training/train_tiny.causal_hidden_states (the continuation's rows at a random first
+    position) computes what the served model computes from position 0."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from pgpt_jax.config import CODE_VOCAB, GPTConfig
+    from pgpt_jax.model import GPT
+    from training import train_tiny
+
+    cfg = GPTConfig(n_layer=2, n_head=2, n_embd=32, n_positions=32, vocab_size=CODE_VOCAB, fim=True,
+                    space_tokens=True, name="t", param_dtype="float32")
+    graphdef, params = nnx.split(GPT(cfg, rngs=nnx.Rngs(0)))
+    x = jnp.asarray(np.random.default_rng(0).integers(0, 5000, (2, 12)), jnp.int32)
+    _, served = train_tiny.hidden_states(graphdef, params, x)
+    _, trained = train_tiny.causal_hidden_states(graphdef, params, x, jnp.zeros(2, jnp.int32))
+    np.testing.assert_allclose(np.asarray(trained), np.asarray(served), atol=1e-4)
+    _, moved = train_tiny.causal_hidden_states(graphdef, params, x, jnp.asarray([0, 5], jnp.int32))
+    np.testing.assert_allclose(np.asarray(moved[0]), np.asarray(served[0]), atol=1e-4)
+    assert not np.allclose(np.asarray(moved[1]), np.asarray(served[1]), atol=1e-3)  # other position embeddings
+
+
 def test_the_function_body_measure_can_fail():
     prompt = 'def f(x):\n    """Twice x."""\n'
     assert evaluate.body_parses(prompt, "    return 2 * x\n")

@@ -79,6 +79,15 @@ def parse_args(argv=None):
                    help="stop (state saved) after this step, e.g. to time a few steps")
     p.add_argument("--export", action="store_true",
                    help="train nothing: write the checkpoint from the state in --work (a cut or running run)")
+    p.add_argument("--init-from", default=None,
+                   help="a finished run's --work: its params start this run (fresh optimiser, this run's "
+                        "schedule) and its loss log is continued")
+    p.add_argument("--short-seq", type=int, default=None,
+                   help="the first --short-steps steps take rows of this many tokens (batch * seq_len / "
+                        "short_seq of them, pieces cut to fit), each placed at a random first position")
+    p.add_argument("--short-steps", type=int, default=0)
+    p.add_argument("--one-line", type=float, default=0.0,
+                   help="share of line-boundary FIM cuts whose middle is exactly one non-blank line")
     return p.parse_args(argv)
 
 
@@ -95,6 +104,17 @@ def corpus(encode, T: int, unigram_vocab: int):
     valid_rows = valid_stream[np.arange(n_valid_rows)[:, None] * T + np.arange(T + 1)[None, :]]
     unigram = data.unigram_cross_entropy(train_plain, valid_rows[:, 1:].ravel(), unigram_vocab)
     return docs, train_pieces, valid_rows, train_plain, unigram
+
+
+def phase_rows(encode, pieces: list[str], T: int, n: int, args) -> tuple[np.ndarray, float]:
+    """The first n rows of successive shuffled FIM passes over `pieces` -> (i32[n, T + 1], epochs)."""
+    out, have, e = [], 0, 0
+    while have < n:
+        out.append(code_data.epoch_rows(encode, pieces, T, epoch=e, seed=args.seed, fim_rate=args.fim_rate,
+                                        one_line=args.one_line))
+        have, e = have + len(out[-1]), e + 1
+    rows = np.concatenate(out)[:n] if out else np.zeros((0, T + 1), np.int32)
+    return rows, n / len(out[0]) if out else 0.0
 
 
 def save_state(work: pathlib.Path, step: int, params, opt_state) -> None:
@@ -132,15 +152,20 @@ def main(argv=None) -> dict:
         f"{len(train_plain):,} train / {n_valid_rows * T:,} valid tokens; "
         f"unigram baseline on validation {unigram:.3f} nats (ppl {math.exp(unigram):.0f})")
 
-    rows = lambda e: code_data.epoch_rows(encode, train_pieces, T, epoch=e, seed=args.seed,  # noqa: E731
-                                          fim_rate=args.fim_rate)
-    train_rows = rows(0)
-    rows_per_epoch = len(train_rows)
-    n_epochs = -(-args.steps * B // rows_per_epoch)
-    train_rows = np.concatenate([train_rows] + [rows(e) for e in range(1, n_epochs)])
-    kept, index_of = kept_vocabulary(train_rows[: args.steps * B], cfg)
-    log(f"training: {args.steps} steps x {B} x {T} = {args.steps * B * T:,} tokens "
-        f"({args.steps * B / rows_per_epoch:.2f} epochs); kept vocabulary {len(kept)} of {cfg.padded_vocab}, "
+    # Two phases: `--short-steps` steps on rows of `--short-seq` tokens (attention over a
+    # shorter row costs less), then rows of the whole context. Every step has B * T tokens.
+    Ts = args.short_seq or T
+    n_short = args.short_steps if args.short_seq else 0
+    if (B * T) % Ts:
+        raise SystemExit(f"--short-seq {Ts} must divide batch x seq_len = {B * T}")
+    Bs = B * T // Ts
+    short_pieces = [q for p in train_pieces for q in code_data.cut_lines(p, code_data.MAX_PIECE_CHARS * Ts // T)]
+    short_rows, short_epochs = phase_rows(encode, short_pieces, Ts, n_short * Bs, args)
+    train_rows, n_epochs = phase_rows(encode, train_pieces, T, (args.steps - n_short) * B, args)
+    kept, index_of = kept_vocabulary(np.concatenate([short_rows.ravel(), train_rows.ravel()]), cfg)
+    log(f"training: {args.steps} steps x {B * T:,} tokens = {args.steps * B * T:,} tokens "
+        f"({n_short} of them {Bs} x {Ts}, {short_epochs:.2f} epochs; the rest {B} x {T}, {n_epochs:.2f} epochs); "
+        f"kept vocabulary {len(kept)} of {cfg.padded_vocab}, "
         f"full-vocabulary softmax at every {args.full_stride}th position")
 
     # -- model and optimiser --------------------------------------------------------------
@@ -148,11 +173,21 @@ def main(argv=None) -> dict:
     n_params = sum(x.size for x in jax.tree.leaves(params))
     first = 0
     history_file = work / "history.jsonl"
+    base_step = base_tokens = 0  # --init-from: where the run this one continues ended
+    if args.init_from:
+        init = pathlib.Path(args.init_from)
+        base_step, init_params, _ = load_state(init, params, opt_state)
+        init_history = (init / "history.jsonl").read_text()
+        base_tokens = max(json.loads(line)["tokens"] for line in init_history.splitlines() if line)
     if (args.resume or args.export) and (work / "state.npz").exists():
         first, params, opt_state = load_state(work, params, opt_state)
         log(f"{'exporting' if args.export else 'resumed at'} step {first} from {work}")
     elif args.export:
         raise SystemExit(f"--export: no state in {work}")
+    elif args.init_from:
+        params = init_params
+        history_file.write_text(init_history)
+        log(f"starting from {args.init_from} (its step {base_step}, {base_tokens:,} tokens)")
     else:
         history_file.write_text("")
     train_step = make_step(graphdef, tx, args.full_stride)
@@ -168,9 +203,13 @@ def main(argv=None) -> dict:
     t_train, tokens_seen, window_t, window_tok = time.perf_counter(), 0, time.perf_counter(), 0
     last = first if args.export else min(args.steps, args.stop_after or args.steps)
     for step in range(first, last):
-        r = train_rows[step * B:(step + 1) * B]
+        if step < n_short:
+            r = short_rows[step * Bs:(step + 1) * Bs]
+            starts = np.random.default_rng([args.seed, 1, step]).integers(0, T - Ts + 1, Bs).astype(np.int32)
+        else:
+            r, starts = train_rows[(step - n_short) * B:(step - n_short + 1) * B], None
         x, y = r[:, :-1], r[:, 1:]
-        params, opt_state, loss, gnorm = train_step(params, opt_state, x, y, index_of[y], kept_dev)
+        params, opt_state, loss, gnorm = train_step(params, opt_state, x, y, index_of[y], kept_dev, starts)
         tokens_seen += B * T
         window_tok += B * T
         if (step + 1) % args.log_every == 0 or step == first:
@@ -178,12 +217,14 @@ def main(argv=None) -> dict:
             now = time.perf_counter()
             log(f"step {step + 1:5d} loss {loss:.3f} grad-norm {float(gnorm):.2f} "
                 f"lr {float(schedule(step)):.2e} {window_tok / (now - window_t):6.0f} tok/s")
-            record({"step": step + 1, "tokens": (step + 1) * B * T, "train_loss": round(loss, 4)})
+            record({"step": base_step + step + 1, "tokens": base_tokens + (step + 1) * B * T,
+                    "train_loss": round(loss, 4)})
             window_t, window_tok = now, 0
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             t_eval = time.perf_counter()
             val = evaluate(nll_fn, params, eval_rows, B)
-            record({"step": step + 1, "tokens": (step + 1) * B * T, "val_loss": round(val, 4)})
+            record({"step": base_step + step + 1, "tokens": base_tokens + (step + 1) * B * T,
+                    "val_loss": round(val, 4)})
             log(f"eval step {step + 1}: validation loss {val:.3f} (ppl {math.exp(val):.1f}) on "
                 f"{len(eval_rows)} rows [{time.perf_counter() - t_eval:.1f}s]")
             window_t += time.perf_counter() - t_eval  # keep eval time out of tok/s
@@ -231,7 +272,8 @@ def main(argv=None) -> dict:
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     summary = {
         "config": saved_cfg.to_dict(), "params": n_params, "checkpoint_bytes": size,
-        "seed": args.seed, "steps": last, "batch": B, "seq_len": T, "tokens": last * B * T,
+        "seed": args.seed, "steps": last, "batch": B, "seq_len": T, "tokens": base_tokens + last * B * T,
+        "init_from": {"steps": base_step, "tokens": base_tokens} if args.init_from else None,
         "train_minutes_this_process": round(train_seconds / 60, 2),
         "documents": len(docs), "valid_documents": n_valid_docs,
         "train_tokens": int(len(train_plain)), "valid_tokens": int(n_valid_rows * T),

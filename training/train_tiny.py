@@ -101,6 +101,25 @@ def hidden_states(graphdef, params, x):
     return model, hidden
 
 
+def causal_hidden_states(graphdef, params, x, first):
+    """x i32[B, T], first i32[B] (row b's tokens sit at positions first[b] + 0..T-1) ->
+    (model, hidden f32[B, T, D]). The model's own math (pgpt_jax/model.py: the same
+    modules, c_attn read as [q | k | v] of N heads, scaled dot-product attention) without a
+    cache: causal attention inside the row. A row may start past position 0, so a run on
+    rows shorter than the context still trains every position's embedding."""
+    model = nnx.merge(graphdef, params)
+    B, T = x.shape
+    N, H = model.config.n_head, model.config.head_dim
+    positions = first[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
+    h = model.wte(x) + model.wpe(positions)
+    for block in model.h:
+        qkv = block.attn.c_attn(block.ln_1(h)).reshape(B, T, 3, N, H)
+        y = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], is_causal=True)
+        h = h + block.attn.c_proj(y.reshape(B, T, N * H))
+        h = h + block.mlp(block.ln_2(h))
+    return model, model.ln_f(h)
+
+
 def token_nll(logits, y):
     """logits f32[B, T, V], y i32[B, T] -> f32[B, T] nats."""
     picked = jnp.take_along_axis(logits, y[..., None], axis=-1)[..., 0]
@@ -109,18 +128,22 @@ def token_nll(logits, y):
 
 def make_step(graphdef, tx, full_stride: int):
     """One AdamW step. Positions t % full_stride == 0 take the softmax over the whole vocabulary,
-    the others over the K kept ids only (`y_kept` indexes into `kept` i32[K])."""
+    the others over the K kept ids only (`y_kept` indexes into `kept` i32[K]). With `first`
+    (i32[B], each row's first position) the forward is `causal_hidden_states`."""
 
-    def loss_fn(params, x, y, y_kept, kept):
-        model, h = hidden_states(graphdef, params, x)  # [B, T, D]
+    def loss_fn(params, x, y, y_kept, kept, first):
+        if first is None:
+            model, h = hidden_states(graphdef, params, x)  # [B, T, D]
+        else:
+            model, h = causal_hidden_states(graphdef, params, x, first)
         w = model.wte.embedding[...][kept].astype(h.dtype)  # [K, D]
         nll_kept = token_nll(jnp.einsum("BTD,KD->BTK", h, w), y_kept)  # [B, T]
         nll_full = token_nll(model.logits(h[:, ::full_stride]), y[:, ::full_stride])  # [B, T/stride]
         full = jnp.arange(x.shape[1]) % full_stride == 0
         return (jnp.where(full, 0.0, nll_kept).sum() + nll_full.sum()) / x.size
 
-    def step(params, opt_state, x, y, y_kept, kept):
-        loss, grads = jax.value_and_grad(loss_fn)(params, x, y, y_kept, kept)
+    def step(params, opt_state, x, y, y_kept, kept, first=None):
+        loss, grads = jax.value_and_grad(loss_fn)(params, x, y, y_kept, kept, first)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss, optax.global_norm(grads)
 
