@@ -1,7 +1,8 @@
 """The embedded model pgpt-code: it is what load_model() gives, it fits git, it decodes
 deterministically, it takes 1024-token contexts, its `suffix` middles join prefix and suffix,
 and on modules it never saw it beats a unigram model and measures what docs/model_card.md says
-(its infill and function-body targets are missed: the card says by how much).
+and writes function bodies that parse on a held-out sample (its infill and function-body
+targets are missed: the card says by how much).
 
 `assets/pgpt-code/heldout.json` (written by training/train.py) holds 8 rows of 129 tokens from
 the validation split, the add-one unigram baseline of the training split on their targets, and
@@ -30,8 +31,8 @@ FIXTURE = REPO_ROOT / "tests" / "fixtures" / "pgpt_code_eval.json"
 FIM_IDS = [FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE]
 # Floors, below what the shipped model measured (docs/model_card.md), so that a broken
 # tokenizer, FIM prompt or checkpoint fails while rounding in another XLA build does not.
-MIN_MARGIN_NATS = 1.6  # held-out slice: model loss below the unigram's (measured 1.89)
-MAX_LINE_NATS = 5.0  # held-out infill lines after the FIM prompt, nats/token (measured 4.30 on these 8)
+MIN_MARGIN_NATS = 2.1  # held-out slice: model loss below the unigram's (measured 2.39; 1.89 before the second run)
+MAX_LINE_NATS = 4.4  # held-out infill lines after the FIM prompt, nats/token (measured 3.82 on these 8)
 # A hole the model fills (greedy) so that the three parts join into a module that parses.
 HOLE_PREFIX = "def add(a, b):\n    \"\"\"Return the sum of a and b.\"\"\"\n"
 HOLE_SUFFIX = "\n\ndef sub(a, b):\n    \"\"\"Return a minus b.\"\"\"\n    return a - b\n"
@@ -83,16 +84,18 @@ def test_greedy_output_is_deterministic_code(code, tok):
 
 def test_suffix_fills_the_hole_so_that_the_parts_join(code, tok):
     """A request with `suffix` (prefix-suffix-middle) gets a middle that joins prefix and suffix into
-    Python that parses (today's middle is indented string literals, not a body: the card's
-    sample); the engine's greedy middle is the argmax of full forward passes over the text
-    tokens, the FIM control tokens left out."""
+    Python that parses, with a statement after the docstring (the card's sample: `return b`,
+    then blank lines; the middle does not end there, so the request is cut at 8 tokens); the
+    engine's greedy middle is the argmax of full forward passes over the text tokens, the FIM
+    control tokens left out."""
     ids = [FIM_PREFIX, *tok.encode(HOLE_PREFIX), FIM_SUFFIX, *tok.encode(HOLE_SUFFIX), FIM_MIDDLE]
-    expected = _greedy(code, ids, 24, banned=FIM_IDS)
-    (choice,) = pgpt_jax.generate(code, HOLE_PREFIX, suffix=HOLE_SUFFIX, max_tokens=24, temperature=0.0)
+    expected = _greedy(code, ids, 8, banned=FIM_IDS)
+    (choice,) = pgpt_jax.generate(code, HOLE_PREFIX, suffix=HOLE_SUFFIX, max_tokens=8, temperature=0.0)
     assert choice.token_ids == expected
     assert "<|fim" not in choice.text and choice.text.strip()
     module = ast.parse(HOLE_PREFIX + choice.text + HOLE_SUFFIX)
     assert [f.name for f in module.body] == ["add", "sub"]
+    assert len(module.body[0].body) >= 2  # the docstring and a statement: the hole holds a body
 
 
 def test_context_is_1024_tokens(code, tok):
@@ -135,7 +138,7 @@ def test_held_out_infill_measures_reproduce(code, fixture):
     suffix <= 300): the true line's teacher-forced nats after the FIM prompt and after the
     prefix alone are what the shipped model measured (a broken FIM prompt, tokenizer or
     checkpoint moves them), both far below a uniform guess; greedy middles hold no FIM token.
-    The card's figures are 0/500 exact and a suffix that does not yet help (4.82 against 4.61
+    The card's figures are 0/500 exact and a suffix that does not yet help (4.40 against 4.11
     nats/token): issue 19's infill target is missed, so there is no exact-match floor to hold."""
     from training import evaluate
 
@@ -152,10 +155,21 @@ def test_held_out_infill_measures_reproduce(code, fixture):
         assert "<|fim" not in r["middle"]
 
 
+def test_held_out_function_bodies_parse(code, fixture):
+    """training/evaluate.py's body measure on the fixture's 24 held-out functions (seeded sampling
+    at temperature 0.2): the shipped model's bodies parse on 4 of them (53 of all 152 held out,
+    35%; issue 19's target of half is missed). The floor leaves room for another XLA build's
+    rounding to change a sampled token, not for a model that writes no Python."""
+    from training import evaluate
+
+    results = evaluate.body_score(code, fixture["bodies"], seed=fixture["body_seed"])
+    assert sum(r["parses"] for r in results) >= fixture["bodies_parse"] // 2 >= 2
+
+
 def test_function_body_measure_can_fail():
     """training/evaluate.py's body measure (def line + docstring, temperature 0.2, <= 160 tokens,
     cut where a line dedents to the def): a body cut by max_tokens, or one that does not parse,
-    counts against. (The shipped model's figure is 0/152: issue 19's target is missed.)"""
+    counts against. (The shipped model's figure is 53/152: issue 19's target of half is missed.)"""
     from training import evaluate
 
     assert not evaluate.body_parses("def f():\n    \"\"\"Doc.\"\"\"\n", "    return (\n")

@@ -221,7 +221,9 @@ def train_counts(tok, vocab: int) -> np.ndarray:
 
 
 def plot_history(history_file: pathlib.Path, png: pathlib.Path) -> None:
-    """Training loss (every logged step) and held-out loss (each eval) against tokens seen."""
+    """Training loss (every logged step) and held-out loss (each eval) against tokens seen; a
+    run that continued another (`train.py --init-from`, its summary.json beside the history)
+    gets a line where it took over."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -232,6 +234,10 @@ def plot_history(history_file: pathlib.Path, png: pathlib.Path) -> None:
     for key, label, style in [("train_loss", "training batch", "-"), ("val_loss", "held-out modules", "o-")]:
         pts = [(r["tokens"] / 1e6, r[key]) for r in rows if key in r]
         ax.plot(*zip(*pts), style, label=label, markersize=4)
+    summary = history_file.parent / "summary.json"
+    init = json.loads(summary.read_text()).get("init_from") if summary.exists() else None
+    if init:
+        ax.axvline(init["tokens"] / 1e6, color="grey", linestyle=":", label="continued (--init-from)")
     ax.set_xlabel("tokens seen (millions)")
     ax.set_ylabel("loss (nats/token)")
     ax.set_ylim(top=min(8.0, ax.get_ylim()[1]))
@@ -251,11 +257,12 @@ def main(argv=None) -> dict:
     p.add_argument("--text-bytes", type=int, default=120_000, help="held-out bytes of code, and of docs, to score")
     p.add_argument("--out", default=str(ROOT / "training" / "work" / "eval.json"))
     p.add_argument("--fixture", default=None, help="write the CI sample (40 infill lines, 24 bodies) here")
-    p.add_argument("--plot", default=None, metavar="PNG",
-                   help="also plot the loss curve of training/work/history.jsonl to PNG")
+    p.add_argument("--plot", default=None, metavar="PNG", help="also plot the loss curve of --history to PNG")
+    p.add_argument("--history", default=str(ROOT / "training" / "work" / "history.jsonl"),
+                   help="a training run's loss log (train.py writes it to its --work)")
     args = p.parse_args(argv)
     if args.plot:
-        plot_history(ROOT / "training" / "work" / "history.jsonl", pathlib.Path(args.plot))
+        plot_history(pathlib.Path(args.history), pathlib.Path(args.plot))
     t0 = time.perf_counter()
     log = lambda msg: print(f"[{time.perf_counter() - t0:7.1f}s] {msg}", flush=True)  # noqa: E731
 
