@@ -30,11 +30,12 @@ never-seen tokens' logits down (they share the tied embedding, so nothing else w
 The validation loss is always over the full vocabulary.
 
 A run can continue another (`--init-from`: its params, a fresh optimiser and schedule). Its
-first `--short-steps` steps may take shorter rows (`--short-seq`): attention over 512
-positions costs a quarter of 1024's per row: in the shipped second run a step of 8 x 512
-tokens ran at 1,500-1,650 tokens/s against 1,240-1,370 for 4 x 1024 (2 Zen 5 cores). Each short row starts at a random position, so every position's embedding
-keeps training, and its pieces are cut to fit the row, so a FIM example keeps its parts
-together. Its last steps take whole-context rows again, for prompts of up to 1024 tokens.
+first `--short-steps` steps may take shorter rows (`--short-seq`), since attention over 512
+positions costs a quarter of 1024's per row. In the shipped second run a step of 8 x 512
+tokens ran at 1,500-1,650 tokens/s against 1,240-1,370 for 4 x 1024 (2 Zen 5 cores). Each
+short row starts at a random position, so every position's embedding keeps training, and
+its pieces are cut to fit the row, so a FIM example keeps its parts together. The last
+steps take whole-context rows again, for prompts of up to 1024 tokens.
 
 Every `--save-every` steps the float32 params, the optimiser state and the step go to
 `--work`; `--resume` continues from there with the same batches. Reproducible from
