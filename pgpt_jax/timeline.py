@@ -20,7 +20,8 @@ CLOCK_MONOTONIC, so a client on the same machine can put its own times beside th
                                went to the callback), decode_dispatch (its first decode program)
 
 `*_done` and `first_sampled` come from a thread per watched program that waits for its outputs,
-so they cost the engine nothing but that thread's start. The engine's decode programs are
+so they cost the engine nothing but that thread's start (`first_sampled` falls back to the
+read's time when that thread wakes after the read). The engine's decode programs are
 logged too (one line each: dispatch, return, done, rows, steps, window).
 """
 
@@ -125,9 +126,14 @@ def ran(op, meta, t0: float, out, executor) -> None:
 
 
 def read(owners: dict) -> None:
-    """The host read an insert's outputs: the first token of the choice in `owners`."""
+    """The host read an insert's outputs: the first token of the choice in `owners`. The device
+    has finished them by now, so a `first_sampled` its watcher thread has not stamped yet (a
+    loaded machine can wake that thread after the whole stream has ended and been recorded)
+    takes this time: an upper bound, where the watcher's stamp would be exact."""
     for run in owners.values():
-        mark(run.entry.marks, "first_read")
+        t = time.perf_counter()
+        mark(run.entry.marks, "first_read", t)
+        mark(run.entry.marks, "first_sampled", t)
 
 
 def record(server: dict, engine: Optional[dict], writes: Iterable, seed: Optional[int]) -> None:
