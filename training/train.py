@@ -170,7 +170,8 @@ def main(argv=None) -> dict:
     if (B * T) % Ts:
         raise SystemExit(f"--short-seq {Ts} must divide batch x seq_len = {B * T}")
     Bs = B * T // Ts
-    short_pieces = [q for p in train_pieces for q in code_data.cut_lines(p, code_data.MAX_PIECE_CHARS * Ts // T)]
+    short_pieces = ([q for p in train_pieces for q in code_data.cut_lines(p, code_data.MAX_PIECE_CHARS * Ts // T)]
+                    if n_short else [])
     short_rows, short_epochs = phase_rows(encode, short_pieces, Ts, n_short * Bs, args)
     train_rows, n_epochs = phase_rows(encode, train_pieces, T, (args.steps - n_short) * B, args)
     kept, index_of = kept_vocabulary(np.concatenate([short_rows.ravel(), train_rows.ravel()]), cfg)
