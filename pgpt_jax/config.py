@@ -28,6 +28,7 @@ class GPTConfig:
     layer_norm_epsilon: float = 1e-5
     fim: bool = False  # model was trained with <|fim_prefix|>, <|fim_suffix|>, <|fim_middle|>
     space_tokens: bool = False  # its tokenizer has the SPACE_RUNS tokens (needs fim: they follow)
+    fim_order: str = "psm"  # how a request's `suffix` is arranged: prefix-suffix-middle or suffix-prefix-middle
     dtype: str = "float32"  # compute dtype (bfloat16 on TPU/GPU)
     param_dtype: str = "float32"
     name: str = "gpt2"
@@ -37,6 +38,8 @@ class GPTConfig:
             raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
         if self.fim and self.vocab_size < FIM_MIDDLE + 1:
             raise ValueError("a FIM model needs vocab_size >= 50260")
+        if self.fim_order not in ("psm", "spm"):
+            raise ValueError(f"fim_order must be 'psm' or 'spm', not {self.fim_order!r}")
         if self.space_tokens and not (self.fim and self.vocab_size >= CODE_VOCAB):
             raise ValueError(f"space_tokens needs fim and vocab_size >= {CODE_VOCAB}")
 

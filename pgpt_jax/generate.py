@@ -69,7 +69,7 @@ def generate(model: GPT, prompt: Union[Prompt, Sequence[Prompt]], *, max_tokens:
         ids = ids or [tok.eos_id]
         echo_prompt = None
         if suffix:
-            ids, echo_prompt = fim_prompt(ids, tok.encode(suffix), model.config.fim), ids
+            ids, echo_prompt = fim_prompt(ids, tok.encode(suffix), model.config.fim, model.config.fim_order), ids
         request = Request(prompt=ids, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                           n=n, best_of=best_of, logprobs=logprobs, echo=echo, stop=stop,
                           presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,

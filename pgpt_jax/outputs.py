@@ -86,7 +86,7 @@ class RequestOutput:
         first token's are null (nothing predicts it). `ranks` is needed only for prompt_logprobs."""
         r = self.request
         ids = r.echo_prompt if r.echo_prompt is not None else r.prompt
-        first = 1 if r.echo_prompt is not None else 0  # a FIM prompt: the user's tokens follow <|fim_prefix|>
+        first = r.echo_start  # a FIM prompt: where the user's tokens sit in the arrangement
         out, offset = Logprobs(), 0
         vllm: list[Optional[dict]] = []
         for i, tok in enumerate(ids):

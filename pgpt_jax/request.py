@@ -94,6 +94,15 @@ class Request:
     speculative: bool = True  # False: never proposes tokens when the engine speculates (ngram.py)
 
     @property
+    def echo_start(self) -> int:
+        """Where `echo_prompt`'s tokens sit in `prompt`: right after <|fim_prefix|> in the
+        prefix-suffix-middle order, last in suffix-prefix-middle (fim_prompt); 0 without a suffix."""
+        if self.echo_prompt is None:
+            return 0
+        n = len(self.echo_prompt)
+        return 1 if list(self.prompt[1:1 + n]) == list(self.echo_prompt) else len(self.prompt) - n
+
+    @property
     def wants_prompt_logprobs(self) -> bool:
         """Whether the prefill computes logprobs at every prompt position (echo with logprobs,
         or vLLM's prompt_logprobs)."""
@@ -188,13 +197,17 @@ class RequestTimeout(TimeoutError):
         self.where = where
 
 
-def fim_prompt(prompt: list[int], suffix: list[int], fim: bool) -> list[int]:
-    """The prompt a FIM model sees for `prompt` + `suffix` (prefix-suffix-middle order).
+def fim_prompt(prompt: list[int], suffix: list[int], fim: bool, order: str = "psm") -> list[int]:
+    """The prompt a FIM model sees for `prompt` + `suffix`, in the model's order (the FIM
+    paper's two): prefix-suffix-middle, or suffix-prefix-middle, where the prompt comes last
+    and the middle continues it directly.
 
     Raises RequestError naming `suffix` for a model trained without FIM tokens.
     """
     if not fim:
         raise RequestError("suffix is not supported by this model (it has no fill-in-the-middle tokens).", "suffix")
+    if order == "spm":
+        return [FIM_PREFIX, FIM_SUFFIX, *suffix, FIM_MIDDLE, *prompt]
     return [FIM_PREFIX, *prompt, FIM_SUFFIX, *suffix, FIM_MIDDLE]
 
 

@@ -89,7 +89,7 @@ class ServerState:
     def attach(self, engine) -> None:
         self.info = protocol.ModelInfo(
             name=self.served_model_name, vocab_size=engine.config.vocab_size,
-            context_length=engine.context_length, fim=bool(engine.config.fim),
+            context_length=engine.context_length, fim=bool(engine.config.fim), fim_order=engine.config.fim_order,
             limits=engine.limits, tokenizer=engine.tokenizer)
         self.engine = engine
         if self.batches is not None:

@@ -191,6 +191,7 @@ class ModelInfo:
     fim: bool
     limits: Limits
     tokenizer: Any  # pgpt_jax.tokenizer.Tokenizer: encode, decode, token_bytes, token_str, vocab_size
+    fim_order: str = "psm"  # GPTConfig.fim_order: how `suffix` is arranged around the prompt
 
 
 @dataclasses.dataclass
@@ -398,7 +399,7 @@ def parse_completion(data: Any, info: ModelInfo, deployment: Optional[str] = Non
                       "one request may ask for.", param="best_of" if body.best_of is not None else "n")
     for ids in prompts:
         if suffix_ids is not None:
-            requests.append(Request(prompt=fim_prompt(ids, suffix_ids, info.fim), echo_prompt=ids, **common))
+            requests.append(Request(prompt=fim_prompt(ids, suffix_ids, info.fim, info.fim_order), echo_prompt=ids, **common))
         else:
             requests.append(Request(prompt=ids, **common))
     return Job("completion", model, requests, n=n, stream=stream, include_usage=include_usage,

@@ -74,6 +74,23 @@ def test_one_line_fim_cuts_take_exactly_one_non_blank_line():
     assert [code_data.fim_cuts(text, a) for _ in range(50)] == [code_data.fim_cuts(text, b, 0.0) for _ in range(50)]
 
 
+def test_line_cuts_sets_the_share_of_cuts_on_line_boundaries():
+    text = "def f(x):\n    y = x + 1\n    return y\n\n\nz = f(2)\n"
+    starts = {0, len(text)} | {i + 1 for i, c in enumerate(text) if c == "\n"}
+
+    def on_lines(line_cuts, n=400):
+        rng = np.random.default_rng(1)
+        cuts = [code_data.fim_cuts(text, rng, line_cuts=line_cuts) for _ in range(n)]
+        return sum(lo in starts and hi in starts and lo < hi for lo, hi in cuts) / n
+
+    assert on_lines(1.0) == 1.0  # every cut is a whole-line middle
+    assert on_lines(0.0) < 0.2  # uniform cuts land on two line starts only by chance
+    assert 0.6 < on_lines(0.75) < 0.9
+    # The default (0.5) draws as the shipped runs did.
+    a, b = np.random.default_rng(3), np.random.default_rng(3)
+    assert [code_data.fim_cuts(text, a) for _ in range(50)] == [code_data.fim_cuts(text, b, 0.0, 0.5) for _ in range(50)]
+
+
 def test_the_training_forward_without_a_cache_is_the_models():
     """training/train_tiny.causal_hidden_states (the continuation's rows at a random first
     position) computes what the served model computes from position 0."""

@@ -119,5 +119,9 @@ def test_presets_and_config_errors():
         GPTConfig(n_embd=100, n_head=3)
     with pytest.raises(ValueError, match="unknown GPTConfig fields"):
         GPTConfig.from_dict({"n_layer": 2, "rotary": True})
+    with pytest.raises(ValueError, match="fim_order must be"):
+        GPTConfig(fim=True, vocab_size=50260, fim_order="pms")
+    assert GPTConfig.from_dict({"fim": True, "vocab_size": 50260, "fim_order": "spm"}).fim_order == "spm"
+    assert GPTConfig.from_dict({"n_layer": 2}).fim_order == "psm"  # checkpoints written before the field
     cfg = GPTConfig.preset("tiny")
     assert GPTConfig.from_dict(cfg.to_dict()) == cfg

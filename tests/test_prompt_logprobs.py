@@ -138,16 +138,20 @@ def test_chat_does_not_take_prompt_logprobs(srv):
     assert r.status_code == 400 and error_of(r)["param"] == "prompt_logprobs"
 
 
-def test_with_a_suffix_the_list_covers_the_users_prompt():
-    """A FIM prompt: <|fim_prefix|> prompt <|fim_suffix|> suffix <|fim_middle|>; the list covers
-    the user's prompt (what echo returns), its first token null, the rest read from the prefill's
-    outputs one position on (after <|fim_prefix|>)."""
-    from pgpt_jax.config import FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX
+@pytest.mark.parametrize("order", ["psm", "spm"])
+def test_with_a_suffix_the_list_covers_the_users_prompt(order):
+    """A FIM prompt, <|fim_prefix|> prompt <|fim_suffix|> suffix <|fim_middle|> or (suffix-prefix-
+    middle) <|fim_prefix|> <|fim_suffix|> suffix <|fim_middle|> prompt: the list covers the user's
+    prompt (what echo returns), its first token null, the rest read from the prefill's outputs
+    at the user tokens' place in the arrangement."""
+    from pgpt_jax.request import fim_prompt
 
     user = TOK.encode("def f(")
-    arranged = [FIM_PREFIX, *user, FIM_SUFFIX, *TOK.encode("):"), FIM_MIDDLE]
+    arranged = fim_prompt(user, TOK.encode("):"), True, order)
     out = make("", max_tokens=0, prompt_logprobs=1)
     out.request.prompt, out.request.echo_prompt = arranged, user
+    start = out.request.echo_start
+    assert start == (1 if order == "psm" else len(arranged) - len(user))
     T = len(arranged)
     lp = -np.arange(1, T, dtype=np.float32)  # logprob of arranged token j + 1 is -(j + 1)
     top_ids, top_lps = np.full((T - 1, 1), 0, np.int32), np.full((T - 1, 1), -0.25, np.float32)  # "!"
@@ -155,5 +159,6 @@ def test_with_a_suffix_the_list_covers_the_users_prompt():
     pl = out.result().prompt_logprobs
     assert len(pl) == len(user) and pl[0] is None
     for i in range(1, len(user)):
-        own = {"logprob": float(-(i + 1)), "rank": 10 + i, "decoded_token": TOK.decode([user[i]])}
+        j = start + i  # the user's token i in the arrangement
+        own = {"logprob": float(-j), "rank": 10 + j - 1, "decoded_token": TOK.decode([user[i]])}
         assert pl[i] == {str(user[i]): own, "0": {"logprob": -0.25, "rank": 1, "decoded_token": "!"}}

@@ -209,16 +209,19 @@ def test_disconnects_abort_engine_work():
         assert r.json()["choices"][0]["text"] == " the quick"
 
 
-def test_suffix_arranges_fim_prompt():
-    engine = FakeEngine(fim=True)
+@pytest.mark.parametrize("order", ["psm", "spm"])
+def test_suffix_arranges_fim_prompt_in_the_models_order(order):
+    engine = FakeEngine(fim=True, fim_order=order)
     with ServerThread(create_app(engine, served_model_name=MODEL)) as s:
         r = httpx.post(s.base_url + "/v1/completions", json={"model": MODEL, "prompt": "def f(", "suffix": "):",
                                                              "max_tokens": 1, "echo": True})
         assert r.status_code == 200
         sent = engine.submitted[-1]
         tok = engine.tokenizer
-        assert sent.prompt == [FIM_PREFIX, *tok.encode("def f("), FIM_SUFFIX, *tok.encode("):"), FIM_MIDDLE]
-        assert sent.echo_prompt == tok.encode("def f(")
+        prefix, suffix = tok.encode("def f("), tok.encode("):")
+        assert sent.prompt == ([FIM_PREFIX, *prefix, FIM_SUFFIX, *suffix, FIM_MIDDLE] if order == "psm" else
+                               [FIM_PREFIX, FIM_SUFFIX, *suffix, FIM_MIDDLE, *prefix])
+        assert sent.echo_prompt == prefix  # echo shows the prompt as sent, whatever the order
         assert r.json()["choices"][0]["text"] == "def f( the"
 
 

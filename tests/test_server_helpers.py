@@ -97,8 +97,8 @@ class FakeEngine:
     FAIL_SEED = 666
 
     def __init__(self, *, context_length: int = 128, max_queue: int = 1000, delay: float = 0.0,
-                 max_logprobs: int = 5, fim: bool = False):
-        self.config = GPTConfig.preset("tiny", fim=fim, vocab_size=50260 if fim else 50257)
+                 max_logprobs: int = 5, fim: bool = False, fim_order: str = "psm"):
+        self.config = GPTConfig.preset("tiny", fim=fim, vocab_size=50260 if fim else 50257, fim_order=fim_order)
         self.tokenizer = get_tokenizer(fim=fim)
         self.context_length, self.delay = context_length, delay
         self.limits = Limits(max_logprobs=max_logprobs, max_queue=max_queue)

@@ -91,12 +91,13 @@ def source_documents(root: pathlib.Path | None = None) -> list[Document]:
     return [Document(f"module:{name}", tuple(cut_lines(text))) for name, text in source_files(root)]
 
 
-def fim_cuts(text: str, rng: np.random.Generator, one_line: float = 0.0) -> tuple[int, int]:
-    """Two character offsets lo <= hi: on line boundaries half of the time (middle = 1 to 3
-    whole lines; with probability `one_line` exactly one non-blank line, the hole a
-    single-line infill asks to fill), else uniform. one_line=0 draws as the first run did."""
+def fim_cuts(text: str, rng: np.random.Generator, one_line: float = 0.0,
+             line_cuts: float = 0.5) -> tuple[int, int]:
+    """Two character offsets lo <= hi: on line boundaries with probability `line_cuts` (middle
+    = 1 to 3 whole lines; with probability `one_line` exactly one non-blank line, the hole a
+    single-line infill asks to fill), else uniform. The defaults draw as the first run did."""
     starts = [0] + [i + 1 for i, c in enumerate(text) if c == "\n"]
-    if len(starts) > 2 and rng.random() < 0.5:
+    if len(starts) > 2 and rng.random() < line_cuts:
         k = int(rng.integers(0, len(starts) - 1))
         j = min(len(starts) - 1, k + int(rng.integers(1, 4)))
         if one_line and rng.random() < one_line:
@@ -108,32 +109,34 @@ def fim_cuts(text: str, rng: np.random.Generator, one_line: float = 0.0) -> tupl
     return int(lo), int(hi)
 
 
-def fim_example(encode, text: str, rng: np.random.Generator, one_line: float = 0.0) -> list[int]:
+def fim_example(encode, text: str, rng: np.random.Generator, one_line: float = 0.0,
+                line_cuts: float = 0.5) -> list[int]:
     """PSM or SPM (even odds); each part encoded separately, as a request's prompt and suffix are."""
-    lo, hi = fim_cuts(text, rng, one_line)
+    lo, hi = fim_cuts(text, rng, one_line, line_cuts)
     prefix, middle, suffix = encode(text[:lo]), encode(text[lo:hi]), encode(text[hi:])
     if rng.random() < 0.5:
         return [FIM_PREFIX, *prefix, FIM_SUFFIX, *suffix, FIM_MIDDLE, *middle]
     return [FIM_PREFIX, FIM_SUFFIX, *suffix, FIM_MIDDLE, *prefix, *middle]
 
 
-def token_stream(encode, pieces: list[str], *, fim_rate: float = 0.0,
-                 rng: np.random.Generator | None = None, one_line: float = 0.0) -> np.ndarray:
+def token_stream(encode, pieces: list[str], *, fim_rate: float = 0.0, rng: np.random.Generator | None = None,
+                 one_line: float = 0.0, line_cuts: float = 0.5) -> np.ndarray:
     """Pieces (in the given order) -> one int32 stream, each piece followed by <|endoftext|>."""
     out = []
     for piece in pieces:
         fim = fim_rate and rng.random() < fim_rate
-        out.extend(fim_example(encode, piece, rng, one_line) if fim else encode(piece))
+        out.extend(fim_example(encode, piece, rng, one_line, line_cuts) if fim else encode(piece))
         out.append(EOS_ID)
     return np.asarray(out, np.int32)
 
 
 def epoch_rows(encode, pieces: list[str], seq_len: int, *, epoch: int, seed: int,
-               fim_rate: float, one_line: float = 0.0) -> np.ndarray:
+               fim_rate: float, one_line: float = 0.0, line_cuts: float = 0.5) -> np.ndarray:
     """One shuffled, FIM-transformed, packed pass -> i32[rows, seq_len + 1] (rows overlap by one
     token, so every token is a target once; the tail that does not fill a row is dropped)."""
     rng = np.random.default_rng([seed, epoch])
     order = rng.permutation(len(pieces))
-    stream = token_stream(encode, [pieces[i] for i in order], fim_rate=fim_rate, rng=rng, one_line=one_line)
+    stream = token_stream(encode, [pieces[i] for i in order], fim_rate=fim_rate, rng=rng, one_line=one_line,
+                          line_cuts=line_cuts)
     n = (len(stream) - 1) // seq_len
     return stream[np.arange(n)[:, None] * seq_len + np.arange(seq_len + 1)[None, :]]

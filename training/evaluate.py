@@ -11,8 +11,8 @@ Everything is measured on modules the model never saw (training/data.py's hash s
   context, next to the add-one unigram of the training split; and bits per byte, the figure
   that compares models whose tokenizers differ.
 - *Single-line infill*: `--infill` non-blank held-out lines; the prompt is up to 600 tokens
-  before the line, the suffix up to 300 tokens after it (prefix-suffix-middle, as a request
-  with `suffix` sends it); greedy; the middle must equal the line (one trailing newline
+  before the line, the suffix up to 300 tokens after it, in the model's FIM order (as a
+  request with `suffix` sends it; `--orders psm,spm` measures both); greedy; the middle must equal the line (one trailing newline
   allowed), within 64 tokens. Also reported: how often the middle's first line is the line
   (the middle may run on), and whether the model uses the suffix at all: the true line's
   teacher-forced nats/token after the FIM prompt against after the prefix alone.
@@ -104,9 +104,11 @@ def body_cases(sources, count: int, seed: int = 0) -> list[dict]:
 # Scores
 
 
-def infill_score(model, cases: list[dict], slots: int = 16) -> list[dict]:
+def infill_score(model, cases: list[dict], slots: int = 16, order: str | None = None) -> list[dict]:
+    """Greedy middles, the FIM prompt in `order` (default: the model's, as a request's `suffix` is)."""
     tok = tokenizer_for(model.config)
-    prompts = [fim_prompt(tok.encode(c["prefix"]), tok.encode(c["suffix"]), True) for c in cases]
+    order = order or model.config.fim_order
+    prompts = [fim_prompt(tok.encode(c["prefix"]), tok.encode(c["suffix"]), True, order) for c in cases]
     out = pgpt_jax.generate(model, prompts, max_tokens=INFILL_MAX_TOKENS, temperature=0.0, slots=slots)
     results = []
     for c, (choice,) in zip(cases, out):
@@ -117,19 +119,19 @@ def infill_score(model, cases: list[dict], slots: int = 16) -> list[dict]:
     return results
 
 
-def line_nats(model, cases: list[dict], batch: int = 8) -> list[tuple[float, float, int]]:
+def line_nats(model, cases: list[dict], batch: int = 8, order: str | None = None) -> list[tuple[float, float, int]]:
     """Does the model use the suffix? For each infill case, the nats (summed over its tokens) of
-    the true line and its newline teacher-forced after the prefix-suffix-middle prompt, and after
+    the true line and its newline teacher-forced after the FIM prompt (in `order`), and after
     the prefix alone (a plain left-to-right continuation), and the line's token count. Rows are
     right-padded to the context, `batch` at a time: one compiled shape."""
     tok = tokenizer_for(model.config)
-    T = model.config.n_positions
+    T, order = model.config.n_positions, order or model.config.fim_order
     fwd = jax.jit(lambda m, x: forward(m, x, jnp.broadcast_to(jnp.arange(T), x.shape), init_cache(m.config, x.shape[0], T))[0])
     rows = []  # (context ids, target ids) pairs, two per case
     for c in cases:
         target = tok.encode(c["line"] + "\n")
         prefix = tok.encode(c["prefix"])
-        rows.append((fim_prompt(prefix, tok.encode(c["suffix"]), True), target))
+        rows.append((fim_prompt(prefix, tok.encode(c["suffix"]), True, order), target))
         rows.append((prefix, target))
     sums = []
     for start in range(0, len(rows), batch):
@@ -253,6 +255,9 @@ def main(argv=None) -> dict:
     p.add_argument("--model", default=None, help="checkpoint dir (default: the embedded model)")
     p.add_argument("--old", default=None, help="also measure this checkpoint's compression (e.g. pgpt-tiny)")
     p.add_argument("--infill", type=int, default=500)
+    p.add_argument("--orders", default=None,
+                   help="FIM orders to measure infill in, e.g. psm,spm (default: the model's fim_order); "
+                        "the first is the one reported as `infill`, the others as `infill_<order>`")
     p.add_argument("--bodies", type=int, default=200)
     p.add_argument("--text-bytes", type=int, default=120_000, help="held-out bytes of code, and of docs, to score")
     p.add_argument("--out", default=str(ROOT / "training" / "work" / "eval.json"))
@@ -282,19 +287,22 @@ def main(argv=None) -> dict:
         log(f"compression {name}: {json.dumps(report[f'compression_{name}'])}")
 
     cases = infill_cases(sources, tok, args.infill)
-    res = infill_score(model, cases)
-    exact = sum(r["exact"] for r in res)
-    report["infill"] = {"cases": len(cases), "exact": exact, "exact_rate": round(exact / len(cases), 4),
-                        "stopped": sum(r["finish"] == "stop" for r in res)}
-    first = sum(r["first_line"] for r in res)
-    nats = line_nats(model, cases)
-    fim_n, plain_n, count = (sum(x[i] for x in nats) for i in range(3))
-    report["infill"].update(first_line=first, line_nats_per_token_fim=round(fim_n / count, 4),
-                            line_nats_per_token_prefix_only=round(plain_n / count, 4),
-                            suffix_helps=sum(f < p for f, p, _ in nats))
-    log(f"infill: {exact}/{len(cases)} exact ({exact / len(cases):.1%}); first line right {first}; "
-        f"the line's nats/token {fim_n / count:.3f} with the suffix, {plain_n / count:.3f} after the prefix alone "
-        f"(lower with the suffix on {report['infill']['suffix_helps']} lines)")
+    orders = (args.orders or model.config.fim_order).split(",")
+    for k, order in reversed(list(enumerate(orders))):  # the reported order last: its results are kept
+        res = infill_score(model, cases, order=order)
+        exact = sum(r["exact"] for r in res)
+        key = "infill" if k == 0 else f"infill_{order}"
+        report[key] = {"order": order, "cases": len(cases), "exact": exact, "exact_rate": round(exact / len(cases), 4),
+                       "stopped": sum(r["finish"] == "stop" for r in res)}
+        first = sum(r["first_line"] for r in res)
+        nats = line_nats(model, cases, order=order)
+        fim_n, plain_n, count = (sum(x[i] for x in nats) for i in range(3))
+        report[key].update(first_line=first, line_nats_per_token_fim=round(fim_n / count, 4),
+                           line_nats_per_token_prefix_only=round(plain_n / count, 4),
+                           suffix_helps=sum(f < p for f, p, _ in nats))
+        log(f"infill ({order}): {exact}/{len(cases)} exact ({exact / len(cases):.1%}); first line right {first}; "
+            f"{report[key]['stopped']} ended; the line's nats/token {fim_n / count:.3f} with the suffix, "
+            f"{plain_n / count:.3f} after the prefix alone (lower with the suffix on {report[key]['suffix_helps']} lines)")
 
     bodies = body_cases(sources, args.bodies)
     bres = body_score(model, bodies)
@@ -315,6 +323,7 @@ def main(argv=None) -> dict:
         fixture = {
             "about": "written by training/evaluate.py: held-out infill lines and function prompts, "
                      "with what the shipped model scored on them",
+            "infill_order": orders[0],
             "infill": [cases[i] for i in pick_i], "infill_exact": sum(res[i]["exact"] for i in pick_i),
             "infill_first_line": sum(res[i]["first_line"] for i in pick_i),
             "infill_line_nats": [list(nats[i]) for i in pick_i],

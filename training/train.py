@@ -91,14 +91,23 @@ def parse_args(argv=None):
     p.add_argument("--export", action="store_true",
                    help="train nothing: write the checkpoint from the state in --work (a cut or running run)")
     p.add_argument("--init-from", default=None,
-                   help="a finished run's --work: its params start this run (fresh optimiser, this run's "
-                        "schedule) and its loss log is continued")
+                   help="a finished run's --work, or a saved checkpoint (config.json + params/, e.g. "
+                        "pgpt_jax/assets/pgpt-code): its params start this run (fresh optimiser, this run's "
+                        "schedule) and its loss log (history.jsonl), where there is one, is continued")
     p.add_argument("--short-seq", type=int, default=None,
                    help="the first --short-steps steps take rows of this many tokens (batch * seq_len / "
                         "short_seq of them, pieces cut to fit), each placed at a random first position")
     p.add_argument("--short-steps", type=int, default=0)
     p.add_argument("--one-line", type=float, default=0.0,
                    help="share of line-boundary FIM cuts whose middle is exactly one non-blank line")
+    p.add_argument("--fim-order", choices=["psm", "spm"], default="psm",
+                   help="the order the checkpoint's config tells the server to arrange a `suffix` in "
+                        "(both are trained; training/evaluate.py --orders psm,spm measures them)")
+    p.add_argument("--line-cuts", type=float, default=0.5,
+                   help="share of FIM cuts on line boundaries (the rest are uniform over characters)")
+    p.add_argument("--piece-chars", type=int, default=None,
+                   help="the short phase's pieces are cut to at most this many characters (default: "
+                        "what fits its rows, 3000 x short_seq / seq_len)")
     return p.parse_args(argv)
 
 
@@ -122,7 +131,7 @@ def phase_rows(encode, pieces: list[str], T: int, n: int, args) -> tuple[np.ndar
     out, have, e = [], 0, 0
     while have < n:
         out.append(code_data.epoch_rows(encode, pieces, T, epoch=e, seed=args.seed, fim_rate=args.fim_rate,
-                                        one_line=args.one_line))
+                                        one_line=args.one_line, line_cuts=args.line_cuts))
         have, e = have + len(out[-1]), e + 1
     rows = np.concatenate(out)[:n] if out else np.zeros((0, T + 1), np.int32)
     return rows, n / len(out[0]) if out else 0.0
@@ -151,7 +160,7 @@ def main(argv=None) -> dict:
     work = pathlib.Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     cfg = GPTConfig(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, n_positions=T,
-                    vocab_size=CODE_VOCAB, fim=True, space_tokens=True, name=MODEL_NAME)
+                    vocab_size=CODE_VOCAB, fim=True, space_tokens=True, fim_order=args.fim_order, name=MODEL_NAME)
     tok = tokenizer_for(cfg)
     encode = tok.encode
 
@@ -170,8 +179,8 @@ def main(argv=None) -> dict:
     if (B * T) % Ts:
         raise SystemExit(f"--short-seq {Ts} must divide batch x seq_len = {B * T}")
     Bs = B * T // Ts
-    short_pieces = ([q for p in train_pieces for q in code_data.cut_lines(p, code_data.MAX_PIECE_CHARS * Ts // T)]
-                    if n_short else [])
+    piece_chars = args.piece_chars or code_data.MAX_PIECE_CHARS * Ts // T
+    short_pieces = [q for p in train_pieces for q in code_data.cut_lines(p, piece_chars)] if n_short else []
     short_rows, short_epochs = phase_rows(encode, short_pieces, Ts, n_short * Bs, args)
     train_rows, n_epochs = phase_rows(encode, train_pieces, T, (args.steps - n_short) * B, args)
     kept, index_of = kept_vocabulary(np.concatenate([short_rows.ravel(), train_rows.ravel()]), cfg)
@@ -188,9 +197,15 @@ def main(argv=None) -> dict:
     base_step = base_tokens = 0  # --init-from: where the run this one continues ended
     if args.init_from:
         init = pathlib.Path(args.init_from)
-        base_step, init_params, _ = load_state(init, params, opt_state)
-        init_history = (init / "history.jsonl").read_text()
-        base_tokens = max(json.loads(line)["tokens"] for line in init_history.splitlines() if line)
+        if (init / "state.npz").exists():  # a run's --work: float32 params
+            base_step, init_params, _ = load_state(init, params, opt_state)
+        else:  # a saved checkpoint: its bfloat16 params, cast up
+            saved = nnx.state(restore_checkpoint(init, dtype=jnp.float32))
+            init_params = jax.tree.map(lambda a, b: b.astype(a.dtype), params, saved)
+        log_file = init / "history.jsonl"
+        init_history = log_file.read_text() if log_file.exists() else ""
+        ends = [json.loads(line) for line in init_history.splitlines() if line]
+        base_step, base_tokens = (max(e["step"] for e in ends), max(e["tokens"] for e in ends)) if ends else (0, 0)
     if (args.resume or args.export) and (work / "state.npz").exists():
         first, params, opt_state = load_state(work, params, opt_state)
         log(f"{'exporting' if args.export else 'resumed at'} step {first} from {work}")

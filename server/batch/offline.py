@@ -103,7 +103,8 @@ def main(args, limits, mesh=None) -> dict:
     print(f"run-batch: {what} as {name!r}; warming up", file=sys.stderr, flush=True)
     engine.warmup(progress=not args.no_progress)
     info = ModelInfo(name=name, vocab_size=engine.config.vocab_size, context_length=engine.context_length,
-                     fim=bool(engine.config.fim), limits=engine.limits, tokenizer=engine.tokenizer)
+                     fim=bool(engine.config.fim), fim_order=engine.config.fim_order, limits=engine.limits,
+                     tokenizer=engine.tokenizer)
     try:
         return run_batch(engine, info, args.input, args.output, window=args.window or None,
                          progress=not args.no_progress)
