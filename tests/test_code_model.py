@@ -21,7 +21,7 @@ import pytest
 import pgpt_jax
 from pgpt_jax.checkpoint import EMBEDDED_DIR, EMBEDDED_MODELS, EMBEDDED_NAME, load_model
 from pgpt_jax.config import CODE_VOCAB, EOS_ID, FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX
-from pgpt_jax.request import RequestError
+from pgpt_jax.request import RequestError, fim_prompt
 from pgpt_jax.tokenizer import tokenizer_for
 from test_embedded_model import _greedy as embedded_greedy  # argmax by full forward passes
 from test_embedded_model import assert_loads_by_name, checkpoint_files, heldout_loss, run_in_checkout
@@ -55,8 +55,8 @@ def heldout():
 
 def test_default_model_is_the_shipped_pgpt_code(code):
     cfg = code.config
-    assert (cfg.name, cfg.fim, cfg.space_tokens, cfg.vocab_size, cfg.n_positions) == (
-        EMBEDDED_NAME, True, True, CODE_VOCAB, 1024)
+    assert (cfg.name, cfg.fim, cfg.space_tokens, cfg.vocab_size, cfg.n_positions, cfg.fim_order) == (
+        EMBEDDED_NAME, True, True, CODE_VOCAB, 1024, "psm")
     assert EMBEDDED_NAME == "pgpt-code" and EMBEDDED_DIR == EMBEDDED_MODELS["pgpt-code"]
     assert_loads_by_name(code, "pgpt-code")
 
@@ -83,12 +83,12 @@ def test_greedy_output_is_deterministic_code(code, tok):
 
 
 def test_suffix_fills_the_hole_so_that_the_parts_join(code, tok):
-    """A request with `suffix` (prefix-suffix-middle) gets a middle that joins prefix and suffix into
+    """A request with `suffix` (arranged in the model's order, prefix-suffix-middle) gets a middle that joins prefix and suffix into
     Python that parses, with a statement after the docstring (the card's sample: `return b`,
     then blank lines; the middle does not end there, so the request is cut at 8 tokens); the
     engine's greedy middle is the argmax of full forward passes over the text tokens, the FIM
     control tokens left out."""
-    ids = [FIM_PREFIX, *tok.encode(HOLE_PREFIX), FIM_SUFFIX, *tok.encode(HOLE_SUFFIX), FIM_MIDDLE]
+    ids = fim_prompt(tok.encode(HOLE_PREFIX), tok.encode(HOLE_SUFFIX), True, code.config.fim_order)
     expected = _greedy(code, ids, 8, banned=FIM_IDS)
     (choice,) = pgpt_jax.generate(code, HOLE_PREFIX, suffix=HOLE_SUFFIX, max_tokens=8, temperature=0.0)
     assert choice.token_ids == expected
