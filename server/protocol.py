@@ -399,7 +399,8 @@ def parse_completion(data: Any, info: ModelInfo, deployment: Optional[str] = Non
                       "one request may ask for.", param="best_of" if body.best_of is not None else "n")
     for ids in prompts:
         if suffix_ids is not None:
-            requests.append(Request(prompt=fim_prompt(ids, suffix_ids, info.fim, info.fim_order), echo_prompt=ids, **common))
+            arranged = fim_prompt(ids, suffix_ids, info.fim, info.fim_order)
+            requests.append(Request(prompt=arranged, echo_prompt=ids, **common))
         else:
             requests.append(Request(prompt=ids, **common))
     return Job("completion", model, requests, n=n, stream=stream, include_usage=include_usage,

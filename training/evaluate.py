@@ -292,8 +292,8 @@ def main(argv=None) -> dict:
         res = infill_score(model, cases, order=order)
         exact = sum(r["exact"] for r in res)
         key = "infill" if k == 0 else f"infill_{order}"
-        report[key] = {"order": order, "cases": len(cases), "exact": exact, "exact_rate": round(exact / len(cases), 4),
-                       "stopped": sum(r["finish"] == "stop" for r in res)}
+        report[key] = {"order": order, "cases": len(cases), "exact": exact,
+                       "exact_rate": round(exact / len(cases), 4), "stopped": sum(r["finish"] == "stop" for r in res)}
         first = sum(r["first_line"] for r in res)
         nats = line_nats(model, cases, order=order)
         fim_n, plain_n, count = (sum(x[i] for x in nats) for i in range(3))
