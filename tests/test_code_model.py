@@ -85,10 +85,9 @@ def test_greedy_output_is_deterministic_code(code, tok):
 def test_suffix_fills_the_hole_so_that_the_parts_join(code, tok):
     """A request with `suffix` (arranged in the model's order, prefix-suffix-middle) gets a middle
     that joins prefix and suffix into Python that parses, with a statement after the docstring
-    (the card's sample: `return b`,
-    then blank lines; the middle does not end there, so the request is cut at 8 tokens); the
-    engine's greedy middle is the argmax of full forward passes over the text tokens, the FIM
-    control tokens left out."""
+    (the card's sample: `return b`, then blank lines; the middle does not end there, so the
+    request is cut at 8 tokens); the engine's greedy middle is the argmax of full forward passes
+    over the text tokens, the FIM control tokens left out."""
     ids = fim_prompt(tok.encode(HOLE_PREFIX), tok.encode(HOLE_SUFFIX), True, code.config.fim_order)
     expected = _greedy(code, ids, 8, banned=FIM_IDS)
     (choice,) = pgpt_jax.generate(code, HOLE_PREFIX, suffix=HOLE_SUFFIX, max_tokens=8, temperature=0.0)

@@ -12,8 +12,8 @@ Everything is measured on modules the model never saw (training/data.py's hash s
   that compares models whose tokenizers differ.
 - *Single-line infill*: `--infill` non-blank held-out lines; the prompt is up to 600 tokens
   before the line, the suffix up to 300 tokens after it, in the model's FIM order (as a
-  request with `suffix` sends it; `--orders psm,spm` measures both); greedy; the middle must equal the line (one trailing newline
-  allowed), within 64 tokens. Also reported: how often the middle's first line is the line
+  request with `suffix` sends it; `--orders psm,spm` measures both); greedy; the middle
+  must equal the line (one trailing newline allowed), within 64 tokens. Also reported: how often the middle's first line is the line
   (the middle may run on), and whether the model uses the suffix at all: the true line's
   teacher-forced nats/token after the FIM prompt against after the prefix alone.
 - *Function bodies*: `--bodies` held-out functions with a docstring and a body; the prompt
