@@ -13,12 +13,20 @@ Implementations (the same numbers up to rounding; `tests/test_attention.py` hold
           (decode steps at 8-32 rows 2-23% faster on CPU, docs/benchmarks.md). Blocks past
           a row's position add exact zeros, so a row's output does not depend on its
           neighbours.
+  kernel  decode (T = 1; prompts run einsum) through a native CPU kernel (cpu_kernels.py, a
+          jax.ffi custom call built from pgpt_jax/kernels/decode_attention.cc on first use):
+          each row's entries 0..its position read where they lie, one pass over the keys and
+          one over the values, (row, head) pairs split over XLA's threads; 3-4x faster than
+          blocked at 8-32 rows (docs/benchmarks.md). The CPU default for every decode call in
+          float32 on one device, when the kernel builds; a mesh of several devices keeps
+          blocked (XLA cannot split a custom call's operands over a mesh).
   xla     `jax.nn.dot_product_attention(implementation="xla")`: JAX's reference path (what
           the fused kernels are checked against on CPU).
   cudnn   `jax.nn.dot_product_attention(implementation="cudnn")`: cuDNN's fused (flash)
           kernel. GPU only, bfloat16/float16, head_dim a multiple of 8 up to 128.
-  auto    cudnn for prompts (T > 1) on a GPU when the dtype and head size allow it, blocked
-          for decode of 8 rows or more on CPU, einsum for everything else. Decode stays on
+  auto    cudnn for prompts (T > 1) on a GPU when the dtype and head size allow it; on CPU
+          kernel for decode in float32 on one device, else blocked for decode of 8 rows or
+          more; einsum for everything else. Decode stays on
           einsum even on a GPU until measured: the kernels take keys as [B, W, N, H], so
           each decode step would first copy the window out of the [S, N, L, H] cache
           (twice the KV bytes of a step). TPU: the Pallas kernels JAX ships are not wired
@@ -38,10 +46,13 @@ import logging
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from pgpt_jax import cpu_kernels
 
 log = logging.getLogger(__name__)
 
-IMPLEMENTATIONS = ("auto", "einsum", "blocked", "xla", "cudnn")
+IMPLEMENTATIONS = ("auto", "einsum", "blocked", "kernel", "xla", "cudnn")
 BLOCK = 32  # cache entries a step of the blocked decode loop reads (32 against 16, 64, 128: docs/benchmarks.md)
 BLOCKED_MIN_ROWS = 8  # "auto" decodes fewer rows a call with einsum
 CUDNN_DTYPES = ("bfloat16", "float16")
@@ -52,22 +63,33 @@ def choose(implementation: str, backend: str, dtype, head_dim: int, tokens: int,
     docstring); `tokens` is T, the new tokens per row (1 in decode), `rows` is B."""
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"unknown attention implementation {implementation!r}; choose one of {IMPLEMENTATIONS}")
-    if implementation == "blocked" and tokens > 1:
-        return "einsum"  # a decode path: prompts run einsum
+    if implementation in ("blocked", "kernel") and tokens > 1:
+        return "einsum"  # decode paths: prompts run einsum
+    if implementation == "kernel" and not kernel_fits(backend, dtype):
+        return "blocked"
     if implementation != "auto":
         return implementation
     if backend == "gpu" and tokens > 1 and cudnn_fits(dtype, head_dim):
         return "cudnn"
+    if tokens == 1 and kernel_fits(backend, dtype) and jax.device_count() == 1:
+        return "kernel"
     if backend == "cpu" and tokens == 1 and rows >= BLOCKED_MIN_ROWS:
         return "blocked"
     return "einsum"
 
 
 def reads_in_blocks(implementation: str, backend: str, dtype, head_dim: int, rows: int, window: int) -> bool:
-    """Whether a decode call of `rows` rows reads the cache in blocks (`_blocked`) at this
-    static window. Such a call reads as many blocks as the positions need, whatever its
-    window, so the scheduler gives these calls one window, the context (scheduler.py)."""
-    return choose(implementation, backend, dtype, head_dim, 1, rows) == "blocked" and _blocks_fit(window)
+    """Whether a decode call of `rows` rows reads only what its rows' positions need (the
+    blocked path's blocks, the kernel's entries) at this static window. Such a call costs
+    the same whatever its window, so the scheduler gives these calls one window, the
+    context (scheduler.py)."""
+    chosen = choose(implementation, backend, dtype, head_dim, 1, rows)
+    return chosen == "kernel" or (chosen == "blocked" and _blocks_fit(window))
+
+
+def kernel_fits(backend: str, dtype) -> bool:
+    """Whether the native decode kernel takes this call: float32 on CPU, the kernel built."""
+    return backend == "cpu" and jnp.dtype(dtype) == jnp.float32 and cpu_kernels.available()
 
 
 def cudnn_fits(dtype, head_dim: int) -> bool:
@@ -82,7 +104,10 @@ def attend_cache(q, k_cache, v_cache, positions, window: int, implementation: st
     The blocked decode path reads the cache where it lies; the others take the window out
     of it first (a copy on CPU)."""
     B, T, N, H = q.shape
-    if choose(implementation, jax.default_backend(), q.dtype, H, T, B) == "blocked" and _blocks_fit(window):
+    chosen = choose(implementation, jax.default_backend(), q.dtype, H, T, B)
+    if chosen == "kernel" and k_cache.dtype == v_cache.dtype == jnp.float32:
+        return _kernel(q, k_cache, v_cache, positions, window)
+    if chosen in ("kernel", "blocked") and _blocks_fit(window):
         return _blocked(q, k_cache, v_cache, positions, window)
     keys, values = k_cache[:B, :, :window], v_cache[:B, :, :window]  # [B, N, W, H]
     return attend(q, keys, values, positions, implementation)
@@ -93,7 +118,9 @@ def attend(q, keys, values, positions, implementation: str = "auto"):
     i32[B, T] -> y [B, T, N, H] in q's dtype: each query attends to entries 0..its position."""
     B, T, N, H = q.shape
     chosen = choose(implementation, jax.default_backend(), q.dtype, H, T, B)
-    if chosen == "blocked":
+    if chosen == "kernel" and keys.dtype == values.dtype == jnp.float32:
+        return _kernel(q, keys, values, positions, keys.shape[2])
+    if chosen in ("kernel", "blocked"):
         W = keys.shape[2]
         return _blocked(q, keys, values, positions, W) if _blocks_fit(W) else _einsum(q, keys, values, positions)
     if chosen == "einsum":
@@ -173,6 +200,16 @@ def _blocked(q, k_cache, v_cache, positions, window: int):
     init = (jnp.full((B, N), lowest), jnp.zeros((B, N)), jnp.zeros((B, N, H)))
     _, total, acc = jax.lax.fori_loop(0, blocks, block, init)
     return (acc / total[..., None])[:, None].astype(q.dtype)
+
+
+def _kernel(q, k_cache, v_cache, positions, window: int):
+    """Decode attention (T = 1) by the native CPU kernel over the first B rows of the float32
+    cache ([S, N, L, H]): row b reads entries 0..min(its position, window - 1)."""
+    B, _, N, H = q.shape
+    call = jax.ffi.ffi_call(cpu_kernels.DECODE_ATTENTION, jax.ShapeDtypeStruct((B, N, H), jnp.float32))
+    y = call(q[:, 0].astype(jnp.float32), k_cache, v_cache, positions[:, 0].astype(jnp.int32),
+             window=np.int64(window), scale=np.float32(H**-0.5))
+    return y[:, None].astype(q.dtype)
 
 
 def _fused(q, keys, values, positions, implementation: str):

@@ -17,6 +17,8 @@ from typing import Optional
 import jax
 from flax import nnx
 
+from pgpt_jax.cpu_kernels import cpu_fingerprint, user_cache_dir
+
 # --------------------------------------------------------------------------- compiler settings
 
 
@@ -59,26 +61,9 @@ def chosen_options() -> dict:
     return {"default": _choice["default"], "decode": dict(_choice["decode"])}
 
 
-def cpu_fingerprint() -> str:
-    """A short id of this machine's CPU (model name and instruction-set flags): compiled CPU
-    code is only valid on CPUs with the features it was compiled for."""
-    import hashlib
-    import platform
-
-    text = platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            lines = [ln for ln in f if ln.startswith(("model name", "flags", "Features", "CPU part"))]
-        text += "".join(sorted(set(lines)))
-    except OSError:
-        text += platform.processor()
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
-
-
 def default_compile_cache_dir() -> str:
     """$XDG_CACHE_HOME (or ~/.cache)/pgpt-jax/xla/<cpu fingerprint>."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "pgpt-jax", "xla", cpu_fingerprint())
+    return user_cache_dir("xla", cpu_fingerprint())
 
 
 def use_compile_cache(directory: str) -> None:

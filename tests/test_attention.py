@@ -1,4 +1,5 @@
-"""Attention implementations agree: our einsum path, the blocked decode path and
+"""Attention implementations agree: our einsum path, the blocked decode path, the native CPU
+decode kernel and
 `jax.nn.dot_product_attention` (its XLA implementation, the one that runs on CPU) on prefill
 and decode shapes over a cache, in float32 and within bfloat16 tolerance; the whole model's
 logits agree under each; "auto" keeps our paths on CPU and picks cuDNN only where it applies."""
@@ -8,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pgpt_jax import attention
+from pgpt_jax import attention, cpu_kernels
 from pgpt_jax.model import forward, init_cache, init_model, set_attention
 
 TOL = {"float32": 1e-5, "bfloat16": 3e-2}
@@ -59,36 +60,39 @@ def _cache_inputs(S, N, L, H, dtype, positions):
     return q, k_cache, v_cache, jnp.asarray(positions, jnp.int32)
 
 
+@pytest.mark.parametrize("impl", ["blocked", "kernel"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_blocked_decode_agrees_over_the_cache(dtype):
+def test_blocked_decode_agrees_over_the_cache(dtype, impl):
     # Three rows of a five-row cache, window 192 (several blocks): one row sees only entry 0,
-    # one ends inside a later block, one at the window's last entry.
+    # one ends inside a later block, one at the window's last entry. (The kernel takes
+    # float32; in bfloat16 "kernel" runs the blocked path.)
     B, S, N, L, H, W = 3, 5, 4, 256, 8, 192
     q, k_cache, v_cache, pos = _cache_inputs(S, N, L, H, dtype, [[0], [70], [191]])
-    blocked = attention.attend_cache(q, k_cache, v_cache, pos, W, "blocked")
+    blocked = attention.attend_cache(q, k_cache, v_cache, pos, W, impl)
     reference = attention.attend(q, k_cache[:B, :, :W], v_cache[:B, :, :W], pos, "xla")
     assert blocked.shape == (B, 1, N, H) and blocked.dtype == jnp.dtype(dtype)
     np.testing.assert_allclose(np.asarray(blocked, np.float32), np.asarray(reference, np.float32),
                                atol=TOL[dtype])
     # The same numbers through `attend` (keys already cut to the window).
     np.testing.assert_array_equal(np.asarray(attention.attend(q, k_cache[:B, :, :W], v_cache[:B, :, :W], pos,
-                                                              "blocked")), np.asarray(blocked))
+                                                              impl)), np.asarray(blocked))
 
 
-def test_blocked_decode_reads_nothing_past_a_row_or_its_batch():
+@pytest.mark.parametrize("impl", ["blocked", "kernel"])
+def test_blocked_decode_reads_nothing_past_a_row_or_its_batch(impl):
     S, N, L, H, W = 4, 2, 256, 8, 256
     q, k_cache, v_cache, pos = _cache_inputs(S, N, L, H, "float32", [[5], [100]])
-    out = np.asarray(attention.attend_cache(q, k_cache, v_cache, pos, W, "blocked"))
+    out = np.asarray(attention.attend_cache(q, k_cache, v_cache, pos, W, impl))
     # Entries past each row's position, later blocks, and rows past B change nothing.
     noisy_k = k_cache.at[0, :, 6:].set(50.0).at[1, :, 101:].set(-50.0).at[2:].set(9.0)
     noisy_v = v_cache.at[0, :, 6:].set(100.0).at[1, :, 101:].set(100.0).at[2:].set(9.0)
-    np.testing.assert_array_equal(np.asarray(attention.attend_cache(q, noisy_k, noisy_v, pos, W, "blocked")), out)
+    np.testing.assert_array_equal(np.asarray(attention.attend_cache(q, noisy_k, noisy_v, pos, W, impl)), out)
     # A row's numbers do not depend on how far its neighbours reach (one block alone, more
     # beside the row at 100): bit for bit, the batch-invariance the seeds rely on.
-    alone = attention.attend_cache(q[:1], k_cache, v_cache, pos[:1], W, "blocked")
+    alone = attention.attend_cache(q[:1], k_cache, v_cache, pos[:1], W, impl)
     np.testing.assert_array_equal(np.asarray(alone)[0], out[0])
     # The window bounds the loop: at window 64 the row at 100 sees entries 0..63 only.
-    cut = attention.attend_cache(q, k_cache, v_cache, pos, 64, "blocked")
+    cut = attention.attend_cache(q, k_cache, v_cache, pos, 64, impl)
     ref = attention.attend(q, k_cache[:2, :, :64], v_cache[:2, :, :64], jnp.minimum(pos, 63), "xla")
     np.testing.assert_allclose(np.asarray(cut), np.asarray(ref), atol=1e-5)
 
@@ -97,7 +101,7 @@ def test_blocked_decode_reads_nothing_past_a_row_or_its_batch():
 def test_model_logits_agree_with_either_implementation(dtype):
     # A prefill of 7 tokens, then 3 decode steps against the cache it wrote, under each.
     cfg_model = {impl: set_attention(init_model("tiny", seed=0, dtype=dtype), impl)
-                 for impl in ("einsum", "blocked", "xla")}
+                 for impl in ("einsum", "blocked", "kernel", "xla")}
     cfg = cfg_model["einsum"].config
     tokens = np.random.default_rng(1).integers(0, cfg.vocab_size, (2, 10)).astype(np.int32)
     out = {}
@@ -111,16 +115,28 @@ def test_model_logits_agree_with_either_implementation(dtype):
             steps.append(logits)
         out[impl] = np.concatenate([np.asarray(s) for s in steps], axis=1)[..., :cfg.vocab_size]
     scale = np.abs(out["einsum"]).max()
-    for impl in ("xla", "blocked"):
+    for impl in ("xla", "blocked", "kernel"):
         np.testing.assert_allclose(out[impl], out["einsum"], atol=TOL[dtype] * max(scale, 1.0))
 
 
+def test_the_native_kernel_builds_here():
+    # This machine (and CI's) has a C++ compiler: a kernel that silently fell back to the XLA
+    # paths would make every CPU figure in docs/benchmarks.md since issue 20 wrong.
+    assert cpu_kernels.available(), cpu_kernels.why_not()
+
+
 def test_auto_choice():
-    # CPU: einsum for prompts, blocked for decode; TPU: einsum; GPU: cuDNN for prompts in
+    # CPU: einsum for prompts, the native kernel for decode in float32 (one device), blocked
+    # for decode of 8 rows or more otherwise; TPU: einsum; GPU: cuDNN for prompts in
     # bf16/fp16 with a head size it takes, einsum for decode.
     assert attention.choose("auto", "cpu", jnp.bfloat16, 64, 16) == "einsum"
-    assert attention.choose("auto", "cpu", jnp.float32, 64, 1, rows=8) == "blocked"
-    assert attention.choose("auto", "cpu", jnp.float32, 64, 1, rows=4) == "einsum"  # one row: einsum's cheaper
+    assert attention.choose("auto", "cpu", jnp.float32, 64, 16) == "einsum"
+    assert attention.choose("auto", "cpu", jnp.float32, 64, 1, rows=8) == "kernel"
+    assert attention.choose("auto", "cpu", jnp.float32, 64, 1, rows=1) == "kernel"
+    assert attention.choose("auto", "cpu", jnp.bfloat16, 64, 1, rows=8) == "blocked"
+    assert attention.choose("auto", "cpu", jnp.bfloat16, 64, 1, rows=4) == "einsum"  # few rows: einsum's cheaper
+    assert attention.choose("kernel", "cpu", jnp.bfloat16, 64, 1) == "blocked"  # the kernel takes float32
+    assert attention.choose("kernel", "gpu", jnp.float32, 64, 1) == "blocked"
     assert attention.choose("auto", "tpu", jnp.float32, 64, 1) == "einsum"
     assert attention.choose("auto", "tpu", jnp.bfloat16, 64, 16) == "einsum"
     assert attention.choose("auto", "gpu", jnp.bfloat16, 64, 16) == "cudnn"
@@ -134,20 +150,23 @@ def test_auto_choice():
 
 
 def test_auto_runs_our_programs_on_cpu(tiny_model):
-    # "auto" must be our CPU paths, not the reference kernel: the same HLO as "blocked" for
-    # decode of 8 rows, as "einsum" for fewer rows, for prompts and for a window the blocks
-    # do not divide.
+    # "auto" must be our CPU paths, not the reference kernel: the same HLO as "kernel" for
+    # decode in float32 (any rows, any window), as "blocked" for decode of 8 rows in
+    # bfloat16 and "einsum" for fewer, and as "einsum" for prompts.
     assert tiny_model.h[0].attn.implementation == "auto"
 
     def hlo(args, impl):
         return jax.jit(lambda q, k, v, p: attention.attend(q, k, v, p, impl)).lower(*args).as_text()
 
     decode = _inputs(8, 1, 4, 128, 16, "float32", [[p] for p in range(3, 11)])
-    assert hlo(decode, "auto") == hlo(decode, "blocked") not in (hlo(decode, "einsum"), hlo(decode, "xla"))
-    few = _inputs(2, 1, 4, 128, 16, "float32", [[3], [9]])
-    assert hlo(few, "auto") == hlo(few, "einsum") != hlo(few, "blocked")
-    odd_window = _inputs(2, 1, 4, 16, 16, "float32", [[3], [9]])
-    assert hlo(odd_window, "auto") == hlo(odd_window, "einsum")
+    assert hlo(decode, "auto") == hlo(decode, "kernel") not in (hlo(decode, "einsum"), hlo(decode, "blocked"))
+    assert cpu_kernels.DECODE_ATTENTION in hlo(decode, "auto")
+    few = _inputs(2, 1, 4, 16, 16, "float32", [[3], [9]])
+    assert hlo(few, "auto") == hlo(few, "kernel") != hlo(few, "einsum")
+    decode16 = _inputs(8, 1, 4, 128, 16, "bfloat16", [[p] for p in range(3, 11)])
+    assert hlo(decode16, "auto") == hlo(decode16, "blocked") != hlo(decode16, "einsum")
+    few16 = _inputs(2, 1, 4, 128, 16, "bfloat16", [[3], [9]])
+    assert hlo(few16, "auto") == hlo(few16, "einsum") != hlo(few16, "blocked")
     prompt = _inputs(2, 4, 4, 16, 16, "float32", [[0, 1, 2, 3], [5, 6, 7, 8]])
     assert hlo(prompt, "auto") == hlo(prompt, "blocked") == hlo(prompt, "einsum") != hlo(prompt, "xla")
     with pytest.raises(ValueError, match="unknown attention"):
@@ -161,9 +180,8 @@ def test_free_slots_do_not_widen_a_decode_calls_reads(tiny_model):
     logprob into NaN (a weight of exactly 0 times NaN)."""
     from pgpt_jax import programs
 
-    graphdef, params, head = programs.program_params(tiny_model)
-    rows = attention.BLOCKED_MIN_ROWS  # the blocked path on CPU
-    assert attention.choose("auto", jax.default_backend(), jnp.float32, 16, 1, rows) == "blocked"
+    graphdef, params, head = programs.program_params(set_attention(init_model("tiny", seed=0), "blocked"))
+    rows = attention.BLOCKED_MIN_ROWS
 
     def call(span):
         state = programs.init_state(tiny_model.config, rows)
