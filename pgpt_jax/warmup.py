@@ -16,6 +16,7 @@ from typing import Callable, Optional
 import jax
 from jax.sharding import Mesh
 
+from pgpt_jax import attention
 from pgpt_jax.prefix_cache import BLOCK_TOKENS
 
 log = logging.getLogger(__name__)
@@ -80,7 +81,12 @@ def choose_options(engine) -> None:
         log.info(engine.options_note)
         return
     cfg = engine.config
-    key = f"{cfg.name}/{cfg.dtype}/slots={engine.slots}/steps={engine.decode_steps}/mesh={_mesh_shape(engine.mesh)}"
+    # The decode attention path is part of what was timed (the native kernel, or XLA's paths
+    # where it is off or unavailable), so a choice is remembered per path.
+    attend = attention.choose(engine.model.h[0].attn.implementation, jax.default_backend(), cfg.dtype,
+                              cfg.head_dim, 1, attention.BLOCKED_MIN_ROWS)
+    key = (f"{cfg.name}/{cfg.dtype}/slots={engine.slots}/steps={engine.decode_steps}/mesh={_mesh_shape(engine.mesh)}"
+           f"/attention={attend}")
     choice = xla_options.remembered_choice(key)
     if choice is not None:
         xla_options.choose_options(choice["default"], choice["decode"])
