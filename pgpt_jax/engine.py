@@ -255,8 +255,8 @@ class Engine:
         follow(self.executor, self.lockstep, self.lockstep_timeout, self.on_fatal)
 
     def _reads_in_blocks(self, rows: int) -> bool:
-        """Whether a decode call of `rows` rows reads the cache in blocks (the scheduler gives
-        those one window: scheduler.py)."""
+        """Whether a decode call of `rows` rows reads only what its positions need (the native
+        kernel, or in blocks; the scheduler gives those one window: scheduler.py)."""
         cfg = self.config
         return attention.reads_in_blocks(self.model.h[0].attn.implementation, jax.default_backend(), cfg.dtype,
                                          cfg.head_dim, rows, self.context_length)

@@ -11,10 +11,11 @@ nothing compiles after warm-up:
     64, ... up to `slots` (free slots are taken lowest first, so one stream pays for one row); a
     data axis that splits the slots over devices makes every program run all of them;
   - attention windows: 128, 256, ... up to the context, the smallest that covers the
-    longest occupied row after this call's steps. Row buckets whose decode reads the cache
-    in blocks (`blocked`: attention.py's blocked path, 8 rows or more on CPU) take one
-    window, the context: such a call reads as many blocks as its span needs whatever its
-    window, so a program per window would only add compiles (no slower, measured in
+    longest occupied row after this call's steps. Row buckets whose decode reads only what
+    the positions need (`blocked`: attention.py's native kernel, every bucket on CPU where it
+    builds; else its blocked path, 8 rows or more) take one window, the context: such a call
+    reads what its positions and span need whatever its window, so a program per window would
+    only add compiles (no slower, measured in
     docs/benchmarks.md). A Verify computes its window in full and keeps the buckets.
 
 Two queues: interactive choices (`waiting`) get free slots before background (batch) ones

@@ -368,21 +368,30 @@ def test_no_recompile_after_warmup(which, request):
     assert engine.compile_count == count
 
 
-def test_rows_read_in_blocks_decode_at_one_window(monkeypatch):
-    """On CPU, "auto" attention reads the cache in blocks for decode calls of 8 rows or more
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "no-kernel"])
+def test_rows_read_in_blocks_decode_at_one_window(monkeypatch, kernel):
+    """On CPU, "auto" attention reads only what the rows' positions need for every decode call
+    in float32 when the native kernel is built, and else in blocks for calls of 8 rows or more
     (attention.py), so those calls take the context as their window: 8 rows decoding from
     position 100 past 128 run one decode shape, (8 rows, 256), their span growing, and warm-up
-    compiles that one shape for the bucket (every window for the smaller buckets). (The
-    module's tiny model has a single window; this one has two. No warm-up: compiles only
-    what the requests run; test_scheduler.py checks every shape a decode call can take is
-    among those warm-up compiles.)"""
+    compiles that one shape for those buckets (every window for the others). (The module's
+    tiny model has a single window; this one has two. No warm-up: compiles only what the
+    requests run; test_scheduler.py checks every shape a decode call can take is among those
+    warm-up compiles.)"""
+    from pgpt_jax import cpu_kernels
     from pgpt_jax.config import GPTConfig
 
+    if not kernel:
+        monkeypatch.setattr(cpu_kernels, "available", lambda: False)  # no compiler: XLA's paths
     model = init_model(GPTConfig(n_layer=1, n_head=2, n_embd=32, n_positions=256, name="tiny-256"))
     eng = Engine(model, get_tokenizer(), slots=8, decode_steps=1, min_bucket=128)
     sched = eng.scheduler
-    assert sched.windows == (128, 256) and sched.blocked_rows == {8}
-    assert sched.decode_shapes() == [(1, 128), (1, 256), (4, 128), (4, 256), (8, 256)]
+    if kernel:
+        assert sched.windows == (128, 256) and sched.blocked_rows == {1, 4, 8}
+        assert sched.decode_shapes() == [(1, 256), (4, 256), (8, 256)]
+    else:
+        assert sched.windows == (128, 256) and sched.blocked_rows == {8}
+        assert sched.decode_shapes() == [(1, 128), (1, 256), (4, 128), (4, 256), (8, 256)]
     decodes, real = [], eng.executor.run
 
     def recording(op):

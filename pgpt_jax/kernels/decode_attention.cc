@@ -83,6 +83,7 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
   w->q = q.typed_data(); w->k = k_cache.typed_data(); w->v = v_cache.typed_data();
   w->pos = positions.typed_data(); w->out = out->typed_data();
   const int64_t pairs = w->B * w->N;
+  if (pairs == 0 || w->H == 0) return ffi::Error::Success();
   const int64_t helpers = std::min<int64_t>(pool.num_threads(), 64);
   w->chunks = std::min<int64_t>(pairs, 4 * (helpers + 1));
   w->per_chunk = (pairs + w->chunks - 1) / w->chunks;
