@@ -16,8 +16,8 @@ Implementations (the same numbers up to rounding; `tests/test_attention.py` hold
   kernel  decode (T = 1; prompts run einsum) through a native CPU kernel (cpu_kernels.py, a
           jax.ffi custom call built from pgpt_jax/kernels/decode_attention.cc on first use):
           each row's entries 0..its position read where they lie, one pass over the keys and
-          one over the values, (row, head) pairs split over XLA's threads; 3-4x faster than
-          blocked at 8-32 rows (docs/benchmarks.md). The CPU default for every decode call in
+          one over the values, (row, head) pairs split over XLA's threads; attention 2.5-4.5x
+          faster than blocked at 8-32 rows (docs/benchmarks.md). The CPU default for every decode call in
           float32 on one device, when the kernel builds; a mesh of several devices keeps
           blocked (XLA cannot split a custom call's operands over a mesh).
   xla     `jax.nn.dot_product_attention(implementation="xla")`: JAX's reference path (what
@@ -101,8 +101,8 @@ def attend_cache(q, k_cache, v_cache, positions, window: int, implementation: st
     """Attention of q [B, T, N, H] over the first `window` (static) entries of the cache's
     first B rows (k_cache, v_cache [S, N, L, H], S >= B, L >= window) -> y [B, T, N, H].
 
-    The blocked decode path reads the cache where it lies; the others take the window out
-    of it first (a copy on CPU)."""
+    The kernel and the blocked decode path read the cache where it lies; the others take the
+    window out of it first (a copy on CPU)."""
     B, T, N, H = q.shape
     chosen = choose(implementation, jax.default_backend(), q.dtype, H, T, B)
     if chosen == "kernel" and k_cache.dtype == v_cache.dtype == jnp.float32:
