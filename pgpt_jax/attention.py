@@ -89,7 +89,7 @@ def reads_in_blocks(implementation: str, backend: str, dtype, head_dim: int, row
 
 def kernel_fits(backend: str, dtype) -> bool:
     """Whether the native decode kernel takes this call: float32 on CPU, the kernel built."""
-    return backend == "cpu" and jnp.dtype(dtype) == jnp.float32 and cpu_kernels.available()
+    return backend == "cpu" and jnp.dtype(dtype) == jnp.float32 and cpu_kernels.enabled("attention")
 
 
 def cudnn_fits(dtype, head_dim: int) -> bool:

@@ -1,16 +1,21 @@
 """Native kernels for XLA:CPU, built from C++ source on this machine at first use.
 
-XLA:CPU runs decode attention as multiply and reduce fusions over dynamic slices of the
-cache, at a quarter of the memory speed or less (docs/benchmarks.md, issue 20). The one
-kernel here, `decode_attention` (pgpt_jax/kernels/decode_attention.cc), is a `jax.ffi`
-custom call: it reads each row's cache entries up to that row's position where they lie,
-splitting (row, head) pairs over XLA's intra-op threads.
+Two `jax.ffi` custom calls, each split over XLA's intra-op threads (docs/benchmarks.md):
 
-The source is compiled with the system's C++ compiler (`$CXX`, else g++, c++ or clang++)
+  pgpt_decode_attention  (kernels/decode_attention.cc) XLA:CPU runs decode attention as
+          multiply and reduce fusions over dynamic slices of the cache, at a quarter of the
+          memory speed or less; this reads each row's cache entries up to that row's
+          position where they lie (attention.py).
+  pgpt_dense  (kernels/dense.cc) XLA:CPU's dots repack the weights on every call, and at
+          the few rows of a decode step stream them at half the speed a one-row product
+          gets; this multiplies by weights packed once, at load, in column panels (dense.py).
+
+The sources are compiled with the system's C++ compiler (`$CXX`, else g++, c++ or clang++)
 for this CPU (`-march=native`) against the XLA FFI headers jaxlib ships, into
 `$XDG_CACHE_HOME/pgpt-jax/kernels/` (a few seconds, once per source, compiler, jaxlib and CPU),
 then loaded and registered. Without a compiler, or with `PGPT_CPU_KERNELS=0`, `available()`
-is False and attention keeps its XLA paths (attention.py); the reason is logged once.
+is False and attention and dense layers keep their XLA paths; the reason is logged once.
+`PGPT_CPU_KERNELS=attention` (or `dense`) turns on only the one named (`enabled`).
 """
 
 from __future__ import annotations
@@ -30,8 +35,9 @@ import jax
 
 log = logging.getLogger(__name__)
 
-SOURCE = pathlib.Path(__file__).parent / "kernels" / "decode_attention.cc"
-DECODE_ATTENTION = "pgpt_decode_attention"  # the FFI target's name
+SOURCES = tuple(pathlib.Path(__file__).parent / "kernels" / name for name in ("decode_attention.cc", "dense.cc"))
+DECODE_ATTENTION = "pgpt_decode_attention"  # the FFI targets' names
+DENSE = "pgpt_dense"
 FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC", "-w")
 
 _lock = threading.Lock()
@@ -68,8 +74,16 @@ def available() -> bool:
                 _loaded = True
             except Exception as exc:  # no compiler, a failed build, a refused library
                 _loaded, _why_not = False, f"{type(exc).__name__}: {exc}"
-                log.warning("native CPU kernels unavailable (%s); attention uses its XLA paths", _why_not)
+                log.warning("native CPU kernels unavailable (%s); attention and dense layers use XLA's paths",
+                            _why_not)
         return _loaded
+
+
+def enabled(kernel: str) -> bool:
+    """Whether the kernel named ("attention" or "dense") is to be used: the kernels available
+    and `PGPT_CPU_KERNELS` unset, "1", or a comma-separated list that names it."""
+    wanted = os.environ.get("PGPT_CPU_KERNELS", "1")
+    return (wanted == "1" or kernel in wanted.split(",")) and available()
 
 
 def why_not() -> str:
@@ -86,19 +100,19 @@ def _compiler() -> str:
 
 
 def _build() -> pathlib.Path:
-    """The shared library for this source, compiler, jaxlib and CPU: from the cache, else built."""
+    """The shared library for these sources, compiler, jaxlib and CPU: from the cache, else built."""
     if os.environ.get("PGPT_CPU_KERNELS", "1") == "0":
         raise RuntimeError("PGPT_CPU_KERNELS=0")
     cxx = _compiler()
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(FLAGS), version, jax.__version__,
+    key = hashlib.sha256("\0".join([*(s.read_text() for s in SOURCES), " ".join(FLAGS), version, jax.__version__,
                                     cpu_fingerprint()]).encode()).hexdigest()[:16]
-    out = pathlib.Path(user_cache_dir("kernels")) / f"decode_attention-{key}.so"
+    out = pathlib.Path(user_cache_dir("kernels")) / f"pgpt-kernels-{key}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
-    cmd = [cxx, *FLAGS, "-I", jax.ffi.include_dir(), str(SOURCE), "-o", str(tmp)]
+    cmd = [cxx, *FLAGS, "-I", jax.ffi.include_dir(), *map(str, SOURCES), "-o", str(tmp)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed: {done.stderr.strip()[-2000:]}")
@@ -109,3 +123,4 @@ def _build() -> pathlib.Path:
 def _register(path: pathlib.Path) -> None:
     lib = ctypes.cdll.LoadLibrary(str(path))
     jax.ffi.register_ffi_target(DECODE_ATTENTION, jax.ffi.pycapsule(lib.PgptDecodeAttention), platform="cpu")
+    jax.ffi.register_ffi_target(DENSE, jax.ffi.pycapsule(lib.PgptDense), platform="cpu")

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from pgpt_jax import attention
+from pgpt_jax import attention, dense
 from pgpt_jax.config import GPTConfig
 
 KVCache = tuple[tuple[jax.Array, jax.Array], ...]
@@ -51,14 +51,24 @@ class Attention(nnx.Module):
         # HF's [D, 3D] kernel holds [q | k | v], each N x H: the same numbers as [D, 3, N, H].
         # Read that way (free for either stored shape, see `split_qkv`), a mesh that splits N
         # keeps each head's q, k and v on one shard, and slicing them apart moves nothing.
-        qkv = jnp.einsum("BTD,DCNH->BTCNH", x, w.reshape(D, 3, N, H)) + b.reshape(3, N, H)
+        if dense.is_packed(w):  # the programs' CPU copy (dense.py): no mesh to split over
+            qkv = (dense.matmul(x, w) + b.reshape(3 * D)).reshape(B, T, 3, N, H)
+        else:
+            qkv = jnp.einsum("BTD,DCNH->BTCNH", x, w.reshape(D, 3, N, H)) + b.reshape(3, N, H)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, T, N, H] each
         k_cache, v_cache = (_write(c, a, positions) for c, a in zip(kv, (k, v)))
         # The cache may hold more rows than x (decode runs the occupied prefix of the slots):
         # this block's rows are the cache's first B.
         y = attention.attend_cache(q, k_cache, v_cache, positions, window, self.implementation)  # [B, T, N, H]
         y = y.reshape(B, T, D)
-        return self.c_proj(y), (k_cache, v_cache)
+        return _linear(self.c_proj, y), (k_cache, v_cache)
+
+
+def _linear(layer: nnx.Linear, x):
+    """`layer(x)`, its kernel either HF's [in, out] or packed (`dense.matmul`)."""
+    w, b = layer.kernel[...], layer.bias[...]
+    x, w, b = layer.promote_dtype((x, w, b), dtype=layer.dtype)
+    return dense.matmul(x, w) + b
 
 
 def _write(cache, new, positions):
@@ -84,7 +94,7 @@ class MLP(nnx.Module):
         self.c_proj = nnx.Linear(4 * cfg.n_embd, cfg.n_embd, **kw)
 
     def __call__(self, x):
-        return self.c_proj(jax.nn.gelu(self.c_fc(x), approximate=True))
+        return _linear(self.c_proj, jax.nn.gelu(_linear(self.c_fc, x), approximate=True))
 
 
 class Block(nnx.Module):
@@ -132,13 +142,14 @@ class GPT(nnx.Module):
     def logits(self, hidden, head=None):
         """hidden [..., D] -> f32 logits [..., V] (tied embedding); padded entries are -inf.
 
-        `head` is `lm_head(model)`, the embedding already transposed to [D, V]: on CPU a
-        product against the [V, D] table transposes it on every call (2x slower at 32 rows).
+        `head` is `lm_head(model)`, the embedding already transposed to [D, V] (on CPU a
+        product against the [V, D] table transposes it on every call: 2x slower at 32 rows),
+        or that packed (`dense.pack_params`).
         """
         if head is None:
             logits = self.wte.attend(hidden)
         else:
-            logits = jnp.dot(hidden.astype(head.dtype), head)
+            logits = dense.matmul(hidden.astype(head.dtype), head)
         logits = logits.astype(jnp.float32)
         real = jnp.arange(logits.shape[-1]) < self.config.vocab_size
         return jnp.where(real, logits, -jnp.inf)

@@ -43,7 +43,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from pgpt_jax import sampling, sharding
+from pgpt_jax import dense, sampling, sharding
 from pgpt_jax.xla_options import StaticGraph, merge
 from pgpt_jax.xla_options import program as _program
 from pgpt_jax.model import init_cache, lm_head, split_qkv
@@ -87,7 +87,7 @@ def _constrain(state: DecodeState, outs: tuple, mesh: Optional[Mesh]):
     return state, outs
 
 
-def program_params(model, mesh: Optional[Mesh] = None):
+def program_params(model, mesh: Optional[Mesh] = None, *, packed: Optional[bool] = None):
     """(graphdef, params, head): the model split for the programs (its GraphDef as a
     `StaticGraph`), and its transposed LM head.
 
@@ -96,7 +96,9 @@ def program_params(model, mesh: Optional[Mesh] = None):
     reshape), so that a mesh splits it by head. On CPU, params stored narrower than the
     compute dtype are upcast: XLA:CPU has no native bf16 matmul and would convert stored
     bf16 weights on every call (the embedded model ships bf16). With a mesh, params land on
-    their shardings (already-placed ones stay).
+    their shardings (already-placed ones stay). Where the native dense kernel fits (one CPU
+    device, float32; `dense.fits`) or `packed` says so, the dense weights and the head are
+    packed in its column panels (`dense.pack_params`).
     """
     graphdef, params = nnx.split(model)
     graphdef = StaticGraph(graphdef)  # hashed once, not on every call
@@ -111,7 +113,16 @@ def program_params(model, mesh: Optional[Mesh] = None):
     # from serving's.
     params = jax.device_put(params, sharding.param_shardings(params, mesh) if mesh is not None
                             else jax.local_devices()[0])
-    return graphdef, params, transposed_head(graphdef, params, mesh=mesh)
+    head = transposed_head(graphdef, params, mesh=mesh)
+    if dense.fits(model.config.dtype, mesh) if packed is None else packed:
+        params, head = _packed(params, head)
+    return graphdef, params, head
+
+
+@jax.jit
+def _packed(params, head):
+    """Dense weights in the kernel's panels (`dense.pack_params`), once, at load."""
+    return dense.pack_params(params, head)
 
 
 # --------------------------------------------------------------------------- programs
@@ -179,16 +190,24 @@ def head_logprobs(hidden, head, ids, k: int, vocab_size: int, never=()):
     from memory, three times); a block at a time they cost about nothing beside the matmul
     (docs/benchmarks.md, "Scoring"). Whole vocabulary only (no `model` split of V).
     """
-    lead, D, V = ids.shape, hidden.shape[-1], head.shape[-1]
+    packed = dense.is_packed(head)  # [V / PANEL, D, PANEL]: blocks of whole panels
+    lead, D = ids.shape, hidden.shape[-1]
+    V = head.shape[0] * dense.PANEL if packed else head.shape[-1]
     h = hidden.reshape(-1, D).astype(head.dtype)  # [N, D]
     flat = ids.reshape(-1)
-    C = next(c for c in range(min(HEAD_BLOCK, V), 0, -1) if V % c == 0)
+    unit = dense.PANEL if packed else 1
+    C = next(c for c in range(min(HEAD_BLOCK, V), 0, -1) if V % c == 0 and c % unit == 0)
     never = jnp.asarray(never, jnp.int32)
+
+    def columns(off):  # the head's columns off..off+C-1
+        if packed:
+            return jax.lax.dynamic_slice_in_dim(head, off // unit, C // unit, axis=0)
+        return jax.lax.dynamic_slice_in_dim(head, off, C, axis=1)
 
     def step(i, carry):
         m, s, best, first, own = carry
         off = i * C
-        x = jnp.dot(h, jax.lax.dynamic_slice_in_dim(head, off, C, axis=1)).astype(jnp.float32)  # [N, C]
+        x = dense.matmul(h, columns(off)).astype(jnp.float32)  # [N, C]
         col = jax.lax.broadcasted_iota(jnp.int32, x.shape, 1) + off
         x = jnp.where(col < vocab_size, x, -jnp.inf)  # padded vocabulary
         shown = jnp.where(jnp.isin(col, never), -jnp.inf, x) if never.size else x

@@ -16,7 +16,7 @@ from typing import Callable, Optional
 import jax
 from jax.sharding import Mesh
 
-from pgpt_jax import attention
+from pgpt_jax import attention, dense
 from pgpt_jax.prefix_cache import BLOCK_TOKENS
 
 log = logging.getLogger(__name__)
@@ -81,12 +81,14 @@ def choose_options(engine) -> None:
         log.info(engine.options_note)
         return
     cfg = engine.config
-    # The decode attention path is part of what was timed (the native kernel, or XLA's paths
-    # where it is off or unavailable), so a choice is remembered per path.
+    # The decode attention path and the dense layers' (the native kernels, or XLA's paths
+    # where they are off or unavailable) are part of what was timed, so a choice is
+    # remembered per pair of paths.
     attend = attention.choose(engine.model.h[0].attn.implementation, jax.default_backend(), cfg.dtype,
                               cfg.head_dim, 1, attention.BLOCKED_MIN_ROWS)
+    products = "packed" if dense.fits(cfg.dtype, engine.mesh) else "xla"
     key = (f"{cfg.name}/{cfg.dtype}/slots={engine.slots}/steps={engine.decode_steps}/mesh={_mesh_shape(engine.mesh)}"
-           f"/attention={attend}")
+           f"/attention={attend}/dense={products}")
     choice = xla_options.remembered_choice(key)
     if choice is not None:
         xla_options.choose_options(choice["default"], choice["decode"])

@@ -23,6 +23,12 @@ With `--context-window`, the blocked path is timed with the window the scheduler
 would give and with the whole context as the window (the span, position + 2, in both):
 whether a call of blocked rows needs a program per window bucket. Each program's compile
 time is printed too.
+
+    python scripts/bench_attention.py --preset gpt2 --rows 1,8,32 --positions 60,500 --dense
+
+With `--dense`, attention is "auto" in both arms and the dense layers are timed as XLA's
+dots on HF's [K, N] weights ("dense=xla") and as the native kernel on packed panels
+("dense=packed", pgpt_jax/dense.py).
 """
 
 from __future__ import annotations
@@ -41,11 +47,12 @@ from pgpt_jax.model import init_model, set_attention
 from pgpt_jax.scheduler import buckets
 
 
-def decode_call(model, rows: int, slots: int, window: int, position: int, span: int = 0, free_at: int = 0):
+def decode_call(model, rows: int, slots: int, window: int, position: int, span: int = 0, free_at: int = 0,
+                packed=None):
     """(call(state) -> state, state): one decode step of the first `rows` of `slots` slots, every
     row at `position` (with `free_at`, every other row at that position instead); `span` as
-    the engine passes it (0: the window)."""
-    graphdef, params, head = programs.program_params(model)
+    the engine passes it (0: the window); `packed` as `programs.program_params` takes it."""
+    graphdef, params, head = programs.program_params(model, packed=packed)
     state = programs.init_state(model.config, slots)
     where = np.full((slots,), position, np.int32)
     if free_at:
@@ -69,9 +76,15 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--free-at", type=int, default=0, help="free slots ran on to this position: span=window vs need")
     ap.add_argument("--context-window", action="store_true", help="blocked: the bucket's window vs the context's")
+    ap.add_argument("--dense", action="store_true", help="dense layers: XLA's dots vs the packed kernel")
     args = ap.parse_args()
     impls = args.attention.split(",")
-    if args.context_window:
+    packed = {}
+    if args.dense:
+        impls = ["dense=xla", "dense=packed"]
+        packed = {"dense=xla": False, "dense=packed": True}
+        models = dict.fromkeys(impls, init_model(args.preset, dtype="float32"))
+    elif args.context_window:
         impls = ["window=bucket", "window=context"]
         blocked = set_attention(init_model(args.preset, dtype="float32"), "blocked")
         models = dict.fromkeys(impls, blocked)
@@ -93,7 +106,7 @@ def main() -> None:
             for impl in impls:
                 t0 = time.perf_counter()
                 calls[impl] = decode_call(models[impl], rows, args.slots, shape[impl], position, spans.get(impl, 0),
-                                          args.free_at)
+                                          args.free_at, packed.get(impl))
                 compile_s[impl] = round(time.perf_counter() - t0, 1)
             best = dict.fromkeys(impls, float("inf"))
             for _ in range(args.rounds):

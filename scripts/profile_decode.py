@@ -10,6 +10,10 @@ three ablations of it, each compiled separately and timed in the same process:
   no-attn     attention over the cache replaced by a no-op (projections kept)
   matmuls     only the model's matmuls: 12 x (c_attn, c_proj, c_fc, mlp c_proj) + LM head
 
+The params are the engine's (`programs.program_params`: on one CPU device in float32 the
+dense weights packed for the native kernel, dense.py); PGPT_CPU_KERNELS=attention profiles
+XLA's dots instead.
+
 and reports ms per step, tokens/s, and the matmuls' achieved bandwidth (weight bytes read
 per step / time) and FLOP/s, so the gap to the machine's roofline can be read off. With
 --trace it also splits the full step by XLA op kind (dot, fusions, scatter) from a
@@ -34,8 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pgpt_jax import model as model_lib, programs, sampling, xla_options
-from pgpt_jax.model import init_model, lm_head
+from pgpt_jax import dense, model as model_lib, programs, sampling, xla_options
+from pgpt_jax.model import init_model
 
 
 def _best(call, state, repeats: int):
@@ -50,8 +54,10 @@ def _best(call, state, repeats: int):
 
 
 def _no_attention(self, x, positions, kv, window):
-    q, k, v = jnp.split(self.c_attn(x), 3, axis=-1)
-    return self.c_proj(q + k + v), kv
+    w = self.c_attn.kernel[...]
+    qkv = dense.matmul(x, w if dense.is_packed(w) else w.reshape(w.shape[0], -1)) + self.c_attn.bias[...].reshape(-1)
+    q, k, v = jnp.split(qkv, 3, axis=-1)
+    return model_lib._linear(self.c_proj, q + k + v), kv
 
 
 def _argmax_sampler(logits, rows, positions, *, top_k, mesh=None):
@@ -65,8 +71,7 @@ def decode_program(model, slots: int, steps: int, window: int, variant: str, pos
     """programs.decode compiled with `variant` patched in; returns (call(state) -> state, state).
     Each call starts every row at `position` (the blocked decode attention reads as far as
     the furthest row, so where the rows are is part of what is timed)."""
-    graphdef, params = nnx.split(model)
-    head = lm_head(model)
+    graphdef, params, head = programs.program_params(model)  # as the engine holds them (packed on CPU)
     patches = {"no-attn": (model_lib.Attention, "__call__", _no_attention),
                "no-sampler": (sampling, "sample", _argmax_sampler)}
     saved = None
@@ -102,18 +107,20 @@ def decode_program(model, slots: int, steps: int, window: int, variant: str, pos
 def matmul_program(model, slots: int, steps: int):
     """The model's matmuls alone; returns (call, None, weight bytes a step, FLOPs a step)."""
     cfg = model.config
+    graphdef, params, head = programs.program_params(model)  # packed where the engine packs them
+    engine_model = nnx.merge(graphdef.graphdef, params)
     blocks = [(b.attn.c_attn.kernel[...], b.attn.c_proj.kernel[...], b.mlp.c_fc.kernel[...],
-               b.mlp.c_proj.kernel[...]) for b in model.h]
-    head = lm_head(model)
+               b.mlp.c_proj.kernel[...]) for b in engine_model.h]
+    mm = dense.matmul
 
     @functools.partial(jax.jit, compiler_options=xla_options.compiler_options())
     def chain(x):
         for _ in range(steps):
             for wa, wp, wf, wo in blocks:
-                qkv = x @ wa
-                x = x + jnp.tanh(qkv[:, : cfg.n_embd]) @ wp
-                x = x + jnp.tanh(x @ wf) @ wo
-            x = x + 1e-3 * jnp.tanh(x @ head)[:, : cfg.n_embd]
+                qkv = mm(x, wa if dense.is_packed(wa) else wa.reshape(wa.shape[0], -1))
+                x = x + mm(jnp.tanh(qkv[:, : cfg.n_embd]), wp)
+                x = x + mm(jnp.tanh(mm(x, wf)), wo)
+            x = x + 1e-3 * jnp.tanh(mm(x, head))[:, : cfg.n_embd]
         return x
 
     x = jnp.ones((slots, cfg.n_embd), jnp.float32)
