@@ -62,14 +62,22 @@ def matmul(x, w):
 def pack_params(params, head):
     """(params, head) with every dense weight packed: each `kernel` (c_attn's seen as [D, 3D]
     whatever its shape) and the [D, V] LM head. A weight whose N is not a multiple of PANEL
-    stays as it is (and `matmul` gives it to XLA)."""
+    stays as it is (and `matmul` gives it to XLA).
+
+    A weight at a time (one small program per shape), so that packing holds one weight's
+    copy more at once, not a second model. The packed weights are a copy: where the model
+    object is kept too (an Engine's caller holds it), the weights are in memory twice,
+    once in HF's layout and once packed (docs/operating.md)."""
 
     def one(path, a):
         names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]  # [..., "kernel"(, "value")]
         if "kernel" not in names[-2:] or a.ndim < 2:
             return a
         flat = a.reshape(a.shape[0], -1)
-        return pack(flat) if flat.shape[1] % PANEL == 0 else a
+        return _pack(flat) if flat.shape[1] % PANEL == 0 else a
 
     params = jax.tree_util.tree_map_with_path(one, params)
-    return params, (pack(head) if head.shape[-1] % PANEL == 0 else head)
+    return params, (_pack(head) if head.shape[-1] % PANEL == 0 else head)
+
+
+_pack = jax.jit(pack)

@@ -115,14 +115,8 @@ def program_params(model, mesh: Optional[Mesh] = None, *, packed: Optional[bool]
                             else jax.local_devices()[0])
     head = transposed_head(graphdef, params, mesh=mesh)
     if dense.fits(model.config.dtype, mesh) if packed is None else packed:
-        params, head = _packed(params, head)
+        params, head = dense.pack_params(params, head)
     return graphdef, params, head
-
-
-@jax.jit
-def _packed(params, head):
-    """Dense weights in the kernel's panels (`dense.pack_params`), once, at load."""
-    return dense.pack_params(params, head)
 
 
 # --------------------------------------------------------------------------- programs

@@ -105,3 +105,27 @@ def test_head_logprobs_from_packed_head():
     want = programs.head_logprobs(hidden, plain, ids, 1, model.config.vocab_size)
     np.testing.assert_allclose(np.asarray(got[0]), np.asarray(want[0]), rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
+
+
+def test_the_avx2_build_agrees(tmp_path):
+    # Machines without AVX-512 (the Zen 3 kind) build the kernel with 8-lane vectors and
+    # blocks of 6 rows: built here for x86-64-v3 (AVX2) and held to the same numbers.
+    import ctypes
+    import platform
+    import subprocess
+
+    if platform.machine() != "x86_64":
+        pytest.skip("x86-64 only")
+    out = tmp_path / "dense_avx2.so"
+    flags = [f for f in cpu_kernels.FLAGS if f != "-march=native"]
+    subprocess.run([cpu_kernels._compiler(), *flags, "-march=x86-64-v3", "-I", jax.ffi.include_dir(),
+                    str(cpu_kernels.SOURCES[1]), "-o", str(out)], check=True, timeout=300)
+    assert "zmm" not in subprocess.run(["objdump", "-d", str(out)], capture_output=True, text=True).stdout
+    jax.ffi.register_ffi_target("pgpt_dense_avx2_test", jax.ffi.pycapsule(ctypes.cdll.LoadLibrary(str(out)).PgptDense),
+                                platform="cpu")
+    w = _weights(100, 64)
+    packed = dense.pack(jnp.asarray(w))
+    for M in (1, 6, 7, 13):
+        x = np.random.default_rng(M).standard_normal((M, 100)).astype(np.float32)
+        got = jax.ffi.ffi_call("pgpt_dense_avx2_test", jax.ShapeDtypeStruct((M, 64), jnp.float32))(x, packed)
+        np.testing.assert_allclose(np.asarray(got), x.astype(np.float64) @ w, rtol=1e-5, atol=1e-5)
