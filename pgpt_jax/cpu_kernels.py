@@ -35,7 +35,9 @@ import jax
 
 log = logging.getLogger(__name__)
 
-SOURCES = tuple(pathlib.Path(__file__).parent / "kernels" / name for name in ("decode_attention.cc", "dense.cc"))
+KERNELS = pathlib.Path(__file__).parent / "kernels"
+SOURCES = (KERNELS / "decode_attention.cc", KERNELS / "dense.cc")
+HEADERS = (KERNELS / "parallel.h",)
 DECODE_ATTENTION = "pgpt_decode_attention"  # the FFI targets' names
 DENSE = "pgpt_dense"
 FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC", "-w")
@@ -105,7 +107,7 @@ def _build() -> pathlib.Path:
         raise RuntimeError("PGPT_CPU_KERNELS=0")
     cxx = _compiler()
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
-    key = hashlib.sha256("\0".join([*(s.read_text() for s in SOURCES), " ".join(FLAGS), version, jax.__version__,
+    key = hashlib.sha256("\0".join([*(f.read_text() for f in SOURCES + HEADERS), " ".join(FLAGS), version, jax.__version__,
                                     cpu_fingerprint()]).encode()).hexdigest()[:16]
     out = pathlib.Path(user_cache_dir("kernels")) / f"pgpt-kernels-{key}.so"
     if out.exists():

@@ -5,18 +5,15 @@
 // XLA:CPU's dots repack the weights on every call and stream them at about half the memory
 // speed a one-row product gets (docs/benchmarks.md, "Packed dense layers"); decode reads
 // every weight once a step, so that was most of a step. Here each panel is read once, from
-// where it lies: up to MB rows of x at a time against two vectors of its columns, the
+// where it lies: up to kRows rows of x at a time against two vectors of its columns, the
 // accumulators in registers, and the panel stays in cache while further blocks of rows
 // take it. Row m's sums run over k in order, whatever M is, so a row's result does not
-// depend on its neighbours. Panels are split over XLA's intra-op thread pool; the calling
-// thread takes its share too.
+// depend on its neighbours. Panels are split over XLA's intra-op thread pool (parallel.h).
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <cstring>
-#include <memory>
-#include <thread>
 
+#include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -72,51 +69,33 @@ void rows(int R, const float* x, int64_t K, const float* panel, int c0, float* o
   }
 }
 
-struct Work {
-  const float *x, *w;
-  float* y;
-  int64_t M, K, N, panels, chunks, per_chunk;
-  std::atomic<int64_t> next{0}, done{0};
-
-  void run() {  // takes chunks of panels until none is left
-    alignas(64) float out[kRows * kPanel];
-    for (int64_t c = next.fetch_add(1); c < chunks; c = next.fetch_add(1)) {
-      const int64_t end = std::min(panels, (c + 1) * per_chunk);
-      for (int64_t p = c * per_chunk; p < end; ++p) {
-        const float* panel = w + p * K * kPanel;
-        const int64_t n0 = p * kPanel, cols = std::min<int64_t>(kPanel, N - n0);
-        for (int64_t m0 = 0; m0 < M; m0 += kRows) {
-          const int R = static_cast<int>(std::min<int64_t>(kRows, M - m0));
-          for (int c0 = 0; c0 < kPanel; c0 += 2 * kLanes) rows(R, x + m0 * K, K, panel, c0, out);
-          for (int r = 0; r < R; ++r) std::memcpy(y + (m0 + r) * N + n0, out + r * kPanel, cols * sizeof(float));
-        }
-      }
-      done.fetch_add(1, std::memory_order_release);
-    }
-  }
-};
-
 ffi::Error Dense(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                  ffi::ResultBuffer<ffi::F32> y) {
   auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
   if (xd.size() != 2 || wd.size() != 3 || yd.size() != 2 || wd[2] != kPanel || wd[1] != xd[1] ||
       yd[0] != xd[0] || (yd[1] + kPanel - 1) / kPanel != wd[0])
     return ffi::Error::InvalidArgument("packed dense: x [M, K], w [ceil(N / 32), K, 32], y [M, N]");
-  auto work = std::make_shared<Work>();
-  work->M = xd[0]; work->K = xd[1]; work->N = yd[1]; work->panels = wd[0];
-  work->x = x.typed_data(); work->w = w.typed_data(); work->y = y->typed_data();
-  if (work->M == 0 || work->N == 0) return ffi::Error::Success();
-  if (work->K == 0) {
-    std::memset(work->y, 0, work->M * work->N * sizeof(float));
+  const int64_t M = xd[0], K = xd[1], N = yd[1];
+  const float* xs = x.typed_data();
+  const float* ws = w.typed_data();
+  float* ys = y->typed_data();
+  if (M == 0 || N == 0) return ffi::Error::Success();
+  if (K == 0) {
+    std::memset(ys, 0, M * N * sizeof(float));
     return ffi::Error::Success();
   }
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), 64);
-  work->chunks = std::min<int64_t>(work->panels, 8 * (helpers + 1));
-  work->per_chunk = (work->panels + work->chunks - 1) / work->chunks;
-  work->chunks = (work->panels + work->per_chunk - 1) / work->per_chunk;
-  for (int64_t i = 0; i < helpers && i + 1 < work->chunks; ++i) pool.Schedule([work] { work->run(); });
-  work->run();
-  while (work->done.load(std::memory_order_acquire) < work->chunks) std::this_thread::yield();
+  pgpt::ParallelChunks(pool, wd[0], 8, [=](int64_t first, int64_t end) {  // panels first..end-1
+    alignas(64) float out[kRows * kPanel];
+    for (int64_t p = first; p < end; ++p) {
+      const float* panel = ws + p * K * kPanel;
+      const int64_t n0 = p * kPanel, cols = std::min<int64_t>(kPanel, N - n0);
+      for (int64_t m0 = 0; m0 < M; m0 += kRows) {
+        const int R = static_cast<int>(std::min<int64_t>(kRows, M - m0));
+        for (int c0 = 0; c0 < kPanel; c0 += 2 * kLanes) rows(R, xs + m0 * K, K, panel, c0, out);
+        for (int r = 0; r < R; ++r) std::memcpy(ys + (m0 + r) * N + n0, out + r * kPanel, cols * sizeof(float));
+      }
+    }
+  });
   return ffi::Error::Success();
 }
 
