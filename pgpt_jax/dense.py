@@ -41,17 +41,12 @@ def is_packed(w) -> bool:
     return w.ndim == 3 and w.shape[-1] == PANEL
 
 
-def unpack(w):
-    """The inverse of `pack`: [N / PANEL, K, PANEL] -> [K, N]."""
-    P, K, _ = w.shape
-    return w.transpose(1, 0, 2).reshape(K, P * PANEL)
-
-
 def matmul(x, w):
-    """x [..., K] @ w -> [..., N], w either [K, N] (an XLA dot) or packed ([N / PANEL, K,
-    PANEL], the kernel; x is taken as float32)."""
+    """x [..., K] @ w -> [..., N], w either HF's [K, N] (an XLA dot; a [K, ...] weight such as
+    c_attn's split [D, 3, N, H] is taken as [K, N]) or packed ([N / PANEL, K, PANEL], the
+    kernel; x is taken as float32)."""
     if not is_packed(w):
-        return jnp.dot(x, w)
+        return jnp.dot(x, w.reshape(w.shape[0], -1))
     lead, K = x.shape[:-1], x.shape[-1]
     N = w.shape[0] * PANEL
     flat = x.reshape(-1, K).astype(jnp.float32)

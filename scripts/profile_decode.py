@@ -54,8 +54,7 @@ def _best(call, state, repeats: int):
 
 
 def _no_attention(self, x, positions, kv, window):
-    w = self.c_attn.kernel[...]
-    qkv = dense.matmul(x, w if dense.is_packed(w) else w.reshape(w.shape[0], -1)) + self.c_attn.bias[...].reshape(-1)
+    qkv = dense.matmul(x, self.c_attn.kernel[...]) + self.c_attn.bias[...].reshape(-1)
     q, k, v = jnp.split(qkv, 3, axis=-1)
     return model_lib._linear(self.c_proj, q + k + v), kv
 
@@ -117,7 +116,7 @@ def matmul_program(model, slots: int, steps: int):
     def chain(x):
         for _ in range(steps):
             for wa, wp, wf, wo in blocks:
-                qkv = mm(x, wa if dense.is_packed(wa) else wa.reshape(wa.shape[0], -1))
+                qkv = mm(x, wa)
                 x = x + mm(jnp.tanh(qkv[:, : cfg.n_embd]), wp)
                 x = x + mm(jnp.tanh(mm(x, wf)), wo)
             x = x + 1e-3 * jnp.tanh(mm(x, head))[:, : cfg.n_embd]
