@@ -484,16 +484,22 @@ def test_queue_full_is_429(srv, tiny_model):
         # sixteen waves of the context's length; whatever arrives meanwhile must be refused, not queued.
         hog = {"model": MODEL, "prompt": "a", "max_tokens": CONTEXT - 1, "n": 128, "logit_bias": NO_EOS}
         with http.stream("POST", C, json={**hog, "stream": True}) as r:
-            next(r.iter_lines())
+            lines = r.iter_lines()
+            next(lines)
             stepping.clear()  # the engine ends the iteration it is in (the first wave's), then waits
             try:
                 assert engine.active_slots == 8 and engine.queue_depth == 120
                 gauges = {line.split(" ")[0]: float(line.split(" ")[1])
                           for line in http.get("/metrics").text.splitlines() if line.startswith("vllm:")}
-                assert gauges == {"vllm:num_requests_waiting": 0, "vllm:num_requests_running": 1,
-                                  "vllm:kv_cache_usage_perc": 1.0, "vllm:gpu_cache_usage_perc": 1.0}
+                state = (engine.active_slots, engine.queue_depth, engine.requests_running, engine.kv_cache_usage)
             finally:
                 stepping.set()
+            if gauges != {"vllm:num_requests_waiting": 0, "vllm:num_requests_running": 1,
+                          "vllm:kv_cache_usage_perc": 1.0, "vllm:gpu_cache_usage_perc": 1.0}:
+                # Rare in full runs (the hog's request had ended between the two reads): say how it ended.
+                ending = [line for line in lines if line.startswith("data: {\"error") or line == "data: [DONE]"]
+                pytest.fail(f"gauges {gauges}; engine (active, queued, running, kv) after the scrape "
+                            f"{state}; the hog's stream ended with {ending[:2]}")
 
             async def overload():
                 ac = openai.AsyncOpenAI(base_url=s.base_url + "/v1", api_key="x", max_retries=0, timeout=60)
