@@ -259,6 +259,9 @@ def main(argv=None) -> dict:
                    help="FIM orders to measure infill in, e.g. psm,spm (default: the model's fim_order); "
                         "the first is the one reported as `infill`, the others as `infill_<order>`")
     p.add_argument("--bodies", type=int, default=200)
+    p.add_argument("--body-seeds", default="0",
+                   help="sampling seeds for the bodies, e.g. 0,1,2: the first is reported as `bodies`, "
+                        "all of them in `bodies.parse_by_seed` (how much the figure moves with the draw)")
     p.add_argument("--text-bytes", type=int, default=120_000, help="held-out bytes of code, and of docs, to score")
     p.add_argument("--out", default=str(ROOT / "training" / "work" / "eval.json"))
     p.add_argument("--fixture", default=None, help="write the CI sample (40 infill lines, 24 bodies) here")
@@ -287,7 +290,8 @@ def main(argv=None) -> dict:
         log(f"compression {name}: {json.dumps(report[f'compression_{name}'])}")
 
     cases = infill_cases(sources, tok, args.infill)
-    orders = (args.orders or model.config.fim_order).split(",")
+    orders = (args.orders or model.config.fim_order).split(",") if cases else []
+    res, nats = [], []
     for k, order in reversed(list(enumerate(orders))):  # the reported order last: its results are kept
         res = infill_score(model, cases, order=order)
         exact = sum(r["exact"] for r in res)
@@ -305,12 +309,15 @@ def main(argv=None) -> dict:
             f"{plain_n / count:.3f} after the prefix alone (lower with the suffix on {report[key]['suffix_helps']} lines)")
 
     bodies = body_cases(sources, args.bodies)
-    bres = body_score(model, bodies)
+    by_seed = {}
+    for seed in reversed([int(x) for x in args.body_seeds.split(",")]):  # the reported seed last: kept
+        bres = body_score(model, bodies, seed=seed)
+        by_seed[seed] = sum(r["parses"] for r in bres)
+        log(f"bodies, seed {seed}: {by_seed[seed]}/{len(bodies)} parse ({by_seed[seed] / len(bodies):.1%}); "
+            f"{sum(r['ended'] for r in bres)} ended within {BODY_MAX_TOKENS} tokens")
     ok = sum(r["parses"] for r in bres)
     report["bodies"] = {"cases": len(bodies), "parse": ok, "parse_rate": round(ok / len(bodies), 4),
-                        "ended": sum(r["ended"] for r in bres)}
-    log(f"bodies: {ok}/{len(bodies)} parse ({ok / len(bodies):.1%}); "
-        f"{report['bodies']['ended']} ended within {BODY_MAX_TOKENS} tokens")
+                        "ended": sum(r["ended"] for r in bres), "parse_by_seed": dict(sorted(by_seed.items()))}
     report["examples"] = {"infill": [dict(c, **r) for c, r in zip(cases[:10], res[:10])],
                           "bodies": [dict(c, **r) for c, r in zip(bodies[:6], bres[:6])]}
     pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -329,7 +336,7 @@ def main(argv=None) -> dict:
             "infill_line_nats": [list(nats[i]) for i in pick_i],
             "bodies": [bodies[i] for i in pick_b], "bodies_parse": sum(bres[i]["parses"] for i in pick_b),
             "bodies_ended": sum(bres[i]["ended"] for i in pick_b),
-            "body_seed": 0,
+            "body_seed": int(args.body_seeds.split(",")[0]),
         }
         pathlib.Path(args.fixture).write_text(json.dumps(fixture, indent=1) + "\n")
         log(f"wrote {args.fixture}: infill {fixture['infill_exact']}/{len(pick_i)}, "
