@@ -309,13 +309,13 @@ def main(argv=None) -> dict:
             f"{plain_n / count:.3f} after the prefix alone (lower with the suffix on {report[key]['suffix_helps']} lines)")
 
     bodies = body_cases(sources, args.bodies)
-    by_seed = {}
-    for seed in reversed([int(x) for x in args.body_seeds.split(",")]):  # the reported seed last: kept
+    seeds, by_seed = [int(x) for x in args.body_seeds.split(",")], {}
+    for seed in reversed(seeds):  # the reported seed last: kept
         bres = body_score(model, bodies, seed=seed)
         by_seed[seed] = sum(r["parses"] for r in bres)
         log(f"bodies, seed {seed}: {by_seed[seed]}/{len(bodies)} parse ({by_seed[seed] / len(bodies):.1%}); "
             f"{sum(r['ended'] for r in bres)} ended within {BODY_MAX_TOKENS} tokens")
-    ok = sum(r["parses"] for r in bres)
+    ok = by_seed[seeds[0]]
     report["bodies"] = {"cases": len(bodies), "parse": ok, "parse_rate": round(ok / len(bodies), 4),
                         "ended": sum(r["ended"] for r in bres), "parse_by_seed": dict(sorted(by_seed.items()))}
     report["examples"] = {"infill": [dict(c, **r) for c, r in zip(cases[:10], res[:10])],
@@ -336,7 +336,7 @@ def main(argv=None) -> dict:
             "infill_line_nats": [list(nats[i]) for i in pick_i],
             "bodies": [bodies[i] for i in pick_b], "bodies_parse": sum(bres[i]["parses"] for i in pick_b),
             "bodies_ended": sum(bres[i]["ended"] for i in pick_b),
-            "body_seed": int(args.body_seeds.split(",")[0]),
+            "body_seed": seeds[0],
         }
         pathlib.Path(args.fixture).write_text(json.dumps(fixture, indent=1) + "\n")
         log(f"wrote {args.fixture}: infill {fixture['infill_exact']}/{len(pick_i)}, "
