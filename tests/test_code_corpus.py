@@ -6,6 +6,7 @@ import ast
 import textwrap
 
 import numpy as np
+import pytest
 
 from pgpt_jax.config import EOS_ID, FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX
 from pgpt_jax.tokenizer import get_tokenizer
@@ -42,7 +43,7 @@ def test_fim_examples_come_in_both_orders_and_keep_every_token():
     text = SOURCE[:400]
     seen = set()
     for _ in range(60):
-        ids = code_data.fim_example(TOK.encode, text, rng)
+        ids, n_middle = code_data.fim_example(TOK.encode, text, rng)
         assert ids[0] == FIM_PREFIX and ids.count(FIM_SUFFIX) == ids.count(FIM_MIDDLE) == 1
         s, m = ids.index(FIM_SUFFIX), ids.index(FIM_MIDDLE)
         if s == 1:  # suffix-prefix-middle: the prefix and middle run on after <|fim_middle|>
@@ -53,9 +54,29 @@ def test_fim_examples_come_in_both_orders_and_keep_every_token():
             seen.add("PSM")
             prefix, suffix, middle = TOK.decode(ids[1:s]), TOK.decode(ids[s + 1:m]), TOK.decode(ids[m + 1:])
             assert prefix + middle + suffix == text
+            assert n_middle == len(ids) - m - 1
     assert seen == {"PSM", "SPM"}
-    stream = code_data.token_stream(TOK.encode, [text, text], fim_rate=0.0)
+    stream = code_data.token_stream(TOK.encode, [text, text])
     assert list(stream).count(EOS_ID) == 2
+
+
+def test_middle_weight_falls_on_each_middle_and_its_end():
+    """`--middle-weight`: the targets of a FIM middle and its <|endoftext|> weigh more; with
+    `spm=1` every example is suffix-prefix-middle."""
+    text = "def f(x):\n    y = x + 1\n    return y\n\n\nz = f(2)\n"
+    ids, weights = code_data.fim_stream(TOK.encode, [text] * 20, fim_rate=1.0, rng=np.random.default_rng(0),
+                                        one_line=1.0, line_cuts=1.0, spm=1.0, middle_weight=3.0)
+    assert len(weights) == len(ids) and set(weights.tolist()) == {1.0, 3.0}
+    ends = np.flatnonzero(ids == EOS_ID)
+    for start, end in zip([-1, *ends[:-1]], ends):
+        example, w = ids[start + 1:end + 1], weights[start + 1:end + 1]
+        assert example[1] == FIM_SUFFIX  # suffix-prefix-middle
+        heavy = example[w == 3.0]
+        assert heavy[-1] == EOS_ID and w[-1] == 3.0 and (w[:-len(heavy)] == 1.0).all()  # one run at the end
+        middle = TOK.decode(heavy[:-1].tolist())
+        assert middle in text.splitlines(keepends=True) and middle.strip()  # the one-line hole
+    plain_ids, plain_w = code_data.fim_stream(TOK.encode, [text], middle_weight=3.0)  # no FIM: nothing weighs more
+    assert (plain_w == 1.0).all() and len(plain_w) == len(plain_ids)
 
 
 def test_one_line_fim_cuts_take_exactly_one_non_blank_line():
@@ -138,3 +159,37 @@ def test_infill_cases_hold_prefix_line_and_suffix_of_held_out_source():
     for b in bodies:  # a def line and its docstring: a whole function already, with no statement yet
         (fn,) = ast.parse(textwrap.dedent(b["prompt"])).body
         assert fn.name == b["function"] and len(fn.body) == 1 and ast.get_docstring(fn) is not None
+
+
+def test_loss_weights_count_each_target_that_many_times():
+    """train_tiny.make_step's `weight`: None is all ones, and a target weighted w adds (w - 1)
+    times its nats to the step's loss, at the kept-vocabulary positions and the full-vocabulary
+    ones alike; weight 0 everywhere is no loss."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+
+    from pgpt_jax.config import GPTConfig
+    from pgpt_jax.model import GPT
+    from training import train_tiny
+
+    cfg = GPTConfig(n_layer=1, n_head=2, n_embd=32, n_positions=16, vocab_size=300, name="t", param_dtype="float32")
+    graphdef, params = nnx.split(GPT(cfg, rngs=nnx.Rngs(0)))
+    step = train_tiny.make_step(graphdef, optax.sgd(0.0), full_stride=4)
+    rows = np.random.default_rng(0).integers(0, 300, (2, 9)).astype(np.int32)
+    x, y = rows[:, :-1], rows[:, 1:]
+    kept = jnp.arange(cfg.padded_vocab, dtype=jnp.int32)
+
+    def loss(weight):
+        p = jax.tree.map(jnp.copy, params)  # the step donates its params
+        return float(step(p, optax.sgd(0.0).init(p), x, y, y, kept, None, weight)[2])
+
+    base = loss(None)
+    assert loss(np.ones(x.shape, np.float32)) == pytest.approx(base, rel=1e-6)
+    assert loss(np.zeros(x.shape, np.float32)) == 0.0
+    for t in (4, 5):  # a full-vocabulary position (t % 4 == 0) and a kept-vocabulary one
+        w2, w3 = np.ones(x.shape, np.float32), np.ones(x.shape, np.float32)
+        w2[1, t], w3[1, t] = 2.0, 3.0
+        extra = loss(w2) - base
+        assert extra > 0 and loss(w3) - base == pytest.approx(2 * extra, rel=1e-3)

@@ -10,8 +10,9 @@ Left out: tests (`test`, `tests`, `idle_test` folders), `site-packages`, `pydoc_
 (the Language Reference text, which training/data.py renders as documentation) and the
 generated charmap tables of `encodings` (256-entry tables that would be 30% of the bytes).
 
-Fill-in-the-middle examples come in both orders of the FIM paper (Bavarian et al., 2022):
-prefix-suffix-middle, the one a request with `suffix` uses, and suffix-prefix-middle,
+Fill-in-the-middle examples come in both orders of the FIM paper (Bavarian et al., 2022),
+prefix-suffix-middle and suffix-prefix-middle (a checkpoint's `fim_order` says which one a
+request with `suffix` is arranged in),
 
     PSM: <|fim_prefix|> prefix <|fim_suffix|> suffix <|fim_middle|> middle
     SPM: <|fim_prefix|> <|fim_suffix|> suffix <|fim_middle|> prefix middle
@@ -110,33 +111,51 @@ def fim_cuts(text: str, rng: np.random.Generator, one_line: float = 0.0,
 
 
 def fim_example(encode, text: str, rng: np.random.Generator, one_line: float = 0.0,
-                line_cuts: float = 0.5) -> list[int]:
-    """PSM or SPM (even odds); each part encoded separately, as a request's prompt and suffix are."""
+                line_cuts: float = 0.5, spm: float = 0.5) -> tuple[list[int], int]:
+    """SPM with probability `spm`, else PSM; each part encoded separately, as a request's prompt
+    and suffix are -> (ids, n): the last n ids are the middle."""
     lo, hi = fim_cuts(text, rng, one_line, line_cuts)
     prefix, middle, suffix = encode(text[:lo]), encode(text[lo:hi]), encode(text[hi:])
-    if rng.random() < 0.5:
-        return [FIM_PREFIX, *prefix, FIM_SUFFIX, *suffix, FIM_MIDDLE, *middle]
-    return [FIM_PREFIX, FIM_SUFFIX, *suffix, FIM_MIDDLE, *prefix, *middle]
+    if rng.random() >= spm:
+        return [FIM_PREFIX, *prefix, FIM_SUFFIX, *suffix, FIM_MIDDLE, *middle], len(middle)
+    return [FIM_PREFIX, FIM_SUFFIX, *suffix, FIM_MIDDLE, *prefix, *middle], len(middle)
 
 
-def token_stream(encode, pieces: list[str], *, fim_rate: float = 0.0, rng: np.random.Generator | None = None,
-                 one_line: float = 0.0, line_cuts: float = 0.5) -> np.ndarray:
+def token_stream(encode, pieces: list[str]) -> np.ndarray:
     """Pieces (in the given order) -> one int32 stream, each piece followed by <|endoftext|>."""
-    out = []
+    return fim_stream(encode, pieces)[0]
+
+
+def fim_stream(encode, pieces: list[str], *, fim_rate: float = 0.0, rng: np.random.Generator | None = None,
+               one_line: float = 0.0, line_cuts: float = 0.5, spm: float = 0.5,
+               middle_weight: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Pieces (in the given order), a share `fim_rate` of them as FIM examples -> (int32 stream,
+    each piece followed by <|endoftext|>; float32 loss weight of each token as a target:
+    `middle_weight` for a FIM example's middle and the <|endoftext|> that ends it, 1 elsewhere)."""
+    out, weights = [], []
     for piece in pieces:
-        fim = fim_rate and rng.random() < fim_rate
-        out.extend(fim_example(encode, piece, rng, one_line, line_cuts) if fim else encode(piece))
-        out.append(EOS_ID)
-    return np.asarray(out, np.int32)
+        if fim_rate and rng.random() < fim_rate:
+            ids, n = fim_example(encode, piece, rng, one_line, line_cuts, spm)
+        else:
+            ids, n = encode(piece), 0
+        w = np.ones(len(ids) + 1, np.float32)
+        if n:
+            w[-n - 1:] = middle_weight  # the middle and its <|endoftext|>
+        out.extend([*ids, EOS_ID])
+        weights.append(w)
+    return np.asarray(out, np.int32), np.concatenate(weights) if weights else np.zeros(0, np.float32)
 
 
-def epoch_rows(encode, pieces: list[str], seq_len: int, *, epoch: int, seed: int,
-               fim_rate: float, one_line: float = 0.0, line_cuts: float = 0.5) -> np.ndarray:
-    """One shuffled, FIM-transformed, packed pass -> i32[rows, seq_len + 1] (rows overlap by one
-    token, so every token is a target once; the tail that does not fill a row is dropped)."""
+def epoch_rows(encode, pieces: list[str], seq_len: int, *, epoch: int, seed: int, fim_rate: float,
+               one_line: float = 0.0, line_cuts: float = 0.5, spm: float = 0.5,
+               middle_weight: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """One shuffled, FIM-transformed, packed pass -> (i32[rows, seq_len + 1], rows overlap by one
+    token, so every token is a target once; the tail that does not fill a row is dropped;
+    f32[rows, seq_len]: the loss weights of the targets rows[:, 1:])."""
     rng = np.random.default_rng([seed, epoch])
     order = rng.permutation(len(pieces))
-    stream = token_stream(encode, [pieces[i] for i in order], fim_rate=fim_rate, rng=rng, one_line=one_line,
-                          line_cuts=line_cuts)
+    stream, weights = fim_stream(encode, [pieces[i] for i in order], fim_rate=fim_rate, rng=rng,
+                                 one_line=one_line, line_cuts=line_cuts, spm=spm, middle_weight=middle_weight)
     n = (len(stream) - 1) // seq_len
-    return stream[np.arange(n)[:, None] * seq_len + np.arange(seq_len + 1)[None, :]]
+    at = np.arange(n)[:, None] * seq_len + np.arange(seq_len + 1)[None, :]
+    return stream[at], weights[at[:, 1:]]

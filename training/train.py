@@ -37,6 +37,12 @@ short row starts at a random position, so every position's embedding keeps train
 its pieces are cut to fit the row, so a FIM example keeps its parts together. The last
 steps take whole-context rows again, for prompts of up to 1024 tokens.
 
+A middle is a small part of its FIM example, and the one <|endoftext|> after it is all that
+teaches a middle to end. `--middle-weight W` counts each middle, and that <|endoftext|>, W
+times in the loss (the logged training loss is then the weighted sum over the step's
+tokens, divided by their count); `--spm` is the share of FIM examples in
+suffix-prefix-middle order, the order pgpt-code is served in.
+
 Every `--save-every` steps the float32 params, the optimiser state and the step go to
 `--work`; `--resume` continues from there with the same batches. Reproducible from
 `--seed`: the corpus order, the FIM cuts, the batches and the init all derive from it.
@@ -105,6 +111,11 @@ def parse_args(argv=None):
                         "(both are trained; training/evaluate.py --orders psm,spm measures them)")
     p.add_argument("--line-cuts", type=float, default=0.5,
                    help="share of FIM cuts on line boundaries (the rest are uniform over characters)")
+    p.add_argument("--spm", type=float, default=0.5,
+                   help="share of FIM examples in suffix-prefix-middle order (the rest prefix-suffix-middle)")
+    p.add_argument("--middle-weight", type=float, default=1.0,
+                   help="a FIM example's middle and the <|endoftext|> that ends it count this many times "
+                        "in the loss (teaches middles that end)")
     p.add_argument("--piece-chars", type=int, default=None,
                    help="the short phase's pieces are cut to at most this many characters (default: "
                         "what fits its rows, 3000 x short_seq / seq_len)")
@@ -126,15 +137,19 @@ def corpus(encode, T: int, unigram_vocab: int):
     return docs, train_pieces, valid_rows, train_plain, unigram
 
 
-def phase_rows(encode, pieces: list[str], T: int, n: int, args) -> tuple[np.ndarray, float]:
-    """The first n rows of successive shuffled FIM passes over `pieces` -> (i32[n, T + 1], epochs)."""
+def phase_rows(encode, pieces: list[str], T: int, n: int, args) -> tuple[np.ndarray, np.ndarray, float]:
+    """The first n rows of successive shuffled FIM passes over `pieces` -> (i32[n, T + 1], their
+    targets' loss weights f32[n, T], epochs)."""
     out, have, e = [], 0, 0
     while have < n:
         out.append(code_data.epoch_rows(encode, pieces, T, epoch=e, seed=args.seed, fim_rate=args.fim_rate,
-                                        one_line=args.one_line, line_cuts=args.line_cuts))
-        have, e = have + len(out[-1]), e + 1
-    rows = np.concatenate(out)[:n] if out else np.zeros((0, T + 1), np.int32)
-    return rows, n / len(out[0]) if out else 0.0
+                                        one_line=args.one_line, line_cuts=args.line_cuts, spm=args.spm,
+                                        middle_weight=args.middle_weight))
+        have, e = have + len(out[-1][0]), e + 1
+    if not out:
+        return np.zeros((0, T + 1), np.int32), np.zeros((0, T), np.float32), 0.0
+    rows, weights = (np.concatenate(parts)[:n] for parts in zip(*out))
+    return rows, weights, n / len(out[0][0])
 
 
 def save_state(work: pathlib.Path, step: int, params, opt_state) -> None:
@@ -181,8 +196,8 @@ def main(argv=None) -> dict:
     Bs = B * T // Ts
     piece_chars = args.piece_chars or code_data.MAX_PIECE_CHARS * Ts // T
     short_pieces = [q for p in train_pieces for q in code_data.cut_lines(p, piece_chars)] if n_short else []
-    short_rows, short_epochs = phase_rows(encode, short_pieces, Ts, n_short * Bs, args)
-    train_rows, n_epochs = phase_rows(encode, train_pieces, T, (args.steps - n_short) * B, args)
+    short_rows, short_weights, short_epochs = phase_rows(encode, short_pieces, Ts, n_short * Bs, args)
+    train_rows, train_weights, n_epochs = phase_rows(encode, train_pieces, T, (args.steps - n_short) * B, args)
     kept, index_of = kept_vocabulary(np.concatenate([short_rows.ravel(), train_rows.ravel()]), cfg)
     log(f"training: {args.steps} steps x {B * T:,} tokens = {args.steps * B * T:,} tokens "
         f"({n_short} of them {Bs} x {Ts}, {short_epochs:.2f} epochs; the rest {B} x {T}, {n_epochs:.2f} epochs); "
@@ -231,12 +246,14 @@ def main(argv=None) -> dict:
     last = first if args.export else min(args.steps, args.stop_after or args.steps)
     for step in range(first, last):
         if step < n_short:
-            r = short_rows[step * Bs:(step + 1) * Bs]
+            r, wt = short_rows[step * Bs:(step + 1) * Bs], short_weights[step * Bs:(step + 1) * Bs]
             starts = np.random.default_rng([args.seed, 1, step]).integers(0, T - Ts + 1, Bs).astype(np.int32)
         else:
-            r, starts = train_rows[(step - n_short) * B:(step - n_short + 1) * B], None
+            at = slice((step - n_short) * B, (step - n_short + 1) * B)
+            r, wt, starts = train_rows[at], train_weights[at], None
         x, y = r[:, :-1], r[:, 1:]
-        params, opt_state, loss, gnorm = train_step(params, opt_state, x, y, index_of[y], kept_dev, starts)
+        wt = wt if args.middle_weight != 1.0 else None  # the shipped runs' loss, unweighted
+        params, opt_state, loss, gnorm = train_step(params, opt_state, x, y, index_of[y], kept_dev, starts, wt)
         tokens_seen += B * T
         window_tok += B * T
         if (step + 1) % args.log_every == 0 or step == first:

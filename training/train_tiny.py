@@ -129,21 +129,25 @@ def token_nll(logits, y):
 def make_step(graphdef, tx, full_stride: int):
     """One AdamW step. Positions t % full_stride == 0 take the softmax over the whole vocabulary,
     the others over the K kept ids only (`y_kept` indexes into `kept` i32[K]). With `first`
-    (i32[B], each row's first position) the forward is `causal_hidden_states`."""
+    (i32[B], each row's first position) the forward is `causal_hidden_states`. With `weight`
+    (f32[B, T]) each target's loss counts that many times (the mean stays over B * T)."""
 
-    def loss_fn(params, x, y, y_kept, kept, first):
+    def loss_fn(params, x, y, y_kept, kept, first, weight):
         if first is None:
             model, h = hidden_states(graphdef, params, x)  # [B, T, D]
         else:
             model, h = causal_hidden_states(graphdef, params, x, first)
+        if weight is None:
+            weight = jnp.ones(x.shape, h.dtype)
         w = model.wte.embedding[...][kept].astype(h.dtype)  # [K, D]
         nll_kept = token_nll(jnp.einsum("BTD,KD->BTK", h, w), y_kept)  # [B, T]
         nll_full = token_nll(model.logits(h[:, ::full_stride]), y[:, ::full_stride])  # [B, T/stride]
         full = jnp.arange(x.shape[1]) % full_stride == 0
-        return (jnp.where(full, 0.0, nll_kept).sum() + nll_full.sum()) / x.size
+        kept_part = (jnp.where(full, 0.0, nll_kept) * weight).sum()
+        return (kept_part + (nll_full * weight[:, ::full_stride]).sum()) / x.size
 
-    def step(params, opt_state, x, y, y_kept, kept, first=None):
-        loss, grads = jax.value_and_grad(loss_fn)(params, x, y, y_kept, kept, first)
+    def step(params, opt_state, x, y, y_kept, kept, first=None, weight=None):
+        loss, grads = jax.value_and_grad(loss_fn)(params, x, y, y_kept, kept, first, weight)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss, optax.global_norm(grads)
 
