@@ -56,6 +56,12 @@ def test_fim_examples_come_in_both_orders_and_keep_every_token():
             assert prefix + middle + suffix == text
             assert n_middle == len(ids) - m - 1
     assert seen == {"PSM", "SPM"}
+    # The default draws the order as the shipped runs did: prefix-suffix-middle below 0.5.
+    a, b = np.random.default_rng(1), np.random.default_rng(1)
+    for _ in range(20):
+        ids, _ = code_data.fim_example(TOK.encode, text, a)
+        code_data.fim_cuts(text, b)
+        assert (ids[1] != FIM_SUFFIX) == (b.random() < 0.5)
     stream = code_data.token_stream(TOK.encode, [text, text])
     assert list(stream).count(EOS_ID) == 2
 

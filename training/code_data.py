@@ -116,7 +116,7 @@ def fim_example(encode, text: str, rng: np.random.Generator, one_line: float = 0
     and suffix are -> (ids, n): the last n ids are the middle."""
     lo, hi = fim_cuts(text, rng, one_line, line_cuts)
     prefix, middle, suffix = encode(text[:lo]), encode(text[lo:hi]), encode(text[hi:])
-    if rng.random() >= spm:
+    if rng.random() < 1.0 - spm:  # at the default, PSM on the draws that gave PSM in the shipped runs
         return [FIM_PREFIX, *prefix, FIM_SUFFIX, *suffix, FIM_MIDDLE, *middle], len(middle)
     return [FIM_PREFIX, FIM_SUFFIX, *suffix, FIM_MIDDLE, *prefix, *middle], len(middle)
 
