@@ -199,3 +199,69 @@ def test_loss_weights_count_each_target_that_many_times():
         w2[1, t], w3[1, t] = 2.0, 3.0
         extra = loss(w2) - base
         assert extra > 0 and loss(w3) - base == pytest.approx(2 * extra, rel=1e-3)
+
+
+def test_accelerator_params_round_trip_exactly_and_refuse_another_shape(tmp_path):
+    """training/train_accel.py writes params as bfloat16 chunks (the accelerator's files come back
+    in pieces of at most 16 MB); read back, they are the same bits in the same tree."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from pgpt_jax.model import GPT
+    from training import train_accel
+
+    cfg = train_accel.code_config(2, 64, 2, 64, "spm")
+    params = nnx.state(GPT(cfg, rngs=nnx.Rngs(3)))
+    meta = {"model": {"name": "2x64", "n_layer": 2, "n_embd": 64, "n_head": 2}, "seq_len": 64,
+            "fim_order": "spm"}
+    old_chunk, train_accel.CHUNK = train_accel.CHUNK, 1_000_000  # several files, a leaf cut across two
+    try:
+        train_accel.write_params(tmp_path, params, meta)
+    finally:
+        train_accel.CHUNK = old_chunk
+    assert len(list(tmp_path.glob("params.bf16.*"))) == 7  # 6.6 MB of bfloat16
+    _, model = train_accel.read_params(tmp_path)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(nnx.state(model))):
+        assert b.dtype == jnp.bfloat16 and np.array_equal(np.asarray(a.astype(jnp.bfloat16)), np.asarray(b))
+    meta_file = tmp_path / "meta.json"
+    meta_file.write_text(meta_file.read_text().replace('"n_layer": 2', '"n_layer": 3'))
+    with pytest.raises(SystemExit, match="not this code's 3-layer GPT"):
+        train_accel.read_params(tmp_path)
+
+
+def test_accelerator_schedule_warms_up_then_decays_to_the_floor():
+    from training.train_accel import lr_at
+
+    assert lr_at(0, 1.0, 10, None, 0.1) == pytest.approx(0.1)
+    assert lr_at(9, 1.0, 10, None, 0.1) == 1.0 and lr_at(500, 1.0, 10, None, 0.1) == 1.0  # total not yet known
+    assert lr_at(10, 1.0, 10, 110, 0.1) == 1.0
+    assert lr_at(60, 1.0, 10, 110, 0.1) == pytest.approx(0.55)  # half way down the cosine
+    assert lr_at(110, 1.0, 10, 110, 0.1) == pytest.approx(0.1)
+
+
+def test_accelerator_run_keeps_the_params_of_its_lowest_held_out_loss(tmp_path):
+    """A tiny run of training/train_accel.py on CPU: two shapes in lockstep, the kept one is the
+    shape and step with the lowest held-out loss, and its params load."""
+    import json
+    import lzma
+
+    from training import train_accel
+
+    pieces = [SOURCE[i:i + 400] for i in range(0, 4000, 400)]
+    corpus = tmp_path / "corpus.json.xz"
+    corpus.write_bytes(lzma.compress(json.dumps({"train": pieces, "valid": pieces[:3]}).encode()))
+    out = tmp_path / "out"
+    train_accel.main(["--corpus", str(corpus), "--out", str(out), "--model", "1x32:heads=2",
+                      "--model", "2x32:heads=2:lr=1e-2", "--seq-len", "64", "--batch", "2", "--epochs", "2",
+                      "--steps", "6", "--warmup", "2", "--eval-every", "3", "--eval-rows", "2", "--log-every", "3",
+                      "--workers", "1"])
+    meta = json.loads((out / "meta.json").read_text())
+    evals = {name: [e for e in h if "val_loss" in e] for name, h in meta["history"].items()}
+    assert [e["step"] for e in evals["1x32:heads=2"]] == [3, 6]
+    best_val, best_step, best_name = min((e["val_loss"], e["step"], name) for name, h in evals.items() for e in h)
+    assert (meta["best_step"], meta["model"]["name"]) == (best_step, best_name)
+    assert meta["best_val"] == pytest.approx(best_val, abs=1e-4)
+    _, model = train_accel.read_params(out)
+    assert (model.config.n_layer, model.config.n_head, model.config.n_positions) == (
+        int(meta["model"]["name"][0]), 2, 64)

@@ -281,18 +281,33 @@ def main(argv=None) -> dict:
         log(f"stopped after step {last} (--stop-after); --resume continues")
         return {}
     history = [json.loads(line) for line in history_file.read_text().splitlines() if line]
+    params16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
+    summary = {
+        "params": n_params, "seed": args.seed, "steps": last, "batch": B, "seq_len": T,
+        "tokens": base_tokens + last * B * T,
+        "init_from": {"steps": base_step, "tokens": base_tokens} if args.init_from else None,
+        "train_minutes_this_process": round(train_seconds / 60, 2),
+        "documents": len(docs), "valid_documents": n_valid_docs, "history": history, "args": vars(args),
+    }
+    return finish_checkpoint(cfg, params16, pathlib.Path(args.out), work, valid_rows, train_plain, unigram, B,
+                             summary, log)
 
-    # -- save bfloat16 weights, reload them the way load_model does, measure them ----------
+
+def finish_checkpoint(cfg: GPTConfig, params16, out: pathlib.Path, work: pathlib.Path, valid_rows, train_plain,
+                      unigram: float, batch: int, summary: dict, log) -> dict:
+    """Save bfloat16 params as the checkpoint, reload them the way load_model does, and measure
+    them: the whole held-out split, the test slice (heldout.json), greedy samples -> summary
+    (also written to `work`/summary.json)."""
+    n_valid_rows = len(valid_rows)
     saved_cfg = cfg.replace(param_dtype="bfloat16")
     graphdef16, _ = nnx.split(nnx.eval_shape(lambda: GPT(saved_cfg, rngs=nnx.Rngs(0))))
-    params16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
-    out = save_checkpoint(nnx.merge(graphdef16, params16), args.out, overwrite=True)
+    out = save_checkpoint(nnx.merge(graphdef16, params16), out, overwrite=True)
     loaded = restore_checkpoint(out)
     loaded_graphdef, loaded_params = nnx.split(loaded)
     nll16 = make_eval(loaded_graphdef)
-    val_bf16 = evaluate(nll16, loaded_params, valid_rows, B)
-    log(f"validation loss on all {n_valid_rows} rows ({n_valid_rows * T:,} tokens), saved bfloat16 weights: "
-        f"{val_bf16:.4f} (ppl {math.exp(val_bf16):.2f}); unigram {unigram:.4f} "
+    val_bf16 = evaluate(nll16, loaded_params, valid_rows, batch)
+    log(f"validation loss on all {n_valid_rows} rows ({n_valid_rows * cfg.n_positions:,} tokens), saved "
+        f"bfloat16 weights: {val_bf16:.4f} (ppl {math.exp(val_bf16):.2f}); unigram {unigram:.4f} "
         f"(ppl {math.exp(unigram):.0f}); margin {unigram - val_bf16:.3f} nats")
 
     # A small slice for the test: 8 rows of 128 tokens spread over the held-out split.
@@ -308,23 +323,19 @@ def main(argv=None) -> dict:
     log(f"test slice: model {slice_loss:.3f} vs unigram {slice_unigram:.3f} "
         f"(margin {slice_unigram - slice_loss:.3f} nats)")
 
+    tok = tokenizer_for(saved_cfg)
     samples = {}
     for prompt in ["import os\n\n\ndef ", "def parse_args(argv=None):\n    "]:
-        samples[prompt] = tok.decode(greedy(loaded, encode(prompt), 48))
+        samples[prompt] = tok.decode(greedy(loaded, tok.encode(prompt), 48))
         log(f"greedy {prompt!r} -> {samples[prompt]!r}")
 
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     summary = {
-        "config": saved_cfg.to_dict(), "params": n_params, "checkpoint_bytes": size,
-        "seed": args.seed, "steps": last, "batch": B, "seq_len": T, "tokens": base_tokens + last * B * T,
-        "init_from": {"steps": base_step, "tokens": base_tokens} if args.init_from else None,
-        "train_minutes_this_process": round(train_seconds / 60, 2),
-        "documents": len(docs), "valid_documents": n_valid_docs,
-        "train_tokens": int(len(train_plain)), "valid_tokens": int(n_valid_rows * T),
+        "config": saved_cfg.to_dict(), "checkpoint_bytes": size, **summary,
+        "train_tokens": int(len(train_plain)), "valid_tokens": int(n_valid_rows * cfg.n_positions),
         "val_loss_bf16": round(val_bf16, 4), "val_ppl_bf16": round(math.exp(val_bf16), 2),
         "unigram_loss": round(unigram, 4), "unigram_ppl": round(math.exp(unigram), 1),
-        "history": history, "samples": samples,
-        "python": platform.python_version(), "jax": jax.__version__, "args": vars(args),
+        "samples": samples, "python": platform.python_version(), "jax": jax.__version__,
     }
     (work / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     log(f"wrote {out} ({size / 1e6:.2f} MB) and {work / 'summary.json'}")
