@@ -3,6 +3,7 @@
     python training/evaluate.py                                    # the embedded model -> training/work/eval.json
     python training/evaluate.py --model DIR --old pgpt-tiny        # also the embedded model, on the same text
     python training/evaluate.py --fixture tests/fixtures/pgpt_code_eval.json   # write the CI sample
+    python training/evaluate.py --fixture tests/fixtures/pgpt_code_eval.json --fixture-only  # only the sample
 
 Everything is measured on modules the model never saw (training/data.py's hash split):
 
@@ -225,7 +226,8 @@ def train_counts(tok, vocab: int) -> np.ndarray:
 def plot_history(history_file: pathlib.Path, png: pathlib.Path) -> None:
     """Training loss (every logged step) and held-out loss (each eval) against tokens seen; a
     run that continued another (`train.py --init-from`, its summary.json beside the history)
-    gets a line where it took over."""
+    gets a line where it took over, and one that kept earlier params (train_accel.py) a line
+    where they were taken."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -237,9 +239,13 @@ def plot_history(history_file: pathlib.Path, png: pathlib.Path) -> None:
         pts = [(r["tokens"] / 1e6, r[key]) for r in rows if key in r]
         ax.plot(*zip(*pts), style, label=label, markersize=4)
     summary = history_file.parent / "summary.json"
-    init = json.loads(summary.read_text()).get("init_from") if summary.exists() else None
-    if init:
-        ax.axvline(init["tokens"] / 1e6, color="grey", linestyle=":", label="continued (--init-from)")
+    summary = json.loads(summary.read_text()) if summary.exists() else {}
+    if summary.get("init_from"):
+        ax.axvline(summary["init_from"]["tokens"] / 1e6, color="grey", linestyle=":",
+                   label="continued (--init-from)")
+    if summary.get("kept"):  # training/train_accel.py keeps the params of its lowest held-out loss
+        ax.axvline(summary["kept"]["tokens"] / 1e6, color="green", linestyle="--",
+                   label=f"weights kept (step {summary['kept']['step']})")
     ax.set_xlabel("tokens seen (millions)")
     ax.set_ylabel("loss (nats/token)")
     ax.set_ylim(top=min(8.0, ax.get_ylim()[1]))
@@ -248,6 +254,12 @@ def plot_history(history_file: pathlib.Path, png: pathlib.Path) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(png)
+
+
+def fixture_picks(n_infill: int, n_bodies: int) -> tuple[list[int], list[int]]:
+    """The CI sample: 40 of the infill cases and 24 of the bodies, evenly spread."""
+    step_i, step_b = max(1, n_infill // 40), max(1, n_bodies // 24)
+    return list(range(0, n_infill, step_i))[:40], list(range(0, n_bodies, step_b))[:24]
 
 
 def main(argv=None) -> dict:
@@ -265,6 +277,9 @@ def main(argv=None) -> dict:
     p.add_argument("--text-bytes", type=int, default=120_000, help="held-out bytes of code, and of docs, to score")
     p.add_argument("--out", default=str(ROOT / "training" / "work" / "eval.json"))
     p.add_argument("--fixture", default=None, help="write the CI sample (40 infill lines, 24 bodies) here")
+    p.add_argument("--fixture-only", action="store_true",
+                   help="with --fixture: score only the sample's cases (drawn from --infill and --bodies as a "
+                        "full run draws them); --out then holds the sample's figures")
     p.add_argument("--plot", default=None, metavar="PNG", help="also plot the loss curve of --history to PNG")
     p.add_argument("--history", default=str(ROOT / "training" / "work" / "history.jsonl"),
                    help="a training run's loss log (train.py writes it to its --work)")
@@ -289,7 +304,10 @@ def main(argv=None) -> dict:
                                          "docs": compression(m, [doc_text], counts)}
         log(f"compression {name}: {json.dumps(report[f'compression_{name}'])}")
 
-    cases = infill_cases(sources, tok, args.infill)
+    cases, bodies = infill_cases(sources, tok, args.infill), body_cases(sources, args.bodies)
+    if args.fixture_only:  # score only the cases the fixture keeps (the same ones a full run keeps)
+        pick_i, pick_b = fixture_picks(len(cases), len(bodies))
+        cases, bodies = [cases[i] for i in pick_i], [bodies[i] for i in pick_b]
     orders = (args.orders or model.config.fim_order).split(",") if cases else []
     res, nats = [], []
     for k, order in reversed(list(enumerate(orders))):  # the reported order last: its results are kept
@@ -308,7 +326,6 @@ def main(argv=None) -> dict:
             f"{report[key]['stopped']} ended; the line's nats/token {fim_n / count:.3f} with the suffix, "
             f"{plain_n / count:.3f} after the prefix alone (lower with the suffix on {report[key]['suffix_helps']} lines)")
 
-    bodies = body_cases(sources, args.bodies)
     seeds, by_seed = [int(x) for x in args.body_seeds.split(",")], {}
     for seed in reversed(seeds):  # the reported seed last: kept
         bres = body_score(model, bodies, seed=seed)
@@ -325,8 +342,8 @@ def main(argv=None) -> dict:
     log(f"wrote {args.out}")
 
     if args.fixture:
-        step_i, step_b = max(1, len(cases) // 40), max(1, len(bodies) // 24)
-        pick_i, pick_b = list(range(0, len(cases), step_i))[:40], list(range(0, len(bodies), step_b))[:24]
+        pick_i, pick_b = ((range(len(cases)), range(len(bodies))) if args.fixture_only
+                          else fixture_picks(len(cases), len(bodies)))
         fixture = {
             "about": "written by training/evaluate.py: held-out infill lines and function prompts, "
                      "with what the shipped model scored on them",

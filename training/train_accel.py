@@ -343,12 +343,14 @@ def convert(args) -> None:
                                                               cfg.vocab_size)
     B, T = meta["batch"], meta["seq_len"]
     history = [e for e in meta["history"][m["name"]] if e["step"] <= meta["steps_done"]]
+    (src / "history.jsonl").write_text("".join(json.dumps(e) + "\n" for e in history))  # evaluate.py --plot
     summary = {
         "params": sum(x.size for x in jax_leaves(nnx.state(model))), "seed": meta["args"]["seed"],
         "steps": meta["best_step"], "batch": B, "seq_len": T, "tokens": meta["best_step"] * B * T,
         "trained_on": f"{meta['device']} (jax {meta['jax']}), training/train_accel.py",
         "documents": len(docs), "valid_documents": sum(d.split == "valid" for d in docs),
         "history": history, "args": meta["args"],
+        "kept": {"step": meta["best_step"], "tokens": meta["best_step"] * B * T, "of_steps": meta["steps_done"]},
     }
     train.finish_checkpoint(cfg.replace(param_dtype="float32"), nnx.state(model), out, src, valid_rows,
                             train_plain, unigram, 4, summary, log)
