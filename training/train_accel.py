@@ -20,6 +20,10 @@ computed on the host each step (warm-up, then cosine to --min-lr-ratio of it at 
 step), so that the number of steps can be set after timing the first ones (`--minutes`);
 the run's log prints it, and `--steps N` repeats the run with it.
 
+On a GPU with JAX 0.11.2, XLA aborted compiling the step in its Triton GEMM fusion pass;
+`XLA_FLAGS=--xla_gpu_enable_triton_gemm=false` (cuBLAS for the matmuls) avoided it.
+docs/model_card.md has the command that trained the shipped model.
+
 The chosen params leave as bfloat16 in chunks of at most 15.9 MB (`params.bf16.NNN`, with
 `meta.json`), which `--convert` turns into the checkpoint, measured as train.py measures its
 own (held-out loss of the saved weights, the test slice, greedy samples).
@@ -197,6 +201,10 @@ def lr_at(step: int, peak: float, warmup: int, total: int | None, min_ratio: flo
 
 
 def train(args) -> None:
+    # jax first: training.train_tiny (below) defaults JAX_PLATFORMS to cpu for the CPU scripts,
+    # which jax reads only when it is first imported. So the backend here is JAX's own choice
+    # (the accelerator), or JAX_PLATFORMS where it is set. Its flags are train_tiny's, not
+    # train_tiny.parser(), which would import it first.
     import jax
     import jax.numpy as jnp
     import optax
