@@ -252,13 +252,15 @@ def test_accelerator_run_keeps_the_params_of_its_lowest_held_out_loss(tmp_path):
     corpus = tmp_path / "corpus.json.xz"
     corpus.write_bytes(lzma.compress(json.dumps({"train": pieces, "valid": pieces[:3]}).encode()))
     out = tmp_path / "out"
-    train_accel.main(["--corpus", str(corpus), "--out", str(out), "--model", "1x32:heads=2",
-                      "--model", "2x32:heads=2:lr=1e-2", "--seq-len", "64", "--batch", "2", "--epochs", "2",
-                      "--steps", "6", "--warmup", "2", "--eval-every", "3", "--eval-rows", "2", "--log-every", "3",
-                      "--workers", "1"])
+    models = ["1x32:heads=2", "2x32:heads=2:lr=1e-2", "1x32:heads=2:fim=0.9:mw=3"]  # the last: its own rows
+    train_accel.main(["--corpus", str(corpus), "--out", str(out), *[a for m in models for a in ("--model", m)],
+                      "--seq-len", "64", "--batch", "2", "--epochs", "2", "--steps", "6", "--warmup", "2",
+                      "--eval-every", "3", "--eval-rows", "2", "--log-every", "3", "--workers", "1"])
     meta = json.loads((out / "meta.json").read_text())
     evals = {name: [e for e in h if "val_loss" in e] for name, h in meta["history"].items()}
-    assert [e["step"] for e in evals["1x32:heads=2"]] == [3, 6]
+    assert sorted(evals) == sorted(models) and all([e["step"] for e in evals[m]] == [3, 6] for m in models)
+    train = {name: [e["train_loss"] for e in h if "train_loss" in e] for name, h in meta["history"].items()}
+    assert train[models[0]][0] != train[models[2]][0]  # same shape and seed, other rows (and weights)
     best_val, best_step, best_name = min((e["val_loss"], e["step"], name) for name, h in evals.items() for e in h)
     assert (meta["best_step"], meta["model"]["name"]) == (best_step, best_name)
     assert meta["best_val"] == pytest.approx(best_val, abs=1e-4)

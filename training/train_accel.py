@@ -6,9 +6,10 @@
     python training/train_accel.py --convert OUT --out pgpt_jax/assets/pgpt-code   # here: the checkpoint
 
 train.py is the 2-core CPU recipe. On an accelerator the model is small for the chip and
-the corpus (3.3M tokens) is small for the model, so this script trains several shapes in
-lockstep on the same batches, measures each on held-out rows as it goes, and keeps the
-params of the lowest held-out loss seen (the corpus is seen many times over, so the last
+the corpus (3.3M tokens) is small for the model, so this script trains several models in
+lockstep (shapes, learning rates, FIM recipes: `--model`; models with the same recipe see the
+same batches), measures each on held-out rows as it goes, and keeps the params of the
+lowest held-out loss seen (the corpus is seen many times over, so the last
 step need not be the best). The corpus comes as a file because the accelerator's machine
 may run another Python, whose standard library is another corpus (and another split).
 
@@ -56,7 +57,9 @@ def parse_args(argv=None):
     p.add_argument("--convert", help="a training run's --out: write its params as a checkpoint to --out")
     p.add_argument("--out")
     p.add_argument("--model", action="append", default=[],
-                   help="LxW[:init=RUN_OUT][:lr=X][:heads=N], repeatable (default 8x256)")
+                   help="LxW[:init=RUN_OUT][:lr=X][:heads=N][:fim=R][:one=R][:spm=R][:mw=W], repeatable "
+                        "(default 8x256); fim/one/spm/mw override --fim-rate/--one-line/--spm/--middle-weight "
+                        "for that model, which then trains on its own FIM rows")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=1024)
@@ -74,6 +77,8 @@ def parse_args(argv=None):
     p.add_argument("--line-cuts", type=float, default=0.8)
     p.add_argument("--one-line", type=float, default=0.6)
     p.add_argument("--spm", type=float, default=0.75)
+    p.add_argument("--middle-weight", type=float, default=1.0,
+                   help="a FIM middle and its <|endoftext|> count this many times in the loss (train.py's)")
     p.add_argument("--fim-order", default="spm")
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--eval-rows", type=int, default=64)
@@ -94,12 +99,20 @@ def code_config(n_layer: int, n_embd: int, n_head: int, seq_len: int, fim_order:
 def parse_model(spec: str, args) -> dict:
     shape, *opts = spec.split(":")
     n_layer, n_embd = (int(v) for v in shape.lower().split("x"))
-    m = {"name": spec, "n_layer": n_layer, "n_embd": n_embd, "n_head": 4, "lr": args.lr, "init": None}
+    m = {"name": spec, "n_layer": n_layer, "n_embd": n_embd, "n_head": 4, "lr": args.lr, "init": None,
+         "fim": args.fim_rate, "one": args.one_line, "spm": args.spm, "mw": args.middle_weight}
     for opt in opts:
         key, value = opt.split("=", 1)
-        m[key] = {"lr": float, "heads": int, "init": str}[key](value)
+        m[key] = {"lr": float, "heads": int, "init": str, "fim": float, "one": float, "spm": float,
+                  "mw": float}[key](value)
     m["n_head"] = m.pop("heads", m["n_head"])
     return m
+
+
+def recipe(m: dict, args) -> dict:
+    """A model's FIM recipe: code_data.epoch_rows' arguments."""
+    return dict(seed=args.seed, fim_rate=m["fim"], one_line=m["one"], line_cuts=args.line_cuts, spm=m["spm"],
+                middle_weight=m["mw"])
 
 
 # -- the corpus and its epochs -----------------------------------------------------------------
@@ -107,29 +120,34 @@ def parse_model(spec: str, args) -> dict:
 _worker = {}
 
 
-def _init_worker(pieces, seq_len, fim_order, fim):
+def _init_worker(pieces, seq_len, fim_order):
     os.environ["JAX_PLATFORMS"] = "cpu"  # a worker only tokenizes: it must not take the accelerator
     from pgpt_jax.tokenizer import tokenizer_for
 
     _worker.update(encode=tokenizer_for(code_config(1, 64, 1, seq_len, fim_order)).encode, pieces=pieces,
-                   seq_len=seq_len, fim=fim)
+                   seq_len=seq_len)
 
 
-def _epoch(epoch: int) -> np.ndarray:
+def _epoch(task: tuple[int, dict]) -> tuple[np.ndarray, np.ndarray | None]:
     from training import code_data
 
-    rows, _ = code_data.epoch_rows(_worker["encode"], _worker["pieces"], _worker["seq_len"], epoch=epoch,
-                                   **_worker["fim"])
-    return rows
+    epoch, fim = task
+    rows, weights = code_data.epoch_rows(_worker["encode"], _worker["pieces"], _worker["seq_len"], epoch=epoch,
+                                         **fim)
+    return rows, (weights if fim["middle_weight"] != 1.0 else None)
 
 
-def epochs(pieces, args, n: int) -> np.ndarray:
-    """Epochs 0..n-1 of train.py's FIM passes (seed `--seed`), one per worker -> i32[rows, T + 1]."""
-    fim = dict(seed=args.seed, fim_rate=args.fim_rate, one_line=args.one_line, line_cuts=args.line_cuts,
-               spm=args.spm)
+def epochs(pieces, args, recipes: list[dict], n: int) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    """Epochs 0..n-1 of train.py's FIM passes for each recipe, one epoch per worker ->
+    [(i32[rows, T + 1], f32[rows, T] loss weights or None where the middle weight is 1)]."""
     ctx = multiprocessing.get_context("spawn")  # no fork after the accelerator's runtime started
-    with ctx.Pool(args.workers, _init_worker, (pieces, args.seq_len, args.fim_order, fim)) as pool:
-        return np.concatenate(pool.map(_epoch, range(n)))
+    with ctx.Pool(args.workers, _init_worker, (pieces, args.seq_len, args.fim_order)) as pool:
+        parts = pool.map(_epoch, [(e, fim) for fim in recipes for e in range(n)])
+    out = []
+    for k, fim in enumerate(recipes):
+        rows, weights = zip(*parts[k * n:(k + 1) * n])
+        out.append((np.concatenate(rows), None if fim["middle_weight"] == 1.0 else np.concatenate(weights)))
+    return out
 
 
 def load_corpus(path) -> tuple[list[str], list[str]]:
@@ -230,23 +248,28 @@ def train(args) -> None:
 
     T, B = args.seq_len, args.batch
     train_pieces, valid_pieces = load_corpus(args.corpus)
-    rows = epochs(train_pieces, args, args.epochs)
-    per_epoch = len(rows) / args.epochs
+    specs = [parse_model(spec, args) for spec in args.model or ["8x256"]]
+    recipes = []  # each distinct FIM recipe gets its own rows; models that share one share them
+    for m in specs:
+        if recipe(m, args) not in recipes:
+            recipes.append(recipe(m, args))
+    data = epochs(train_pieces, args, recipes, args.epochs)
+    per_epoch = len(data[0][0]) / args.epochs
     base = code_config(1, 64, 1, T, args.fim_order)
     valid_stream = code_data.token_stream(tokenizer_for(base).encode, valid_pieces)
     n_valid = (len(valid_stream) - 1) // T
     valid_rows = valid_stream[np.arange(n_valid)[:, None] * T + np.arange(T + 1)[None, :]]
     eval_rows = valid_rows[np.linspace(0, n_valid - 1, min(args.eval_rows, n_valid)).astype(int)]
-    kept, index_of = kept_vocabulary(rows, base)
+    kept, index_of = kept_vocabulary(np.concatenate([rows for rows, _ in data]), base)
     log(f"backend {jax.default_backend()} {jax.devices()[0].device_kind}, jax {jax.__version__}; "
-        f"{len(train_pieces)} train pieces, {args.epochs} epochs = {len(rows):,} rows of {T} "
-        f"({per_epoch:.0f} per epoch); {n_valid} held-out rows; kept vocabulary {len(kept)}")
+        f"{len(train_pieces)} train pieces; {len(recipes)} FIM recipe(s) x {args.epochs} epochs = "
+        f"{sum(len(rows) for rows, _ in data):,} rows of {T} (~{per_epoch:.0f} per epoch); {n_valid} held-out rows; "
+        f"kept vocabulary {len(kept)}")
 
     first = jnp.zeros((B,), jnp.int32)
     kept_dev = jnp.asarray(kept)
     models = []
-    for spec in args.model or ["8x256"]:
-        m = parse_model(spec, args)
+    for m in specs:
         cfg = code_config(m["n_layer"], m["n_embd"], m["n_head"], T, args.fim_order)
         graphdef, params = nnx.split(GPT(cfg, rngs=nnx.Rngs(args.seed)))
         if m["init"]:  # another run's --out (no orbax needed on the accelerator's machine)
@@ -261,11 +284,13 @@ def train(args) -> None:
             model, h = causal_hidden_states(graphdef, params, x, jnp.zeros((x.shape[0],), jnp.int32))
             return token_nll(model.logits(h), y).mean()
 
-        m.update(cfg=cfg, params=params, opt=tx.init(params), step=make_step(graphdef, tx, args.full_stride),
+        m.update(data=data[recipes.index(recipe(m, args))],
+                 cfg=cfg, params=params, opt=tx.init(params), step=make_step(graphdef, tx, args.full_stride),
                  nll=jax.jit(nll), best=(math.inf, 0), best_params=None, history=[],
                  n_params=sum(x.size for x in jax.tree.leaves(params)))
         models.append(m)
-        log(f"model {spec}: {m['n_params'] / 1e6:.2f}M params, lr {m['lr']}, init {m['init']}")
+        log(f"model {m['name']}: {m['n_params'] / 1e6:.2f}M params, lr {m['lr']}, init {m['init']}, "
+            f"FIM {recipe(m, args)}")
 
     def evaluate(m) -> float:
         losses = [float(m["nll"](m["params"], eval_rows[i:i + B, :-1], eval_rows[i:i + B, 1:]))
@@ -274,7 +299,8 @@ def train(args) -> None:
 
     def save_best(step_done: int):
         m = min(models, key=lambda m: m["best"][0])
-        meta = {"model": {k: m[k] for k in ("name", "n_layer", "n_embd", "n_head", "lr", "init")},
+        meta = {"model": {k: m[k] for k in ("name", "n_layer", "n_embd", "n_head", "lr", "init", "fim", "one", "spm",
+                                            "mw")},
                 "best_val": m["best"][0], "best_step": m["best"][1], "steps_done": step_done,
                 "total_steps": total, "seq_len": T, "batch": B, "fim_order": args.fim_order,
                 "args": vars(args), "jax": jax.__version__, "device": jax.devices()[0].device_kind,
@@ -286,15 +312,16 @@ def train(args) -> None:
     window_t, window_steps = time.perf_counter(), 0
     deadline = None
     while total is None or step < total:
-        at = (step * B) % (len(rows) - B + 1)
-        r = rows[at:at + B]
-        x, y = r[:, :-1], r[:, 1:]
-        y_kept = index_of[y]
         for m in models:
+            rows, weights = m["data"]
+            at = (step * B) % (len(rows) - B + 1)
+            r = rows[at:at + B]
+            x, y = r[:, :-1], r[:, 1:]
+            wt = None if weights is None else weights[at:at + B]
             m["opt"][1].hyperparams["learning_rate"] = jnp.asarray(
                 lr_at(step, m["lr"], args.warmup, total, args.min_lr_ratio), jnp.float32)
-            m["params"], m["opt"], m["loss"], m["gnorm"] = m["step"](m["params"], m["opt"], x, y, y_kept, kept_dev,
-                                                                     first)
+            m["params"], m["opt"], m["loss"], m["gnorm"] = m["step"](m["params"], m["opt"], x, y, index_of[y],
+                                                                     kept_dev, first, wt)
         step += 1
         window_steps += 1
         if step == 2:  # compiled and one step run: time from here
