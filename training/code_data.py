@@ -30,7 +30,7 @@ import sysconfig
 import numpy as np
 
 from pgpt_jax.config import EOS_ID, FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX
-from training.data import Document
+from training.data import Document, row_windows
 
 SKIP_PARTS = {"test", "tests", "idle_test", "site-packages", "pydoc_data", "__pycache__"}
 MAX_PIECE_CHARS = 3000  # ~1000 tokens with the space-run tokens: most pieces fit one row
@@ -156,6 +156,5 @@ def epoch_rows(encode, pieces: list[str], seq_len: int, *, epoch: int, seed: int
     order = rng.permutation(len(pieces))
     stream, weights = fim_stream(encode, [pieces[i] for i in order], fim_rate=fim_rate, rng=rng,
                                  one_line=one_line, line_cuts=line_cuts, spm=spm, middle_weight=middle_weight)
-    n = (len(stream) - 1) // seq_len
-    at = np.arange(n)[:, None] * seq_len + np.arange(seq_len + 1)[None, :]
+    at = row_windows(len(stream), seq_len)
     return stream[at], weights[at[:, 1:]]

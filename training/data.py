@@ -312,9 +312,15 @@ def epoch_rows(encode, pieces: list[str], seq_len: int, *, epoch: int, seed: int
     rng = np.random.default_rng([seed, epoch])
     order = rng.permutation(len(pieces))
     stream = token_stream(encode, [pieces[i] for i in order], fim_rate=fim_rate, rng=rng)
-    n = (len(stream) - 1) // seq_len
-    idx = np.arange(n)[:, None] * seq_len + np.arange(seq_len + 1)[None, :]
-    return stream[idx]
+    return stream[row_windows(len(stream), seq_len)]
+
+
+def row_windows(n_tokens: int, seq_len: int) -> np.ndarray:
+    """Indices i64[rows, seq_len + 1] of a stream of `n_tokens` packed into rows that overlap by
+    one token (each row's inputs [:-1], targets [1:]: every token is a target once); the tail
+    that does not fill a row is dropped."""
+    n = (n_tokens - 1) // seq_len
+    return np.arange(n)[:, None] * seq_len + np.arange(seq_len + 1)[None, :]
 
 
 def unigram_cross_entropy(train_tokens: np.ndarray, eval_tokens: np.ndarray, vocab_size: int) -> float:

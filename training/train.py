@@ -131,8 +131,7 @@ def corpus(encode, T: int, unigram_vocab: int):
     train_pieces, valid_pieces = data.split_pieces(docs)
     train_plain = code_data.token_stream(encode, train_pieces)
     valid_stream = code_data.token_stream(encode, valid_pieces)
-    n_valid_rows = (len(valid_stream) - 1) // T
-    valid_rows = valid_stream[np.arange(n_valid_rows)[:, None] * T + np.arange(T + 1)[None, :]]
+    valid_rows = valid_stream[data.row_windows(len(valid_stream), T)]
     unigram = data.unigram_cross_entropy(train_plain, valid_rows[:, 1:].ravel(), unigram_vocab)
     return docs, train_pieces, valid_rows, train_plain, unigram
 

@@ -231,6 +231,7 @@ def train(args) -> None:
     from pgpt_jax.model import GPT
     from pgpt_jax.tokenizer import tokenizer_for
     from training import code_data
+    from training.data import row_windows
     from training.train_tiny import causal_hidden_states, kept_vocabulary, make_step, token_nll
 
     if args.matmul_precision:
@@ -257,8 +258,8 @@ def train(args) -> None:
     per_epoch = len(data[0][0]) / args.epochs
     base = code_config(1, 64, 1, T, args.fim_order)
     valid_stream = code_data.token_stream(tokenizer_for(base).encode, valid_pieces)
-    n_valid = (len(valid_stream) - 1) // T
-    valid_rows = valid_stream[np.arange(n_valid)[:, None] * T + np.arange(T + 1)[None, :]]
+    valid_rows = valid_stream[row_windows(len(valid_stream), T)]
+    n_valid = len(valid_rows)
     eval_rows = valid_rows[np.linspace(0, n_valid - 1, min(args.eval_rows, n_valid)).astype(int)]
     kept, index_of = kept_vocabulary(np.concatenate([rows for rows, _ in data]), base)
     log(f"backend {jax.default_backend()} {jax.devices()[0].device_kind}, jax {jax.__version__}; "
@@ -284,7 +285,7 @@ def train(args) -> None:
             model, h = causal_hidden_states(graphdef, params, x, jnp.zeros((x.shape[0],), jnp.int32))
             return token_nll(model.logits(h), y).mean()
 
-        m.update(data=data[recipes.index(recipe(m, args))],
+        m.update(recipe=recipes.index(recipe(m, args)),
                  cfg=cfg, params=params, opt=tx.init(params), step=make_step(graphdef, tx, args.full_stride),
                  nll=jax.jit(nll), best=(math.inf, 0), best_params=None, history=[],
                  n_params=sum(x.size for x in jax.tree.leaves(params)))
@@ -311,17 +312,20 @@ def train(args) -> None:
     step, t_timed = 0, None
     window_t, window_steps = time.perf_counter(), 0
     deadline = None
+    def batch(rows, weights):
+        """This step's (inputs, targets, targets among the kept ids, loss weights or None)."""
+        at = (step * B) % (len(rows) - B + 1)
+        r = rows[at:at + B]
+        return r[:, :-1], r[:, 1:], index_of[r[:, 1:]], None if weights is None else weights[at:at + B]
+
     while total is None or step < total:
+        batches = [batch(*d) for d in data]  # once per recipe, whatever the number of its models
         for m in models:
-            rows, weights = m["data"]
-            at = (step * B) % (len(rows) - B + 1)
-            r = rows[at:at + B]
-            x, y = r[:, :-1], r[:, 1:]
-            wt = None if weights is None else weights[at:at + B]
+            x, y, y_kept, wt = batches[m["recipe"]]
             m["opt"][1].hyperparams["learning_rate"] = jnp.asarray(
                 lr_at(step, m["lr"], args.warmup, total, args.min_lr_ratio), jnp.float32)
-            m["params"], m["opt"], m["loss"], m["gnorm"] = m["step"](m["params"], m["opt"], x, y, index_of[y],
-                                                                     kept_dev, first, wt)
+            m["params"], m["opt"], m["loss"], m["gnorm"] = m["step"](m["params"], m["opt"], x, y, y_kept, kept_dev,
+                                                                     first, wt)
         step += 1
         window_steps += 1
         if step == 2:  # compiled and one step run: time from here
@@ -362,6 +366,7 @@ def train(args) -> None:
 
 
 def convert(args) -> None:
+    import jax
     from flax import nnx
 
     from pgpt_jax.tokenizer import tokenizer_for
@@ -380,7 +385,7 @@ def convert(args) -> None:
     history = [e for e in meta["history"][m["name"]] if e["step"] <= meta["steps_done"]]
     (src / "history.jsonl").write_text("".join(json.dumps(e) + "\n" for e in history))  # evaluate.py --plot
     summary = {
-        "params": sum(x.size for x in jax_leaves(nnx.state(model))), "seed": meta["args"]["seed"],
+        "params": sum(x.size for x in jax.tree.leaves(nnx.state(model))), "seed": meta["args"]["seed"],
         "steps": meta["best_step"], "batch": B, "seq_len": T, "tokens": meta["best_step"] * B * T,
         "trained_on": f"{meta['device']} (jax {meta['jax']}), training/train_accel.py",
         "documents": len(docs), "valid_documents": sum(d.split == "valid" for d in docs),
@@ -389,12 +394,6 @@ def convert(args) -> None:
     }
     train.finish_checkpoint(cfg.replace(param_dtype="float32"), nnx.state(model), out, src, valid_rows,
                             train_plain, unigram, 4, summary, log)
-
-
-def jax_leaves(tree):
-    import jax
-
-    return jax.tree.leaves(tree)
 
 
 def main(argv=None):

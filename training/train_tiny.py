@@ -246,8 +246,8 @@ def main(argv=None) -> dict:
     n_valid_docs = sum(d.split == "valid" for d in docs)
     train_plain = data.token_stream(encode, train_pieces)
     valid_stream = data.token_stream(encode, valid_pieces)
-    n_valid_rows = (len(valid_stream) - 1) // T
-    valid_rows = valid_stream[np.arange(n_valid_rows)[:, None] * T + np.arange(T + 1)[None, :]]
+    valid_rows = valid_stream[data.row_windows(len(valid_stream), T)]
+    n_valid_rows = len(valid_rows)
     unigram = data.unigram_cross_entropy(train_plain, valid_rows[:, 1:].ravel(), cfg.vocab_size)
     log(f"corpus: {len(docs)} documents ({n_valid_docs} held out), {len(train_pieces)} train / "
         f"{len(valid_pieces)} valid pieces, {len(train_plain):,} train / {len(valid_stream):,} valid tokens; "
