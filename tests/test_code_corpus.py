@@ -38,6 +38,38 @@ def test_module_names_and_the_split_follow_the_docs_corpus():
     assert "asyncio.streams" in held and "json.decoder" not in held  # the modules the docs corpus holds out
 
 
+def test_more_text_keeps_new_paragraphs_of_other_versions_and_nothing_held_out(tmp_path):
+    """code_data.more_pieces on a made-up standard library: a held-out module (`dataclasses`) and
+    the test of one are skipped in every version, a paragraph already seen is dropped, Python 2
+    code is skipped, and what is new comes back as pieces."""
+    root = tmp_path / "lib" / "python3.99"
+
+    def write(rel, text):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+
+    old = "def shared(x):\n    return x * 2\n\n"
+    new = "def added_in_this_version(items):\n    \"\"\"Sorted, once each.\"\"\"\n    return sorted(set(items), key=str)\n\n"
+    write("os.py", "")
+    write("shlex.py", old + new)
+    write("dataclasses.py", "def held_out_function(x):\n    return x - 12345\n\n")
+    write("test/test_dataclasses.py", "def test_held_out_module_case(self):\n    self.assertEqual(99999, 99999)\n\n")
+    write("test/test_shlex.py", "def test_split_a_quoted_word(self):\n    self.assertEqual(shlex.split('a b'), ['a', 'b'])\n\n")
+    write("colorsys.py", "print 'python two'\n\nx = 1\n")
+    assert code_data.tested_modules("test.test_asyncio.test_streams") == [
+        "test.test_asyncio.test_streams", "asyncio", "asyncio.streams"]
+    assert data.is_validation("module:dataclasses") and not data.is_validation("module:shlex")
+
+    pieces = code_data.more_pieces([root], seen_texts=[old])
+    text = "".join(pieces)
+    assert "added_in_this_version" in text and "test_split_a_quoted_word" in text
+    assert "def shared" not in text  # seen before: dropped
+    assert "held_out_function" not in text and "test_held_out_module_case" not in text
+    assert "python two" not in text  # does not parse under this Python
+    assert code_data.more_pieces([root], tests=False, seen_texts=[old]) == [new]
+    assert code_data.more_pieces([root, root], tests=False, seen_texts=[]) == [old + new]  # once
+
+
 def test_fim_examples_come_in_both_orders_and_keep_every_token():
     rng = np.random.default_rng(0)
     text = SOURCE[:400]

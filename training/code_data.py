@@ -24,13 +24,17 @@ editor asks to fill a line).
 
 from __future__ import annotations
 
+import ast
+import hashlib
 import pathlib
+import sys
 import sysconfig
+import warnings
 
 import numpy as np
 
 from pgpt_jax.config import EOS_ID, FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX
-from training.data import Document, row_windows
+from training.data import Document, is_validation, row_windows
 
 SKIP_PARTS = {"test", "tests", "idle_test", "site-packages", "pydoc_data", "__pycache__"}
 MAX_PIECE_CHARS = 3000  # ~1000 tokens with the space-run tokens: most pieces fit one row
@@ -90,6 +94,109 @@ def cut_lines(text: str, limit: int = MAX_PIECE_CHARS) -> list[str]:
 
 def source_documents(root: pathlib.Path | None = None) -> list[Document]:
     return [Document(f"module:{name}", tuple(cut_lines(text))) for name, text in source_files(root)]
+
+
+# ---------------------------------------------------------------------------------------
+# More text: other CPython versions' standard libraries, and the standard library's tests
+
+
+def other_stdlibs() -> list[pathlib.Path]:
+    """The standard libraries of the other CPython 3 installations on this machine: those beside
+    this one (`~/.pyenv/versions/3.X.Y/lib/python3.X`) and the system's (`/usr/lib/python3.X`),
+    newest version first."""
+    this = pathlib.Path(sysconfig.get_paths()["stdlib"]).resolve()
+    found = set(pathlib.Path(sys.base_prefix).parent.glob("*/lib/python3.*")) | set(pathlib.Path("/usr/lib").glob("python3.*"))
+    roots = [r for r in found if (r / "os.py").is_file() and r.resolve() != this]
+
+    def version(root: pathlib.Path) -> tuple[int, ...]:
+        return tuple(int(x) for x in root.name.removeprefix("python").split(".") if x.isdigit())
+
+    return sorted(roots, key=lambda r: (version(r), str(r)), reverse=True)
+
+
+def test_files(root: pathlib.Path) -> list[tuple[str, str]]:
+    """(module name, source) of a standard library's `test` package, sorted by path."""
+    out = []
+    for path in sorted((root / "test").rglob("*.py")):
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        if text.strip() and "__pycache__" not in path.parts:
+            out.append((module_name(path.relative_to(root)), text))
+    return out
+
+
+def tested_modules(name: str) -> list[str]:
+    """The names a test module's text is about: itself and, without the `test_` prefixes, the
+    modules it tests (`test.test_asyncio.test_streams` -> itself, `asyncio`, `asyncio.streams`)."""
+    names, parts = [name], []
+    for part in name.split(".")[1:]:
+        part = part.removeprefix("test_").strip("_")
+        if part:
+            parts.append(part)
+            names.append(".".join(parts))
+    return names
+
+
+def paragraphs(text: str) -> list[str]:
+    """Runs of lines, each ending with its first blank line."""
+    out, cur = [], []
+    for line in text.splitlines(keepends=True):
+        cur.append(line)
+        if not line.strip():
+            out.append("".join(cur))
+            cur = []
+    if cur:
+        out.append("".join(cur))
+    return out
+
+
+def more_pieces(roots: list[pathlib.Path] | None = None, *, tests: bool = True, seen_texts: list[str] | None = None,
+                min_chars: int = 80) -> list[str]:
+    """Training pieces beyond this interpreter's standard library: by default its `test`
+    package, then the standard library and tests of each of other_stdlibs(); with `roots`, the
+    standard library and tests of each of those. All of it is under the PSF License.
+
+    Nothing held out reaches them: a module is skipped when its name, or for a test any module
+    it tests (`tested_modules`), falls in the held-out split, so the held-out modules and
+    their tests stay unseen in every version, and the held-out split itself is unchanged. Each
+    version repeats most of the others, so text is kept by paragraph (`paragraphs`): a
+    paragraph whose stripped text came earlier (first `seen_texts`, by default this
+    interpreter's source, held-out modules included) is dropped, and each run of new
+    paragraphs of a file becomes pieces (`cut_lines`). Files that do not parse under this Python (Python 2 code, tests of syntax
+    errors, newer syntax) are skipped."""
+    seen_texts = [text for _, text in source_files()] if seen_texts is None else seen_texts
+    seen = {hashlib.sha1(p.strip().encode()).digest() for text in seen_texts for p in paragraphs(text)}
+    here = pathlib.Path(sysconfig.get_paths()["stdlib"])
+    sources = [(test_files(here), True)] if tests and roots is None else []
+    for root in other_stdlibs() if roots is None else roots:
+        sources += [(source_files(root), False)] + ([(test_files(root), True)] if tests else [])
+    pieces = []
+    for files, are_tests in sources:
+        for name, text in files:
+            if any(is_validation(f"module:{n}") for n in (tested_modules(name) if are_tests else [name])):
+                continue
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # old versions' invalid escapes
+                    ast.parse(text)
+            except (SyntaxError, ValueError):
+                continue
+            run = []
+            for para in paragraphs(text) + [""]:  # "" ends the last run
+                if para and not para.strip():  # blank lines go with the run they are in
+                    run += [para] if run else []
+                    continue
+                key = hashlib.sha1(para.strip().encode()).digest()
+                if para and key not in seen:
+                    seen.add(key)
+                    run.append(para)
+                    continue
+                if sum(map(len, run)) >= min_chars:
+                    pieces += cut_lines("".join(run))
+                run = []
+    return pieces
 
 
 def fim_cuts(text: str, rng: np.random.Generator, one_line: float = 0.0,
