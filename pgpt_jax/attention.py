@@ -78,7 +78,7 @@ def choose(implementation: str, backend: str, dtype, head_dim: int, tokens: int,
     return "einsum"
 
 
-def reads_in_blocks(implementation: str, backend: str, dtype, head_dim: int, rows: int, window: int) -> bool:
+def reads_by_position(implementation: str, backend: str, dtype, head_dim: int, rows: int, window: int) -> bool:
     """Whether a decode call of `rows` rows reads only what its rows' positions need (the
     blocked path's blocks, the kernel's entries) at this static window. Such a call costs
     the same whatever its window, so the scheduler gives these calls one window, the

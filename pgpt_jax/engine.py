@@ -89,7 +89,7 @@ class Engine:
         self.scheduler = Scheduler(slots, self.context_length, min_bucket=min_bucket, min_window=min_window,
                                    max_prefill_tokens=max_prefill_tokens,
                                    split_slots=mesh is not None and mesh.shape["data"] > 1, batch_slack=batch_slack,
-                                   blocked=self._reads_in_blocks)
+                                   reads_by_position=self._reads_by_position)
         if mesh is not None:
             sharding.check_mesh(mesh, self.config, slots)
         if prefill_chunk >= self.context_length:
@@ -254,11 +254,11 @@ class Engine:
         """Processes other than 0: replay process 0's ops until it stops (multihost.follow)."""
         follow(self.executor, self.lockstep, self.lockstep_timeout, self.on_fatal)
 
-    def _reads_in_blocks(self, rows: int) -> bool:
+    def _reads_by_position(self, rows: int) -> bool:
         """Whether a decode call of `rows` rows reads only what its positions need (the native
         kernel, or in blocks; the scheduler gives those one window: scheduler.py)."""
         cfg = self.config
-        return attention.reads_in_blocks(self.model.h[0].attn.implementation, jax.default_backend(), cfg.dtype,
+        return attention.reads_by_position(self.model.h[0].attn.implementation, jax.default_backend(), cfg.dtype,
                                          cfg.head_dim, rows, self.context_length)
 
     def warmup(self, progress: bool = False, on_program: Optional[Callable[[int, int], None]] = None) -> float:

@@ -12,11 +12,10 @@ nothing compiles after warm-up:
     data axis that splits the slots over devices makes every program run all of them;
   - attention windows: 128, 256, ... up to the context, the smallest that covers the
     longest occupied row after this call's steps. Row buckets whose decode reads only what
-    the positions need (`blocked`: attention.py's native kernel, every bucket on CPU where it
-    builds; else its blocked path, 8 rows or more) take one window, the context: such a call
-    reads what its positions and span need whatever its window, so a program per window would
-    only add compiles (no slower, measured in
-    docs/benchmarks.md). A Verify computes its window in full and keeps the buckets.
+    the positions need (`reads_by_position`: attention.py's native kernel, every bucket on
+    CPU where it builds; else its blocked path, 8 rows or more) take one window, the context:
+    such a call reads what its positions and span need whatever its window, so a program per
+    window would only add compiles (no slower, measured in docs/benchmarks.md). A Verify computes its window in full and keeps the buckets.
 
 Two queues: interactive choices (`waiting`) get free slots before background (batch) ones
 (`background`). While interactive work is about, batch work may hold only the slots below
@@ -52,7 +51,7 @@ class Scheduler:
 
     def __init__(self, slots: int, context_length: int, *, min_bucket: int = 16, min_window: int = 128,
                  max_prefill_tokens: int = 1024, split_slots: bool = False, batch_slack: float = 1.25,
-                 blocked: Callable[[int], bool] = lambda rows: False):
+                 reads_by_position: Callable[[int], bool] = lambda rows: False):
         self.slots, self.context_length = slots, context_length
         self.buckets = buckets(context_length, min(min_bucket, context_length))
         self.windows = buckets(context_length, min(min_window, context_length))
@@ -60,8 +59,10 @@ class Scheduler:
             b: tuple(p for p in (1, 4, 16) if p == 1 or (p * b <= max_prefill_tokens and p <= slots))
             for b in self.buckets}
         self.row_buckets = (slots,) if split_slots else tuple(r for r in ROW_BUCKETS if r < slots) + (slots,)
-        # Row buckets whose decode reads the cache in blocks (`blocked(rows)`): their calls' window is the context.
-        self.blocked_rows = frozenset(r for r in self.row_buckets if blocked(r))
+        # Row buckets whose decode reads only what its rows' positions need (the native kernel, the
+        # blocked path: `reads_by_position(rows)`): such a call costs the same at any window, so its
+        # window is the context, one program per bucket.
+        self.context_window_rows = frozenset(r for r in self.row_buckets if reads_by_position(r))
         self.owner: list[Optional[Any]] = [None] * slots  # what generates in each slot
         self.batch = [False] * slots  # whether that is background (batch) work
         self.reserved = [False] * slots  # held for a choice whose prompt is still prefilled in chunks
@@ -240,7 +241,7 @@ class Scheduler:
 
     def decode_window(self, rows: int, need: int) -> int:
         """The window of a Decode or Forward call of `rows` rows that reads `need` entries."""
-        return self.windows[-1] if rows in self.blocked_rows else self.window(need)
+        return self.windows[-1] if rows in self.context_window_rows else self.window(need)
 
     def decode_shapes(self, need: Optional[int] = None) -> list[tuple[int, int]]:
         """Every (rows, window) a Decode or Forward call can have (with `need`, while no row

@@ -387,10 +387,10 @@ def test_rows_read_in_blocks_decode_at_one_window(monkeypatch, kernel):
     eng = Engine(model, get_tokenizer(), slots=8, decode_steps=1, min_bucket=128)
     sched = eng.scheduler
     if kernel:
-        assert sched.windows == (128, 256) and sched.blocked_rows == {1, 4, 8}
+        assert sched.windows == (128, 256) and sched.context_window_rows == {1, 4, 8}
         assert sched.decode_shapes() == [(1, 256), (4, 256), (8, 256)]
     else:
-        assert sched.windows == (128, 256) and sched.blocked_rows == {8}
+        assert sched.windows == (128, 256) and sched.context_window_rows == {8}
         assert sched.decode_shapes() == [(1, 128), (1, 256), (4, 128), (4, 256), (8, 256)]
     decodes, real = [], eng.executor.run
 

@@ -48,11 +48,11 @@ def test_decode_shape_covers_the_occupied_prefix_and_the_longest_row():
     assert s.advance(4) == {0: "a"} and s.position[0] == 104
 
 
-def test_rows_read_in_blocks_take_one_window_and_verify_keeps_the_buckets():
-    """Row buckets whose decode reads the cache in blocks get the context as window (their
+def test_rows_read_by_position_take_one_window_and_verify_keeps_the_buckets():
+    """Row buckets whose decode reads only what its positions need (kernel, blocks) get the context as window (their
     span bounds the read), so warm-up compiles one decode shape for each of them."""
-    s = Scheduler(32, 1024, blocked=lambda rows: rows >= 8)
-    assert s.blocked_rows == {8, 16, 32}
+    s = Scheduler(32, 1024, reads_by_position=lambda rows: rows >= 8)
+    assert s.context_window_rows == {8, 16, 32}
     s.place(5, "b", 300)
     assert s.decode_shape(steps=4) == (1024, 8, 305)
     assert s.decode_shape(steps=4, verify=True) == (512, 8, 305)
@@ -62,14 +62,14 @@ def test_rows_read_in_blocks_take_one_window_and_verify_keeps_the_buckets():
     assert s.decode_shapes() == [(1, 128), (1, 256), (1, 512), (1, 1024), (4, 128), (4, 256), (4, 512), (4, 1024),
                                  (8, 1024), (16, 1024), (32, 1024)]
     assert s.decode_shapes(need=200) == [(1, 128), (1, 256), (4, 128), (4, 256), (8, 1024), (16, 1024), (32, 1024)]
-    assert len(Scheduler(32, 1024).decode_shapes()) == 20  # no blocked rows: every window for every bucket
+    assert len(Scheduler(32, 1024).decode_shapes()) == 20  # no such rows: every window for every bucket
 
 
 def test_every_decode_shape_is_one_warm_up_compiles():
     """Whatever the occupied slots and positions, a Decode's (rows, window) is among
     `decode_shapes()` and a Verify's among every (row bucket, window)."""
-    for blocked in (lambda rows: False, lambda rows: rows >= 8):
-        s = Scheduler(32, 1024, blocked=blocked)
+    for by_position in (lambda rows: False, lambda rows: rows >= 8):
+        s = Scheduler(32, 1024, reads_by_position=by_position)
         shapes = set(s.decode_shapes())
         for last in (0, 3, 4, 7, 8, 15, 16, 31):
             for position in range(0, 1024, 37):
