@@ -13,8 +13,8 @@ generated charmap tables of `encodings` (256-entry tables that would be 30% of t
 More text (`more_pieces`, `train.py --more-text`): the standard library's `test` package, and
 the standard libraries (with their tests) of the other CPython 3 versions installed beside
 this one, kept by paragraph where the paragraph is new, with every held-out module, and every
-test of one, left out. On the development machine (CPython 3.6 to 3.13) that is 10.6M more
-tokens of training text, 4.2 times the 3.3M of this interpreter's library and docs.
+test of one, left out. On the development machine (CPython 3.6 to 3.13) the training text
+grows from 3.3M tokens (this interpreter's library and docs) to 13.9M, 4.2 times as much.
 
 Fill-in-the-middle examples come in both orders of the FIM paper (Bavarian et al., 2022),
 prefix-suffix-middle and suffix-prefix-middle (a checkpoint's `fim_order` says which one a
