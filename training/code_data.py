@@ -10,7 +10,7 @@ Left out: tests (`test`, `tests`, `idle_test` folders), `site-packages`, `pydoc_
 (the Language Reference text, which training/data.py renders as documentation) and the
 generated charmap tables of `encodings` (256-entry tables that would be 30% of the bytes).
 
-More text (`more_pieces`, `train.py --more-text`): the standard library's `test` package, and
+More text (`more_pieces`, `train.py --more-text all`): the standard library's `test` package, and
 the standard libraries (with their tests) of the other CPython 3 versions installed beside
 this one, kept by paragraph where the paragraph is new, with every held-out module, and every
 test of one, left out. On the development machine (CPython 3.6 to 3.13) the training text

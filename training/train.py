@@ -116,9 +116,9 @@ def parse_args(argv=None):
     p.add_argument("--middle-weight", type=float, default=1.0,
                    help="a FIM example's middle and the <|endoftext|> that ends it count this many times "
                         "in the loss (teaches middles that end)")
-    p.add_argument("--more-text", action="store_true",
-                   help="also train on the standard library's tests and on the other CPython versions' "
-                        "standard libraries found on this machine (code_data.more_pieces)")
+    p.add_argument("--more-text", choices=["library", "all"], default=None,
+                   help="also train on the other CPython versions' standard libraries found on this machine "
+                        "(library), and on their tests and this one's (all): code_data.more_pieces")
     p.add_argument("--piece-chars", type=int, default=None,
                    help="the short phase's pieces are cut to at most this many characters (default: "
                         "what fits its rows, 3000 x short_seq / seq_len)")
@@ -128,13 +128,14 @@ def parse_args(argv=None):
 # ---------------------------------------------------------------------------------------
 
 
-def corpus(encode, T: int, unigram_vocab: int, more_text: bool = False):
+def corpus(encode, T: int, unigram_vocab: int, more_text: str | None = None):
     """-> (documents, train pieces, valid rows i32[R, T + 1], train tokens (plain), unigram nats).
-    `more_text`: the training pieces also take code_data.more_pieces() (other CPython versions'
-    standard libraries and the tests); the held-out split is the same."""
+    `more_text` ("library" or "all"): the training pieces also take code_data.more_pieces()
+    (other CPython versions' standard libraries; "all": and the tests); the held-out split is
+    the same."""
     docs = data.stdlib_documents() + code_data.source_documents()
     train_pieces, valid_pieces = data.split_pieces(docs)
-    train_pieces += code_data.more_pieces() if more_text else []
+    train_pieces += code_data.more_pieces(tests=more_text == "all") if more_text else []
     train_plain = code_data.token_stream(encode, train_pieces)
     valid_stream = code_data.token_stream(encode, valid_pieces)
     valid_rows = valid_stream[data.row_windows(len(valid_stream), T)]

@@ -1,7 +1,7 @@
 """Train pgpt-code on an accelerator: several model shapes in one process, the best kept.
 
     python training/train_accel.py --dump-corpus corpus.json.xz       # here: the corpus, as text
-    python training/train_accel.py --dump-corpus corpus.json.xz --more-text   # 4x the text (code_data.more_pieces)
+    python training/train_accel.py --dump-corpus corpus.json.xz --more-text all   # 4.2x the text (code_data.more_pieces)
     python training/train_accel.py --corpus corpus.json.xz --out OUT --minutes 6 \\
         --model 12x256 --model 8x256:lr=1.5e-3   # on the accelerator
     python training/train_accel.py --convert OUT --out pgpt_jax/assets/pgpt-code   # here: the checkpoint
@@ -55,9 +55,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--corpus", help="the file --dump-corpus wrote (default: this Python's standard library)")
     p.add_argument("--dump-corpus", help="write the corpus (train and held-out pieces) to this file and stop")
-    p.add_argument("--more-text", action="store_true",
-                   help="with --dump-corpus (or without --corpus): the training pieces also take the standard "
-                        "library's tests and the other CPython versions' standard libraries (code_data.more_pieces)")
+    p.add_argument("--more-text", choices=["library", "all"], default=None,
+                   help="with --dump-corpus (or without --corpus): the training pieces also take the other CPython "
+                        "versions' standard libraries (library), and the tests (all): code_data.more_pieces")
     p.add_argument("--convert", help="a training run's --out: write its params as a checkpoint to --out")
     p.add_argument("--out")
     p.add_argument("--model", action="append", default=[],
@@ -154,14 +154,14 @@ def epochs(pieces, args, recipes: list[dict], n: int) -> list[tuple[np.ndarray, 
     return out
 
 
-def load_corpus(path, more_text: bool = False) -> tuple[list[str], list[str]]:
+def load_corpus(path, more_text: str | None = None) -> tuple[list[str], list[str]]:
     if path:
         blob = json.loads(lzma.decompress(pathlib.Path(path).read_bytes()))
         return blob["train"], blob["valid"]
     from training import code_data, data
 
     train_pieces, valid_pieces = data.split_pieces(data.stdlib_documents() + code_data.source_documents())
-    return train_pieces + (code_data.more_pieces() if more_text else []), valid_pieces
+    return train_pieces + (code_data.more_pieces(tests=more_text == "all") if more_text else []), valid_pieces
 
 
 # -- params out and in -------------------------------------------------------------------------
