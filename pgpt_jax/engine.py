@@ -259,7 +259,7 @@ class Engine:
         kernel, or in blocks; the scheduler gives those one window: scheduler.py)."""
         cfg = self.config
         return attention.reads_by_position(self.model.h[0].attn.implementation, jax.default_backend(), cfg.dtype,
-                                         cfg.head_dim, rows, self.context_length)
+                                           cfg.head_dim, rows, self.context_length)
 
     def warmup(self, progress: bool = False, on_program: Optional[Callable[[int, int], None]] = None) -> float:
         """Compiles every program for every shape the scheduler can ask for (and, multi-host,

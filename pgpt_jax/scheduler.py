@@ -15,7 +15,8 @@ nothing compiles after warm-up:
     the positions need (`reads_by_position`: attention.py's native kernel, every bucket on
     CPU where it builds; else its blocked path, 8 rows or more) take one window, the context:
     such a call reads what its positions and span need whatever its window, so a program per
-    window would only add compiles (no slower, measured in docs/benchmarks.md). A Verify computes its window in full and keeps the buckets.
+    window would only add compiles (no slower, measured in docs/benchmarks.md). A Verify
+    computes its window in full and keeps the buckets.
 
 Two queues: interactive choices (`waiting`) get free slots before background (batch) ones
 (`background`). While interactive work is about, batch work may hold only the slots below

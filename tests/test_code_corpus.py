@@ -49,12 +49,14 @@ def test_more_text_keeps_new_paragraphs_of_other_versions_and_nothing_held_out(t
         (root / rel).write_text(text)
 
     old = "def shared(x):\n    return x * 2\n\n"
-    new = "def added_in_this_version(items):\n    \"\"\"Sorted, once each.\"\"\"\n    return sorted(set(items), key=str)\n\n"
+    new = ("def added_in_this_version(items):\n    \"\"\"Sorted, once each.\"\"\"\n"
+           "    return sorted(set(items), key=str)\n\n")
     write("os.py", "")
     write("shlex.py", old + new)
     write("dataclasses.py", "def held_out_function(x):\n    return x - 12345\n\n")
     write("test/test_dataclasses.py", "def test_held_out_module_case(self):\n    self.assertEqual(99999, 99999)\n\n")
-    write("test/test_shlex.py", "def test_split_a_quoted_word(self):\n    self.assertEqual(shlex.split('a b'), ['a', 'b'])\n\n")
+    write("test/test_shlex.py",
+          "def test_split_a_quoted_word(self):\n    self.assertEqual(shlex.split('a b'), ['a', 'b'])\n\n")
     write("colorsys.py", "print 'python two'\n\nx = 1\n")
     assert code_data.tested_modules("test.test_asyncio.test_streams") == [
         "test.test_asyncio.test_streams", "asyncio", "asyncio.streams"]

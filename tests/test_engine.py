@@ -369,7 +369,7 @@ def test_no_recompile_after_warmup(which, request):
 
 
 @pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "no-kernel"])
-def test_rows_read_in_blocks_decode_at_one_window(monkeypatch, kernel):
+def test_rows_read_by_position_decode_at_one_window(monkeypatch, kernel):
     """On CPU, "auto" attention reads only what the rows' positions need for every decode call
     in float32 when the native kernel is built, and else in blocks for calls of 8 rows or more
     (attention.py), so those calls take the context as their window: 8 rows decoding from

@@ -49,8 +49,9 @@ def test_decode_shape_covers_the_occupied_prefix_and_the_longest_row():
 
 
 def test_rows_read_by_position_take_one_window_and_verify_keeps_the_buckets():
-    """Row buckets whose decode reads only what its positions need (kernel, blocks) get the context as window (their
-    span bounds the read), so warm-up compiles one decode shape for each of them."""
+    """Row buckets whose decode reads only what its positions need (the kernel, the blocked
+    path) get the context as window (their span bounds the read), so warm-up compiles one
+    decode shape for each of them."""
     s = Scheduler(32, 1024, reads_by_position=lambda rows: rows >= 8)
     assert s.context_window_rows == {8, 16, 32}
     s.place(5, "b", 300)

@@ -10,10 +10,10 @@ Left out: tests (`test`, `tests`, `idle_test` folders), `site-packages`, `pydoc_
 (the Language Reference text, which training/data.py renders as documentation) and the
 generated charmap tables of `encodings` (256-entry tables that would be 30% of the bytes).
 
-More text (`more_pieces`, `train.py --more-text all`): the standard library's `test` package, and
-the standard libraries (with their tests) of the other CPython 3 versions installed beside
-this one, kept by paragraph where the paragraph is new, with every held-out module, and every
-test of one, left out. On the development machine (CPython 3.6 to 3.13) the training text
+More text (`more_pieces`, `train.py --more-text all`): the standard library's `test`
+package, and the standard libraries (with their tests) of the other CPython 3 versions
+installed beside this one, kept by paragraph where the paragraph is new, with every held-out
+module, and every test of one, left out. On the development machine (CPython 3.6 to 3.13) the training text
 grows from 3.3M tokens (this interpreter's library and docs) to 13.9M, 4.2 times as much.
 
 Fill-in-the-middle examples come in both orders of the FIM paper (Bavarian et al., 2022),
@@ -111,7 +111,7 @@ def other_stdlibs() -> list[pathlib.Path]:
     this one (`~/.pyenv/versions/3.X.Y/lib/python3.X`) and the system's (`/usr/lib/python3.X`),
     newest version first."""
     this = pathlib.Path(sysconfig.get_paths()["stdlib"]).resolve()
-    found = set(pathlib.Path(sys.base_prefix).parent.glob("*/lib/python3.*")) | set(pathlib.Path("/usr/lib").glob("python3.*"))
+    found = {*pathlib.Path(sys.base_prefix).parent.glob("*/lib/python3.*"), *pathlib.Path("/usr/lib").glob("python3.*")}
     roots = [r for r in found if (r / "os.py").is_file() and r.resolve() != this]
 
     def version(root: pathlib.Path) -> tuple[int, ...]:
@@ -170,8 +170,8 @@ def more_pieces(roots: list[pathlib.Path] | None = None, *, tests: bool = True, 
     version repeats most of the others, so text is kept by paragraph (`paragraphs`): a
     paragraph whose stripped text came earlier (first `seen_texts`, by default this
     interpreter's source, held-out modules included) is dropped, and each run of new
-    paragraphs of a file becomes pieces (`cut_lines`). Files that do not parse under this Python (Python 2 code, tests of syntax
-    errors, newer syntax) are skipped."""
+    paragraphs of a file becomes pieces (`cut_lines`). Files that do not parse under this
+    Python (Python 2 code, tests of syntax errors, newer syntax) are skipped."""
     seen_texts = [text for _, text in source_files()] if seen_texts is None else seen_texts
     seen = {hashlib.sha1(p.strip().encode()).digest() for text in seen_texts for p in paragraphs(text)}
     here = pathlib.Path(sysconfig.get_paths()["stdlib"])

@@ -1,7 +1,7 @@
 """Train pgpt-code on an accelerator: several model shapes in one process, the best kept.
 
     python training/train_accel.py --dump-corpus corpus.json.xz       # here: the corpus, as text
-    python training/train_accel.py --dump-corpus corpus.json.xz --more-text all   # 4.2x the text (code_data.more_pieces)
+    python training/train_accel.py --dump-corpus corpus.json.xz --more-text all   # 4.2x the text: code_data
     python training/train_accel.py --corpus corpus.json.xz --out OUT --minutes 6 \\
         --model 12x256 --model 8x256:lr=1.5e-3   # on the accelerator
     python training/train_accel.py --convert OUT --out pgpt_jax/assets/pgpt-code   # here: the checkpoint
