@@ -155,6 +155,8 @@ def epochs(pieces, args, recipes: list[dict], n: int) -> list[tuple[np.ndarray, 
 
 
 def load_corpus(path, more_text: str | None = None) -> tuple[list[str], list[str]]:
+    if path and more_text:
+        raise SystemExit("--more-text makes a corpus: give it to --dump-corpus, not with --corpus (the file has its text)")
     if path:
         blob = json.loads(lzma.decompress(pathlib.Path(path).read_bytes()))
         return blob["train"], blob["valid"]
@@ -317,6 +319,7 @@ def train(args) -> None:
     step, t_timed = 0, None
     window_t, window_steps = time.perf_counter(), 0
     deadline = None
+
     def batch(rows, weights):
         """This step's (inputs, targets, targets among the kept ids, loss weights or None)."""
         at = (step * B) % (len(rows) - B + 1)
