@@ -72,6 +72,43 @@ def test_more_text_keeps_new_paragraphs_of_other_versions_and_nothing_held_out(t
     assert code_data.more_pieces([root, root], tests=False, seen_texts=[]) == [old + new]  # once
 
 
+def test_function_pieces_are_whole_functions_of_training_modules_at_their_indentation(tmp_path):
+    """code_data.function_pieces: each function and method of a training-split module, from its
+    `def` (not its decorator) to its last line, at its own indentation; nothing of a held-out
+    module. Its `def` and docstring are a body request's prompt, and the rest of the piece is
+    a body the evaluation accepts."""
+    (tmp_path / "shlex.py").write_text(textwrap.dedent('''\
+        import os
+
+
+        class Lexer:
+            """A lexer."""
+
+            @property
+            def words(self):
+                """The words."""
+                def split(s):
+                    return s.split()
+                return split(self.text)
+
+
+        async def fetch(url):
+            return url
+        '''))
+    (tmp_path / "dataclasses.py").write_text("def held_out_function(x):\n    return x - 12345\n")
+    assert data.is_validation("module:dataclasses") and not data.is_validation("module:shlex")
+    pieces = code_data.function_pieces(tmp_path)
+    assert pieces == [
+        "async def fetch(url):\n    return url\n",
+        '    def words(self):\n        """The words."""\n        def split(s):\n'
+        "            return s.split()\n        return split(self.text)\n",
+        "        def split(s):\n            return s.split()\n",
+    ]
+    prompt, body = pieces[1].split('"""\n', 1)[0] + '"""\n', pieces[1].split('"""\n', 1)[1]
+    assert evaluate.cut_body(prompt, body) == (body, False)  # nothing dedents: <|endoftext|> ends it
+    assert evaluate.body_parses(prompt, body)
+
+
 def test_fim_examples_come_in_both_orders_and_keep_every_token():
     rng = np.random.default_rng(0)
     text = SOURCE[:400]

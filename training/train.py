@@ -43,6 +43,12 @@ times in the loss (the logged training loss is then the weighted sum over the st
 tokens, divided by their count); `--spm` is the share of FIM examples in
 suffix-prefix-middle order, the order pgpt-code is served in.
 
+`--functions N` adds each function and method of the training-split source as a piece of its
+own, N times (code_data.function_pieces): a body request sends a `def` line and its
+docstring, often a method's at its indentation, with nothing before it, and the body should
+end where the function does; in the module pieces a method rarely starts a piece, and
+what follows a function's last line is the next statement, not <|endoftext|>.
+
 Every `--save-every` steps the float32 params, the optimiser state and the step go to
 `--work`; `--resume` continues from there with the same batches. Reproducible from
 `--seed`: the corpus order, the FIM cuts, the batches and the init all derive from it.
@@ -119,6 +125,9 @@ def parse_args(argv=None):
     p.add_argument("--more-text", choices=["library", "all"], default=None,
                    help="also train on the other CPython versions' standard libraries found on this machine "
                         "(library), and on their tests and this one's (all): code_data.more_pieces")
+    p.add_argument("--functions", type=int, default=0, metavar="N",
+                   help="also train on every function of the training split's source as a piece of its own, "
+                        "N copies of each (code_data.function_pieces): bodies that start after a def and end")
     p.add_argument("--piece-chars", type=int, default=None,
                    help="the short phase's pieces are cut to at most this many characters (default: "
                         "what fits its rows, 3000 x short_seq / seq_len)")
@@ -187,6 +196,8 @@ def main(argv=None) -> dict:
 
     # -- data ---------------------------------------------------------------------------
     docs, train_pieces, valid_rows, train_plain, unigram = corpus(encode, T, cfg.vocab_size, args.more_text)
+    if args.functions:  # after corpus(): the unigram baseline stays that of the plain training text
+        train_pieces += code_data.function_pieces() * args.functions
     n_valid_rows = len(valid_rows)
     n_valid_docs = sum(d.split == "valid" for d in docs)
     log(f"corpus: {len(docs)} documents ({n_valid_docs} held out), {len(train_pieces)} train pieces, "
