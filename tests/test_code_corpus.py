@@ -338,3 +338,28 @@ def test_accelerator_run_keeps_the_params_of_its_lowest_held_out_loss(tmp_path):
     _, model = train_accel.read_params(out)
     assert (model.config.n_layer, model.config.n_head, model.config.n_positions) == (
         int(meta["model"]["name"][0]), 2, 64)
+
+
+def test_average_mixes_two_checkpoints_weight_by_weight_and_refuses_another_shape(tmp_path):
+    """training/average.py: (1 - w) x the first + w x the second, in the first's dtype, written as
+    a checkpoint that loads; two shapes are refused."""
+    import jax
+    from flax import nnx
+
+    from pgpt_jax.checkpoint import load_model, save_checkpoint
+    from pgpt_jax.model import init_model
+    from training import average
+
+    first, second = (init_model("tiny", seed=s, param_dtype="bfloat16") for s in (0, 1))
+    save_checkpoint(first, tmp_path / "a")
+    save_checkpoint(second, tmp_path / "b")
+    mixed = nnx.state(load_model(average.main([str(tmp_path / "a"), str(tmp_path / "b"), "--weight", "0.25",
+                                               "--out", str(tmp_path / "c")])))
+    for got, x, y in zip(*(jax.tree.leaves(t) for t in (mixed, nnx.state(first), nnx.state(second)))):
+        assert got.dtype == x.dtype
+        want = (0.75 * np.asarray(x, np.float32) + 0.25 * np.asarray(y, np.float32))
+        np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=1e-2, atol=1e-3)
+    assert not np.allclose(np.asarray(jax.tree.leaves(mixed)[-1], np.float32),
+                           np.asarray(jax.tree.leaves(nnx.state(first))[-1], np.float32))
+    with pytest.raises(ValueError, match="differ in shape"):
+        average.average(first, init_model(first.config.replace(n_layer=1), seed=0), 0.5)

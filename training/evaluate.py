@@ -326,15 +326,16 @@ def main(argv=None) -> dict:
             f"{report[key]['stopped']} ended; the line's nats/token {fim_n / count:.3f} with the suffix, "
             f"{plain_n / count:.3f} after the prefix alone (lower with the suffix on {report[key]['suffix_helps']} lines)")
 
-    seeds, by_seed = [int(x) for x in args.body_seeds.split(",")], {}
+    seeds, by_seed, bres = [int(x) for x in args.body_seeds.split(",")] if bodies else [], {}, []
     for seed in reversed(seeds):  # the reported seed last: kept
         bres = body_score(model, bodies, seed=seed)
         by_seed[seed] = sum(r["parses"] for r in bres)
         log(f"bodies, seed {seed}: {by_seed[seed]}/{len(bodies)} parse ({by_seed[seed] / len(bodies):.1%}); "
             f"{sum(r['ended'] for r in bres)} ended within {BODY_MAX_TOKENS} tokens")
-    ok = by_seed[seeds[0]]
-    report["bodies"] = {"cases": len(bodies), "parse": ok, "parse_rate": round(ok / len(bodies), 4),
-                        "ended": sum(r["ended"] for r in bres), "parse_by_seed": dict(sorted(by_seed.items()))}
+    if bodies:  # --bodies 0: infill and compression only
+        ok = by_seed[seeds[0]]
+        report["bodies"] = {"cases": len(bodies), "parse": ok, "parse_rate": round(ok / len(bodies), 4),
+                            "ended": sum(r["ended"] for r in bres), "parse_by_seed": dict(sorted(by_seed.items()))}
     report["examples"] = {"infill": [dict(c, **r) for c, r in zip(cases[:10], res[:10])],
                           "bodies": [dict(c, **r) for c, r in zip(bodies[:6], bres[:6])]}
     pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
