@@ -205,17 +205,10 @@ def more_pieces(roots: list[pathlib.Path] | None = None, *, tests: bool = True, 
     return pieces
 
 
-def function_pieces(root: pathlib.Path | None = None) -> list[str]:
-    """Each function and method of the standard library's training-split modules (held-out
-    modules are skipped) as a piece of its own: its lines from the `def` (decorators left out)
-    to its last, at their own indentation. A request for a function body sends the `def` line
-    and the docstring, often of a method, and ends when the body does: these pieces, each
-    followed by <|endoftext|> in the stream, show a body that begins after its `def` with
-    nothing before it and ends with its last statement (`train.py --functions`)."""
-    pieces = []
-    for name, text in source_files(root):
-        if is_validation(f"module:{name}"):
-            continue
+def functions(sources: list[tuple[str, str]]):
+    """-> (module name, function node, the module's lines) for each function and method, nested
+    ones too, of `sources` ((module name, text) pairs) that parse."""
+    for name, text in sources:
         try:
             tree = ast.parse(text)
         except SyntaxError:
@@ -223,8 +216,19 @@ def function_pieces(root: pathlib.Path | None = None) -> list[str]:
         lines = text.splitlines(keepends=True)
         for node in ast.walk(tree):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                pieces += cut_lines("".join(lines[node.lineno - 1:node.end_lineno]))
-    return pieces
+                yield name, node, lines
+
+
+def function_pieces(root: pathlib.Path | None = None) -> list[str]:
+    """Each function and method of the standard library's training-split modules (held-out
+    modules are skipped) as a piece of its own: its lines from the `def` (decorators left out)
+    to its last, at their own indentation. A request for a function body sends the `def` line
+    and the docstring, often of a method, and ends when the body does: these pieces, each
+    followed by <|endoftext|> in the stream, show a body that begins after its `def` with
+    nothing before it and ends with its last statement (`train.py --functions`)."""
+    sources = [(name, text) for name, text in source_files(root) if not is_validation(f"module:{name}")]
+    return [piece for _, node, lines in functions(sources)
+            for piece in cut_lines("".join(lines[node.lineno - 1:node.end_lineno]))]
 
 
 def fim_cuts(text: str, rng: np.random.Generator, one_line: float = 0.0,

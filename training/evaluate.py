@@ -84,19 +84,10 @@ def infill_cases(sources, tok, count: int, seed: int = 0) -> list[dict]:
 
 def body_cases(sources, count: int, seed: int = 0) -> list[dict]:
     """`count` held-out functions with a docstring and a body: prompt = def line(s) + docstring."""
-    found = []
-    for name, text in sources:
-        try:
-            tree = ast.parse(text)
-        except SyntaxError:
-            continue
-        lines = text.splitlines(keepends=True)
-        for node in ast.walk(tree):
-            if (isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and len(node.body) > 1
-                    and ast.get_docstring(node) is not None):
-                prompt = "".join(lines[node.lineno - 1:node.body[0].end_lineno])
-                found.append({"module": name, "function": node.name, "line_no": node.lineno,
-                              "prompt": prompt})
+    found = [{"module": name, "function": node.name, "line_no": node.lineno,
+              "prompt": "".join(lines[node.lineno - 1:node.body[0].end_lineno])}
+             for name, node, lines in code_data.functions(sources)
+             if len(node.body) > 1 and ast.get_docstring(node) is not None]
     rng = np.random.default_rng(seed)
     return [found[k] for k in sorted(rng.choice(len(found), size=min(count, len(found)), replace=False))]
 
