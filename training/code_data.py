@@ -13,8 +13,13 @@ generated charmap tables of `encodings` (256-entry tables that would be 30% of t
 More text (`more_pieces`, `train.py --more-text all`): the standard library's `test`
 package, and the standard libraries (with their tests) of the other CPython 3 versions
 installed beside this one, kept by paragraph where the paragraph is new, with every held-out
-module, and every test of one, left out. On the development machine (CPython 3.6 to 3.13) the training text
-grows from 3.3M tokens (this interpreter's library and docs) to 13.9M, 4.2 times as much.
+module, and every test of one, left out. On the development machine (CPython 3.6 to 3.13)
+the training text grows from 3.3M tokens (this interpreter's library and docs) to 13.9M,
+4.2 times as much.
+
+Whole functions (`function_pieces`, `train.py --functions`): each function and method of
+the training-split modules as a piece of its own, from its `def` to its last line, the shape
+of a request for a function body and of the body that should end it.
 
 Fill-in-the-middle examples come in both orders of the FIM paper (Bavarian et al., 2022),
 prefix-suffix-middle and suffix-prefix-middle (a checkpoint's `fim_order` says which one a
