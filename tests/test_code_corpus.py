@@ -363,3 +363,42 @@ def test_average_mixes_two_checkpoints_weight_by_weight_and_refuses_another_shap
                            np.asarray(jax.tree.leaves(nnx.state(first))[-1], np.float32))
     with pytest.raises(ValueError, match="differ in shape"):
         average.average(first, init_model(first.config.replace(n_layer=1), seed=0), 0.5)
+
+
+def test_tune_bodies_marks_repeats_and_its_step_pushes_them_down_and_the_true_text_up():
+    """training/tune_bodies.py: the tokens of an n-gram written before are marked (the first
+    occurrence is not); a step with unlikelihood weight on a target lowers its probability,
+    one with likelihood weight raises it."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+
+    from pgpt_jax.model import init_model
+    from training import tune_bodies
+    from training.train_tiny import causal_hidden_states
+
+    mask = tune_bodies.repeated_ngram_mask([1, 2, 3, 9, 1, 2, 3, 1, 2], 3)
+    assert mask.tolist() == [False, False, False, False, True, True, True, False, False]
+    assert not tune_bodies.repeated_ngram_mask([1, 2, 3, 4, 5], 2).any()
+
+    model = init_model("tiny", seed=0)
+    graphdef, params = nnx.split(model)
+    V = model.config.padded_vocab
+    kept = jnp.arange(V, dtype=jnp.int32)
+    ids = [5, 6, 7, 8, 5, 6, 7, 8]
+    one = np.zeros(len(ids), np.float32)
+    one[-1] = 1.0  # the weight on ids[-1]: the target after position len - 2
+
+    def p_last(p):
+        _, h = causal_hidden_states(graphdef, p, jnp.asarray([ids[:-1]]), jnp.zeros(1, jnp.int32))
+        return float(jax.nn.softmax(nnx.merge(graphdef, p).logits(h)[0, -1])[ids[-1]])
+
+    before = p_last(params)
+    for mle, ul, sign in ((one, 0 * one, 1), (0 * one, one, -1)):
+        tx = optax.sgd(1.0)
+        step = tune_bodies.make_step(graphdef, tx, alpha=1.0)
+        x, y, w_mle, w_ul = tune_bodies.pack([(ids, mle, ul)], T=len(ids) - 1)
+        new, _, l_mle, l_ul, _ = step(params, tx.init(params), x, jnp.asarray(y), kept, w_mle, w_ul)
+        assert sign * (p_last(new) - before) > 0
+        assert (float(l_mle) > 0) == (sign > 0) and (float(l_ul) > 0) == (sign < 0)
