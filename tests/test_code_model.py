@@ -1,8 +1,8 @@
 """The embedded model pgpt-code: it is what load_model() gives, it fits git, it decodes
 deterministically, it takes 1024-token contexts, its `suffix` middles join prefix and suffix,
 and on modules it never saw it beats a unigram model and measures what docs/model_card.md says
-and writes function bodies that parse on a held-out sample (its infill and function-body
-targets are missed: the card says by how much).
+and writes function bodies that parse on a held-out sample, at least half of them (issue 19's
+target; its infill target is missed: the card says by how much).
 
 `assets/pgpt-code/heldout.json` (written by training/train.py) holds 8 rows of 129 tokens from
 the validation split, the add-one unigram baseline of the training split on their targets, and
@@ -31,8 +31,8 @@ FIXTURE = REPO_ROOT / "tests" / "fixtures" / "pgpt_code_eval.json"
 FIM_IDS = [FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE]
 # Floors, below what the shipped model measured (docs/model_card.md), so that a broken
 # tokenizer, FIM prompt or checkpoint fails while rounding in another XLA build does not.
-MIN_MARGIN_NATS = 2.1  # held-out slice: model loss below the unigram's (measured 2.39; 1.89 before the second run)
-MAX_LINE_NATS = 4.2  # held-out infill lines after the FIM prompt, nats/token (measured 3.60 on these 8)
+MIN_MARGIN_NATS = 2.1  # held-out slice: model loss below the unigram's (v3 measured 3.06, v2 3.11, v1 2.39)
+MAX_LINE_NATS = 4.2  # held-out infill lines after the FIM prompt, nats/token (v3 measured 2.81 on these 8)
 # The evaluation's generate() calls take generate()'s default engine (8 slots), the one the
 # other tests here use: its programs compile once for the module.
 SLOTS = 8
@@ -88,8 +88,8 @@ def test_greedy_output_is_deterministic_code(code, tok):
 def test_suffix_fills_the_hole_so_that_the_parts_join(code, tok):
     """A request with `suffix` (arranged in the model's order, suffix-prefix-middle) gets a middle
     that joins prefix and suffix into Python that parses, with a statement after the docstring
-    (the shipped model's middle: `return a.get_int(a, b)`, then it runs on into another `def`,
-    so its first line is what fills the hole); the engine's greedy middle is the argmax of full
+    (the shipped model's middle: `    return a.getboolean(a, b)` and a newline, then it ends; v2's
+    ran on into another `def`, so the first line is what fills the hole); the engine's greedy middle is the argmax of full
     forward passes over the text tokens, the FIM control tokens left out."""
     ids = fim_prompt(tok.encode(HOLE_PREFIX), tok.encode(HOLE_SUFFIX), True, code.config.fim_order)
     expected = _greedy(code, ids, 16, banned=FIM_IDS)
@@ -143,10 +143,9 @@ def test_held_out_infill_measures_reproduce(code, fixture):
     suffix <= 300): the true line's teacher-forced nats after the FIM prompt and after the
     prefix alone are what the shipped model measured (a broken FIM prompt, tokenizer or
     checkpoint moves them), both far below a uniform guess, and the suffix (suffix first, the
-    model's order) lowers them on these lines as a whole (3.60 against 3.65 nats/token; on the
-    500 lines, prefix first raised them); greedy middles hold no FIM token. The card's figures are 0/500
-    exact and a suffix that helps a little (4.09 against 4.11 nats/token): issue 19's infill
-    target is missed, so there is no exact-match floor to hold."""
+    model's order) lowers them on these lines as a whole (2.81 against 2.86 nats/token); greedy
+    middles hold no FIM token. The card's figures are 0/500 exact and a suffix that helps a
+    little: issue 19's infill target is missed, so there is no exact-match floor to hold."""
     from training import evaluate
 
     cases, recorded = fixture["infill"][:8], fixture["infill_line_nats"][:8]
@@ -165,19 +164,21 @@ def test_held_out_infill_measures_reproduce(code, fixture):
 
 def test_held_out_function_bodies_parse(code, fixture):
     """training/evaluate.py's body measure on the fixture's 24 held-out functions (seeded sampling
-    at temperature 0.2): the shipped model's bodies parse on 4 of them (53 of all 152 held out,
-    35%; issue 19's target of half is missed). The floor leaves room for another XLA build's
-    rounding to change a sampled token, not for a model that writes no Python."""
+    at temperature 0.2): the shipped model's bodies parse on 17 of them (v3; 113, 106 and 105 of
+    all 152 held out at seeds 0, 1, 2, 71%). The floor is issue 19's target, half: it leaves
+    room for another XLA build's rounding to change sampled tokens (a new draw: 17 is about two
+    standard deviations above 12), not for the repetition that v2's bodies died of (10 of 24)."""
     from training import evaluate
 
     results = evaluate.body_score(code, fixture["bodies"], seed=fixture["body_seed"], slots=SLOTS)
-    assert sum(r["parses"] for r in results) >= fixture["bodies_parse"] // 2 >= 2
+    assert fixture["bodies_parse"] >= len(results) // 2
+    assert sum(r["parses"] for r in results) >= len(results) // 2
 
 
 def test_function_body_measure_can_fail():
     """training/evaluate.py's body measure (def line + docstring, temperature 0.2, <= 160 tokens,
     cut where a line dedents to the def): a body cut by max_tokens, or one that does not parse,
-    counts against. (The shipped model's figure is 53/152: issue 19's target of half is missed.)"""
+    counts against."""
     from training import evaluate
 
     assert not evaluate.body_parses("def f():\n    \"\"\"Doc.\"\"\"\n", "    return (\n")
