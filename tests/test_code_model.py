@@ -89,8 +89,9 @@ def test_suffix_fills_the_hole_so_that_the_parts_join(code, tok):
     """A request with `suffix` (arranged in the model's order, suffix-prefix-middle) gets a middle
     that joins prefix and suffix into Python that parses, with a statement after the docstring
     (the shipped model's middle: `    return a.getboolean(a, b)` and a newline, then it ends; v2's
-    ran on into another `def`, so the first line is what fills the hole); the engine's greedy middle is the argmax of full
-    forward passes over the text tokens, the FIM control tokens left out."""
+    ran on into another `def`, so the first line is what fills the hole); the engine's greedy
+    middle is the argmax of full forward passes over the text tokens, the FIM control tokens
+    left out."""
     ids = fim_prompt(tok.encode(HOLE_PREFIX), tok.encode(HOLE_SUFFIX), True, code.config.fim_order)
     expected = _greedy(code, ids, 16, banned=FIM_IDS)
     (choice,) = pgpt_jax.generate(code, HOLE_PREFIX, suffix=HOLE_SUFFIX, max_tokens=16, temperature=0.0)
