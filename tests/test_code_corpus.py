@@ -381,6 +381,9 @@ def test_tune_bodies_marks_repeats_and_its_step_pushes_them_down_and_the_true_te
     mask = tune_bodies.repeated_ngram_mask([1, 2, 3, 9, 1, 2, 3, 1, 2], 3)
     assert mask.tolist() == [False, False, False, False, True, True, True, False, False]
     assert not tune_bodies.repeated_ngram_mask([1, 2, 3, 4, 5], 2).any()
+    # --in-line: only repeats inside one line count (0 breaks the line here)
+    in_line = tune_bodies.in_line_repeats([1, 2, 1, 2, 0, 1, 2, 3], lambda t: t == 0, 2)
+    assert in_line.tolist() == [False, False, True, True, False, False, False, False]
 
     model = init_model("tiny", seed=0)
     graphdef, params = nnx.split(model)

@@ -84,6 +84,9 @@ def parse_args(argv=None):
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--alpha", type=float, default=1.0, help="weight of the unlikelihood loss")
     p.add_argument("--ngram", type=int, default=4)
+    p.add_argument("--in-line", action="store_true",
+                   help="also push down, in bodies that ended, the n-grams repeated inside one line "
+                        "(`name_or_or_or`, `'add', 'add', 'add'`)")
     p.add_argument("--self-weight", type=float, default=0.0,
                    help="likelihood weight of the model's own bodies that ended and parse (0: none)")
     p.add_argument("--fim-rate", type=float, default=0.5,
@@ -119,6 +122,17 @@ def repeated_ngram_mask(ids: list[int], n: int) -> np.ndarray:
         if gram in seen:
             mask[i:i + n] = True
         seen.add(gram)
+    return mask
+
+
+def in_line_repeats(ids: list[int], is_break, n: int) -> np.ndarray:
+    """bool[len(ids)]: the tokens of every n-gram already written earlier in the same line (a
+    token for which `is_break(id)` holds, one that holds a newline, starts a new line)."""
+    mask, start = np.zeros(len(ids), bool), 0
+    for i in range(len(ids) + 1):
+        if i == len(ids) or is_break(ids[i]):
+            mask[start:i] = repeated_ngram_mask(ids[start:i], n)
+            start = i + 1
     return mask
 
 
@@ -193,6 +207,7 @@ def main(argv=None) -> dict:
     dev = [cases[i] for i in sorted(order[:args.dev])]
     pool = [cases[i] for i in order[args.dev:]]
     true_ids = lambda c: tok.encode(c["text"]) + [EOS_ID]  # noqa: E731
+    breaks = np.asarray([i < cfg.vocab_size and "\n" in tok.decode([i]) for i in range(cfg.padded_vocab)])
     kept, index_of = kept_vocabulary(np.concatenate([np.asarray(true_ids(c)) for c in cases]), cfg)
     kept_dev = jnp.asarray(kept)
     log(f"{len(cases)} training-split functions with a docstring ({len(pool)} tuned on, {len(dev)} kept out); "
@@ -248,14 +263,16 @@ def main(argv=None) -> dict:
                                             spm=0.75)[0] + [EOS_ID]
             true_rows.append((ids, np.ones(len(ids), np.float32), np.zeros(len(ids), np.float32)))
             prompt = tok.encode(c["prompt"])
-            if not s["ended"]:
+            if not s["ended"] or args.in_line:
                 ids = prompt + s["ids"]
-                ul = np.concatenate([np.zeros(len(prompt)), repeated_ngram_mask(s["ids"], args.ngram)])
+                repeats = (repeated_ngram_mask(s["ids"], args.ngram) if not s["ended"]
+                           else in_line_repeats(s["ids"], breaks.__getitem__, args.ngram))
+                ul = np.concatenate([np.zeros(len(prompt)), repeats])
                 ul *= np.isin(ids, kept)  # an id outside the softmax is not pushed down
                 if ul.any():
                     sample_rows.append((ids, np.zeros(len(ids), np.float32), ul.astype(np.float32)))
                     n_ul += int(ul.sum())
-            elif s["parses"] and args.self_weight > 0:
+            if s["ended"] and s["parses"] and args.self_weight > 0:
                 ids = prompt + tok.encode(s["body"]) + [EOS_ID]
                 w = np.concatenate([np.zeros(len(prompt)), np.full(len(ids) - len(prompt), args.self_weight)])
                 sample_rows.append((ids, w.astype(np.float32), np.zeros(len(ids), np.float32)))
