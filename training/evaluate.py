@@ -82,12 +82,19 @@ def infill_cases(sources, tok, count: int, seed: int = 0) -> list[dict]:
     return cases
 
 
+def documented_functions(sources) -> list[dict]:
+    """The functions of `sources` with a docstring and a body: prompt = def line(s) + docstring,
+    text = the whole function (training/tune_bodies.py takes the training split's)."""
+    return [{"module": name, "function": node.name, "line_no": node.lineno,
+             "prompt": "".join(lines[node.lineno - 1:node.body[0].end_lineno]),
+             "text": "".join(lines[node.lineno - 1:node.end_lineno])}
+            for name, node, lines in code_data.functions(sources)
+            if len(node.body) > 1 and ast.get_docstring(node) is not None]
+
+
 def body_cases(sources, count: int, seed: int = 0) -> list[dict]:
-    """`count` held-out functions with a docstring and a body: prompt = def line(s) + docstring."""
-    found = [{"module": name, "function": node.name, "line_no": node.lineno,
-              "prompt": "".join(lines[node.lineno - 1:node.body[0].end_lineno])}
-             for name, node, lines in code_data.functions(sources)
-             if len(node.body) > 1 and ast.get_docstring(node) is not None]
+    """`count` held-out functions with a docstring and a body (documented_functions)."""
+    found = documented_functions(sources)
     rng = np.random.default_rng(seed)
     return [found[k] for k in sorted(rng.choice(len(found), size=min(count, len(found)), replace=False))]
 

@@ -40,7 +40,6 @@ prompts drawn each round and the sampling seeds), up to the order of floating-po
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import os
 import pathlib
@@ -63,7 +62,8 @@ from pgpt_jax.checkpoint import restore_checkpoint, save_checkpoint  # noqa: E40
 from pgpt_jax.config import EOS_ID  # noqa: E402
 from pgpt_jax.tokenizer import tokenizer_for  # noqa: E402
 from training import code_data, data, train  # noqa: E402
-from training.evaluate import BODY_MAX_TOKENS, BODY_TEMPERATURE, body_parses, cut_body  # noqa: E402
+from training.evaluate import (BODY_MAX_TOKENS, BODY_TEMPERATURE, body_parses, cut_body,  # noqa: E402
+                                 documented_functions)
 from training.train_tiny import causal_hidden_states, evaluate, kept_vocabulary, make_eval  # noqa: E402
 
 
@@ -102,16 +102,9 @@ def parse_args(argv=None):
 
 
 def training_functions(encode, max_prompt: int) -> list[dict]:
-    """Functions of the training-split modules with a docstring and a body (evaluate.body_cases'
-    filter): prompt = `def` line(s) + docstring, text = the whole function."""
+    """evaluate.documented_functions of the training-split modules whose prompt fits."""
     sources = [(n, t) for n, t in code_data.source_files() if not data.is_validation(f"module:{n}")]
-    out = []
-    for name, node, lines in code_data.functions(sources):
-        if len(node.body) > 1 and ast.get_docstring(node) is not None:
-            prompt = "".join(lines[node.lineno - 1:node.body[0].end_lineno])
-            if len(encode(prompt)) <= max_prompt:
-                out.append({"module": name, "prompt": prompt, "text": "".join(lines[node.lineno - 1:node.end_lineno])})
-    return out
+    return [c for c in documented_functions(sources) if len(encode(c["prompt"])) <= max_prompt]
 
 
 def repeated_ngram_mask(ids: list[int], n: int) -> np.ndarray:
@@ -169,7 +162,7 @@ def make_step(graphdef, tx, alpha: float):
     def step(params, opt_state, x, y_kept, kept, w_mle, w_ul):
         (loss, (mle, ul)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, x, y_kept, kept, w_mle, w_ul)
         updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, mle, ul, optax.global_norm(grads)
+        return optax.apply_updates(params, updates), opt_state, mle, ul
 
     return step
 
@@ -232,7 +225,9 @@ def main(argv=None) -> dict:
     if args.export:
         return export(args, as_served(params), work, log)
     step_fn = make_step(graphdef, tx, args.alpha)
-    record = lambda e: (work / "log.jsonl").open("a").write(json.dumps(e) + "\n")  # noqa: E731
+    def record(e):
+        with (work / "log.jsonl").open("a") as f:
+            f.write(json.dumps(e) + "\n")
 
     def watch(r):
         res = bodies(as_served(params), dev, seed=0)
@@ -283,7 +278,7 @@ def main(argv=None) -> dict:
             rows = true_rows[k * half:(k + 1) * half] + sample_rows[k * half:(k + 1) * half]
             rows += [([EOS_ID, EOS_ID], np.zeros(2, np.float32), np.zeros(2, np.float32))] * (args.batch - len(rows))
             x, y, w_mle, w_ul = pack(rows, T)
-            params, opt_state, mle, ul, gnorm = step_fn(params, opt_state, x, index_of[y], kept_dev, w_mle, w_ul)
+            params, opt_state, mle, ul = step_fn(params, opt_state, x, index_of[y], kept_dev, w_mle, w_ul)
             mles.append(float(mle))
             uls.append(float(ul))
         e = {"round": r + 1, "parse": sum(x["parses"] for x in res), "ended": sum(x["ended"] for x in res),
