@@ -405,3 +405,30 @@ def test_tune_bodies_marks_repeats_and_its_step_pushes_them_down_and_the_true_te
         new, _, l_mle, l_ul = step(params, tx.init(params), x, jnp.asarray(y), kept, w_mle, w_ul)
         assert sign * (p_last(new) - before) > 0
         assert (float(l_mle) > 0) == (sign > 0) and (float(l_ul) > 0) == (sign < 0)
+
+
+def test_tune_bodies_holes_are_cut_like_the_infill_measure_and_weigh_the_middle():
+    """tune_bodies --holes: a hole's example is the FIM prompt, in the served order, of the text
+    just before and just after the hole, then the hole's lines and <|endoftext|>; the middle
+    and that <|endoftext|> weigh 1, the context --context-weight, the FIM tokens 0; holes pack
+    several to a row and never past the row's end."""
+    from training import tune_bodies
+
+    lines = "".join(f"def f{k}(x):\n    return x + {k}\n\n" for k in range(40)).splitlines(keepends=True)
+    rng = np.random.default_rng(0)
+    fim = [FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE]
+    for order in ("spm", "psm"):
+        ids, w = tune_bodies.hole_example(TOK, lines, 31, 32, rng, order, context_weight=0.25)
+        middle = TOK.encode(lines[31]) + [EOS_ID]  # "    return x + 10\n"
+        assert ids[-len(middle):] == middle and (w[-len(middle):] == 1).all()
+        context, cw = ids[:-len(middle)], w[:-len(middle)]
+        assert (cw == np.where(np.isin(context, fim), 0.0, 0.25)).all()
+        pre, suf, mid = (context.index(t) for t in fim)
+        prefix, suffix = ((context[mid + 1:], context[suf + 1:mid]) if order == "spm"
+                          else (context[pre + 1:suf], context[suf + 1:mid]))
+        assert TOK.decode(prefix).endswith("return x + 9\n\ndef f10(x):\n")
+        assert TOK.decode(suffix).startswith("\ndef f11(x):\n")
+    where = [(0, i) for i, line in enumerate(lines) if line.strip()]
+    rows = tune_bodies.hole_rows(TOK, [lines], where, 30, rng, "spm", T=1024, multi_line=0.5, context_weight=0.25)
+    assert all(len(ids) <= 1025 for ids, _, _ in rows) and len(rows) < 30  # several holes to a row
+    assert sum(ids.count(FIM_MIDDLE) for ids, _, _ in rows) == sum(ids.count(EOS_ID) for ids, _, _ in rows) == 30

@@ -74,12 +74,18 @@ def infill_cases(sources, tok, count: int, seed: int = 0) -> list[dict]:
         m, i = where[k]
         name, text = sources[m]
         lines = text.splitlines(keepends=True)
-        before, after = "".join(lines[:i])[-8 * PREFIX_TOKENS:], "".join(lines[i + 1:])[:8 * SUFFIX_TOKENS]
-        prefix = tok.decode(tok.encode(before)[-PREFIX_TOKENS:])
-        suffix = tok.decode(tok.encode(after)[:SUFFIX_TOKENS])
+        prefix, suffix = around(lines, i, i + 1, tok)
         cases.append({"module": name, "line_no": i + 1, "prefix": prefix, "suffix": suffix,
                       "line": lines[i].rstrip("\n")})
     return cases
+
+
+def around(lines: list[str], i: int, j: int, tok, prefix_tokens: int = PREFIX_TOKENS,
+           suffix_tokens: int = SUFFIX_TOKENS) -> tuple[str, str]:
+    """The hole lines[i:j]'s prefix (the last `prefix_tokens` tokens before it) and suffix (the
+    first `suffix_tokens` after it), as text (training/tune_bodies.py's holes are cut the same way)."""
+    before, after = "".join(lines[:i])[-8 * prefix_tokens:], "".join(lines[j:])[:8 * suffix_tokens]
+    return tok.decode(tok.encode(before)[-prefix_tokens:]), tok.decode(tok.encode(after)[:suffix_tokens])
 
 
 def documented_functions(sources) -> list[dict]:

@@ -25,6 +25,16 @@ model's own loops, so nothing in it pushes them down. This script does, in round
    without the latter: learning its own bodies collapsed them onto a few stock answers
    (docs/model_card.md, "v3").
 
+4. With `--holes N`, each round also learns N fill-in-the-middle holes of training-split
+   modules, cut as `training/evaluate.py` cuts its single-line infill cases (a non-blank
+   line, or 2 to 3 lines in `--multi-line` of them; up to 600 tokens before, 300 after, here
+   of random length), in the served FIM order: the middle and the <|endoftext|> that ends it
+   at full weight, the prefix and suffix at `--context-weight`. A FIM example of the base
+   run holds one middle in up to 1024 tokens, mostly cut anywhere; these show a middle that
+   is one line and ends where the suffix begins. A sixteenth of the training-split modules
+   (another hash) give 64 dev holes, watched with the bodies. `--alpha 0` (no unlikelihood)
+   samples no bodies.
+
 The loss is the mean likelihood loss over its tokens plus `--alpha` times the mean
 unlikelihood loss over the marked tokens. `--dev` functions of the training split are kept
 out of the rounds; every `--dev-every` rounds their bodies are sampled (seed 0), and the
@@ -62,8 +72,10 @@ from pgpt_jax.checkpoint import restore_checkpoint, save_checkpoint  # noqa: E40
 from pgpt_jax.config import EOS_ID  # noqa: E402
 from pgpt_jax.tokenizer import tokenizer_for  # noqa: E402
 from training import code_data, data, train  # noqa: E402
-from training.evaluate import (BODY_MAX_TOKENS, BODY_TEMPERATURE, body_parses, cut_body,  # noqa: E402
-                                 documented_functions)
+from pgpt_jax.config import FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX  # noqa: E402
+from pgpt_jax.request import fim_prompt  # noqa: E402
+from training.evaluate import (BODY_MAX_TOKENS, BODY_TEMPERATURE, PREFIX_TOKENS, SUFFIX_TOKENS, around,  # noqa: E402
+                                 body_parses, cut_body, documented_functions, infill_cases, infill_score)
 from training.train_tiny import causal_hidden_states, evaluate, kept_vocabulary, make_eval  # noqa: E402
 
 
@@ -92,6 +104,14 @@ def parse_args(argv=None):
     p.add_argument("--fim-rate", type=float, default=0.5,
                    help="share of the true functions taken as FIM examples (suffix first in 3 of 4, 80%% of "
                         "the holes one line), so that the tuning keeps the model's infill")
+    p.add_argument("--holes", type=int, default=0,
+                   help="FIM holes per round cut from training-split modules as the infill measure cuts them "
+                        "(one line, or 2 to 3 in --multi-line of them), learnt in the served order")
+    p.add_argument("--multi-line", type=float, default=0.2)
+    p.add_argument("--hole-rows", type=int, default=4, help="rows of the model's context per hole step")
+    p.add_argument("--context-weight", type=float, default=0.25,
+                   help="likelihood weight of a hole example's prefix and suffix tokens (its middle and the "
+                        "<|endoftext|> after it weigh 1)")
     p.add_argument("--dev", type=int, default=256, help="training-split functions kept out, to watch")
     p.add_argument("--dev-every", type=int, default=6)
     return p.parse_args(argv)
@@ -105,6 +125,48 @@ def training_functions(encode, max_prompt: int) -> list[dict]:
     """evaluate.documented_functions of the training-split modules whose prompt fits."""
     sources = [(n, t) for n, t in code_data.source_files() if not data.is_validation(f"module:{n}")]
     return [c for c in documented_functions(sources) if len(encode(c["prompt"])) <= max_prompt]
+
+
+def hole_sources(dev: bool) -> list[tuple[str, str]]:
+    """Training-split modules: with `dev`, the sixteenth of them (by another hash) whose holes
+    are watched, else the rest, whose holes are learnt."""
+    return [(n, t) for n, t in code_data.source_files()
+            if not data.is_validation(f"module:{n}") and data.is_validation(f"holes:{n}") == dev]
+
+
+def hole_example(tok, lines: list[str], i: int, j: int, rng: np.random.Generator, order: str,
+                 context_weight: float) -> tuple[list[int], np.ndarray]:
+    """The hole lines[i:j] as a FIM example in `order`, its prefix and suffix cut as the infill
+    measure cuts them but to random lengths (up to the measure's 600 and 300 tokens) -> (ids,
+    likelihood weight per id: `context_weight` on the prefix and suffix, 1 on the middle and
+    the <|endoftext|> after it, 0 on the FIM tokens)."""
+    prefix, suffix = around(lines, i, j, tok, int(rng.integers(16, PREFIX_TOKENS + 1)),
+                            int(rng.integers(16, SUFFIX_TOKENS + 1)))
+    context = fim_prompt(tok.encode(prefix), tok.encode(suffix), True, order)
+    middle = tok.encode("".join(lines[i:j])) + [EOS_ID]
+    w = np.where(np.isin(context, [FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE]), 0.0, context_weight)
+    return context + middle, np.concatenate([w, np.ones(len(middle))]).astype(np.float32)
+
+
+def hole_rows(tok, modules: list[list[str]], where: list[tuple[int, int]], count: int, rng: np.random.Generator,
+              order: str, T: int, multi_line: float, context_weight: float):
+    """`count` holes at random non-blank lines (`where`: (module, line) pairs of `modules`' lines),
+    one line each or, in `multi_line` of them, 2 or 3 -> rows for `pack`, several holes to a row of
+    at most T + 1 ids (as the base run packed its pieces)."""
+    rows, ids, w = [], [], []
+    for k in rng.choice(len(where), count, replace=False):
+        m, i = where[k]
+        j = min(len(modules[m]), i + (int(rng.integers(2, 4)) if rng.random() < multi_line else 1))
+        x, xw = hole_example(tok, modules[m], i, j, rng, order, context_weight)
+        if len(x) > T + 1:
+            continue
+        if len(ids) + len(x) > T + 1:
+            rows.append((ids, np.concatenate(w), np.zeros(len(ids), np.float32)))
+            ids, w = [], []
+        ids, w = ids + x, w + [xw]
+    if ids:
+        rows.append((ids, np.concatenate(w), np.zeros(len(ids), np.float32)))
+    return rows
 
 
 def repeated_ngram_mask(ids: list[int], n: int) -> np.ndarray:
@@ -201,10 +263,16 @@ def main(argv=None) -> dict:
     pool = [cases[i] for i in order[args.dev:]]
     true_ids = lambda c: tok.encode(c["text"]) + [EOS_ID]  # noqa: E731
     breaks = np.asarray([i < cfg.vocab_size and "\n" in tok.decode([i]) for i in range(cfg.padded_vocab)])
-    kept, index_of = kept_vocabulary(np.concatenate([np.asarray(true_ids(c)) for c in cases]), cfg)
+    seen = [np.asarray(true_ids(c)) for c in cases]
+    if args.holes:  # holes are cut from these modules' lines; the dev holes from the others
+        hole_modules = [t.splitlines(keepends=True) for _, t in hole_sources(dev=False)]
+        where = [(m, i) for m, lines in enumerate(hole_modules) for i, line in enumerate(lines) if line.strip()]
+        dev_holes = infill_cases(hole_sources(dev=True), tok, 64, seed=args.seed)
+        seen += [np.asarray(tok.encode("".join(lines))) for lines in hole_modules]
+    kept, index_of = kept_vocabulary(np.concatenate(seen), cfg)
     kept_dev = jnp.asarray(kept)
     log(f"{len(cases)} training-split functions with a docstring ({len(pool)} tuned on, {len(dev)} kept out); "
-        f"kept vocabulary {len(kept)}")
+        f"{len(where) if args.holes else 0} lines to cut holes at; kept vocabulary {len(kept)}")
 
     # held-out loss on 16 rows of the held-out split (train.py's periodic measure)
     valid_pieces = data.split_pieces(data.stdlib_documents() + code_data.source_documents())[1]
@@ -234,9 +302,14 @@ def main(argv=None) -> dict:
         val = evaluate(nll_fn, params, eval_rows, 8)
         e = {"round": r, "dev_parse": sum(x["parses"] for x in res), "dev_ended": sum(x["ended"] for x in res),
              "heldout_loss": round(val, 4)}
+        if args.holes:
+            filled = infill_score(as_served(params), dev_holes)
+            e.update(dev_infill_exact=sum(x["exact"] for x in filled), dev_infill_first_line=sum(x["first_line"] for x in filled),
+                     dev_infill_ended=sum(x["finish"] == "stop" for x in filled))
         record(e)
         log(f"watch after round {r}: dev bodies parse {e['dev_parse']}/{len(dev)} (ended {e['dev_ended']}); "
-            f"held-out loss {val:.3f} on 16 rows")
+            f"held-out loss {val:.3f} on 16 rows" + (f"; dev infill exact {e['dev_infill_exact']}/{len(dev_holes)} "
+            f"(first line {e['dev_infill_first_line']}, ended {e['dev_infill_ended']})" if args.holes else ""))
         if r:  # each watched round's weights, to choose among by the dev bodies
             save(as_served(params), work / f"round{r}", args.init_from, log)
 
@@ -248,7 +321,8 @@ def main(argv=None) -> dict:
             break
         picks = np.random.default_rng([args.seed, r]).choice(len(pool), args.prompts, replace=False)
         batch = [pool[i] for i in picks]
-        res = bodies(as_served(params), batch, seed=args.seed * 100_000 + r)
+        sampled = args.alpha > 0 or args.self_weight > 0  # else nothing learns from the samples
+        res = bodies(as_served(params), batch, seed=args.seed * 100_000 + r) if sampled else [None] * len(batch)
         true_rows, sample_rows, n_ul, n_self = [], [], 0, 0
         fim_rng = np.random.default_rng([args.seed, r, 1])
         for c, s in zip(batch, res):
@@ -257,6 +331,8 @@ def main(argv=None) -> dict:
                 ids = code_data.fim_example(tok.encode, c["text"], fim_rng, one_line=0.8, line_cuts=0.8,
                                             spm=0.75)[0] + [EOS_ID]
             true_rows.append((ids, np.ones(len(ids), np.float32), np.zeros(len(ids), np.float32)))
+            if s is None:
+                continue
             prompt = tok.encode(c["prompt"])
             if not s["ended"] or args.in_line:
                 ids = prompt + s["ids"]
@@ -281,12 +357,26 @@ def main(argv=None) -> dict:
             params, opt_state, mle, ul = step_fn(params, opt_state, x, index_of[y], kept_dev, w_mle, w_ul)
             mles.append(float(mle))
             uls.append(float(ul))
-        e = {"round": r + 1, "parse": sum(x["parses"] for x in res), "ended": sum(x["ended"] for x in res),
-             "unlikely_tokens": n_ul, "self_rows": n_self, "steps": steps,
-             "mle": round(float(np.mean(mles)), 4), "ul": round(float(np.mean(uls)), 4)}
+        hole_mles = []
+        if args.holes:
+            rows = hole_rows(tok, hole_modules, where, args.holes, np.random.default_rng([args.seed, r, 2]),
+                             cfg.fim_order, cfg.n_positions, args.multi_line, args.context_weight)
+            for k in range(0, len(rows), args.hole_rows):
+                chunk = rows[k:k + args.hole_rows]
+                chunk += [([EOS_ID, EOS_ID], np.zeros(2, np.float32), np.zeros(2, np.float32))] * (args.hole_rows - len(chunk))
+                x, y, w_mle, w_ul = pack(chunk, cfg.n_positions)
+                w_mle *= np.isin(y, kept)  # a cut can re-encode to an id outside the softmax
+                params, opt_state, mle, _ = step_fn(params, opt_state, x, index_of[y], kept_dev, w_mle, w_ul)
+                hole_mles.append(float(mle))
+        e = {"round": r + 1, "parse": sum(x["parses"] for x in res) if sampled else None,
+             "ended": sum(x["ended"] for x in res) if sampled else None,
+             "unlikely_tokens": n_ul, "self_rows": n_self, "steps": steps + len(hole_mles),
+             "mle": round(float(np.mean(mles)), 4), "ul": round(float(np.mean(uls)), 4),
+             "hole_mle": round(float(np.mean(hole_mles)), 4) if hole_mles else None}
         record(e)
-        log(f"round {r + 1}: sampled bodies parse {e['parse']}/{len(batch)} (ended {e['ended']}); "
-            f"{n_ul} repeated tokens pushed down, {n_self} own bodies learnt; mle {e['mle']:.3f} ul {e['ul']:.3f}")
+        log(f"round {r + 1}: " + (f"sampled bodies parse {e['parse']}/{len(batch)} (ended {e['ended']}); "
+            f"{n_ul} repeated tokens pushed down, {n_self} own bodies learnt; " if sampled else "")
+            + f"mle {e['mle']:.3f} ul {e['ul']:.3f}" + (f"; holes mle {e['hole_mle']:.3f} in {len(hole_mles)} steps" if hole_mles else ""))
         train.save_state(work, r + 1, params, opt_state)
         if (r + 1) % args.dev_every == 0:
             watch(r + 1)
