@@ -6,6 +6,8 @@
                                         # v3 from v2 (18 min on 2 cores) -> training/work/tune2/out
     python training/tune_bodies.py --init-from training/work/v2/pgpt_jax/assets/pgpt-code --work W --export --out DIR
                                         # the checkpoint of the state in W (a cut run)
+    python training/tune_bodies.py --init-from pgpt_jax/assets/pgpt-code --work W --holes 64 --prompts 16 \
+        --context-weight 0.05 --lr 1.5e-4     # also learn infill holes (docs/model_card.md, "Holes": not shipped)
 
 pgpt-code's function bodies fail the same way whatever text it is trained on
 (docs/model_card.md, "Run 7"): at temperature 0.2 a body that does not end repeats a line or
@@ -69,11 +71,10 @@ sys.path.insert(0, str(ROOT))
 
 import pgpt_jax  # noqa: E402
 from pgpt_jax.checkpoint import restore_checkpoint, save_checkpoint  # noqa: E402
-from pgpt_jax.config import EOS_ID  # noqa: E402
+from pgpt_jax.config import EOS_ID, FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX  # noqa: E402
+from pgpt_jax.request import fim_prompt  # noqa: E402
 from pgpt_jax.tokenizer import tokenizer_for  # noqa: E402
 from training import code_data, data, train  # noqa: E402
-from pgpt_jax.config import FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX  # noqa: E402
-from pgpt_jax.request import fim_prompt  # noqa: E402
 from training.evaluate import (BODY_MAX_TOKENS, BODY_TEMPERATURE, PREFIX_TOKENS, SUFFIX_TOKENS, around,  # noqa: E402
                                  body_parses, cut_body, documented_functions, infill_cases, infill_score)
 from training.train_tiny import causal_hidden_states, evaluate, kept_vocabulary, make_eval  # noqa: E402
@@ -107,7 +108,7 @@ def parse_args(argv=None):
     p.add_argument("--holes", type=int, default=0,
                    help="FIM holes per round cut from training-split modules as the infill measure cuts them "
                         "(one line, or 2 to 3 in --multi-line of them), learnt in the served order")
-    p.add_argument("--multi-line", type=float, default=0.2)
+    p.add_argument("--multi-line", type=float, default=0.2, help="share of the holes that are 2 or 3 lines")
     p.add_argument("--hole-rows", type=int, default=4, help="rows of the model's context per hole step")
     p.add_argument("--context-weight", type=float, default=0.25,
                    help="likelihood weight of a hole example's prefix and suffix tokens (its middle and the "
