@@ -192,10 +192,11 @@ def in_line_repeats(ids: list[int], is_break, n: int) -> np.ndarray:
     return mask
 
 
-def pack(rows: list[tuple[list[int], np.ndarray, np.ndarray]], T: int):
+def pack(rows: list[tuple[list[int], np.ndarray, np.ndarray]], T: int, R: int | None = None):
     """[(ids, likelihood weight per id, unlikelihood weight per id)] -> x, y i32[R, T] and the
-    targets' weights f32[R, T] (a weight on ids[k] is on the target at position k - 1)."""
-    R = len(rows)
+    targets' weights f32[R, T] (a weight on ids[k] is on the target at position k - 1); rows past
+    len(rows), up to R (one compiled shape), weigh nothing."""
+    R = R or len(rows)
     x, y = np.zeros((R, T), np.int32), np.zeros((R, T), np.int32)
     w_mle, w_ul = np.zeros((R, T), np.float32), np.zeros((R, T), np.float32)
     for r, (ids, mle, ul) in enumerate(rows):
@@ -353,8 +354,7 @@ def main(argv=None) -> dict:
         mles, uls = [], []
         for k in range(steps):
             rows = true_rows[k * half:(k + 1) * half] + sample_rows[k * half:(k + 1) * half]
-            rows += [([EOS_ID, EOS_ID], np.zeros(2, np.float32), np.zeros(2, np.float32))] * (args.batch - len(rows))
-            x, y, w_mle, w_ul = pack(rows, T)
+            x, y, w_mle, w_ul = pack(rows, T, args.batch)
             params, opt_state, mle, ul = step_fn(params, opt_state, x, index_of[y], kept_dev, w_mle, w_ul)
             mles.append(float(mle))
             uls.append(float(ul))
@@ -363,9 +363,7 @@ def main(argv=None) -> dict:
             rows = hole_rows(tok, hole_modules, where, args.holes, np.random.default_rng([args.seed, r, 2]),
                              cfg.fim_order, cfg.n_positions, args.multi_line, args.context_weight)
             for k in range(0, len(rows), args.hole_rows):
-                chunk = rows[k:k + args.hole_rows]
-                chunk += [([EOS_ID, EOS_ID], np.zeros(2, np.float32), np.zeros(2, np.float32))] * (args.hole_rows - len(chunk))
-                x, y, w_mle, w_ul = pack(chunk, cfg.n_positions)
+                x, y, w_mle, w_ul = pack(rows[k:k + args.hole_rows], cfg.n_positions, args.hole_rows)
                 w_mle *= np.isin(y, kept)  # a cut can re-encode to an id outside the softmax
                 params, opt_state, mle, _ = step_fn(params, opt_state, x, index_of[y], kept_dev, w_mle, w_ul)
                 hole_mles.append(float(mle))
