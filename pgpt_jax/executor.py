@@ -168,10 +168,10 @@ class Executor:
             return ()
         if isinstance(op, Place):
             cache, last = self.prefills[op.pid]
-            self.state = programs.insert(self.state, cache, np.int32(op.index), np.int32(op.slot), mesh=self.mesh)
-            self.state, *outs = programs.start_row(
-                self.state, last, np.int32(op.index), np.int32(op.slot), np.int32(op.length), self.row(op.row),
-                top_k=self.top_k, mesh=self.mesh)
+            self.state, last = programs.insert(self.state, cache, last, np.int32(op.index), np.int32(op.slot),
+                                               mesh=self.mesh)
+            self.state, *outs = programs.start_row(self.state, last, np.int32(op.slot), np.int32(op.length),
+                                                   self.row(op.row), top_k=self.top_k, mesh=self.mesh)
             return outs
         if isinstance(op, Decode):
             self.state, *outs = programs.decode(

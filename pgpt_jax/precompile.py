@@ -28,7 +28,7 @@ def compile_programs(graphdef, params, head, state: DecodeState, *, prefills, de
                      on_program=None, verify_k: int = 0, verifies=()) -> None:
     """Compiles every program once per shape so that serving compiles nothing: prefill for each
     (rows, bucket) in `prefills`, with and without prompt logprobs, insert after each,
-    start_row once per row count, decode for each (rows, window) in `decodes` at `steps` (and
+    start_row once, decode for each (rows, window) in `decodes` at `steps` (and
     at 1 when `steps` is more: the planner's short calls), and the one-step halves of a
     constrained decode (forward for each (rows, window), sample_next
     once per rows), and with `verify_k` (speculative decoding) verify of that many proposals
@@ -53,7 +53,7 @@ def compile_programs(graphdef, params, head, state: DecodeState, *, prefills, de
         from tqdm import tqdm
 
         bar = tqdm(total=len(jobs), desc="warm-up (compiling)", unit="program")
-    started, sampled = set(), set()  # start_row compiles once per prefill row count, sample_next per rows
+    started, sampled = False, set()  # start_row compiles once (on insert's one row), sample_next per rows
     for done, (kind, rows, size, *n) in enumerate(jobs, start=1):
         if kind == "decode":
             decode.lower(graphdef, params, head, state, np.int32(size), steps=n[0], window=size, rows=rows,
@@ -75,11 +75,10 @@ def compile_programs(graphdef, params, head, state: DecodeState, *, prefills, de
                                      want_logprobs=kind == "echo", top_k=top_k, mesh=mesh).compile()
             if kind == "prefill":  # the echo variant's cache has the same shape as the plain one's
                 cache, last, *_ = zeros_like(compiled.out_info)
-                state = insert(state, cache, np.int32(0), np.int32(0), mesh=mesh)
-                if rows not in started:
-                    started.add(rows)
-                    state, *_ = start_row(state, last, np.int32(0), np.int32(0), np.int32(1), row,
-                                          top_k=top_k, mesh=mesh)
+                state, last = insert(state, cache, last, np.int32(0), np.int32(0), mesh=mesh)
+                if not started:
+                    started = True
+                    state, *_ = start_row(state, last, np.int32(0), np.int32(1), row, top_k=top_k, mesh=mesh)
         jax.block_until_ready(state.tokens)
         if bar is not None:
             bar.update(1)

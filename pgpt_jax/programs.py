@@ -17,7 +17,7 @@ Shape letters, used the same way in every module (model, sampling, programs, eng
 Programs (what the engine calls, in order, for one request):
   prefill    tokens i32[B, T] -> per-prompt KV and last logits (B prompts of one bucket share a call),
              and with prompt logprobs those of every prompt position
-  insert     one prompt's KV -> one slot of the state's cache
+  insert     one prompt's KV -> one slot of the state's cache, and its row of the last logits
   start_row  that slot's sampling row, and its first token sampled from the prefill's logits
   decode     `steps` tokens for the first B slots, attention over the first W cache entries
   verify     speculative decoding: up to K proposed tokens a row checked in one forward pass
@@ -253,34 +253,36 @@ def _prompt_logprobs(model, hidden, head, ids, wanted, top_k: int, split_vocab: 
 
 
 @_program(static_argnames=("mesh",), donate_argnums=(0,))
-def insert(state: DecodeState, prompt_cache, index, slot, *, mesh=None):
-    """Copies prompt `index` of a prefill's KV (per layer ([B, N, T, H], ...)) into `slot`.
+def insert(state: DecodeState, prompt_cache, last_logits, index, slot, *, mesh=None):
+    """Copies prompt `index` of a prefill's KV (per layer ([B, N, T, H], ...)) into `slot`, and
+    picks that prompt's row of the prefill's last logits f32[B, V]: returns (state, f32[1, V]).
 
     One program per prefill shape (B, T), and nothing else in it: sampling the first token
-    is `start_row`'s job, compiled once for every B.
+    is `start_row`'s job, on the one row, so the sampler in it compiles once, not once per B.
     """
     def put(full, prompt):
         one = jax.lax.dynamic_slice_in_dim(prompt, index, 1, axis=0)
         return jax.lax.dynamic_update_slice(full, one.astype(full.dtype), (slot, 0, 0, 0))
 
     cache = tuple((put(k, pk), put(v, pv)) for (k, v), (pk, pv) in zip(state.cache, prompt_cache))
-    return _constrain(dataclasses.replace(state, cache=cache), (), mesh)[0]
+    last = jax.lax.dynamic_slice_in_dim(last_logits, index, 1, axis=0)
+    state, (last,) = _constrain(dataclasses.replace(state, cache=cache), (last,), mesh)
+    return state, last
 
 
 @_program(static_argnames=("top_k", "mesh"), donate_argnums=(0,))
-def start_row(state: DecodeState, last_logits, index, slot, true_len, row: sampling.SamplingRows, *,
+def start_row(state: DecodeState, last_logits, slot, true_len, row: sampling.SamplingRows, *,
               top_k: int, mesh=None):
-    """Sets `slot`'s sampling row and samples its first token from the prefill's last logits.
+    """Sets `slot`'s sampling row and samples its first token from its prompt's last logits.
 
-    last_logits f32[B, V] (row `index` is this sequence's); `row` is one row of sampling
+    last_logits f32[1, V] (`insert` picks it from the prefill's); `row` is one row of sampling
     parameters (`sampling.request_row`, counts None: a new row has generated nothing).
     Returns (state, token i32[1], logprob f32[1], top ids i32[1, K], top logprobs f32[1, K]).
     """
     rows = state.rows
     one = dataclasses.replace(row, counts=jnp.zeros((1, rows.counts.shape[1]), rows.counts.dtype),
                               key=row.key.astype(rows.key.dtype))
-    last = jax.lax.dynamic_slice_in_dim(last_logits, index, 1, axis=0)  # [1, V]
-    tok, lp, top_ids, top_lps, one = sampling.sample(last, one, jnp.reshape(true_len, (1,)), top_k=top_k,
+    tok, lp, top_ids, top_lps, one = sampling.sample(last_logits, one, jnp.reshape(true_len, (1,)), top_k=top_k,
                                                      mesh=mesh)
     rows = jax.tree.map(lambda all_rows, new: all_rows.at[slot].set(new[0]), rows, one)
     state = dataclasses.replace(state, tokens=state.tokens.at[slot].set(tok[0]),

@@ -85,10 +85,10 @@ def test_programs_run_on_packed_weights():
                                            want_logprobs=False, top_k=2)
         outs.append((np.asarray(last)[:, :model.config.vocab_size], [int(np.argmax(last))]))
         st = programs.init_state(model.config, 1)
-        st = programs.insert(st, cache, np.int32(0), np.int32(0))
+        st, last = programs.insert(st, cache, last, np.int32(0), np.int32(0))
         row = sampling.request_row(temperature=0.0, top_p=1.0, presence=0.0, frequency=0.0, logit_bias=None,
                                    banned=(), num_logprobs=0, seed=0, choice_index=0, vocab=model.config.padded_vocab)
-        st = programs.start_row(st, last, np.int32(0), np.int32(0), np.int32(8), row, top_k=2)[0]
+        st = programs.start_row(st, last, np.int32(0), np.int32(8), row, top_k=2)[0]
         st, toks, *_ = programs.decode(g, p, h, st, np.int32(64), steps=6, window=64, rows=1, top_k=2)
         outs[-1][1].extend(np.asarray(toks)[:, 0].tolist())
     np.testing.assert_allclose(outs[0][0], outs[1][0], rtol=1e-4, atol=1e-4)
