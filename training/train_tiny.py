@@ -149,7 +149,7 @@ def make_step(graphdef, tx, full_stride: int):
     def step(params, opt_state, x, y, y_kept, kept, first=None, weight=None):
         loss, grads = jax.value_and_grad(loss_fn)(params, x, y, y_kept, kept, first, weight)
         updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss, optax.global_norm(grads)
+        return optax.apply_updates(params, updates), opt_state, loss, optax.tree.norm(grads)
 
     return jax.jit(step, donate_argnums=(0, 1))
 
