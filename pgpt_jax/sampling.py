@@ -26,7 +26,11 @@ when some row still needs it:
      distribution and keep the first one inside the nucleus (membership is one masked
      sum). Each try succeeds with probability >= top_p, so flat distributions with a
      large top_p rarely go further.
-  3. A full stable sort of that one row, when all its candidates fell outside.
+  3. Bisection of that one row, when all its candidates fell outside (`draws.nucleus`): the
+     nucleus' last value is found by halving the range of float keys, one masked sum over
+     the row a halving, and the row draws from the tokens inside it as from a whole row.
+     No sort: a sort of the row, and the [V] cumulative sum after it, compiled to three
+     times as many kernels, and every decode program holds this stage.
 A row's token depends only on its own logits, parameters and key, whichever stage other
 rows need, so a seeded request gives the same tokens whatever else shares the batch.
 
@@ -42,8 +46,8 @@ small pieces (`pgpt_jax/vocab.py`): a max, a sum and a first index per row; thei
 merged into the global top k (logprobs, the prefilter); partial block masses, summed into
 the [B, V/128] block masses; the chosen block's 128 weights. The draw is the same function
 of the same uniforms, so the tokens are the single device's; sums that span shards are
-added in another order, which can move a logprob or a mass by a rounding error. Only the
-sort fallback (stage 3, one row) gathers that row's [V].
+added in another order, which can move a logprob or a mass by a rounding error. No stage
+gathers a row's [V]: the bisection adds one scalar per row over the shards a halving.
 
 Shape letters as in pgpt_jax/programs.py: B rows of the call (the slots a decode step runs),
 V vocabulary (padded), K a top-k width (logprobs, or the nucleus prefilter); R rejection tries.
@@ -67,7 +71,10 @@ from pgpt_jax.vocab import Vocab
 # Prefilter width. lax.top_k over [32, 50304] on a 2-core CPU: ~5 ms at K=64, 9 at 256, 23 at
 # 1024; a wider prefilter only spares rejection to rows whose nucleus has 64..K tokens.
 NUCLEUS_K = 64
-REJECTION_TRIES = 4  # candidates per row before the sort fallback
+# Rejection candidates per row before the bisection. One (the row's draw from the whole
+# distribution, already made) settles a flat row with probability >= top_p in one masked sum;
+# more tries cost a draw each and compile to more kernels in every sampling program.
+REJECTION_TRIES = 1
 MIN_TEMPERATURE = 1e-6  # a smaller (but > 0) temperature is clamped, so 1/T stays finite
 MAX_LOGPROBS = 20  # the largest top-logprobs cap (`top_k`) a caller may ask for
 
@@ -350,8 +357,8 @@ def _processed_logprobs(x, x_max, rows: SamplingRows, tokens, top_k: int, nucleu
     row's is softmax(x) (its token was an argmax: a point mass would say nothing). The top
     tokens, in nucleus order (lax.top_k's), are inside the nucleus while the cumulative mass
     before them is short of top_p; past it their logprob is -inf. The nucleus' mass is read off
-    the prefilter when it ends there, or else found by sorting the row (row by row, as in
-    `_sample_rows`: the rare row whose nucleus is wider than the prefilter).
+    the prefilter when it ends there, or else summed over the row's nucleus (`draws.nucleus`,
+    row by row as in `_sample_rows`: the rare row whose nucleus is wider than the prefilter).
     """
     greedy = rows.temperature <= 0
     inv_t = 1.0 / jnp.where(greedy, 1.0, jnp.maximum(rows.temperature, MIN_TEMPERATURE))[:, None]
@@ -361,15 +368,15 @@ def _processed_logprobs(x, x_max, rows: SamplingRows, tokens, top_k: int, nucleu
     width = min(max(top_k, nucleus_k), vocab.size)
     values, ids = vocab.top_k(x, width)  # [B, width], nucleus order
     cum = draws.cumsum(draws.weight(values, x_max, inv_t))
-    reached = cum >= mass
-    last = jnp.where(jnp.any(reached, axis=-1), jnp.argmax(reached, axis=-1), width)  # width: ends further on
+    last = draws.first_index(cum >= mass)  # width: the nucleus ends further on
     kept = jnp.take_along_axis(cum, jnp.minimum(last, width - 1)[:, None], axis=-1)[:, 0]
     settled = (last < width) | ~nucleus
 
     def one_row(args):
         settled, kept, x, x_max, inv_t, mass = args
         return lax.cond(~vocab.any(~settled), lambda: kept,
-                        lambda: jnp.where(settled, kept, _nucleus_mass(x[None], x_max, inv_t, mass, vocab)))
+                        lambda: jnp.where(settled, kept,
+                                          _nucleus_mass(x[None], x_max[None], inv_t[None], mass, vocab)))
 
     kept = lax.cond(vocab.any(~settled), lambda: lax.map(one_row, (settled, kept, x, x_max, inv_t, mass)),
                     lambda: kept)
@@ -381,12 +388,10 @@ def _processed_logprobs(x, x_max, rows: SamplingRows, tokens, top_k: int, nucleu
 
 
 def _nucleus_mass(x, x_max, inv_t, mass, vocab: Vocab):
-    """The weight held by one row's nucleus, by a full sort: x [1, V], x_max, inv_t, mass [1]
-    (top_p x total weight) -> f32[]. Tied tokens weigh alike, so their order does not matter."""
-    w = draws.weight(-lax.sort(-vocab.gather(x), dimension=1), x_max, inv_t)[0]  # descending
-    cum = draws.cumsum(w[None])[0]
-    reached = cum >= mass[0]
-    return jnp.where(jnp.any(reached), cum[jnp.argmax(reached)], cum[-1])
+    """The weight held by one row's nucleus: x [1, V], x_max, inv_t [1, 1], mass [1] (top_p x
+    total weight) -> f32[]."""
+    inside = draws.nucleus(x, x_max, inv_t, mass, vocab)
+    return vocab.sum(jnp.where(inside, draws.weight(x, x_max, inv_t), 0.0))[0]
 
 
 def _first_index_of(x, value, vocab: Vocab):
@@ -424,12 +429,10 @@ def _sample_rows(x, x_max, rows: SamplingRows, step_keys, nucleus_k: int, tries:
     # Greedy rows take the argmax elsewhere; here they divide by 1 so nothing overflows.
     inv_t = 1.0 / jnp.where(rows.temperature > 0,
                             jnp.maximum(rows.temperature, MIN_TEMPERATURE), 1.0)[:, None]
-    x3, first = vocab.blocks(x)
-    block_mass = vocab.block_sums(jnp.sum(draws.weight(x3, x_max[:, :, None], inv_t[:, :, None]), axis=-1),
-                                  first)  # [B, V / 128]: one mass per block of the draw
+    block_mass = draws.block_mass(x, x_max, inv_t, vocab)  # [B, V / 128]: one mass per block of the draw
     mass = rows.top_p[:, None] * jnp.sum(block_mass, axis=-1, keepdims=True)  # [B, 1]
     # Uniforms: pair 0 for the main draw (also rejection candidate 0), pairs 1..R-1 for
-    # the other candidates, pair R for the sort fallback; all from the row's own key.
+    # the other candidates, pair R for the bisection's draw; all from the row's own key.
     u = jax.vmap(lambda k: jax.random.uniform(k, (tries + 1, 2)))(step_keys)  # [B, R+1, 2]
     tokens = draws.draw(x, x_max, inv_t, block_mass, u[:, 0], vocab)  # from the whole distribution
 

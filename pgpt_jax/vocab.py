@@ -88,10 +88,6 @@ class Vocab:
         values, pick = lax.top_k(values, k)
         return values, jnp.take_along_axis(ids, pick, axis=-1)
 
-    def gather(self, x):
-        """x [B, V] whole on every device (the sort fallback only: one row)."""
-        return x if self.axis is None else lax.all_gather(x, self.axis, axis=x.ndim - 1, tiled=True)
-
     def blocks(self, x):
         """x [B, V] -> (x3 f32[B, nb, BLOCK], first): this device's columns on the global grid
         of BLOCK-token blocks, -inf where it holds nothing; x3[:, j] is global block first + j.

@@ -7,7 +7,8 @@ shared) in two ways: greedy rows without logprobs, and sampled rows (temperature
 0.9, 5 logprobs). From the same compiled program's HLO it counts the collectives and the
 bytes each device receives (`sharding.collectives`), sorted by when they run (GROUPS):
 every step, in the greedy, sampling or logprobs branches, per row that needs the slow
-paths (rejection, then the sort), or once per call (results made readable everywhere).
+paths (rejection, then the bisection; before 2026-12-05 a sort), or once per call (results
+made readable everywhere).
 
 The random weights give flat logits (a top_p 0.9 nucleus of ~38k tokens), so every sampled
 row goes through rejection and its time includes that path; the "sampled step" bytes are
@@ -39,9 +40,10 @@ ROOT = Path(__file__).resolve().parent.parent
 STEPS = 8  # decode steps per call
 # When a collective runs, from where it sits (`sharding.collectives`: `loops`, `conditional`,
 # `where`); function names common to the code before and after the split sampler. First match wins.
+# "sort, per row" is only in checkouts before the bisection (a `--baseline`).
 GROUPS = (
     ("sort, per row", lambda c: c["conditional"] and {"sorted_draw", "Vocab.gather"} & set(c["where"])),
-    ("rejection, per row", lambda c: c["conditional"] and c["loops"] >= 2),  # lax.map over the rows left
+    ("slow paths, per row", lambda c: c["conditional"] and c["loops"] >= 2),  # lax.map over the rows left
     ("per call", lambda c: c["loops"] == 0),
     ("every step", lambda c: not c["conditional"]),
     ("greedy", lambda c: "_first_index_of" in c["where"]),
@@ -177,7 +179,7 @@ def main() -> None:
     print(f"\n{args.preset} {overrides or ''}, {args.slots} rows, window 128, {STEPS} steps a call; "
           "ms per step (fastest call); collectives per step and bytes each device receives "
           "(AR all-reduce, AG all-gather, CP collective-permute)")
-    print("| mesh | code | greedy ms | sampled ms | greedy step | sampled step | + a row in rejection | + a row sorted |")
+    print("| mesh | code | greedy ms | sampled ms | greedy step | sampled step | + a row past the prefilter | + a row sorted (before) |")
     print("|---|---|---:|---:|---|---|---|---|")
     for (mesh, label), r in best.items():
         g = r["groups"]
@@ -185,7 +187,7 @@ def main() -> None:
         def cell(ops, size):
             return f"{fmt_ops(ops)}: {size:,} B" if ops else "-"
 
-        extra = [cell(g[k]["ops"], g[k]["bytes"]) if k in g else "-" for k in ("rejection, per row", "sort, per row")]
+        extra = [cell(g[k]["ops"], g[k]["bytes"]) if k in g else "-" for k in ("slow paths, per row", "sort, per row")]
         print(f"| {mesh} | {label} | {r['greedy_ms']} | {r['sampled_ms']} | {cell(r['greedy_ops'], r['greedy_bytes'])} "
               f"| {cell(r['sampled_ops'], r['sampled_bytes'])} | {extra[0]} | {extra[1]} |")
 

@@ -21,11 +21,11 @@ sample = jax.jit(sampling.sample, static_argnames=STATIC)
 
 # Static widths that force each exact way to the nucleus: the top_k prefilter (the default;
 # it also falls through to the others when rows need them), rejection (prefilter too
-# narrow), and the full sort (prefilter too narrow, a single rejection try).
+# narrow), and the bisection (prefilter too narrow, a single rejection try).
 PATHS = {
     "default": {},
     "rejection": dict(nucleus_k=1, rejection_tries=8),
-    "sort": dict(nucleus_k=1, rejection_tries=1),
+    "bisection": dict(nucleus_k=1, rejection_tries=1),
 }
 
 _keys = jax.jit(jax.vmap(
@@ -227,14 +227,14 @@ def test_nucleus_support_is_exactly_the_minimal_nucleus(path):
 
 # One batch, a different (logit scale, temperature, top_p) per group of rows. With the
 # default widths the first group never needs the nucleus, the peaked ones are settled by the
-# prefilter, and the flat ones by rejection and, often enough, the sort.
+# prefilter, and the flat ones by rejection and, often enough, the bisection.
 DIST_GROUPS = [
     (2.0, 1.0, 1.0), (2.0, 0.6, 1.0), (4.0, 1.5, 0.9), (3.0, 1.0, 0.8), (1.5, 1.0, 0.95),
     (1.0, 2.0, 0.6),
 ]
 
 
-@pytest.mark.parametrize("path", ["default", "sort"])  # rejection: in default's flat groups
+@pytest.mark.parametrize("path", ["default", "bisection"])  # rejection: in default's flat groups
 def test_empirical_distribution_matches_processed_softmax(path):
     steps = 250  # 42 rows a group: 10500 draws per (temperature, top_p)
     group = np.arange(S) % len(DIST_GROUPS)
@@ -281,7 +281,7 @@ def processed_reference(z, temperature, top_p):
         return np.log(nucleus_probs(z / temperature, top_p))
 
 
-@pytest.mark.parametrize("path", ["default", "sort"])  # sort: the nucleus never ends in the prefilter
+@pytest.mark.parametrize("path", ["default", "bisection"])  # bisection: the nucleus never ends in the prefilter
 def test_processed_logprobs_are_those_of_the_distribution_sampled_from(path):
     rng = np.random.default_rng(8)
     group = np.arange(S) % len(PROCESSED_GROUPS)

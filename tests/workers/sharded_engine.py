@@ -93,7 +93,7 @@ def speculate(mesh, speculative="ngram:3"):
 
 def sample_on(mesh, steps=6):
     """sampling.sample on hand-made logits [8, 1536] for `steps` positions: per row a different
-    way to the token (greedy, no nucleus, the prefilter, rejection, the sort fallback: the
+    way to the token (greedy, no nucleus, the prefilter, rejection, the bisection: the
     prefilter is 1 wide and rejection has 2 tries), ties across a shard boundary, a banned
     token, penalties, logprobs. Returns what the test compares with one device's."""
     S, V = 8, 1536  # 12 blocks of 128; over 8 shards, 192 columns each: shards end mid-block
