@@ -29,8 +29,8 @@ when some row still needs it:
   3. Bisection of that one row, when all its candidates fell outside (`draws.nucleus`): the
      nucleus' last value is found by halving the range of float keys, one masked sum over
      the row a halving, and the row draws from the tokens inside it as from a whole row.
-     No sort: a sort of the row, and the [V] cumulative sum after it, compiled to three
-     times as many kernels, and every decode program holds this stage.
+     No sort: a row's sort and the [V] cumulative sum after it were many kernels to compile,
+     in every program that samples (docs/benchmarks.md, "A sampler with fewer kernels").
 A row's token depends only on its own logits, parameters and key, whichever stage other
 rows need, so a seeded request gives the same tokens whatever else shares the batch.
 
