@@ -139,7 +139,7 @@ def nucleus_draw(weights, ids, mass, u):
     last = first_index(cumsum(weights) >= mass)  # the first index that reaches; K: none does
     inside = jnp.arange(K) <= last[:, None]
     pick = invert(jnp.where(inside, weights, 0.0), u)
-    token = jnp.take_along_axis(ids, jnp.minimum(pick, K - 1)[:, None], axis=-1)[:, 0]
+    token = jnp.take_along_axis(ids, pick[:, None], axis=-1)[:, 0]  # invert picks < K
     return token.astype(jnp.int32), last < K
 
 
