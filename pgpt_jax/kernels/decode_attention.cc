@@ -16,11 +16,17 @@ namespace ffi = xla::ffi;
 
 namespace {
 
+// Cache entries to prefetch ahead of the key or value read, a 64-byte line (16 floats) at a
+// time (a hint: no arithmetic changes):
+// 8-13% off the kernel's time on a Zen 1 (docs/benchmarks.md, "The native kernels on a Zen 1").
+constexpr int64_t kAhead = 8;
+
 void attend_one(const float* q, const float* k, const float* v, int64_t last, int64_t H, float scale,
                 float* out, float* scores) {
   float top = -INFINITY;
   for (int64_t j = 0; j <= last; ++j) {
     const float* kj = k + j * H;
+    for (int64_t h = 0; h < H; h += 16) __builtin_prefetch(kj + kAhead * H + h);
     float s = 0.f;
 #pragma omp simd reduction(+ : s)
     for (int64_t h = 0; h < H; ++h) s += q[h] * kj[h];
@@ -36,6 +42,7 @@ void attend_one(const float* q, const float* k, const float* v, int64_t last, in
   for (int64_t h = 0; h < H; ++h) out[h] = 0.f;
   for (int64_t j = 0; j <= last; ++j) {
     const float* vj = v + j * H;
+    for (int64_t h = 0; h < H; h += 16) __builtin_prefetch(vj + kAhead * H + h);
     const float w = scores[j];
 #pragma omp simd
     for (int64_t h = 0; h < H; ++h) out[h] += w * vj[h];
