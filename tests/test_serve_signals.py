@@ -59,7 +59,8 @@ def test_sigterm_during_warm_up_exits_zero_at_once():
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
     proc = subprocess.Popen([sys.executable, "-m", "pgpt_jax.cli", "serve", "--model", "random:tiny",
-                             "--port", str(port), *serve_cache_args()], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                             "--port", str(port), *serve_cache_args()],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 120

@@ -17,8 +17,8 @@ namespace ffi = xla::ffi;
 namespace {
 
 // Cache entries to prefetch ahead of the key or value read, a 64-byte line (16 floats) at a
-// time (a hint: no arithmetic changes):
-// 8-13% off the kernel's time on a Zen 1 (docs/benchmarks.md, "The native kernels on a Zen 1").
+// time; a hint, no arithmetic changes: 8-13% off the kernel's time on a Zen 1
+// (docs/benchmarks.md, "The native kernels on a Zen 1").
 constexpr int64_t kAhead = 8;
 
 void attend_one(const float* q, const float* k, const float* v, int64_t last, int64_t H, float scale,
