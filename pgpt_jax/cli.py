@@ -74,7 +74,8 @@ def _add_speculative_arg(p: argparse.ArgumentParser) -> None:
 
 def _add_cache_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile-cache", default=None, metavar="DIR",
-                   help="persistent XLA compilation cache (default: ~/.cache/pgpt-jax/xla/<cpu>)")
+                   help="persistent XLA compilation cache (default: $JAX_COMPILATION_CACHE_DIR if set, "
+                        "else ~/.cache/pgpt-jax/xla/<cpu>)")
     p.add_argument("--no-compile-cache", action="store_true", help="compile everything at every start")
 
 
@@ -192,12 +193,17 @@ def default_batch_dir() -> str:
 
 
 def compile_cache_from_args(args) -> None:
-    """Turns on the persistent compilation cache unless --no-compile-cache."""
+    """Turns on the persistent compilation cache unless --no-compile-cache: in --compile-cache,
+    else in JAX's own JAX_COMPILATION_CACHE_DIR where the environment sets it, else in the
+    per-CPU directory under ~/.cache/pgpt-jax."""
     if getattr(args, "no_compile_cache", True):
         return
+    import os
+
     from pgpt_jax import xla_options
 
-    xla_options.use_compile_cache(args.compile_cache or xla_options.default_compile_cache_dir())
+    directory = args.compile_cache or os.environ.get("JAX_COMPILATION_CACHE_DIR")
+    xla_options.use_compile_cache(directory or xla_options.default_compile_cache_dir())
 
 
 def limits_from_args(args) -> Limits:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx
 
-from test_server_helpers import free_port, serve_cache_args, wait_until_ready
+from test_server_helpers import free_port, wait_until_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 LINES = 24
@@ -24,8 +24,7 @@ def start(port: int, batch_dir: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
     return subprocess.Popen(
         [sys.executable, "-m", "pgpt_jax.cli", "serve", "--model", "random:tiny", "--slots", "2",
-         "--decode-steps", "2", "--port", str(port), "--batch-dir", str(batch_dir), "--batch-window", "2",
-         *serve_cache_args()],
+         "--decode-steps", "2", "--port", str(port), "--batch-dir", str(batch_dir), "--batch-window", "2"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 

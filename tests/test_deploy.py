@@ -361,7 +361,8 @@ def pod_problems(pod: dict, docker: dict) -> tuple[list[str], list]:
             problems += mesh_problems(cw, args, c)
         drain = args.shutdown_timeout + DRAIN_TAIL_S
         if not args.no_compile_cache:
-            cache = args.compile_cache or f"{docker['home']}/.cache/pgpt-jax"
+            env = {**pod["env"], **{e["name"]: e["value"] for e in c.get("env", []) if "value" in e}}
+            cache = args.compile_cache or env.get("JAX_COMPILATION_CACHE_DIR") or f"{docker['home']}/.cache/pgpt-jax"
             if not _under(cache, c.get("volumeMounts", [])):
                 problems.append(f"{cw}: no volume holds the compile cache {cache} (mount {docker['home']}/.cache)")
         if pod["role"] == "follower":

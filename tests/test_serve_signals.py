@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 
-from test_server_helpers import free_port, serve_cache_args, wait_until_ready
+from test_server_helpers import free_port, wait_until_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 SHUTDOWN_TIMEOUT = 3.0
@@ -22,8 +22,7 @@ def test_sigterm_mid_stream_drains_and_exits_zero():
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "pgpt_jax.cli", "serve", "--model", "random:tiny", "--slots", "2",
-         "--decode-steps", "1", "--port", str(port), "--shutdown-timeout", str(SHUTDOWN_TIMEOUT),
-         *serve_cache_args()],
+         "--decode-steps", "1", "--port", str(port), "--shutdown-timeout", str(SHUTDOWN_TIMEOUT)],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -59,7 +58,7 @@ def test_sigterm_during_warm_up_exits_zero_at_once():
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
     proc = subprocess.Popen([sys.executable, "-m", "pgpt_jax.cli", "serve", "--model", "random:tiny",
-                             "--port", str(port), *serve_cache_args()],
+                             "--port", str(port)],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:

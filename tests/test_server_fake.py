@@ -279,6 +279,23 @@ def test_serve_names():
     assert default_model_name("random:gpt2") == "random:gpt2"
 
 
+def test_compile_cache_directory_flag_then_jax_variable_then_default(monkeypatch):
+    from pgpt_jax import xla_options
+    from pgpt_jax.cli import build_parser, compile_cache_from_args
+
+    used = []
+    monkeypatch.setattr(xla_options, "use_compile_cache", used.append)
+    monkeypatch.setattr(xla_options, "default_compile_cache_dir", lambda: "/home/u/.cache/pgpt-jax/xla/cpu")
+    serve = lambda *flags: build_parser().parse_args(["serve", *flags])  # noqa: E731
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "/jax/cache")
+    compile_cache_from_args(serve("--compile-cache", "/flag"))
+    compile_cache_from_args(serve())
+    compile_cache_from_args(serve("--no-compile-cache"))
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR")
+    compile_cache_from_args(serve())
+    assert used == ["/flag", "/jax/cache", "/home/u/.cache/pgpt-jax/xla/cpu"]
+
+
 # ----------------------------------------------------------------------------- request lifecycle
 
 

@@ -8,7 +8,6 @@ from) can be made to happen on demand; the real engine is tested in test_server.
 
 from __future__ import annotations
 
-import os
 import socket
 import threading
 import time
@@ -49,14 +48,6 @@ class ServerThread:
         self.server.should_exit = True
         self.thread.join(timeout=30)
         self.sock.close()
-
-
-def serve_cache_args() -> list[str]:
-    """The compile-cache flag for a `pgpt-jax serve` subprocess: the run's cache
-    (tests/conftest.py), so that a test never writes into the user's ~/.cache/pgpt-jax and a
-    second start loads what the first compiled."""
-    directory = os.environ.get("JAX_COMPILATION_CACHE_DIR")
-    return ["--compile-cache", directory] if directory else ["--no-compile-cache"]
 
 
 def free_port() -> int:
