@@ -126,8 +126,9 @@ def sample_on(mesh, steps=6):
         num_logprobs=jnp.asarray([2, 5, 0, 3, 0, 1, 0, 5], jnp.int32),
         key=jnp.asarray(np.stack([sampling.row_key(100 + i, 0) for i in range(S)])))
     logits = jnp.asarray(logits)
-    if mesh is not None:
+    if mesh is not None:  # placed as the step returns them: its second call compiles nothing new
         logits = jax.device_put(logits, NamedSharding(mesh, sharding.spec(("slots", "vocab"))))
+        rows = jax.device_put(rows, sharding.state_shardings(rows, mesh))
     step = jax.jit(sampling.sample, static_argnames=("top_k", "nucleus_k", "rejection_tries", "mesh"))
     out = {"tokens": [], "logprobs": [], "top_ids": [], "top_logprobs": []}
     for t in range(steps):
