@@ -189,6 +189,34 @@ def test_function_body_measure_can_fail():
     assert evaluate.cut_body("def f():\n", "    x = 1\n    y = 2") == ("    x = 1\n    y = 2", False)
 
 
+def test_ranked_lines_score_as_one_left_to_right_pass(code, tok):
+    """training/rank_infill.py scores candidate lines on the cache of one prefix pass (padded to
+    640 tokens, 16 lines a call): each line's (line, suffix head) nats are those of a plain pass
+    over prefix + line + newline + head, and the true line of the README's hole ranks first."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from pgpt_jax.model import forward, init_cache
+    from training.rank_infill import Scorer
+
+    lines = ["    return a + b", "    return a - b", "    pass"]
+    scores = Scorer(code, suffix_tokens=8).score(HOLE_PREFIX, lines, HOLE_SUFFIX)
+    head = tok.decode(tok.encode(HOLE_SUFFIX)[:8])
+    T = 64
+    full = jax.jit(lambda m, x: jax.nn.log_softmax(forward(m, x, jnp.arange(T)[None], init_cache(m.config, 1, T))[0], -1))
+    prefix = tok.encode(HOLE_PREFIX)
+    for line in lines:
+        target = tok.encode(line + "\n" + head)
+        x = np.zeros((1, T), np.int32)
+        x[0, : len(prefix) + len(target)] = prefix + target
+        logp = np.asarray(full(code, jnp.asarray(x)))[0]
+        per = logp[np.arange(len(prefix) - 1, len(prefix) + len(target) - 1), target]
+        cut = len(tok.encode(line + "\n"))
+        assert scores[line] == pytest.approx((per[:cut].sum(), per[cut:].sum()), abs=2e-3)
+    assert max(scores, key=lambda t: sum(scores[t])) == "    return a + b"
+
+
 def test_suffix_never_returns_fim_tokens_and_they_cannot_be_forged(code, tok):
     """The engine bans the FIM control tokens (they only arrange prompts): sampled middles and top
     logprobs hold text tokens only; user text that spells a control token is plain text, and a
