@@ -76,7 +76,8 @@ def _add_cache_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile-cache", default=None, metavar="DIR",
                    help="persistent XLA compilation cache (default: $JAX_COMPILATION_CACHE_DIR if set, "
                         "else ~/.cache/pgpt-jax/xla/<cpu>)")
-    p.add_argument("--no-compile-cache", action="store_true", help="compile everything at every start")
+    p.add_argument("--no-compile-cache", action="store_true",
+                   help="compile everything at every start (also when JAX_COMPILATION_CACHE_DIR is set)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -193,15 +194,18 @@ def default_batch_dir() -> str:
 
 
 def compile_cache_from_args(args) -> None:
-    """Turns on the persistent compilation cache unless --no-compile-cache: in --compile-cache,
-    else in JAX's own JAX_COMPILATION_CACHE_DIR where the environment sets it, else in the
-    per-CPU directory under ~/.cache/pgpt-jax."""
-    if getattr(args, "no_compile_cache", True):
+    """The persistent compilation cache: in --compile-cache, else in JAX's own
+    JAX_COMPILATION_CACHE_DIR where the environment sets it, else in the per-CPU directory
+    under ~/.cache/pgpt-jax; --no-compile-cache turns it off, JAX's variable too."""
+    if not hasattr(args, "no_compile_cache"):  # a command without the cache flags
         return
     import os
 
     from pgpt_jax import xla_options
 
+    if args.no_compile_cache:
+        xla_options.no_compile_cache()
+        return
     directory = args.compile_cache or os.environ.get("JAX_COMPILATION_CACHE_DIR")
     xla_options.use_compile_cache(directory or xla_options.default_compile_cache_dir())
 

@@ -76,6 +76,11 @@ def use_compile_cache(directory: str) -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
+def no_compile_cache() -> None:
+    """No persistent compilation cache, even where JAX_COMPILATION_CACHE_DIR names one."""
+    jax.config.update("jax_enable_compilation_cache", False)
+
+
 class Program:
     """A module-level program: one jax.jit of `fn` per XLA:CPU option set, the set chosen per
     call (`choose_options`; decode's by its `rows`). `.lower` and calls go to that jit;

@@ -81,8 +81,7 @@ def test_multihost_server_answers_like_one_process_and_a_dead_follower_fails_fas
     procs = [subprocess.Popen(
         [sys.executable, "-m", "pgpt_jax.cli", "serve", "--model", "random:tiny", "--slots", "2",
          "--decode-steps", "1", "--port", str(port), "--coordinator", f"127.0.0.1:{coord}",
-         "--num-processes", "2", "--process-id", str(i), "--mesh", "data=2,model=2", "--lockstep-timeout", "10",
-         "--no-compile-cache"],
+         "--num-processes", "2", "--process-id", str(i), "--mesh", "data=2,model=2", "--lockstep-timeout", "10"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
     try:
         url = f"http://127.0.0.1:{port}"

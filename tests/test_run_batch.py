@@ -71,7 +71,7 @@ def test_run_batch_command_line(engine_info, tmp_path, capsys, monkeypatch):
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     ids = write_input(inp, 3)
     cli.main(["run-batch", "-i", str(inp), "-o", str(out), "--model", "random:tiny", "--served-model-name", MODEL,
-              "--slots", "2", "--max-logprobs", "3", "--no-progress", "--no-compile-cache"])
+              "--slots", "2", "--max-logprobs", "3", "--no-progress"])
     assert seen == {"model": "random:tiny", "slots": 2, "max_logprobs": 3}
     assert sorted(o["custom_id"] for o in read(out)) == ids
     assert "3 ok, 0 failed" in capsys.readouterr().err
@@ -79,4 +79,4 @@ def test_run_batch_command_line(engine_info, tmp_path, capsys, monkeypatch):
         f.write("not json\n")
     with pytest.raises(SystemExit, match="Line 4"):
         cli.main(["run-batch", "-i", str(inp), "-o", str(out), "--model", "random:tiny", "--slots", "2",
-                  "--no-progress", "--no-compile-cache"])
+                  "--no-progress"])

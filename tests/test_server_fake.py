@@ -280,11 +280,14 @@ def test_serve_names():
 
 
 def test_compile_cache_directory_flag_then_jax_variable_then_default(monkeypatch):
+    """--compile-cache, else JAX's own JAX_COMPILATION_CACHE_DIR, else ~/.cache/pgpt-jax's
+    per-CPU directory; --no-compile-cache turns the cache off even where JAX's variable is set."""
     from pgpt_jax import xla_options
     from pgpt_jax.cli import build_parser, compile_cache_from_args
 
     used = []
     monkeypatch.setattr(xla_options, "use_compile_cache", used.append)
+    monkeypatch.setattr(xla_options, "no_compile_cache", lambda: used.append(None))
     monkeypatch.setattr(xla_options, "default_compile_cache_dir", lambda: "/home/u/.cache/pgpt-jax/xla/cpu")
     serve = lambda *flags: build_parser().parse_args(["serve", *flags])  # noqa: E731
     monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "/jax/cache")
@@ -293,7 +296,7 @@ def test_compile_cache_directory_flag_then_jax_variable_then_default(monkeypatch
     compile_cache_from_args(serve("--no-compile-cache"))
     monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR")
     compile_cache_from_args(serve())
-    assert used == ["/flag", "/jax/cache", "/home/u/.cache/pgpt-jax/xla/cpu"]
+    assert used == ["/flag", "/jax/cache", None, "/home/u/.cache/pgpt-jax/xla/cpu"]
 
 
 # ----------------------------------------------------------------------------- request lifecycle
