@@ -204,7 +204,8 @@ def test_ranked_lines_score_as_one_left_to_right_pass(code, tok):
     scores = Scorer(code, suffix_tokens=8).score(HOLE_PREFIX, lines, HOLE_SUFFIX)
     head = tok.decode(tok.encode(HOLE_SUFFIX)[:8])
     T = 64
-    full = jax.jit(lambda m, x: jax.nn.log_softmax(forward(m, x, jnp.arange(T)[None], init_cache(m.config, 1, T))[0], -1))
+    full = jax.jit(lambda m, x: jax.nn.log_softmax(
+        forward(m, x, jnp.arange(T)[None], init_cache(m.config, 1, T))[0], -1))
     prefix = tok.encode(HOLE_PREFIX)
     for line in lines:
         target = tok.encode(line + "\n" + head)

@@ -283,6 +283,11 @@ def pod_templates(docs: list[dict]) -> list[dict]:
     return out
 
 
+def container_env(c: dict, env: dict) -> dict:
+    """The variables a container sees: its pod's (`env`), then its own literal values."""
+    return {**env, **{e["name"]: e["value"] for e in c.get("env", []) if "value" in e}}
+
+
 def container_argv(where: str, c: dict, env: dict, problems: list[str]):
     """The container's `pgpt-jax` arguments, $(VAR) expanded as the kubelet would; None if it runs something else."""
     command, args = c.get("command"), c.get("args", [])
@@ -290,7 +295,7 @@ def container_argv(where: str, c: dict, env: dict, problems: list[str]):
         problems.append(f"{where}: runs {command[0]}, not pgpt-jax itself (a shell would swallow SIGTERM)")
         return None
     argv = [str(a) for a in (command[1:] if command else []) + args]
-    values = {**env, **{e["name"]: e["value"] for e in c.get("env", []) if "value" in e}}
+    values = container_env(c, env)
     for a in argv:
         for var in VAR_REF.findall(a):
             if var not in values:
@@ -361,8 +366,8 @@ def pod_problems(pod: dict, docker: dict) -> tuple[list[str], list]:
             problems += mesh_problems(cw, args, c)
         drain = args.shutdown_timeout + DRAIN_TAIL_S
         if not args.no_compile_cache:
-            env = {**pod["env"], **{e["name"]: e["value"] for e in c.get("env", []) if "value" in e}}
-            cache = args.compile_cache or env.get("JAX_COMPILATION_CACHE_DIR") or f"{docker['home']}/.cache/pgpt-jax"
+            cache = (args.compile_cache or container_env(c, pod["env"]).get("JAX_COMPILATION_CACHE_DIR")
+                     or f"{docker['home']}/.cache/pgpt-jax")
             if not _under(cache, c.get("volumeMounts", [])):
                 problems.append(f"{cw}: no volume holds the compile cache {cache} (mount {docker['home']}/.cache)")
         if pod["role"] == "follower":

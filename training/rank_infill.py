@@ -6,7 +6,7 @@ The cases are the infill measure's (training/evaluate.py `infill_cases`: the sam
 held-out lines, prefix and suffix, in the same order; `--start`/`--cases` take a slice).
 For each, lines are sampled (temperature `--temperature`, top_p 0.95, cut at the first
 newline) from the FIM prompt in the model's order, as a request with `suffix` sends it, and
-from the prefix alone, plus the greedy line of each. Every distinct line that ended (at its
+from the prefix alone, plus the greedy FIM line. Every distinct line that ended (at its
 newline) is then scored left to right, given the prefix: log P(line, newline, and the
 suffix's first `--suffix-tokens` tokens). The prefix runs once a case; the lines run on its
 cache, 16 rows a call, so two programs are compiled in all. Reported, of the cases: the
